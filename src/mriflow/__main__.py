@@ -1,0 +1,5 @@
+import sys
+
+from mriflow.cli import main
+
+sys.exit(main())

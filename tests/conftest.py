@@ -1,0 +1,54 @@
+"""Shared fixtures: small procedurally built head phantoms and the location of the shared IXI data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+IXI_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi"
+
+
+def head_phantom(shape=(48, 56, 44), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic T1-like head: skull shell, CSF, grey and white matter ellipsoids, two ventricles.
+
+    Returns (image float32, label map uint8 with 1 = CSF/ventricle, 2 = grey, 3 = white; 0 outside the brain).
+    Asymmetric on purpose (an off-centre lesion-like blob) so flips and rotations are detectable.
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+
+    def ellipsoid(radii, centre=(0.0, 0.0, 0.0)):
+        return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+    head = ellipsoid((0.95, 0.95, 0.95))
+    brain = ellipsoid((0.75, 0.8, 0.75))
+    white = ellipsoid((0.5, 0.58, 0.5))
+    ventricles = ellipsoid((0.08, 0.3, 0.12), (-0.15, 0.0, 0.1)) | ellipsoid((0.08, 0.3, 0.12), (0.15, 0.0, 0.1))
+    blob = ellipsoid((0.12, 0.12, 0.12), (0.35, 0.3, -0.2))
+
+    image = np.zeros(shape, np.float32)
+    image[head] = 300.0  # scalp and skull
+    labels = np.zeros(shape, np.uint8)
+    labels[brain] = 2
+    labels[white] = 3
+    labels[ventricles] = 1
+    image[labels == 2] = 600.0
+    image[labels == 3] = 900.0
+    image[labels == 1] = 150.0
+    image[blob & brain] = 1100.0
+    image += rng.normal(0, 10, shape).astype(np.float32) * (image > 0)
+    return image, labels
+
+
+@pytest.fixture
+def phantom():
+    return head_phantom()
+
+
+@pytest.fixture
+def ixi_dir() -> Path:
+    if not (IXI_DIR / "T1").is_dir():
+        pytest.skip(f"shared IXI data not found at {IXI_DIR}")
+    return IXI_DIR
