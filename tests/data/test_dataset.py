@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mriflow.config import get_grid
+from mriflow.data.dataset import CovariateSchema, PreparedDataset
+from mriflow.data.io import save_volume, template_affine
+
+
+def make_prepared(root, rows):
+    """A minimal prepared folder: random volumes in the 4mm grid and a manifest with covariates."""
+    grid = get_grid("4mm")
+    affine = template_affine(grid)
+    records = []
+    rng = np.random.default_rng(0)
+    for subject, split, covariates in rows:
+        image = rng.random(grid.shape, dtype=np.float32)
+        mask = np.zeros(grid.shape, np.uint8)
+        mask[3:35, 5:43, 5:35] = 1  # off-centre in x so a left-right flip shows
+        image[mask == 0] = 0
+        save_volume(root / "images" / f"{subject}.nii.gz", image, affine)
+        save_volume(root / "masks" / f"{subject}.nii.gz", mask, affine, dtype=np.uint8)
+        records.append(
+            {"subject": subject, "image": f"images/{subject}.nii.gz", "mask": f"masks/{subject}.nii.gz",
+             "labels": "", "split": split, **covariates}
+        )
+    pd.DataFrame(records).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+ROWS = [
+    ("s1", "train", {"age": 20.0, "sex": "F", "site": "A"}),
+    ("s2", "train", {"age": 40.0, "sex": "M", "site": "B"}),
+    ("s3", "train", {"age": 60.0, "sex": "F", "site": "A"}),
+    ("s4", "train", {"age": None, "sex": "M", "site": "A"}),
+    ("s5", "train", {"age": 30.0, "sex": "F", "site": "B"}),
+    ("s6", "train", {"age": 50.0, "sex": "M", "site": "B"}),
+    ("s7", "train", {"age": 25.0, "sex": "F", "site": "A"}),
+    ("v1", "val", {"age": 80.0, "sex": "", "site": "C"}),
+]
+
+
+def test_schema_standardises_continuous_with_training_statistics(tmp_path):
+    dataset = PreparedDataset(make_prepared(tmp_path, ROWS), "train", covariates=["age", "sex"])
+    ages = np.array([20, 40, 60, 30, 50, 25], dtype=float)
+    age = dataset.schema["age"]
+    assert age.kind == "continuous"
+    assert age.mean == pytest.approx(ages.mean())
+    assert age.std == pytest.approx(ages.std())
+    assert (age.minimum, age.maximum) == (20.0, 60.0)
+    assert dataset.schema["sex"].kind == "categorical"
+    assert dataset.schema["sex"].categories == ["F", "M"]
+
+    item = dataset[0]
+    assert item["subject"] == "s1"
+    assert item["covariates"][0].item() == pytest.approx((20 - ages.mean()) / ages.std())
+    assert item["covariates"][1].item() == 0.0
+    assert item["covariates_present"].tolist() == [True, True]
+
+
+def test_missing_and_unknown_values_are_marked_absent(tmp_path):
+    root = make_prepared(tmp_path, ROWS)
+    train = PreparedDataset(root, "train", covariates=["age", "sex", "site"])
+    missing_age = train[3]
+    assert missing_age["covariates_present"].tolist() == [False, True, True]
+    assert missing_age["covariates"][0].item() == 0.0
+
+    # The val split reuses the training schema: an unseen site and an empty sex are absent.
+    val = PreparedDataset(root, "val", schema=train.schema)
+    item = val[0]
+    assert item["covariates_present"].tolist() == [True, False, False]
+    assert train.schema["age"].decode(item["covariates"][0].item()) == pytest.approx(80.0)
+
+
+def test_item_shapes_and_no_covariates(tmp_path):
+    dataset = PreparedDataset(make_prepared(tmp_path, ROWS), "val")
+    item = dataset[0]
+    assert item["image"].shape == (1, 40, 48, 40) and item["image"].dtype == torch.float32
+    assert item["mask"].shape == (1, 40, 48, 40)
+    assert item["covariates"].shape == (0,)
+
+
+def test_augmentation_flips_and_rescales_inside_the_brain_only(tmp_path):
+    root = make_prepared(tmp_path, ROWS)
+    plain = PreparedDataset(root, "train")[0]
+    augmented = PreparedDataset(root, "train", augment=True)
+    torch.manual_seed(0)
+    seen_flip = seen_plain = False
+    for _ in range(12):
+        item = augmented[0]
+        image, mask = item["image"], item["mask"]
+        assert image.min() >= 0 and image.max() <= 1
+        assert torch.all(image[mask == 0] == 0)
+        flipped = torch.equal(mask, plain["mask"].flip(1)) and not torch.equal(mask, plain["mask"])
+        reference = plain["image"].flip(1) if flipped else plain["image"]
+        # Intensities are an affine map of the original inside the brain.
+        inside = mask > 0
+        slope = np.polyfit(reference[inside].numpy(), image[inside].numpy(), 1)[0]
+        assert 0.85 < slope < 1.15
+        seen_flip |= flipped
+        seen_plain |= not flipped
+    assert seen_flip and seen_plain
+
+
+def test_bad_requests_name_the_problem(tmp_path):
+    root = make_prepared(tmp_path, ROWS)
+    with pytest.raises(ValueError, match="split 'test' not found"):
+        PreparedDataset(root, "test")
+    with pytest.raises(ValueError, match="covariate 'weight' is not in the manifest; available: age, sex, site"):
+        PreparedDataset(root, "train", covariates=["weight"])
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        PreparedDataset(tmp_path / "nowhere", "train")
+
+
+def test_schema_round_trips_through_a_dict(tmp_path):
+    schema = PreparedDataset(make_prepared(tmp_path, ROWS), "train", covariates=["age", "sex"]).schema
+    again = CovariateSchema.from_dict(schema.to_dict())
+    request = {"age": 33.0, "sex": "M"}
+    assert torch.equal(schema.encode(request)[0], again.encode(request)[0])
+    with pytest.raises(KeyError, match="known covariates: age, sex"):
+        schema["weight"]
