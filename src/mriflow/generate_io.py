@@ -1,0 +1,111 @@
+"""Writing generated volumes: NIfTI in template space with a JSON sidecar, and a montage of a batch.
+
+    >>> write_sample("out/", 3, volume, template_affine(get_grid("4mm")),
+    ...              {"covariates": {"age": 45}, "seed": 0, "solver": "heun", "steps": 16, "nfe": 32,
+    ...               "guidance": 1.5, "model_id": "flow-4mm", "model_checksum": "sha256:..."})
+    PosixPath('out/sample_00003.nii.gz')      # and out/sample_00003.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+import mriflow
+from mriflow.data.io import save_volume
+
+SIDECAR_KEYS = ("covariates", "seed", "solver", "steps", "nfe", "guidance", "model_id", "model_checksum")
+
+
+def sample_name(index: int) -> str:
+    return f"sample_{index:05d}"
+
+
+def write_sample(
+    out_dir: str | Path,
+    index: int,
+    volume: np.ndarray,
+    affine: np.ndarray,
+    sidecar: Mapping[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """Write out_dir/sample_<index>.nii.gz (float32, qform = sform = `affine`, code 4) and its .json.
+
+    `volume` is (D, H, W) in [0, 1]; decoders overshoot a little, so values are clipped to
+    [0, 1]. The sidecar must hold SIDECAR_KEYS; "mriflow_version" is added. Existing
+    files are refused unless overwrite=True. Returns the NIfTI path.
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"sample {index}: expected a (D, H, W) volume, got shape {volume.shape}")
+    if not np.isfinite(volume).all():
+        raise ValueError(f"sample {index}: the volume holds NaN or infinite values; the generator diverged")
+    missing = [key for key in SIDECAR_KEYS if key not in sidecar]
+    if missing:
+        raise ValueError(f"sample {index}: sidecar lacks {', '.join(missing)}; it must hold {', '.join(SIDECAR_KEYS)}")
+    out_dir = Path(out_dir)
+    image_path = out_dir / f"{sample_name(index)}.nii.gz"
+    sidecar_path = out_dir / f"{sample_name(index)}.json"
+    if not overwrite:
+        existing = [str(p) for p in (image_path, sidecar_path) if p.exists()]
+        if existing:
+            raise FileExistsError(f"{', '.join(existing)} already exist(s); choose another output folder or pass overwrite")
+    save_volume(image_path, np.clip(volume, 0.0, 1.0), affine, dtype=np.float32)
+    record = {**sidecar, "image": image_path.name, "mriflow_version": mriflow.__version__}
+    _write_json(sidecar_path, record)
+    return image_path
+
+
+def _write_json(path: Path, record: Mapping[str, Any]) -> None:
+    """Atomic like save_volume: write a temporary file in the same folder, then rename."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(record, stream, indent=2, default=_plain)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _plain(value: Any) -> Any:
+    """numpy/torch scalars and arrays -> JSON numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"sidecar value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+
+
+def batch_montage(volumes: Sequence[np.ndarray] | np.ndarray, path: str | Path, titles: Sequence[str] | None = None) -> Path:
+    """PNG with one row per volume (N, D, H, W; RAS) and its mid sagittal, coronal and axial slices."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    volumes = [np.asarray(v) for v in volumes]
+    if not volumes or any(v.ndim != 3 for v in volumes):
+        raise ValueError(f"{path}: batch_montage needs one or more (D, H, W) volumes")
+    planes = ("sagittal", "coronal", "axial")
+    figure = Figure(figsize=(7.5, 2.6 * len(volumes)))
+    axes = figure.subplots(len(volumes), 3, squeeze=False)
+    for row, volume in enumerate(volumes):
+        x, y, z = (size // 2 for size in volume.shape)
+        # RAS axes (x: left->right, y: posterior->anterior, z: inferior->superior); transpose
+        # and origin="lower" put superior (or anterior, for axial) at the top.
+        slices = (volume[x, :, :], volume[:, y, :], volume[:, :, z])
+        for column, (plane, image) in enumerate(zip(planes, slices)):
+            axis = axes[row, column]
+            axis.imshow(image.T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(plane)
+        if titles is not None:
+            axes[row, 0].set_ylabel(titles[row])
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path

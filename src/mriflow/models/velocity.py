@@ -1,0 +1,135 @@
+"""The 3D network of the latent generators: v(x, t, c) for the flow, ε or v for the diffusion baseline.
+
+MONAI's DiffusionModelUNet (ResNet blocks, self-attention at the coarse levels,
+sinusoidal time embedding) with the covariate embedding added to its time
+embedding. One class serves both stages; only `time_scale` differs (the flow's
+t ∈ [0, 1] is multiplied by 1000 so its sinusoidal features span the same range
+as the diffusion timesteps 0…999).
+
+    >>> config = VelocityNetConfig(in_channels=4).with_schema(schema)
+    >>> velocity_net = VelocityNet(config)
+    >>> v = velocity_net(x_t, t, covariates, covariates_present)   # x_t (B, 4, D, H, W), t (B,)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mriflow.models.conditioning import CovariateEmbedding
+
+# fp16 weights of at most this many parameters fit the 16 MB limit on one weight file.
+MAX_PARAMETERS = 8_000_000
+
+
+@dataclass(frozen=True)
+class VelocityNetConfig:
+    """Architecture of VelocityNet. The default has 6.9 M parameters (13.8 MB in fp16)."""
+
+    in_channels: int = 4
+    channels: tuple[int, ...] = (32, 64, 96)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = 2
+    num_head_channels: int = 32
+    norm_num_groups: int = 16
+    time_scale: float = 1000.0  # 1000 for the flow's t in [0, 1]; 1 for diffusion timesteps
+    covariate_names: tuple[str, ...] = ()
+    covariate_kinds: tuple[str, ...] = ()
+    covariate_categories: tuple[int, ...] = ()  # number of categories; 0 for a continuous covariate
+    covariate_drop_prob: float = 0.15
+
+    def with_schema(self, schema) -> "VelocityNetConfig":
+        """This config conditioned on the covariates of a mriflow.data.dataset.CovariateSchema."""
+        return dataclasses.replace(
+            self,
+            covariate_names=tuple(schema.names),
+            covariate_kinds=tuple(c.kind for c in schema.covariates),
+            covariate_categories=tuple(len(c.categories) if c.kind == "categorical" else 0 for c in schema.covariates),
+        )
+
+
+class VelocityNet(nn.Module):
+    """f(x (B, C, D, H, W), t (B,) or scalar, covariates (B, K), covariates_present (B, K)) -> (B, C, D, H, W).
+
+    Any spatial size works: the input is zero-padded at the far end of each axis to a
+    multiple of 2^(levels − 1), and the output is cropped back. With covariates None
+    (or K = 0) every covariate is absent.
+    """
+
+    def __init__(self, config: VelocityNetConfig = VelocityNetConfig()):
+        super().__init__()
+        if importlib.util.find_spec("einops") is None:
+            raise ImportError("VelocityNet needs einops for MONAI's attention blocks: pip install einops")
+        from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet
+
+        lengths = {len(config.covariate_names), len(config.covariate_kinds), len(config.covariate_categories)}
+        if len(lengths) != 1:
+            raise ValueError("covariate_names, covariate_kinds and covariate_categories must have the same length")
+        if len(config.attention_levels) != len(config.channels):
+            raise ValueError(
+                f"attention_levels has {len(config.attention_levels)} entries but channels has {len(config.channels)}"
+            )
+        bad = [c for c in config.channels if c % config.norm_num_groups]
+        if bad:
+            raise ValueError(f"channels {bad} are not multiples of norm_num_groups={config.norm_num_groups}")
+        self.config = config
+        self.num_covariates = len(config.covariate_names)
+        embedding_dim = 4 * config.channels[0]  # DiffusionModelUNet's time-embedding width
+        self.unet = DiffusionModelUNet(
+            spatial_dims=3,
+            in_channels=config.in_channels,
+            out_channels=config.in_channels,
+            num_res_blocks=config.num_res_blocks,
+            channels=tuple(config.channels),
+            attention_levels=tuple(config.attention_levels),
+            norm_num_groups=config.norm_num_groups,
+            num_head_channels=config.num_head_channels,
+            # The UNet adds class_embedding(class_labels) to its time embedding; with the
+            # lookup replaced by the identity, class_labels carries our covariate embedding.
+            num_class_embeds=1 if self.num_covariates else None,
+        )
+        if self.num_covariates:
+            self.unet.class_embedding = nn.Identity()
+            self.conditioning = CovariateEmbedding(
+                config.covariate_kinds, config.covariate_categories, embedding_dim, config.covariate_drop_prob
+            )
+        self.multiple = 2 ** (len(config.channels) - 1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+        covariates_present: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected x of shape (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
+        batch, spatial = x.shape[0], x.shape[2:]
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        t = t.expand(batch) if t.ndim == 0 else t  # (B,)
+        if covariates is not None and covariates.shape[-1] != self.num_covariates:
+            raise ValueError(
+                f"got {covariates.shape[-1]} covariates; this network is conditioned on {self.num_covariates} "
+                f"({', '.join(self.config.covariate_names) or 'none'})"
+            )
+        condition = None
+        if self.num_covariates:
+            if covariates is None:
+                covariates = x.new_zeros(batch, self.num_covariates)
+                covariates_present = torch.zeros(batch, self.num_covariates, dtype=torch.bool, device=x.device)
+            elif covariates_present is None:
+                covariates_present = torch.ones_like(covariates, dtype=torch.bool)
+            condition = self.conditioning(covariates, covariates_present)  # (B, 4·channels[0])
+        pad = [(-size) % self.multiple for size in spatial]
+        x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))  # F.pad lists the last axis first
+        out = self.unet(x, t * self.config.time_scale, class_labels=condition)
+        return out[:, :, : spatial[0], : spatial[1], : spatial[2]]
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

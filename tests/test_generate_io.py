@@ -1,0 +1,92 @@
+import json
+
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+
+import mriflow
+from mriflow.config import get_grid
+from mriflow.data.io import template_affine
+from mriflow.generate_io import SIDECAR_KEYS, batch_montage, write_sample
+
+
+def sidecar(**overrides):
+    record = {
+        "covariates": {"age": 45.0, "sex": "F"},
+        "seed": np.int64(3),
+        "solver": "heun",
+        "steps": 16,
+        "nfe": 32,
+        "guidance": 1.5,
+        "model_id": "flow-test",
+        "model_checksum": "sha256:0123",
+    }
+    return {**record, **overrides}
+
+
+@pytest.fixture
+def volume(phantom):
+    image, _ = phantom
+    return image / image.max()  # (D, H, W) in [0, 1]
+
+
+def test_written_sample_keeps_the_template_affine(tmp_path, volume):
+    affine = template_affine(get_grid("4mm"))
+    path = write_sample(tmp_path, 7, volume, affine, sidecar())
+    assert path.name == "sample_00007.nii.gz"
+    image = nib.load(str(path))
+    qform, qform_code = image.get_qform(coded=True)
+    sform, sform_code = image.get_sform(coded=True)
+    assert int(qform_code) == int(sform_code) == 4
+    np.testing.assert_allclose(qform, affine, atol=1e-5)
+    np.testing.assert_allclose(sform, affine, atol=1e-5)
+    assert not np.allclose(image.affine, np.eye(4))
+    assert image.get_data_dtype() == np.float32
+    np.testing.assert_allclose(np.asarray(image.dataobj), volume, atol=1e-6)
+
+
+def test_sidecar_records_the_generation(tmp_path, volume):
+    write_sample(tmp_path, 0, volume, template_affine(get_grid("4mm")), sidecar())
+    record = json.loads((tmp_path / "sample_00000.json").read_text())
+    for key in SIDECAR_KEYS:
+        assert key in record
+    assert record["seed"] == 3 and record["covariates"] == {"age": 45.0, "sex": "F"}
+    assert record["mriflow_version"] == mriflow.__version__
+    assert record["image"] == "sample_00000.nii.gz"
+
+
+def test_overshoot_is_clipped_and_bad_volumes_refused(tmp_path, volume):
+    affine = template_affine(get_grid("4mm"))
+    path = write_sample(tmp_path, 1, volume * 1.02 - 0.01, affine, sidecar())
+    data = np.asarray(nib.load(str(path)).dataobj)
+    assert data.min() == 0.0 and data.max() == 1.0
+    with pytest.raises(ValueError, match=r"\(D, H, W\)"):
+        write_sample(tmp_path, 2, volume[None], affine, sidecar())
+    with pytest.raises(ValueError, match="NaN"):
+        write_sample(tmp_path, 2, np.full((4, 4, 4), np.nan), affine, sidecar())
+    incomplete = sidecar()
+    del incomplete["model_checksum"]
+    with pytest.raises(ValueError, match="model_checksum"):
+        write_sample(tmp_path, 2, volume, affine, incomplete)
+    assert not (tmp_path / "sample_00002.nii.gz").exists()
+
+
+def test_existing_samples_are_not_overwritten(tmp_path, volume):
+    affine = template_affine(get_grid("4mm"))
+    write_sample(tmp_path, 0, volume, affine, sidecar(seed=1))
+    with pytest.raises(FileExistsError, match="sample_00000"):
+        write_sample(tmp_path, 0, volume * 0.5, affine, sidecar(seed=2))
+    assert json.loads((tmp_path / "sample_00000.json").read_text())["seed"] == 1
+    write_sample(tmp_path, 0, volume * 0.5, affine, sidecar(seed=2), overwrite=True)
+    assert json.loads((tmp_path / "sample_00000.json").read_text())["seed"] == 2
+
+
+def test_batch_montage(tmp_path, volume):
+    path = batch_montage([volume, volume[::-1], 1 - volume], tmp_path / "montage.png", titles=["a", "b", "c"])
+    picture = matplotlib.image.imread(str(path))
+    height, width = picture.shape[:2]
+    assert height > width  # three rows of three planes, in a 7.5 × 7.8 inch figure
+    assert picture[..., :3].std() > 0.05  # not blank
+    with pytest.raises(ValueError):
+        batch_montage([volume[0]], tmp_path / "bad.png")
