@@ -1,0 +1,521 @@
+"""Feature backbones for the set metrics: volumes (N, 1, D, H, W) in [0, 1] -> features (N, F).
+
+Every backbone runs offline. Pretrained networks that users may own load from a
+local file whose SHA-256 is checked against the published checksum (or against the
+one the user passes), and the report always names the backbone and that checksum,
+because FD/KID numbers are only comparable under the same backbone and weights.
+
+| name                 | what                                                      | F    | weights                         |
+|----------------------|-----------------------------------------------------------|------|---------------------------------|
+| intensity            | block means + intensity and gradient histograms (sanity)  | 1264 | none                            |
+| medicalnet-resnet10  | MedicalNet 3D ResNet-10 (Chen et al. 2019), pooled        | 512  | resnet_10[_23dataset].pth       |
+| medicalnet-resnet50  | MedicalNet 3D ResNet-50, pooled                           | 2048 | resnet_50[_23dataset].pth       |
+| radimagenet-resnet50 | RadImageNet 2D ResNet-50 on axial/coronal/sagittal slices | 6144 | RadImageNet-ResNet50_notop.pth  |
+| anatomy              | mriflow's own anatomy encoder, with age/sex/volume heads  | 512  | shipped weights/anatomy.safetensors |
+
+    >>> backbone = get_backbone("medicalnet-resnet10", weights="resnet_10_23dataset.pth")
+    >>> backbone.name, backbone.weights_sha256
+    >>> features = backbone.features(volumes)  # (N, 512) numpy
+
+Pickle safety: .pth files are read with torch.load(weights_only=True), which refuses
+anything but tensors and plain containers; .safetensors files hold tensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.nets import resnet10, resnet18, resnet34, resnet50
+
+# Published SHA-256 of the files users download themselves (Git LFS object ids on the
+# Hugging Face Hub): TencentMedicalNet/MedicalNet-Resnet10 and -Resnet50, and
+# MONAI/checkpoints for RadImageNet (the file MONAI's RadImageNet perceptual loss loads).
+KNOWN_WEIGHTS_SHA256: dict[str, dict[str, str]] = {
+    "medicalnet-resnet10": {
+        "2824951eaef30e115929b89bec72342380b08d14792bda1449974ac849e497c0":
+            "resnet_10.pth (TencentMedicalNet/MedicalNet-Resnet10)",
+        "afa8055f3e47f4a18239495d92a7abc587902c69c31c743de2b2784653b72605":
+            "resnet_10_23dataset.pth (TencentMedicalNet/MedicalNet-Resnet10)",
+    },
+    "medicalnet-resnet50": {
+        "5b6189cafbee2f5604a7279b62bc163365aa6a86a377e1dc260a14275cacbd84":
+            "resnet_50.pth (TencentMedicalNet/MedicalNet-Resnet50)",
+        "ff48a62219073fb977fd3f4ddfb8dc1367f0ec156c8d6f6c37e205bd683a246e":
+            "resnet_50_23dataset.pth (TencentMedicalNet/MedicalNet-Resnet50)",
+    },
+    "radimagenet-resnet50": {
+        "2457479b254569e5a81ba48fee6c5b2b84b7a729e507aaa2466101aedb8e5c37": "RadImageNet-ResNet50_notop.pth (MONAI/checkpoints)",
+    },
+}
+WEIGHTS_SOURCES = {
+    "medicalnet-resnet10": "resnet_10_23dataset.pth from https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet10",
+    "medicalnet-resnet50": "resnet_50_23dataset.pth from https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet50",
+    "radimagenet-resnet50": "RadImageNet-ResNet50_notop.pth from https://huggingface.co/MONAI/checkpoints",
+}
+ANATOMY_WEIGHTS = "anatomy.safetensors"
+ANATOMY_METADATA_KEY = "mriflow.anatomy_encoder"
+
+
+class Backbone(Protocol):
+    """What evaluation needs from a feature network."""
+
+    name: str
+    weights_sha256: str | None  # None only for backbones without weights
+
+    def features(self, volumes: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, 1, D, H, W) in [0, 1] -> (N, F) float32, deterministic."""
+        ...
+
+
+@runtime_checkable
+class PredictiveBackbone(Protocol):
+    """A backbone with anatomy heads, used for conditional fidelity.
+
+    predict() returns arrays of shape (N,): "age" (years), "sex_prob" (probability of
+    the last of `sex_categories`, e.g. "M"), "ventricles_ml" and "total_brain_ml".
+    """
+
+    sex_categories: tuple[str, ...]
+
+    def predict(self, volumes: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]: ...
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(path: str | Path, backbone: str, expected_sha256: str | None = None) -> str:
+    """Check a weights file's SHA-256 and return it.
+
+    With `expected_sha256` the file must match it; without, it must match one of the
+    published checksums known for `backbone`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        source = WEIGHTS_SOURCES.get(backbone, "see the docs")
+        raise FileNotFoundError(f"--weights {path}: no such file; download it yourself ({source}) "
+                                f"and pass its local path, mriflow never downloads")
+    actual = sha256_file(path)
+    if expected_sha256 is not None:
+        if actual != expected_sha256.strip().lower():
+            raise ValueError(f"--weights {path}: SHA-256 is {actual}, but --weights-sha256 says {expected_sha256}; "
+                             f"the file is corrupt or not the one you meant")
+        return actual
+    known = KNOWN_WEIGHTS_SHA256.get(backbone, {})
+    if actual not in known:
+        listed = "; ".join(f"{v}: {k}" for k, v in known.items()) or "none are recorded"
+        raise ValueError(f"--weights {path}: SHA-256 {actual} is not a published checksum for backbone {backbone!r} "
+                         f"(known: {listed}). If you trust this file, pass --weights-sha256 {actual}")
+    return actual
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors or .pth/.pt file, without unpickling arbitrary objects.
+
+    Unwraps a top-level "state_dict" entry (MedicalNet's layout) and strips the
+    "module." prefix that torch.nn.DataParallel adds.
+    """
+    path = Path(path)
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{path}: refusing to load, the file holds Python objects other than tensors "
+                             f"(torch.load weights_only=True said: {str(error).splitlines()[0]}); "
+                             f"convert it to a plain state dict or .safetensors") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    tensors = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # e.g. an epoch counter stored beside the weights
+        tensors[key[len("module."):] if key.startswith("module.") else key] = value
+    return tensors
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path, ignore_prefixes: Sequence[str] = ()) -> None:
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"{path}: weights do not fit the {type(module).__name__} architecture: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong_shape)} of the wrong shape (e.g. {wrong_shape[:3]}); is it the right file for this backbone?")
+    module.load_state_dict(state, strict=True)
+
+
+def _as_tensor(volumes: np.ndarray | torch.Tensor) -> torch.Tensor:
+    tensor = volumes if isinstance(volumes, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(volumes))
+    if tensor.ndim != 5 or tensor.shape[1] != 1:
+        raise ValueError(f"expected volumes of shape (N, 1, D, H, W), got {tuple(tensor.shape)}")
+    return tensor.float()
+
+
+# ----------------------------------------------------------------------------- intensity (no weights)
+
+
+class IntensityBackbone:
+    """A fixed, weight-free descriptor: a sanity backbone, NOT comparable with published FD/KID values.
+
+    Three groups, each scaled to a norm of about one, then all multiplied by sqrt(F / 3)
+    so dimensions are of order one (the polynomial KID kernel x.y / F + 1 then sees
+    values near 1, as with Inception features):
+      * block means: the volume average-pooled to a 10 x 12 x 10 grid, / sqrt(1200);
+      * sqrt of the 32-bin intensity histogram of non-zero voxels on [0, 1];
+      * sqrt of the 32-bin histogram of gradient magnitudes (central differences,
+        per voxel) of non-zero voxels on [0, 0.5] (larger values in the last bin).
+    Block means see anatomy and misplaced tissue, the intensity histogram sees
+    contrast and noise, the gradient histogram sees blur and noise.
+    """
+
+    name = "intensity-v1"
+    weights_sha256 = None
+    grid = (10, 12, 10)
+    bins = 32
+    gradient_range = 0.5
+
+    def features(self, volumes: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = _as_tensor(volumes)  # (N, 1, D, H, W)
+        blocks = F.adaptive_avg_pool3d(x, self.grid).flatten(1) / math.sqrt(math.prod(self.grid))
+        gradients = torch.stack(torch.gradient(x[:, 0], dim=(1, 2, 3)), 0).pow(2).sum(0).sqrt()  # (N, D, H, W)
+        intensity_histograms, gradient_histograms = [], []
+        for volume, gradient in zip(x[:, 0], gradients):
+            foreground = volume > 0
+            intensity_histograms.append(self._sqrt_histogram(volume[foreground].clamp(0, 1), 1.0))
+            steepness = gradient[foreground].clamp(max=self.gradient_range)
+            gradient_histograms.append(self._sqrt_histogram(steepness, self.gradient_range))
+        features = torch.cat([blocks, torch.stack(intensity_histograms), torch.stack(gradient_histograms)], dim=1)
+        return (features * math.sqrt(features.shape[1] / 3)).numpy().astype(np.float32)
+
+    def _sqrt_histogram(self, values: torch.Tensor, top: float) -> torch.Tensor:
+        counts = torch.histc(values, bins=self.bins, min=0.0, max=top)
+        return (counts / counts.sum().clamp(min=1)).sqrt()
+
+
+# ----------------------------------------------------------------------------- MedicalNet (3D)
+
+
+def medicalnet_resnet(depth: int) -> nn.Module:
+    """MONAI's 3D ResNet arranged as MedicalNet's encoder: 7^3 stem with stride 2, shortcut B,
+    no downsample bias, and layer3/layer4 at stride 1 with dilation 2 and 4 (MedicalNet
+    keeps the resolution there for segmentation; MONAI's ResNet has no dilation option,
+    so the convolutions are set after construction). Output: global-average-pooled
+    features, 512 (ResNet-10) or 2048 (ResNet-50)."""
+    constructors = {10: resnet10, 18: resnet18, 34: resnet34, 50: resnet50}
+    if depth not in constructors:
+        raise ValueError(f"MedicalNet depth {depth} is not supported here; choose one of {sorted(constructors)}")
+    shortcut = "A" if depth in (18, 34) else "B"
+    net = constructors[depth](spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type=shortcut,
+                              bias_downsample=depth in (18, 34), conv1_t_stride=2)
+    for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
+        for module in layer.modules():
+            if isinstance(module, nn.Conv3d):
+                module.stride = (1, 1, 1)
+                if module.kernel_size == (3, 3, 3):
+                    module.dilation = (dilation,) * 3
+                    module.padding = (dilation,) * 3
+    return net.eval()
+
+
+class MedicalNetBackbone:
+    """MedicalNet 3D ResNet features. Input normalisation as MedicalNet (and MONAI's
+    MedicalNet perceptual loss): each volume z-scored, (x - mean) / std."""
+
+    def __init__(self, depth: int, weights: str | Path, weights_sha256: str | None = None, device: str = "cpu",
+                 batch_size: int = 4):
+        self.name = f"medicalnet-resnet{depth}"
+        self.weights_sha256 = verify_weights(weights, self.name, weights_sha256)
+        self.network = medicalnet_resnet(depth)
+        # conv_seg / fc: MedicalNet's task heads, not part of the encoder.
+        _load_into(self.network, load_state_dict(weights), Path(weights), ignore_prefixes=("conv_seg.", "fc."))
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.network.to(self.device)
+
+    @torch.no_grad()
+    def features(self, volumes: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = _as_tensor(volumes)
+        outputs = []
+        for start in range(0, len(x), self.batch_size):
+            batch = x[start : start + self.batch_size].to(self.device)
+            mean = batch.mean(dim=(1, 2, 3, 4), keepdim=True)
+            std = batch.std(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1e-6)
+            outputs.append(self.network((batch - mean) / std).cpu())
+        return torch.cat(outputs).numpy().astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- RadImageNet (2.5D)
+
+
+class _KerasBottleneck(nn.Module):
+    """Keras ResNet50 bottleneck (RadImageNet was trained in Keras): the stride sits in
+    the first 1x1 convolution, every convolution has a bias, batch norm eps 1.001e-5."""
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1):
+        super().__init__()
+        out_channels = 4 * width
+        self.conv1 = nn.Conv2d(in_channels, width, 1, stride=stride)
+        self.bn1 = nn.BatchNorm2d(width, eps=1.001e-5)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(width, eps=1.001e-5)
+        self.conv3 = nn.Conv2d(width, out_channels, 1)
+        self.bn3 = nn.BatchNorm2d(out_channels, eps=1.001e-5)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride),
+                                            nn.BatchNorm2d(out_channels, eps=1.001e-5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class RadImageNetResNet50(nn.Module):
+    """The convolutional part of RadImageNet's ResNet-50 (no top), with the parameter names of
+    the PyTorch conversion MONAI uses (conv1, bn1, layer1..layer4). MONAI's ResNet places
+    the stride in the 3x3 convolution and has no biases, so it cannot load these weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3)
+        self.bn1 = nn.BatchNorm2d(64, eps=1.001e-5)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        channels, layers = 64, []
+        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            layer = [_KerasBottleneck(channels, width, stride)] + [_KerasBottleneck(4 * width, width) for _ in range(blocks - 1)]
+            layers.append(nn.Sequential(*layer))
+            channels = 4 * width
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, h, w)
+
+
+class RadImageNetBackbone:
+    """2.5D RadImageNet ResNet-50 features: for each plane (sagittal = axis 0, coronal = 1,
+    axial = 2 in RAS), `slices_per_plane` slices evenly spaced over the central 80 % of
+    the axis go through the 2D network at native resolution; each slice's map is
+    global-average-pooled, slices are averaged, and the three planes concatenated
+    (F = 3 x 2048). Input as MONAI's RadImageNet perceptual loss: grey repeated to
+    three channels, BGR order, ImageNet channel means subtracted, no scaling."""
+
+    channel_means_bgr = (0.406, 0.456, 0.485)
+
+    def __init__(self, weights: str | Path, weights_sha256: str | None = None, device: str = "cpu",
+                 slices_per_plane: int = 16, batch_size: int = 16):
+        self.name = f"radimagenet-resnet50-2.5d-{slices_per_plane}"
+        self.weights_sha256 = verify_weights(weights, "radimagenet-resnet50", weights_sha256)
+        self.network = RadImageNetResNet50().eval()
+        _load_into(self.network, load_state_dict(weights), Path(weights), ignore_prefixes=("fc.",))
+        self.device, self.slices_per_plane, self.batch_size = torch.device(device), slices_per_plane, batch_size
+        self.network.to(self.device)
+
+    def slice_indices(self, size: int) -> np.ndarray:
+        return np.unique(np.round(np.linspace(0.1, 0.9, self.slices_per_plane) * (size - 1)).astype(int))
+
+    @torch.no_grad()
+    def features(self, volumes: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = _as_tensor(volumes)[:, 0]  # (N, D, H, W)
+        means = torch.tensor(self.channel_means_bgr).view(1, 3, 1, 1).to(self.device)
+        rows = []
+        for volume in x:
+            planes = []
+            for axis in (2, 1, 0):  # axial, coronal, sagittal
+                indices = torch.from_numpy(self.slice_indices(volume.shape[axis]))
+                slices = volume.index_select(axis, indices).movedim(axis, 0)  # (S, h, w)
+                pooled = []
+                for start in range(0, len(slices), self.batch_size):
+                    batch = slices[start : start + self.batch_size, None].to(self.device).repeat(1, 3, 1, 1) - means
+                    pooled.append(self.network(batch).mean(dim=(2, 3)).cpu())  # (s, 2048)
+                planes.append(torch.cat(pooled).mean(0))
+            rows.append(torch.cat(planes))
+        return torch.stack(rows).numpy().astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- mriflow's anatomy encoder
+
+
+@dataclass
+class AnatomyEncoderConfig:
+    """Architecture and target scaling of the anatomy encoder, stored in its safetensors metadata.
+
+    Heads are standardised regressions (value = output * std + mean) except "sex",
+    a logit for the last of `sex_categories`.
+    """
+
+    depth: int = 10
+    grid: str = "2mm"
+    heads: tuple[str, ...] = ("age", "sex", "ventricles_ml", "total_brain_ml")
+    target_mean: dict[str, float] = field(default_factory=lambda: {"age": 50.0, "ventricles_ml": 30.0, "total_brain_ml": 1150.0})
+    target_std: dict[str, float] = field(default_factory=lambda: {"age": 16.0, "ventricles_ml": 15.0, "total_brain_ml": 120.0})
+    sex_categories: tuple[str, ...] = ("F", "M")
+
+
+class AnatomyEncoder(nn.Module):
+    """A 3D ResNet (MONAI, input [0, 1], 1 channel) whose pooled embedding feeds linear heads.
+
+    forward(x (N, 1, D, H, W)) -> (embedding (N, E), heads (N, len(config.heads))).
+    The training task trains it and saves it with `save_anatomy_encoder`.
+    """
+
+    def __init__(self, config: AnatomyEncoderConfig):
+        super().__init__()
+        self.config = config
+        constructors = {10: resnet10, 18: resnet18, 34: resnet34, 50: resnet50}
+        self.encoder = constructors[config.depth](spatial_dims=3, n_input_channels=1, feed_forward=False, conv1_t_stride=2)
+        self.embedding_dim = 2048 if config.depth == 50 else 512
+        self.heads = nn.Linear(self.embedding_dim, len(config.heads))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.encoder(x)
+        return embedding, self.heads(embedding)
+
+
+def save_anatomy_encoder(path: str | Path, model: AnatomyEncoder) -> Path:
+    """Write weights + config (as safetensors metadata) in the layout `AnatomyBackbone` reads."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={ANATOMY_METADATA_KEY: json.dumps(asdict(model.config))})
+    return path
+
+
+def default_anatomy_weights() -> Path:
+    return Path(str(resources.files("mriflow") / "weights" / ANATOMY_WEIGHTS))
+
+
+class AnatomyBackbone:
+    """mriflow's anatomy encoder: embedding features plus age / sex / volume predictions."""
+
+    def __init__(self, weights: str | Path | None = None, weights_sha256: str | None = None, device: str = "cpu",
+                 batch_size: int = 4):
+        path = Path(weights) if weights is not None else default_anatomy_weights()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"backbone 'anatomy' is not available: {path} does not exist (mriflow's anatomy encoder has not been "
+                f"trained and shipped in this installation). Available backbones: "
+                f"{', '.join(n for n in available_backbones() if n != 'anatomy')}")
+        self.weights_sha256 = sha256_file(path)
+        if weights_sha256 is not None and self.weights_sha256 != weights_sha256.strip().lower():
+            raise ValueError(f"{path}: SHA-256 is {self.weights_sha256}, but --weights-sha256 says {weights_sha256}")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if ANATOMY_METADATA_KEY not in metadata:
+            raise ValueError(f"{path}: no {ANATOMY_METADATA_KEY!r} metadata; write it with save_anatomy_encoder")
+        values = json.loads(metadata[ANATOMY_METADATA_KEY])
+        config = AnatomyEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        self.config, self.sex_categories = config, tuple(config.sex_categories)
+        self.name = f"anatomy-resnet{config.depth}"
+        self.network = AnatomyEncoder(config).eval()
+        _load_into(self.network, load_state_dict(path), path)
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.network.to(self.device)
+
+    @torch.no_grad()
+    def _run(self, volumes) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _as_tensor(volumes)
+        embeddings, heads = [], []
+        for start in range(0, len(x), self.batch_size):
+            embedding, head = self.network(x[start : start + self.batch_size].to(self.device))
+            embeddings.append(embedding.cpu())
+            heads.append(head.cpu())
+        return torch.cat(embeddings), torch.cat(heads)
+
+    def features(self, volumes) -> np.ndarray:
+        return self._run(volumes)[0].numpy().astype(np.float32)
+
+    def predict(self, volumes) -> dict[str, np.ndarray]:
+        heads = self._run(volumes)[1].double()
+        predictions = {}
+        for index, name in enumerate(self.config.heads):
+            if name == "sex":
+                predictions["sex_prob"] = torch.sigmoid(heads[:, index]).numpy()
+            else:
+                predictions[name] = (heads[:, index] * self.config.target_std.get(name, 1.0)
+                                     + self.config.target_mean.get(name, 0.0)).numpy()
+        return predictions
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    factory: Callable[..., Backbone]  # factory(weights, weights_sha256, device) -> Backbone
+    description: str
+    needs_weights: bool
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(name: str, factory: Callable[..., Backbone], description: str, needs_weights: bool = False) -> None:
+    """Make a backbone available to `get_backbone` and `mriflow evaluate --backbone NAME`."""
+    BACKBONES[name] = BackboneSpec(name, factory, description, needs_weights)
+
+
+def available_backbones() -> list[str]:
+    return list(BACKBONES)
+
+
+def get_backbone(name: str, weights: str | Path | None = None, weights_sha256: str | None = None,
+                 device: str = "cpu") -> Backbone:
+    if name not in BACKBONES:
+        raise ValueError(f"--backbone {name!r} is unknown; available: {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    if spec.needs_weights and weights is None:
+        raise ValueError(f"--backbone {name} needs a local weights file: pass --weights PATH "
+                         f"({WEIGHTS_SOURCES.get(name, spec.description)}); mriflow never downloads weights")
+    if not spec.needs_weights and weights is not None and name == "intensity":
+        raise ValueError("--backbone intensity has no weights; drop --weights")
+    return spec.factory(weights=weights, weights_sha256=weights_sha256, device=device)
+
+
+register_backbone("intensity", lambda weights, weights_sha256, device: IntensityBackbone(),
+                  "weight-free sanity descriptor (block means + intensity/gradient histograms); "
+                  "not comparable with the literature")
+register_backbone("medicalnet-resnet10",
+                  lambda weights, weights_sha256, device: MedicalNetBackbone(10, weights, weights_sha256, device),
+                  "MedicalNet 3D ResNet-10 (Chen et al. 2019)", needs_weights=True)
+register_backbone("medicalnet-resnet50",
+                  lambda weights, weights_sha256, device: MedicalNetBackbone(50, weights, weights_sha256, device),
+                  "MedicalNet 3D ResNet-50 (Chen et al. 2019)", needs_weights=True)
+register_backbone("radimagenet-resnet50",
+                  lambda weights, weights_sha256, device: RadImageNetBackbone(weights, weights_sha256, device),
+                  "RadImageNet 2D ResNet-50 on three planes (Mei et al. 2022)", needs_weights=True)
+register_backbone("anatomy", lambda weights, weights_sha256, device: AnatomyBackbone(weights, weights_sha256, device),
+                  "mriflow's anatomy encoder with age/sex/volume heads (src/mriflow/weights/anatomy.safetensors)")

@@ -1,0 +1,362 @@
+"""The evaluation report: report.md, a self-contained report.html (pictures inlined as base64 PNG) and metrics.json.
+
+The report is rendered from the result dictionary alone (plus a few volumes for
+the montage), so it can be rebuilt from metrics.json. Both documents come from one
+list of blocks, so they always say the same thing.
+
+    >>> write_report(result, "report/", montage={"real": [(name, volume)], "generated": [...]})
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLUMN_TITLES = {"real_vs_reconstruction": "Real vs Reconstruction", "real_vs_real": "Real vs Real",
+                 "real_vs_generated": "Real vs Generated"}
+METRIC_TITLES = {"fd": "FD", "kid": "KID", "mmd": "MMD²", "precision": "precision", "recall": "recall",
+                 "density": "density", "coverage": "coverage"}
+COLUMN_COLOURS = {"real_vs_reconstruction": "tab:green", "real_vs_real": "tab:blue", "real_vs_generated": "tab:red"}
+
+
+def _number(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return f"{value:.2e}"
+
+
+def _mean_sd(summary: dict) -> str:
+    return f"{_number(summary['mean'])} ± {_number(summary['sd'])}"
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _planes(volume: np.ndarray) -> list[np.ndarray]:
+    """Mid axial, coronal and sagittal slices of a RAS volume, oriented for display (superior/anterior up)."""
+    x, y, z = (s // 2 for s in volume.shape)
+    return [volume[:, :, z].T, volume[:, y, :].T, volume[x, :, :].T]
+
+
+def montage_figure(montage: dict) -> bytes:
+    """Rows of subjects; real volumes on the left three panels, generated on the right three."""
+    left, right = montage.get("real", []), montage.get("generated", [])
+    rows = [(left[i] if i < len(left) else None, right[i] if i < len(right) else None)
+            for i in range(max(len(left), len(right)))]
+    titles = ("real", "generated")
+    if montage.get("reconstruction") is not None:
+        original, reconstructed = montage["reconstruction"]
+        rows.append((("original", original), ("reconstruction", reconstructed)))
+    figure, axes = plt.subplots(len(rows), 6, figsize=(12, 2.1 * len(rows)), squeeze=False, layout="constrained")
+    for row, pair in enumerate(rows):
+        for side, item in enumerate(pair):
+            images = _planes(item[1]) if item is not None else [None] * 3
+            for plane, image in enumerate(images):
+                axis = axes[row, 3 * side + plane]
+                axis.set_xticks([])
+                axis.set_yticks([])
+                if image is None:
+                    axis.axis("off")
+                    continue
+                axis.imshow(image, cmap="gray", vmin=0, vmax=1, origin="lower", interpolation="nearest")
+                if row == 0:
+                    axis.set_title(f"{titles[side]}: {('axial', 'coronal', 'sagittal')[plane]}", fontsize=9,
+                                   color="tab:red" if side else "black")
+                if plane == 0:
+                    axis.set_ylabel(item[0], fontsize=8)
+    figure.suptitle("Mid slices: real (left) and generated (right)"
+                    + ("; last row: a real volume and its reconstruction" if montage.get("reconstruction") is not None else ""),
+                    fontsize=10)
+    return _png(figure)
+
+
+def bootstrap_figure(result: dict) -> bytes:
+    metrics = list(METRIC_TITLES)
+    columns = list(result["columns"])
+    figure, axes = plt.subplots(1, len(metrics), figsize=(2.2 * len(metrics), 3.0))
+    for axis, metric in zip(axes, metrics):
+        for position, column in enumerate(columns):
+            values = np.asarray(result["columns"][column][metric]["values"])
+            jitter = np.random.default_rng(position).uniform(-0.15, 0.15, len(values))
+            axis.scatter(position + jitter, values, s=8, alpha=0.6, color=COLUMN_COLOURS.get(column, "gray"))
+            axis.errorbar(position + 0.3, values.mean(), yerr=values.std(ddof=1), fmt="o", color="black", ms=3, capsize=3)
+        arrow = "↓" if result["lower_is_better"][metric] else "↑"
+        axis.set_title(f"{METRIC_TITLES[metric]} {arrow}", fontsize=9)
+        axis.set_xticks(range(len(columns)))
+        axis.set_xticklabels([COLUMN_TITLES.get(c, c).replace("Real vs ", "vs\n") for c in columns], fontsize=7)
+        axis.tick_params(axis="y", labelsize=7)
+    settings = result["settings"]
+    figure.suptitle(f"Bootstrap distributions (n = {settings['n']} per set, {settings['bootstrap_rounds']} rounds; "
+                    f"backbone {result['backbone']['name']})", fontsize=10)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def memorization_figure(memorization: dict) -> bytes:
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for axis, space, label in ((axes[0], "voxel", "1 − correlation in the brain mask"),
+                               (axes[1], "feature", "Euclidean distance in feature space")):
+        part = memorization[space]
+        heldout, generated = np.asarray(part["heldout_nearest_distance"]), np.asarray(part["generated_nearest_distance"])
+        top = max(heldout.max(), generated.max())
+        bins = np.linspace(0, top * 1.05 if top > 0 else 1, 30)
+        axis.hist(heldout, bins=bins, alpha=0.6, density=True, color="tab:blue",
+                  label=f"held-out real → train ({len(heldout)})")
+        axis.hist(generated, bins=bins, alpha=0.6, density=True, color="tab:red",
+                  label=f"generated → train ({len(generated)})")
+        axis.axvline(part["threshold"], color="black", linestyle="--", label=f"threshold ({part['percentile']:g} % quantile)")
+        axis.set_xlabel(f"nearest training subject: {label}", fontsize=8)
+        axis.set_ylabel("density", fontsize=8)
+        axis.set_title(f"{space} space: {sum(part['flagged'])} flagged", fontsize=9)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def diversity_figure(diversity: dict) -> bytes:
+    figure, axis = plt.subplots(figsize=(4, 3))
+    data = [diversity["real"]["values"], diversity["generated"]["values"]]
+    axis.boxplot(data, showmeans=True)
+    axis.set_xticks([1, 2])
+    axis.set_xticklabels([f"real ({len(data[0])} pairs)", f"generated ({len(data[1])} pairs)"], fontsize=8)
+    axis.set_ylabel("MS-SSIM of a pair (lower = more diverse)", fontsize=8)
+    settings = diversity["settings"]
+    axis.set_title(f"Diversity: window {settings['window']}, {settings['scales']} scales", fontsize=9)
+    return _png(figure)
+
+
+def age_figure(fidelity: dict) -> bytes:
+    figure, axis = plt.subplots(figsize=(4.2, 4))
+    for key, colour, label in (("real", "tab:blue", "real: true age"), ("generated", "tab:red", "generated: requested age")):
+        part = fidelity["age"].get(key)
+        if part:
+            axis.scatter(part["target"], part["predicted"], s=12, alpha=0.7, color=colour,
+                         label=f"{label} (MAE {part['mae']:.1f} y)")
+    low = min(axis.get_xlim()[0], axis.get_ylim()[0])
+    high = max(axis.get_xlim()[1], axis.get_ylim()[1])
+    axis.plot([low, high], [low, high], color="gray", linewidth=1)
+    axis.set_xlim(low, high)
+    axis.set_ylim(low, high)
+    axis.set_xlabel("age (years)")
+    axis.set_ylabel("predicted age (years)")
+    axis.legend(fontsize=7)
+    axis.set_title("Conditional fidelity: age", fontsize=9)
+    return _png(figure)
+
+
+def make_figures(result: dict, montage: dict | None = None) -> dict[str, bytes]:
+    """name -> PNG bytes, for every picture the result supports."""
+    figures = {}
+    if montage and (montage.get("real") or montage.get("generated")):
+        figures["montage"] = montage_figure(montage)
+    figures["bootstrap"] = bootstrap_figure(result)
+    figures["diversity"] = diversity_figure(result["diversity"])
+    if "voxel" in result["memorization"]:
+        figures["memorization"] = memorization_figure(result["memorization"])
+    if result["conditional_fidelity"].get("age"):
+        figures["age_fidelity"] = age_figure(result["conditional_fidelity"])
+    return figures
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def report_blocks(result: dict, figures: dict[str, bytes]) -> list[tuple]:
+    """The report as blocks: ("h1"|"h2"|"p", text), ("table", header, rows), ("image", name, caption)."""
+    inputs, backbone, settings = result["inputs"], result["backbone"], result["settings"]
+    blocks: list[tuple] = [("h1", "mriflow evaluation report")]
+    checksum = backbone["weights_sha256"] or "none (this backbone has no weights)"
+    blocks.append(("p", f"Real data: {inputs['real_dir']} (split {inputs['split']}, {inputs['counts']['real']} subjects); "
+                        f"generated: {inputs['fake_dir']} ({inputs['counts']['generated']} volumes); grid {inputs['shape']}."))
+    blocks.append(("p", f"Backbone: {backbone['name']} ({backbone['feature_dim']} features); weights SHA-256: {checksum}. "
+                        f"Set metrics are comparable only under the same backbone, weights and n."))
+    if backbone["name"].startswith("intensity"):
+        blocks.append(("p", "The intensity backbone is a sanity descriptor, not comparable with published FD/KID values."))
+    for warning in result.get("warnings", []):
+        blocks.append(("p", f"Warning: {warning}"))
+
+    blocks.append(("h2", "Set metrics"))
+    columns = list(result["columns"])
+    header = ["metric", "better"] + [COLUMN_TITLES.get(c, c) for c in columns]
+    rows = [["sets", ""] + [" vs ".join(result["column_sets"][c]) for c in columns]]
+    for metric, title in METRIC_TITLES.items():
+        rows.append([title, "lower" if result["lower_is_better"][metric] else "higher"] +
+                    [_mean_sd(result["columns"][c][metric]) for c in columns])
+    blocks.append(("table", header, rows))
+    blocks.append(("p", f"Bootstrap mean ± sd over {settings['bootstrap_rounds']} rounds, each drawing n = {settings['n']} "
+                        f"volumes per set {settings['sampling']} (seed {settings['seed']}). KID: unbiased, polynomial "
+                        f"kernel (x·y/F + 1)³. MMD²: unbiased, Gaussian kernel with bandwidth "
+                        f"{_number(settings['mmd_bandwidth'])} "
+                        f"(median heuristic on the real split, fixed for all columns). PRDC: Naeem et al. 2020, "
+                        f"k = {settings['nearest_k']}. Real vs Real is the floor sampling noise gives at this n."))
+    if "bootstrap" in figures:
+        blocks.append(("image", "bootstrap", "Bootstrap distributions of each metric, per column."))
+    if result.get("reconstruction"):
+        recon = result["reconstruction"]
+        blocks.append(("h2", "Reconstruction"))
+        blocks.append(("table", ["metric", "mean ± sd"],
+                       [["SSIM", _mean_sd(recon["ssim"])], ["PSNR (dB)", _mean_sd(recon["psnr"])]]))
+        source = result["inputs"].get("autoencoder") or "given as a function"
+        blocks.append(("p", f"Autoencoder: {source}; {recon['settings']['ssim']}."))
+
+    diversity = result["diversity"]
+    blocks.append(("h2", "Diversity (MS-SSIM within a set, lower = more diverse)"))
+    blocks.append(("table", ["set", "mean ± sd", "pairs"],
+                   [["real", _mean_sd(diversity["real"]), str(len(diversity["real"]["values"]))],
+                    ["generated", _mean_sd(diversity["generated"]), str(len(diversity["generated"]["values"]))]]))
+    s = diversity["settings"]
+    blocks.append(("p", f"MS-SSIM settings: Gaussian window {s['window']} (sigma {s['sigma']}), {s['scales']} scales, "
+                        f"weights [{', '.join(f'{w:.4f}' for w in s['weights'])}]; fixed random pairs (seed {settings['seed']})."))
+    if "diversity" in figures:
+        blocks.append(("image", "diversity", "MS-SSIM of the sampled pairs."))
+
+    memorization = result["memorization"]
+    blocks.append(("h2", "Memorization"))
+    if "skipped" in memorization:
+        blocks.append(("p", f"Skipped: {memorization['skipped']}."))
+    else:
+        voxel, feature = memorization["voxel"], memorization["feature"]
+        blocks.append(("p", f"A generated volume is flagged when the nearest of the {memorization['train']} training subjects is "
+                            f"closer than the {voxel['percentile']:g} % quantile of held-out-to-training nearest distances "
+                            f"({memorization['heldout']} held-out subjects). Voxel space: 1 − Pearson correlation in the "
+                            f"population brain mask ({memorization['mask_voxels']} voxels) after Gaussian smoothing "
+                            f"(sigma {memorization.get('smoothing_mm', 0):g} mm), threshold {_number(voxel['threshold'])}: "
+                            f"{memorization['flagged_voxel']} flagged. Feature space: threshold {_number(feature['threshold'])}: "
+                            f"{memorization['flagged_feature']} flagged. About {memorization['chance_rate']:.0%} of genuinely "
+                            f"new volumes fall below such a threshold by chance."))
+        if memorization["table"]:
+            table_rows = [[r["generated"], r["voxel_nearest"], _number(r["voxel_distance"]),
+                           "yes" if r["voxel_flagged"] else "", r.get("feature_nearest", ""),
+                           _number(r.get("feature_distance")), "yes" if r.get("feature_flagged") else ""]
+                          for r in memorization["table"]]
+            header = ["generated", "nearest (voxel)", "distance", "flagged", "nearest (feature)", "distance", "flagged"]
+            blocks.append(("table", header, table_rows))
+        if "memorization" in figures:
+            blocks.append(("image", "memorization", "Nearest-training-subject distances of held-out real and generated volumes."))
+
+    fidelity = result["conditional_fidelity"]
+    blocks.append(("h2", "Conditional fidelity"))
+    if "skipped" in fidelity:
+        blocks.append(("p", f"Skipped: {fidelity['skipped']}."))
+    else:
+        rows = []
+        if fidelity.get("age"):
+            for key in ("generated", "real"):
+                part = fidelity["age"].get(key)
+                if part:
+                    rows.append([f"age MAE ({key})",
+                                 f"{part['mae']:.2f} y (r = {part['pearson_r']:.2f}, {part['count']} volumes)"])
+        if fidelity.get("sex"):
+            for key in ("generated", "real"):
+                part = fidelity["sex"].get(key)
+                if part:
+                    rows.append([f"sex accuracy ({key})", f"{part['accuracy']:.2f} ({part['count']} volumes)"])
+        for volume in ("ventricles_ml", "total_brain_ml"):
+            if fidelity.get(volume):
+                for key in ("generated", "real"):
+                    rows.append([f"{volume} ({key})", _mean_sd(fidelity[volume][key])])
+        blocks.append(("table", ["measure", "value"], rows))
+        blocks.append(("p", f"Predictor: {fidelity['predictor']} (weights SHA-256 {fidelity['predictor_weights_sha256']}). "
+                            f"Generated: requested covariate vs prediction; real: true covariate vs prediction "
+                            f"(the predictor's own error)."))
+        if "age_fidelity" in figures:
+            blocks.append(("image", "age_fidelity", "Predicted vs requested (generated) and true (real) age."))
+
+    if "montage" in figures:
+        blocks.append(("h2", "Examples"))
+        blocks.append(("image", "montage", "Mid axial, coronal and sagittal slices of real and generated volumes."))
+    timings = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.get("timing_s", {}).items())
+    blocks.append(("p", f"mriflow {result['mriflow_version']}, {result['created']}; time: {timings}."))
+    return blocks
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    lines = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h1":
+            lines += [f"# {block[1]}", ""]
+        elif kind == "h2":
+            lines += [f"## {block[1]}", ""]
+        elif kind == "p":
+            lines += [block[1], ""]
+        elif kind == "table":
+            header, rows = block[1], block[2]
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|" + "|".join("---" for _ in header) + "|")
+            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+            lines.append("")
+        elif kind == "image":
+            lines += [f"![{block[2]}](figures/{block[1]}.png)", ""]
+    return "\n".join(lines)
+
+
+def render_html(blocks: list[tuple], figures: dict[str, bytes]) -> str:
+    body = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{html.escape(block[1])}</p>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "image":
+            encoded = base64.b64encode(figures[block[1]]).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{encoded}">'
+                        f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+             "th{background:#f4f4f4}img{max-width:100%}figcaption{font-size:0.85em;color:#555}")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>mriflow evaluation report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def write_report(result: dict, out: str | Path, montage: dict | None = None) -> dict[str, Path]:
+    """Write out/metrics.json, out/report.md (+ out/figures/*.png) and a self-contained out/report.html."""
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    figures = make_figures(result, montage)
+    for name, png in figures.items():
+        (out / "figures" / f"{name}.png").write_bytes(png)
+    blocks = report_blocks(result, figures)
+    paths = {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}
+    paths["metrics"].write_text(json.dumps(_json_ready(result), indent=1, allow_nan=False))
+    paths["markdown"].write_text(render_markdown(blocks))
+    paths["html"].write_text(render_html(blocks, figures))
+    return paths

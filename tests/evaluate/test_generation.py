@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from conftest import head_phantom
+from mriflow.config import get_grid
+from mriflow.data.io import load_volume, save_volume, template_affine
+from mriflow.evaluate.features import AnatomyBackbone, AnatomyEncoder, AnatomyEncoderConfig, save_anatomy_encoder
+from mriflow.evaluate.generation import check_geometry, evaluate_generation
+
+GRID = get_grid("4mm")
+SPLITS = {"train": 10, "val": 8, "test": 8}
+FAST = {"bootstrap": 3, "diversity_pairs": 4, "progress": False}
+
+
+def person(seed):
+    """A phantom subject at 4 mm: shared anatomy, an individual shift and smooth tissue variation."""
+    image, labels = head_phantom(GRID.shape, seed=seed)
+    rng = np.random.default_rng(seed)
+    variation = gaussian_filter(rng.normal(0, 1, GRID.shape), 2.0) * 600
+    image = np.clip(np.where(labels > 0, image + variation, image) / 1400.0, 0, 1)
+    shift = tuple(rng.integers(-2, 3, size=3))
+    image, brain = np.roll(image, shift, axis=(0, 1, 2)), np.roll(labels > 0, shift, axis=(0, 1, 2))
+    image[image < 0.05] = 0  # prepared volumes have a zero background
+    return image.astype(np.float32), brain.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    affine = template_affine(GRID)
+    rows, seed = [], 0
+    for split, count in SPLITS.items():
+        for _ in range(count):
+            image, mask = person(seed)
+            name = f"sub{seed:02d}"
+            save_volume(root / "images" / f"{name}.nii.gz", image, affine)
+            save_volume(root / "masks" / f"{name}.nii.gz", mask, affine, dtype=np.uint8)
+            rows.append({"subject": name, "image": f"images/{name}.nii.gz", "mask": f"masks/{name}.nii.gz", "labels": "",
+                         "split": split, "age": 20 + 3 * seed, "sex": "FM"[seed % 2]})
+            seed += 1
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    (root / "prepare.json").write_text(json.dumps({"preset": "4mm", "affine": affine.tolist()}))
+    return root
+
+
+def write_fakes(folder, prepared, subjects, transform=lambda v: v, sidecar=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, subject in enumerate(subjects):
+        volume, affine = load_volume(prepared / "images" / f"{subject}.nii.gz")
+        save_volume(folder / f"sample_{i:03d}.nii.gz", transform(volume), affine)
+        if sidecar:
+            (folder / f"sample_{i:03d}.json").write_text(json.dumps(sidecar(i, subject)))
+    return folder
+
+
+def test_refuses_fakes_with_another_shape_or_affine(prepared, tmp_path):
+    affine = template_affine(GRID)
+    shifted = affine.copy()
+    shifted[0, 3] += 2.0
+    save_volume(tmp_path / "fakes" / "shifted.nii.gz", np.zeros(GRID.shape, np.float32), shifted)
+    with pytest.raises(ValueError) as error:
+        evaluate_generation(prepared, tmp_path / "fakes", tmp_path / "out", **FAST)
+    message = str(error.value)
+    assert "shifted.nii.gz" in message and "affine do not match" in message and str((40, 48, 40)) in message
+    assert str(round(shifted[0, 3], 4)) in message and str(round(affine[0, 3], 4)) in message
+
+    save_volume(tmp_path / "small.nii.gz", np.zeros((20, 24, 20), np.float32), affine)
+    with pytest.raises(ValueError, match=r"small.nii.gz: shape do not match.*shape \(20, 24, 20\)"):
+        check_geometry(tmp_path / "small.nii.gz", GRID.shape, affine)
+    check_geometry(prepared / "images" / "sub00.nii.gz", GRID.shape, affine + 1e-4)  # within tolerance
+
+
+def test_full_evaluation_writes_report_and_flags_planted_copies(prepared, tmp_path):
+    val = [f"sub{i:02d}" for i in range(10, 18)]
+    fakes = write_fakes(tmp_path / "fakes", prepared, val + ["sub01", "sub04"])
+    out = tmp_path / "report"
+    result = evaluate_generation(prepared, fakes, out, seed=1, **FAST)
+
+    assert list(result["columns"]) == ["real_vs_real", "real_vs_generated"]
+    assert result["inputs"]["other_split"] == "val"
+    assert result["settings"]["n"] == 7 and result["settings"]["bootstrap_rounds"] == 3
+    for metric in ("fd", "kid", "mmd", "precision", "recall", "density", "coverage"):
+        assert len(result["columns"]["real_vs_generated"][metric]["values"]) == 3
+    flagged = {row["generated"]: row["voxel_nearest"] for row in result["memorization"]["table"] if row["voxel_flagged"]}
+    assert flagged == {"sample_008": "sub01", "sample_009": "sub04"}
+    assert result["conditional_fidelity"]["skipped"].startswith("the generated volumes carry no age")
+    assert result["diversity"]["settings"]["window"] % 2 == 1
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["backbone"] == {"name": "intensity-v1", "weights_sha256": None, "feature_dim": 1264}
+    markdown = (out / "report.md").read_text()
+    assert "Backbone: intensity-v1" in markdown and "Real vs Generated" in markdown
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4  # bootstrap, diversity, memorization, montage
+    assert "src=\"figures" not in page  # self-contained
+    assert {p.name for p in (out / "figures").iterdir()} == {"bootstrap.png", "diversity.png", "memorization.png", "montage.png"}
+
+
+def test_broken_fakes_score_worse_than_real_ones(prepared, tmp_path):
+    # Real vs Real compares test with the val volumes; the fakes are those val volumes with noise.
+    val = [f"sub{i:02d}" for i in range(10, 18)]
+    rng = np.random.default_rng(0)
+    noisy = write_fakes(tmp_path / "noisy", prepared, val,
+                        lambda v: np.clip(v + rng.normal(0, 0.15, v.shape), 0, 1).astype(np.float32))
+    result = evaluate_generation(prepared, noisy, tmp_path / "report", **FAST)
+    good, bad = result["columns"]["real_vs_real"], result["columns"]["real_vs_generated"]
+    for metric, lower in result["lower_is_better"].items():
+        assert (bad[metric]["mean"] > good[metric]["mean"]) == lower, metric
+    assert result["memorization"]["flagged_voxel"] == 0
+
+
+def test_reconstruction_column_and_conditional_fidelity(prepared, tmp_path):
+    val = [f"sub{i:02d}" for i in range(10, 18)]
+    fakes = write_fakes(tmp_path / "fakes", prepared, val, sidecar=lambda i, s: {"covariates": {"age": 30 + i, "sex": "F"}})
+    model = AnatomyEncoder(AnatomyEncoderConfig(depth=10))
+    weights = save_anatomy_encoder(tmp_path / "anatomy.safetensors", model)
+    calls = []
+
+    def reconstruct(volumes: torch.Tensor) -> torch.Tensor:
+        calls.append(volumes.shape)
+        return torch.nn.functional.avg_pool3d(volumes, 3, stride=1, padding=1, count_include_pad=False)
+
+    result = evaluate_generation(prepared, fakes, tmp_path / "out", backbone=AnatomyBackbone(weights),
+                                 reconstruct=reconstruct, autoencoder="runs/ae", **FAST)
+    assert list(result["columns"]) == ["real_vs_reconstruction", "real_vs_real", "real_vs_generated"]
+    assert sum(shape[0] for shape in calls) == SPLITS["test"]
+    assert 0.5 < result["reconstruction"]["ssim"]["mean"] < 1.0
+    fidelity = result["conditional_fidelity"]
+    assert fidelity["age"]["generated"]["target"] == [30.0 + i for i in range(8)]
+    assert fidelity["age"]["real"]["count"] == SPLITS["test"]
+    assert 0 <= fidelity["sex"]["generated"]["accuracy"] <= 1
+    assert result["backbone"]["name"] == "anatomy-resnet10"
+    assert (tmp_path / "out" / "figures" / "age_fidelity.png").is_file()
+    assert "runs/ae" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_refuses_writing_into_an_input_folder_and_unknown_splits(prepared, tmp_path):
+    fakes = write_fakes(tmp_path / "fakes", prepared, ["sub10", "sub11"])
+    with pytest.raises(ValueError, match="inputs are never written"):
+        evaluate_generation(prepared, fakes, fakes, **FAST)
+    with pytest.raises(ValueError, match="--split 'holdout'.*available splits: test, train, val"):
+        evaluate_generation(prepared, fakes, tmp_path / "out", split="holdout", **FAST)
+    shutil.rmtree(fakes)
