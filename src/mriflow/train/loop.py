@@ -1,0 +1,511 @@
+"""The one training loop shared by every stage (autoencoder, latent flow, diffusion baseline).
+
+It reads top to bottom: processes and devices, run folder, networks and optimizers, EMA,
+resume, data, then the loop (learning rate, micro-batches x phases, optimizer steps, EMA,
+log, montage, checkpoint). Everything specific to a stage sits behind a small contract:
+
+    class Stage(Protocol):
+        networks: dict[str, nn.Module]      # trained networks by name. The loop moves them to the device and
+                                            # wraps them in DDP in place, so call self.networks[name] in `loss`;
+                                            # distributed.unwrap(...) gives the bare module when needed.
+        phases: dict[str, list[dict]]       # phase -> AdamW parameter groups ({"params": [...]}, optional "lr",
+                                            # "betas", "weight_decay"). One optimizer per phase. On each
+                                            # micro-batch the phases run in this order; while one runs, only
+                                            # its parameters require gradients.
+        ema_networks: tuple[str, ...]       # networks of which the loop keeps an EMA copy; the copies are the
+                                            # inference weights written to model.safetensors
+        metric_names: tuple[str, ...]       # the columns of the log, in order; the first is shown in the progress bar
+
+        def loss(self, phase: str, batch: dict, step: int) -> tuple[Tensor, dict[str, Tensor]] | None:
+            # the scalar to minimise in this phase and the metrics to log (names from metric_names),
+            # or None to skip the phase at this step (e.g. the critic before the adversarial start).
+            # Runs under bf16 autocast on CUDA; a stage disables autocast where it needs fp32.
+            # A stage may keep what one phase computed for the next (the generator's output for the critic).
+        def montage(self, batch: dict, networks: dict[str, nn.Module]) -> dict[str, ndarray] | None:
+            # named 3D volumes to show in three planes (e.g. real, reconstruction), computed with
+            # `networks` (EMA copies in eval mode); called on rank 0 only, without gradients
+
+    A flow stage: networks={"velocity": net}, phases={"velocity": [{"params": net.parameters()}]},
+    ema_networks=("velocity",). The autoencoder stage: networks={"autoencoder", "volume_critic",
+    "slice_critic"}, phases={"generator": [...], "critic": [...]}.
+
+What the loop does for every stage: AdamW with linear warm-up then cosine decay of the
+learning rate, gradient clipping, gradient accumulation, EMA with decay
+min(ema_decay, (1 + step) / (10 + step)), bf16 autocast on CUDA, DDP under `torchrun`
+(DistributedSampler order, gloo on CPU, nccl on CUDA, rank 0 writes), a stop with a clear
+message on a non-finite loss (checkpoints already written stay untouched), CSV + TensorBoard
+logs, montages, a tqdm bar, and checkpoints that resume exactly: network, EMA and optimizer
+tensors, each process's torch/numpy/python/CUDA random states, and the data position
+(epoch and offset follow from the step). Augmentation randomness is a function of
+(seed, epoch, item), so it is the same with or without data-loading workers or a resume.
+
+    >>> train(stage, dataset, LoopConfig(max_steps=1000), "runs/ae", meta={"stage": "autoencoder", "config": {...}})
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm.auto import tqdm
+
+from mriflow import checkpoint as ckpt
+from mriflow.train import distributed
+from mriflow.train.distributed import Distributed, unwrap
+
+
+class Stage(Protocol):
+    networks: dict[str, nn.Module]
+    phases: dict[str, list[dict[str, Any]]]
+    ema_networks: tuple[str, ...]
+    metric_names: tuple[str, ...]
+
+    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None: ...
+
+    def montage(self, batch: dict, networks: dict[str, nn.Module]) -> dict[str, np.ndarray] | None: ...
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    max_steps: int = 1000  # optimizer steps; the cosine schedule ends here
+    batch_size: int = 2  # volumes per process per micro-batch
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate of parameter groups that set none
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # the cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max gradient norm per phase; 0 disables
+    ema_decay: float = 0.999
+    amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
+    log_every: int = 10
+    montage_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # older checkpoints are deleted after a new one is complete
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    weights_dtype: str = "float32"  # dtype of model.safetensors: float32 | float16 | bfloat16
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accumulation", "log_every", "montage_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
+        if self.weights_dtype not in ckpt.WEIGHT_DTYPES:
+            raise ValueError(f"loop.weights_dtype must be one of {', '.join(ckpt.WEIGHT_DTYPES)}, got {self.weights_dtype!r}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient became NaN or infinite; the run stopped before using it."""
+
+
+def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warm-up (step + 1) / warmup_steps, then 0.5 * (1 + cos(pi * progress)) decay to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, network: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * network for floating parameters; buffers are copied."""
+    for average, current in zip(ema.parameters(), network.parameters()):
+        average.lerp_(current.detach(), 1.0 - decay)
+    for average, current in zip(ema.buffers(), network.buffers()):
+        average.copy_(current)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(
+    stage: Stage,
+    dataset: Dataset,
+    config: LoopConfig,
+    out: str | Path,
+    meta: dict[str, Any],
+    resume: bool = False,
+    context: Distributed | None = None,
+    stop_at_step: int | None = None,
+) -> dict[str, Any]:
+    """Train `stage` on `dataset` into run folder `out`; returns {"step", "metrics", "checkpoint"}.
+
+    `meta` (JSON-serialisable; "config" = the full resolved config) goes into every checkpoint
+    and config.yaml. `stop_at_step` ends the run early with a checkpoint, as an interruption
+    would, leaving the schedule (max_steps) unchanged; `resume` continues the latest checkpoint.
+    """
+    # ---- processes, device, run folder ---------------------------------------------------------
+    context = context or distributed.setup(config.device)
+    device, is_main = context.device, context.is_main
+    out = Path(out)
+    if not resume and ckpt.latest_checkpoint(out) is not None:
+        raise FileExistsError(f"{out} already holds checkpoints; pass resume=True (--resume) to continue, or choose another --out")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_config(out, meta.get("config", {}))
+    seed_everything(config.seed + context.rank)  # each process draws its own noise
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+
+    # ---- networks (DDP), one AdamW per phase, EMA copies -----------------------------------------
+    for name, network in stage.networks.items():
+        stage.networks[name] = distributed.wrap(network.to(device), context)
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    phase_parameters: dict[str, list[nn.Parameter]] = {}
+    for phase, groups in stage.phases.items():
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+        for group in groups:
+            group["base_lr"] = group.get("lr", config.lr)
+        optimizers[phase] = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        phase_parameters[phase] = [p for g in groups for p in g["params"]]
+    ema = {name: copy.deepcopy(unwrap(stage.networks[name])).eval().requires_grad_(False) for name in stage.ema_networks}
+
+    # ---- resume ---------------------------------------------------------------------------------
+    step, log_rows = 0, []
+    if resume and (latest := ckpt.latest_checkpoint(out)) is not None:
+        step = _restore(latest, stage, ema, optimizers, context)
+        log_rows = _read_log(out / "log.csv", up_to_step=step)
+        if is_main:
+            print(f"resuming {out} from {latest.name} (step {step})")
+    elif resume and is_main:
+        print(f"{out}: no checkpoint to resume from; starting from step 0")
+
+    # ---- data: every process reads its own share, in an order fixed by (seed, epoch) -------------
+    sampler = _ResumableSampler(dataset, context, config.seed)
+    per_epoch = len(sampler) // config.batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"the training set has {len(dataset)} volume(s), fewer than batch_size ({config.batch_size}) x "
+            f"processes ({context.world_size}); lower loop.batch_size"
+        )
+    loader = DataLoader(_SeededItems(dataset, config.seed), batch_size=config.batch_size, sampler=sampler,
+                        num_workers=config.num_workers, drop_last=True, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # its own generator: making an iterator must not draw from torch's
+    batches = _batches(loader, sampler, per_epoch, config.batch_size, step * config.grad_accumulation)
+
+    # ---- logging --------------------------------------------------------------------------------
+    columns = ["step", *stage.metric_names, "lr", "volumes_per_second", "elapsed_seconds"]
+    writer = _tensorboard(out, step) if is_main else None
+    progress = tqdm(total=config.max_steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True)
+    sums = torch.zeros(len(stage.metric_names), device=device, dtype=torch.float64)
+    counts = torch.zeros_like(sums)
+    volumes_per_step = config.batch_size * config.grad_accumulation * context.world_size
+    elapsed = float(log_rows[-1]["elapsed_seconds"]) if log_rows else 0.0
+    interval_seconds, interval_steps, started = 0.0, 0, time.perf_counter()
+    last_saved = ckpt.latest_checkpoint(out)
+    final_step = min(config.max_steps, stop_at_step or config.max_steps)
+    metrics: dict[str, float] = {}
+
+    # ---- the loop -------------------------------------------------------------------------------
+    while step < final_step:
+        tick = time.perf_counter()
+        lr_factor = learning_rate_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        for optimizer in optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor
+
+        stepped: set[str] = set()
+        for micro in range(config.grad_accumulation):
+            epoch, batch = next(batches)
+            batch = _to_device(batch, device)
+            last_micro = micro == config.grad_accumulation - 1
+            with distributed.no_sync(list(stage.networks.values()), skip=not last_micro):
+                for phase in stage.phases:
+                    _only_phase_requires_grad(phase_parameters, phase)
+                    with torch.autocast(**autocast):
+                        result = stage.loss(phase, batch, step)
+                    if result is None:
+                        continue
+                    loss, values = result
+                    if distributed.all_reduce_min(torch.isfinite(loss.detach()).float()).item() == 0:
+                        raise NonFiniteLossError(_non_finite_message(out, step, phase, loss, last_saved))
+                    (loss / config.grad_accumulation).backward()
+                    stepped.add(phase)
+                    for index, name in enumerate(stage.metric_names):
+                        if name in values:
+                            sums[index] += torch.as_tensor(values[name], dtype=torch.float64).to(device)
+                            counts[index] += 1
+        _only_phase_requires_grad(phase_parameters, None)
+
+        for phase in stepped:
+            optimizer = optimizers[phase]
+            if config.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(phase_parameters[phase], config.grad_clip)
+                if not torch.isfinite(norm):
+                    raise NonFiniteLossError(_non_finite_message(out, step, phase, norm, last_saved, "gradient norm"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        for name, average in ema.items():
+            update_ema(average, unwrap(stage.networks[name]), decay)
+        interval_seconds += time.perf_counter() - tick
+        interval_steps += 1
+
+        # -- log (all processes reduce, rank 0 writes)
+        if step % config.log_every == 0 or step == final_step:
+            reduced_sums = distributed.all_reduce_mean(sums)
+            reduced_counts = distributed.all_reduce_mean(counts)
+            means = (reduced_sums / reduced_counts.clamp_min(1)).tolist()
+            metrics = {n: m for n, m, c in zip(stage.metric_names, means, reduced_counts.tolist()) if c > 0}
+            speed = volumes_per_step * interval_steps / max(interval_seconds, 1e-9)
+            elapsed += interval_seconds
+            row = {"step": step, **metrics, "lr": config.lr * lr_factor, "volumes_per_second": speed,
+                   "elapsed_seconds": elapsed}
+            log_rows.append(row)
+            if is_main:
+                _write_log(out / "log.csv", columns, log_rows)
+                for name, value in row.items():
+                    if name != "step" and writer is not None:
+                        writer.add_scalar(name, value, step)
+                first = stage.metric_names[0] if stage.metric_names else None
+                progress.set_postfix({**({first: f"{metrics[first]:.4f}"} if first in metrics else {}),
+                                      "vol/s": f"{speed:.2f}"})
+            sums.zero_()
+            counts.zero_()
+            interval_seconds, interval_steps = 0.0, 0
+        progress.update(1)
+
+        # -- montage of real vs output (rank 0)
+        if is_main and (step % config.montage_every == 0 or step == final_step):
+            _write_montage(stage, batch, ema, out, step, writer)
+
+        # -- stop early on the wall-clock budget (the same decision on every process)
+        if config.max_minutes > 0:
+            over = torch.tensor(float(time.perf_counter() - started > 60 * config.max_minutes), device=device)
+            if distributed.all_reduce_min(over).item() > 0:
+                final_step = step
+
+        # -- checkpoint (all processes gather their random states; rank 0 writes)
+        if step % config.checkpoint_every == 0 or step == final_step:
+            last_saved = _save(out, stage, ema, optimizers, context, config, meta, step, epoch, metrics)
+            distributed.barrier()
+
+    progress.close()
+    if writer is not None:
+        writer.close()
+    return {"step": step, "metrics": metrics, "checkpoint": str(last_saved) if last_saved else None}
+
+
+# ---- the pieces the loop calls ------------------------------------------------------------------
+
+
+class _ResumableSampler(Sampler):
+    """DistributedSampler order (shuffled by seed + epoch, this process's share), started at an offset.
+
+    Yields (epoch, index) pairs so each item's augmentation can be seeded by its own identity.
+    """
+
+    def __init__(self, dataset: Dataset, context: Distributed, seed: int):
+        self.inner = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank,
+                                        shuffle=True, seed=seed, drop_last=True)
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, index) for index in list(self.inner)[self.start:]])
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.start
+
+
+class _SeededItems(Dataset):
+    """Item (epoch, index) of `dataset`, with torch's generator seeded by (seed, epoch, index) while it is made."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % 2**63)
+            return self.dataset[index]
+
+
+def _batches(loader: DataLoader, sampler: _ResumableSampler, per_epoch: int, batch_size: int,
+             done: int) -> Iterator[tuple[int, Any]]:
+    """Endless (epoch, batch) stream that skips the `done` micro-batches already consumed."""
+    epoch, offset = divmod(done, per_epoch)
+    while True:
+        sampler.set_position(epoch, offset * batch_size)
+        for batch in loader:
+            yield epoch, batch
+        epoch, offset = epoch + 1, 0
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _only_phase_requires_grad(phase_parameters: dict[str, list[nn.Parameter]], phase: str | None) -> None:
+    """Freeze every optimised parameter outside `phase` (None: unfreeze all), so a phase's backward
+    reaches only its own parameters (e.g. the generator's loss through a frozen critic)."""
+    for name, parameters in phase_parameters.items():
+        for parameter in parameters:
+            parameter.requires_grad_(phase is None or name == phase)
+
+
+def _non_finite_message(out: Path, step: int, phase: str, value: torch.Tensor, last_saved: Path | None,
+                        what: str = "loss") -> str:
+    kept = (f"the last good checkpoint, {last_saved}, is kept; continue from it with --resume after lowering "
+            "loop.lr or loop.grad_clip" if last_saved else "no checkpoint was written yet; lower loop.lr and start again")
+    return f"{out}: the {phase} {what} became {value.detach().float().item()} at step {step + 1}; training stopped; {kept}"
+
+
+def _write_config(out: Path, config: dict[str, Any]) -> None:
+    ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    ckpt.write_text_atomic(out / "config.json", json.dumps(config, indent=2))
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """Rows of an earlier log up to the resumed step (rows logged after that checkpoint are dropped)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as stream:
+        return [row for row in csv.DictReader(stream) if int(row["step"]) <= up_to_step]
+
+
+def _write_log(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    ckpt.write_text_atomic(path, text.getvalue())
+
+
+def _tensorboard(out: Path, step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
+        print("tensorboard is not installed; TensorBoard logs are off (log.csv is still written)")
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=step + 1 if step else None)
+
+
+@torch.no_grad()
+def _write_montage(stage: Stage, batch: dict, ema: dict[str, nn.Module], out: Path, step: int, writer) -> None:
+    from mriflow.utils.montage import three_plane_montage
+
+    networks = {name: ema.get(name, unwrap(net)) for name, net in stage.networks.items()}
+    modes = {name: net.training for name, net in networks.items()}
+    for net in networks.values():
+        net.eval()
+    try:
+        volumes = stage.montage(batch, networks)
+    finally:
+        for name, net in networks.items():
+            net.train(modes[name])
+    if not volumes:
+        return
+    image = three_plane_montage(volumes, out / "montages" / f"step-{step:08d}.png", title=f"step {step}")
+    if writer is not None:
+        writer.add_image("montage", image, step, dataformats="HWC")
+
+
+def _save(out: Path, stage: Stage, ema: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+          context: Distributed, config: LoopConfig, meta: dict[str, Any], step: int, epoch: int,
+          metrics: dict[str, float]) -> Path:
+    """Write RUN/checkpoints/step-XXXXXXXX (rank 0) and prune old ones; every process contributes its RNG state."""
+    states = distributed.all_gather_objects(_rng_state())
+    directory = out / ckpt.CHECKPOINTS_DIR / f"step-{step:08d}"
+    if not context.is_main:
+        return directory
+    exported = {name: ema.get(name, unwrap(stage.networks[name])) for name in (stage.ema_networks or stage.networks)}
+    weights = {f"{name}.{key}": value for name, net in exported.items() for key, value in net.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for name, network in stage.networks.items():
+        state.update({f"network.{name}.{k}": v for k, v in unwrap(network).state_dict().items()})
+    for name, average in ema.items():
+        state.update({f"ema.{name}.{k}": v for k, v in average.state_dict().items()})
+    optimizer_groups = {}
+    for phase, optimizer in optimizers.items():
+        saved = optimizer.state_dict()
+        optimizer_groups[phase] = saved["param_groups"]
+        for index, values in saved["state"].items():
+            state.update({f"optimizer.{phase}.{index}.{k}": torch.as_tensor(v) for k, v in values.items()})
+    rng_meta = []
+    for rank, rng in enumerate(states):
+        state[f"rng.{rank}.torch"] = rng["torch"]
+        state[f"rng.{rank}.numpy"] = torch.from_numpy(rng["numpy"][1].astype(np.int64))
+        for index, cuda_state in enumerate(rng["cuda"]):
+            state[f"rng.{rank}.cuda.{index}"] = cuda_state
+        rng_meta.append({"python": rng["python"], "numpy": [rng["numpy"][0], *rng["numpy"][2:]], "cuda": len(rng["cuda"])})
+    full_meta = {**meta, "step": step, "epoch": epoch, "world_size": context.world_size,
+                 "batch_size": config.batch_size, "grad_accumulation": config.grad_accumulation,
+                 "optimizer": optimizer_groups, "rng": rng_meta, "metrics": metrics}
+    ckpt.save_checkpoint(directory, weights, full_meta, train_state=state, weights_dtype=config.weights_dtype)
+    complete = sorted((p for p in (out / ckpt.CHECKPOINTS_DIR).glob("step-*") if (p / ckpt.META_FILE).is_file()),
+                      key=lambda p: int(p.name.split("-")[1]))
+    for old in complete[: -config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _restore(directory: Path, stage: Stage, ema: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+             context: Distributed) -> int:
+    """Load networks, EMA, optimizers and this process's random states; returns the checkpoint's step."""
+    _, meta = ckpt.load_checkpoint(directory)
+    state = ckpt.load_train_state(directory)
+    for name, network in stage.networks.items():
+        ckpt.load_weights_into(unwrap(network), state, f"network.{name}.", str(directory))
+    for name, average in ema.items():
+        ckpt.load_weights_into(average, state, f"ema.{name}.", str(directory))
+    for phase, optimizer in optimizers.items():
+        prefix = f"optimizer.{phase}."
+        values: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            if key.startswith(prefix):
+                index, name = key[len(prefix):].split(".", 1)
+                values.setdefault(int(index), {})[name] = tensor
+        optimizer.load_state_dict({"state": values, "param_groups": meta["optimizer"][phase]})
+    if meta.get("world_size") == context.world_size:
+        rank, rng = context.rank, meta["rng"][context.rank]
+        numpy_state = state[f"rng.{rank}.numpy"].numpy().astype(np.uint32)
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        np.random.set_state((rng["numpy"][0], numpy_state, *rng["numpy"][1:]))
+        torch.set_rng_state(state[f"rng.{rank}.torch"])
+        if torch.cuda.is_available() and rng["cuda"]:
+            torch.cuda.set_rng_state_all([state[f"rng.{rank}.cuda.{i}"] for i in range(rng["cuda"])])
+    elif context.is_main:
+        print(f"{directory}: saved with {meta.get('world_size')} process(es), resumed with {context.world_size}; "
+              "random streams restart from the seed (the loss curve will differ slightly)")
+    return int(meta["step"])
+
+
+def _rng_state() -> dict[str, Any]:
+    python = random.getstate()
+    return {
+        "python": [python[0], list(python[1]), python[2]],
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }

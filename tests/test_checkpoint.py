@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mriflow import checkpoint as ckpt
+from mriflow.config import to_dict
+from mriflow.models.autoencoder import Autoencoder, AutoencoderConfig
+
+SMALL = AutoencoderConfig(kind="kl", patch_size=2, channels=(8, 16), num_res_blocks=(1, 1),
+                          attention_levels=(False, False), latent_channels=2, norm_num_groups=4)
+
+
+def save_autoencoder(directory, config=SMALL, weights_dtype="float32"):
+    torch.manual_seed(0)
+    model = Autoencoder(config)
+    weights = {f"autoencoder.{k}": v for k, v in model.state_dict().items()}
+    meta = {"stage": "autoencoder", "config": {"model": to_dict(config)}, "step": 7}
+    ckpt.save_checkpoint(directory, weights, meta, train_state={"x": torch.arange(3)}, weights_dtype=weights_dtype)
+    return model
+
+
+def test_round_trip_keeps_weights_meta_and_train_state(tmp_path):
+    directory = tmp_path / "run" / "checkpoints" / "step-00000007"
+    model = save_autoencoder(directory)
+    weights, meta = ckpt.load_checkpoint(tmp_path / "run")  # a run folder resolves to its latest checkpoint
+    assert meta["step"] == 7 and meta["format"] == ckpt.FORMAT and "torch" in meta["versions"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(weights[f"autoencoder.{key}"], value)
+    assert torch.equal(ckpt.load_train_state(directory)["x"], torch.arange(3))
+    assert not list(directory.parent.glob(".tmp-*"))  # no staging folder left behind
+    assert directory.stat().st_mode & 0o777 == ckpt.permissions(0o777)  # not mkdtemp's private 0700
+    assert (directory / ckpt.META_FILE).stat().st_mode & 0o777 == ckpt.permissions(0o666)
+
+    loaded, _ = ckpt.load_autoencoder(tmp_path / "run")
+    x = torch.rand(1, 1, 8, 12, 8)
+    assert torch.allclose(loaded.reconstruct(x), model.eval().reconstruct(x))
+
+
+def test_overwrite_replaces_a_checkpoint_completely(tmp_path):
+    directory = tmp_path / "ckpt"
+    ckpt.save_checkpoint(directory, {"a": torch.ones(2)}, {"step": 1}, train_state={"s": torch.zeros(1)})
+    ckpt.save_checkpoint(directory, {"a": torch.full((2,), 2.0)}, {"step": 2})
+    weights, meta = ckpt.load_checkpoint(directory)
+    assert meta["step"] == 2 and torch.equal(weights["a"], torch.full((2,), 2.0))
+    assert not (directory / ckpt.TRAIN_STATE_FILE).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_half_precision_weights_are_smaller_and_load_back(tmp_path):
+    save_autoencoder(tmp_path / "full")
+    model = save_autoencoder(tmp_path / "half", weights_dtype="float16")
+    full = (tmp_path / "full" / ckpt.MODEL_FILE).stat().st_size
+    half = (tmp_path / "half" / ckpt.MODEL_FILE).stat().st_size
+    assert half < 0.6 * full
+    weights, _ = ckpt.load_checkpoint(tmp_path / "half")
+    assert weights["autoencoder.post_quant_conv.conv.weight"].dtype == torch.float16
+    loaded, _ = ckpt.load_autoencoder(tmp_path / "half")
+    assert loaded.post_quant_conv.conv.weight.dtype == torch.float32
+    assert torch.allclose(loaded.post_quant_conv.conv.weight, model.post_quant_conv.conv.weight, atol=1e-3)
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused_naming_the_field(tmp_path):
+    save_autoencoder(tmp_path)
+    meta_file = tmp_path / ckpt.META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["model"]["latent_channels"] = 3
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"model\.latent_channels: 3 .* 2 in the weights"):
+        ckpt.load_autoencoder(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_naming_the_tensor(tmp_path):
+    model = Autoencoder(SMALL)
+    other = Autoencoder(AutoencoderConfig(**{**to_dict(SMALL), "channels": (8, 24)}))
+    weights = {f"autoencoder.{k}": v for k, v in other.state_dict().items()}
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"tensor autoencoder\.\S+: weights have shape \(24"):
+        ckpt.load_weights_into(model, weights, "autoencoder.", "model.safetensors")
+    del weights["autoencoder.post_quant_conv.conv.bias"]
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"post_quant_conv\.conv\.bias is missing"):
+        ckpt.load_weights_into(model, weights, "autoencoder.", "model.safetensors")
+
+
+def test_latest_checkpoint_ignores_incomplete_folders(tmp_path):
+    for step in (5, 10):
+        ckpt.save_checkpoint(tmp_path / "checkpoints" / f"step-{step:08d}", {"a": torch.ones(1)}, {"step": step})
+    (tmp_path / "checkpoints" / "step-00000020").mkdir()  # interrupted before checkpoint.json
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000010"
+    assert ckpt.run_folder(ckpt.latest_checkpoint(tmp_path)) == tmp_path
+    with pytest.raises(FileNotFoundError, match="no checkpoint found"):
+        ckpt.load_checkpoint(tmp_path / "checkpoints" / "step-00000020")
+
+
+def test_update_meta_adds_keys_atomically(tmp_path):
+    ckpt.save_checkpoint(tmp_path, {"a": torch.ones(1)}, {"step": 3})
+    ckpt.update_meta(tmp_path, {"latent_scale": 0.5})
+    _, meta = ckpt.load_checkpoint(tmp_path)
+    assert meta["latent_scale"] == 0.5 and meta["step"] == 3

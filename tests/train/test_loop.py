@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from conftest import head_phantom
+from mriflow import checkpoint as ckpt
+from mriflow.config import Grid
+from mriflow.data.io import save_volume, template_affine
+from mriflow.models.autoencoder import AutoencoderConfig
+from mriflow.models.discriminators import DiscriminatorConfig
+from mriflow.train.autoencoder import AutoencoderLossConfig, AutoencoderTrainingConfig, train_autoencoder
+from mriflow.train.loop import LoopConfig, NonFiniteLossError, learning_rate_factor, train, update_ema
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests run on one core: a second thread only fights the other processes on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_prepared(root, splits=("train",) * 5, shape=(16, 20, 16)):
+    """A prepared folder of small head phantoms (intensities in [0, 1]) with a manifest and prepare.json."""
+    affine = template_affine(Grid("test", 4.0, shape))
+    rows = []
+    for i, split in enumerate(splits):
+        image, labels = head_phantom(shape, seed=i)
+        subject = f"sub{i:02d}"
+        save_volume(root / "images" / f"{subject}.nii.gz", image / image.max(), affine)
+        save_volume(root / "masks" / f"{subject}.nii.gz", (labels > 0).astype(np.uint8), affine, dtype=np.uint8)
+        rows.append({"subject": subject, "image": f"images/{subject}.nii.gz", "mask": f"masks/{subject}.nii.gz",
+                     "labels": "", "split": split, "age": 20 + 7 * i})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    (root / "prepare.json").write_text(json.dumps({"preset": "test", "recipe": ["phantom"]}))
+    return root
+
+
+def tiny_config(max_steps=6, adversarial_start=3, kind="kl", **loop):
+    return AutoencoderTrainingConfig(
+        model=AutoencoderConfig(kind=kind, patch_size=2, channels=(8, 16), num_res_blocks=(1, 1),
+                                attention_levels=(False, False), latent_channels=2, norm_num_groups=4, num_embeddings=16),
+        loss=AutoencoderLossConfig(adversarial_start=adversarial_start, feature_matching_weight=0.1,
+                                   critic=DiscriminatorConfig(volume_channels=4, volume_layers=2, slice_channels=4,
+                                                              slice_layers=2, num_slices=2)),
+        loop=LoopConfig(**{"max_steps": max_steps, "batch_size": 2, "warmup_steps": 2, "log_every": 1, "montage_every": 3,
+                           "checkpoint_every": 3, "device": "cpu", **loop}),
+    )
+
+
+def read_log(run):
+    with open(run / "log.csv", newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine():
+    factors = [learning_rate_factor(s, warmup_steps=4, max_steps=14, min_ratio=0.1) for s in range(16)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0)
+    assert factors[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert factors[14] == pytest.approx(0.1) and factors[15] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+
+
+def test_ema_averages_parameters_and_copies_buffers():
+    network, average = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    with torch.no_grad():
+        network.weight.fill_(3.0)
+        network.running_mean.fill_(5.0)
+    update_ema(average, network, decay=0.75)
+    assert torch.allclose(average.weight, torch.full((2,), 0.75 * 1.0 + 0.25 * 3.0))
+    assert torch.equal(average.running_mean, network.running_mean)
+
+
+def test_resume_continues_with_the_same_loss_curve_as_an_uninterrupted_run(tmp_path):
+    data = write_prepared(tmp_path / "data")
+    # 5 subjects, batch 2: the 6 steps cross epoch boundaries; the critics start at step 3, so both
+    # optimizers, batch-norm buffers, augmentation and posterior sampling must all be restored.
+    train_autoencoder(data, tmp_path / "whole", config=tiny_config())
+    train_autoencoder(data, tmp_path / "split", config=tiny_config(), stop_at_step=3)
+    assert len(read_log(tmp_path / "split")) == 3
+    train_autoencoder(data, tmp_path / "split", resume=True)
+
+    whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
+    assert [row["step"] for row in split] == [str(s) for s in range(1, 7)]
+    assert float(whole[-1]["critic_loss"]) > 0  # the adversarial phase did run
+    for row_whole, row_split in zip(whole, split):
+        for column in ("generator_loss", "l1", "kl", "adversarial", "critic_loss", "lr"):
+            assert row_whole[column] == row_split[column], (row_whole["step"], column)
+    weights_whole, _ = ckpt.load_checkpoint(tmp_path / "whole")
+    weights_split, _ = ckpt.load_checkpoint(tmp_path / "split")
+    assert all(torch.equal(weights_whole[k], weights_split[k]) for k in weights_whole)
+
+
+def test_a_run_folder_holds_config_logs_montages_tensorboard_and_checkpoints(tmp_path):
+    data = write_prepared(tmp_path / "data")
+    config = tiny_config(max_steps=3, kind="vq")
+    absent = dataclasses.replace(config.loss, perceptual_weight=1.0, perceptual_weights_file=str(tmp_path / "none.pth"))
+    result = train_autoencoder(data, tmp_path / "run", config=dataclasses.replace(config, loss=absent))
+    run = tmp_path / "run"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["kind"] == "vq" and config["loop"]["max_steps"] == 3
+    rows = read_log(run)
+    assert list(rows[0])[:3] == ["step", "generator_loss", "l1"] and "volumes_per_second" in rows[0]
+    assert float(rows[-1]["codebook_perplexity"]) >= 1.0
+    assert (run / "montages" / "step-00000003.png").stat().st_size > 1000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert result["checkpoint"].endswith("step-00000003")
+    _, meta = ckpt.load_checkpoint(run)
+    assert meta["preparation"]["recipe"] == ["phantom"] and meta["latent_shape"] == [2, 4, 5, 4]
+    assert meta["step"] == 3 and "monai" in meta["versions"] and meta["config"] == config
+    assert meta["perceptual"]["active"] is False and "not found" in meta["perceptual"]["reason"]
+    model, _ = ckpt.load_autoencoder(run)
+    assert model.config.kind == "vq"
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_autoencoder(data, run, config=tiny_config(max_steps=3, kind="vq"))
+
+
+class ToyData(torch.utils.data.Dataset):
+    def __init__(self, count=8):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(count, 3, generator=generator)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return {"x": self.x[index], "y": self.y[index]}
+
+
+class ToyStage:
+    """A flow-like stage: one network, one optimizer; optionally a second phase and a NaN at a given step."""
+
+    def __init__(self, nan_at=None, two_phases=False):
+        torch.manual_seed(0)
+        self.networks = {"a": nn.Linear(3, 1), "b": nn.Linear(3, 1)}
+        self.phases = {"a": [{"params": list(self.networks["a"].parameters())}]}
+        if two_phases:
+            self.phases["b"] = [{"params": list(self.networks["b"].parameters()), "lr": 0.01}]
+        self.ema_networks = ("a",)
+        self.metric_names = ("loss",)
+        self.nan_at = nan_at
+
+    def loss(self, phase, batch, step):
+        if phase == "a":
+            prediction = self.networks["a"](batch["x"])[:, 0] + 0.1 * self.networks["b"](batch["x"])[:, 0]
+            loss = ((prediction - batch["y"]) ** 2).mean()
+            if step == self.nan_at:
+                loss = loss * float("nan")
+        else:
+            loss = ((self.networks["b"](batch["x"]) - 1.0) ** 2).mean()
+        return loss, {"loss": loss.detach()}
+
+    def montage(self, batch, networks):
+        return None
+
+
+def toy_loop(**changes):
+    return LoopConfig(**{"max_steps": 6, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2,
+                         "montage_every": 100, "device": "cpu", "lr": 0.05, **changes})
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 5.*step-00000004.*is kept"):
+        train(ToyStage(nan_at=4), ToyData(), toy_loop(), tmp_path, meta={"stage": "toy", "config": {}})
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000004"
+    weights, meta = ckpt.load_checkpoint(tmp_path)
+    assert meta["step"] == 4 and all(torch.isfinite(w).all() for w in weights.values())
+    assert [row["step"] for row in read_log(tmp_path)] == ["1", "2", "3", "4"]
+
+
+def test_gradient_accumulation_matches_one_larger_batch(tmp_path):
+    large = train(ToyStage(), ToyData(), toy_loop(max_steps=4), tmp_path / "large", meta={"config": {}})
+    accumulated = train(ToyStage(), ToyData(), toy_loop(max_steps=4, batch_size=2, grad_accumulation=2),
+                        tmp_path / "accumulated", meta={"config": {}})
+    assert large["metrics"]["loss"] == pytest.approx(accumulated["metrics"]["loss"], rel=1e-5)
+    first = ckpt.load_train_state(tmp_path / "large")
+    second = ckpt.load_train_state(tmp_path / "accumulated")
+    assert torch.allclose(first["network.a.weight"], second["network.a.weight"], atol=1e-6)
+
+
+def test_a_phase_updates_only_its_own_parameters(tmp_path):
+    # Phase "a" depends on network b too; b must learn from its own phase's loss only.
+    train(ToyStage(two_phases=True), ToyData(), toy_loop(), tmp_path / "both", meta={"config": {}})
+    alone = ToyStage()
+    alone.phases = {"b": [{"params": list(alone.networks["b"].parameters()), "lr": 0.01}]}
+    alone.loss = lambda phase, batch, step: ToyStage.loss(alone, "b", batch, step)
+    train(alone, ToyData(), toy_loop(), tmp_path / "alone", meta={"config": {}})
+    both = ckpt.load_train_state(tmp_path / "both")
+    only_b = ckpt.load_train_state(tmp_path / "alone")
+    assert torch.equal(both["network.b.weight"], only_b["network.b.weight"])
+    assert not torch.equal(both["network.a.weight"], only_b["network.a.weight"])
+    # model.safetensors holds the EMA copy of "a", which lags the raw network
+    weights, _ = ckpt.load_checkpoint(tmp_path / "both")
+    assert set(weights) == {"a.weight", "a.bias"}
+    assert not torch.equal(weights["a.weight"], both["network.a.weight"])
