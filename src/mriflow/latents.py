@@ -1,0 +1,196 @@
+"""Latent cache: each subject's posterior mean and log-variance under a trained autoencoder.
+
+`encode_dataset` encodes every split of a prepared folder once and stores, in
+``<run>/latents/<data name>-<hash of prepare.json or manifest.csv>/``::
+
+    <split>.safetensors   "mean" and, for KL, "logvar": (N, C, d, h, w) float32, rows in index order
+    index.json            subjects per split, latent shape, kind, latent scale, the checkpoint encoded with
+
+The cache holds the distribution q(z|x) = N(mean, exp(logvar)), not one sampled z, so the
+flow stage can draw fresh samples every epoch. The latent scale factor
+
+    latent_scale = 1 / std(z),  Var(z) = Var(mean) + E[exp(logvar)]   (over all training-split elements)
+
+is written into the autoencoder checkpoint's JSON ("latent_scale") the first time the
+autoencoder encodes data, and reused afterwards so every cache of one autoencoder shares
+one scale. For VQ the cached latent is the continuous pre-quantisation latent and the
+log-variance is the constant VQ_LOGVAR (no noise).
+
+    >>> encode_dataset("prepared/", "runs/ae")
+    >>> latents = LatentDataset("prepared/", "runs/ae", split="train", covariates=["age", "sex"])
+    >>> item = latents[0]                        # latent_mean, latent_logvar, covariates, covariates_present, subject
+    >>> z = latents.sample(item["latent_mean"], item["latent_logvar"])   # scaled: (mean + exp(logvar/2) eps) * scale
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from mriflow import checkpoint as ckpt
+
+VQ_LOGVAR = -30.0  # the floor of the KL log-variance: exp(-15) ~ 3e-7, i.e. deterministic
+
+
+def latent_cache_dir(data_dir: str | Path, autoencoder_run: str | Path) -> Path:
+    """Where the latents of prepared folder `data_dir` under autoencoder run `autoencoder_run` live."""
+    data_dir = Path(data_dir)
+    record = data_dir / "prepare.json"
+    source = record if record.is_file() else data_dir / "manifest.csv"
+    if not source.is_file():
+        raise FileNotFoundError(f"{data_dir} is not a prepared dataset (no prepare.json or manifest.csv)")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:10]
+    run = ckpt.run_folder(ckpt.resolve_checkpoint(autoencoder_run))
+    return run / "latents" / f"{data_dir.resolve().name}-{digest}"
+
+
+def encode_dataset(
+    data_dir: str | Path,
+    autoencoder_run: str | Path,
+    splits: Sequence[str] | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+) -> Path:
+    """Encode every subject of `splits` (default: all in the manifest) and cache mean/log-variance; returns the cache folder."""
+    from mriflow.data.dataset import PreparedDataset, read_manifest
+    from mriflow.train.distributed import resolve_device
+
+    device = resolve_device(device)
+    model, meta = ckpt.load_autoencoder(autoencoder_run, device)
+    checkpoint_dir = Path(meta["path"])
+    cache = latent_cache_dir(data_dir, checkpoint_dir)
+    available = sorted(read_manifest(data_dir)["split"].dropna().unique())
+    splits = list(splits or available)
+    if "latent_scale" not in meta and "train" not in splits:
+        raise ValueError(
+            f"{data_dir}: the autoencoder has no latent scale yet and the 'train' split is not among {splits}; "
+            "encode its training data first (the scale is 1/std of the training latents)"
+        )
+    model_sha256 = ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE)
+    index: dict[str, Any] = {
+        "data": str(Path(data_dir).resolve()),
+        "kind": model.config.kind,
+        "checkpoint": {"path": str(checkpoint_dir), "step": meta.get("step"), "model_sha256": model_sha256},
+        "splits": {},
+    }
+    cache.mkdir(parents=True, exist_ok=True)
+    if (cache / "index.json").is_file():  # keep other splits encoded by the same weights; drop stale ones
+        previous = json.loads((cache / "index.json").read_text())
+        if previous.get("checkpoint", {}).get("model_sha256") == model_sha256:
+            index["splits"] = {k: v for k, v in previous["splits"].items() if k not in splits}
+        else:
+            for split in previous.get("splits", {}):
+                (cache / f"{split}.safetensors").unlink(missing_ok=True)
+    statistics = None
+    for split in splits:
+        dataset = PreparedDataset(data_dir, split)
+        means, logvars, subjects = [], [], []
+        with torch.no_grad():
+            for start in tqdm(range(0, len(dataset), batch_size), desc=f"encode {split}", unit="batch"):
+                items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                images = torch.stack([item["image"] for item in items]).to(device)  # (B, 1, D, H, W)
+                latent = model.encode(images)
+                means.append(latent.mean.float().cpu())
+                if latent.logvar is not None:
+                    logvars.append(latent.logvar.float().cpu())
+                subjects += [item["subject"] for item in items]
+        tensors = {"mean": torch.cat(means).contiguous()}  # (N, C, d, h, w)
+        if logvars:
+            tensors["logvar"] = torch.cat(logvars).contiguous()
+        save_file(tensors, str(cache / f".tmp-{split}.safetensors"))
+        os.replace(cache / f".tmp-{split}.safetensors", cache / f"{split}.safetensors")
+        index["splits"][split] = subjects
+        index["latent_shape"] = list(tensors["mean"].shape[1:])
+        if split == "train":
+            statistics = latent_statistics(tensors["mean"], tensors.get("logvar"))
+
+    if "latent_scale" in meta:
+        scale = float(meta["latent_scale"])  # fixed by the first encoding; all caches share it
+    else:
+        scale = 1.0 / statistics["std"]
+        ckpt.update_meta(checkpoint_dir, {"latent_scale": scale, "latent_statistics": statistics,
+                                          "latent_scale_data": index["data"]})
+    index["latent_scale"] = scale
+    index["latent_statistics"] = statistics
+    ckpt.write_text_atomic(cache / "index.json", json.dumps(index, indent=2))
+    return cache
+
+
+def latent_statistics(mean: torch.Tensor, logvar: torch.Tensor | None) -> dict[str, float]:
+    """Mean and std of z ~ N(mean, exp(logvar)) pooled over all elements: Var(z) = Var(mean) + E[exp(logvar)]."""
+    mean = mean.double()
+    variance = mean.var(unbiased=False)
+    if logvar is not None:
+        variance = variance + torch.exp(logvar.double()).mean()
+    return {"mean": float(mean.mean()), "std": float(math.sqrt(float(variance)))}
+
+
+class LatentDataset(Dataset):
+    """Cached latents of one split with the subjects' encoded covariates.
+
+    Item: {"latent_mean": (C, d, h, w), "latent_logvar": (C, d, h, w), "covariates": (K,) float32,
+    "covariates_present": (K,) bool, "subject": str}. Covariates are encoded as by PreparedDataset
+    (schema fitted on the training split unless `schema` is given). `scale` is the autoencoder's
+    latent scale factor.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        autoencoder_run: str | Path,
+        split: str = "train",
+        covariates: Sequence[str] | None = None,
+        schema=None,
+    ):
+        from mriflow.data.dataset import PreparedDataset
+
+        self.cache = latent_cache_dir(data_dir, autoencoder_run)
+        index_file = self.cache / "index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{self.cache}: no cached latents; run `mriflow encode {data_dir} --autoencoder {autoencoder_run}`")
+        self.index = json.loads(index_file.read_text())
+        checkpoint_dir = ckpt.resolve_checkpoint(autoencoder_run)
+        if ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE) != self.index["checkpoint"]["model_sha256"]:
+            raise ValueError(
+                f"{self.cache}: latents were encoded with {self.index['checkpoint']['path']} (step "
+                f"{self.index['checkpoint']['step']}), not with {checkpoint_dir}; run `mriflow encode` again"
+            )
+        if split not in self.index["splits"]:
+            raise ValueError(f"{self.cache}: split {split!r} was not encoded; encoded: {', '.join(self.index['splits'])}")
+        self.scale = float(self.index["latent_scale"])
+        self.kind = self.index["kind"]
+        tensors = load_file(str(self.cache / f"{split}.safetensors"))
+        self.mean = tensors["mean"]  # (N, C, d, h, w)
+        self.logvar = tensors.get("logvar")
+        prepared = PreparedDataset(data_dir, split, covariates=covariates, schema=schema)
+        self.schema = prepared.schema
+        rows = {str(row["subject"]): row for row in prepared.rows.to_dict("records")}
+        self.subjects = list(self.index["splits"][split])
+        missing = [s for s in self.subjects if s not in rows]
+        if missing:
+            raise ValueError(f"{self.cache}: subjects {missing[:3]} are no longer in {data_dir}/manifest.csv; encode again")
+        self.rows = [rows[s] for s in self.subjects]
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        mean = self.mean[index]
+        logvar = self.logvar[index] if self.logvar is not None else torch.full_like(mean, VQ_LOGVAR)
+        values, present = self.schema.encode(self.rows[index])
+        return {"latent_mean": mean, "latent_logvar": logvar, "covariates": values,
+                "covariates_present": present, "subject": self.subjects[index]}
+
+    def sample(self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z * scale with z = mean + exp(logvar / 2) * eps, eps ~ N(0, I): a scaled latent for the flow."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return (mean + torch.exp(0.5 * logvar) * noise) * self.scale

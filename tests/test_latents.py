@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mriflow import checkpoint as ckpt
+from mriflow.data.dataset import PreparedDataset
+from mriflow.latents import VQ_LOGVAR, LatentDataset, encode_dataset, latent_cache_dir, latent_statistics
+from mriflow.train.autoencoder import train_autoencoder
+
+# The prepared-folder and tiny-config helpers live with the loop tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.joinpath("train")))
+from test_loop import one_thread, tiny_config, write_prepared  # noqa: E402,F401  (one_thread: autouse)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    data = write_prepared(tmp_path / "data", splits=("train", "train", "train", "val", "test"))
+    train_autoencoder(data, tmp_path / "run", config=tiny_config(max_steps=1, adversarial_start=100))
+    return data, tmp_path / "run"
+
+
+def test_encode_caches_mean_and_logvar_and_records_the_scale(trained):
+    data, run = trained
+    cache = encode_dataset(data, run, device="cpu")
+    assert cache == latent_cache_dir(data, run) and cache.parent == run / "latents"
+    index = json.loads((cache / "index.json").read_text())
+    assert index["splits"] == {"test": ["sub04"], "train": ["sub00", "sub01", "sub02"], "val": ["sub03"]}
+    assert index["latent_shape"] == [2, 4, 5, 4]
+
+    model, meta = ckpt.load_autoencoder(run)
+    latents = LatentDataset(data, run, "train", covariates=["age"])
+    item = latents[1]
+    with torch.no_grad():
+        expected = model.encode(latents_image(data, "sub01"))
+    assert torch.allclose(item["latent_mean"], expected.mean[0], atol=1e-5)
+    assert torch.allclose(item["latent_logvar"], expected.logvar[0], atol=1e-5)
+    assert item["subject"] == "sub01" and item["covariates_present"].tolist() == [True]
+    prepared = PreparedDataset(data, "train", covariates=["age"])[1]  # covariates encoded exactly as for images
+    assert torch.equal(item["covariates"], prepared["covariates"])
+
+    # The scale is 1/std of the training latents (mean spread plus posterior variance), stored in the checkpoint.
+    stats = latent_statistics(latents.mean, latents.logvar)
+    assert meta["latent_scale"] == pytest.approx(1.0 / stats["std"]) == pytest.approx(latents.scale)
+    assert stats["std"] ** 2 == pytest.approx(latents.mean.double().var(unbiased=False).item()
+                                              + torch.exp(latents.logvar.double()).mean().item(), rel=1e-6)
+
+
+def test_samples_are_scaled_draws_from_the_posterior(trained):
+    data, run = trained
+    encode_dataset(data, run, device="cpu")
+    latents = LatentDataset(data, run, "train")
+    mean, logvar = torch.zeros(20000), torch.full((20000,), 2 * torch.log(torch.tensor(0.5)).item())
+    draws = latents.sample(mean + 1.0, logvar, generator=torch.Generator().manual_seed(0))
+    assert draws.mean().item() == pytest.approx(latents.scale, rel=0.02)
+    assert draws.std().item() == pytest.approx(0.5 * latents.scale, rel=0.03)
+
+
+def test_latents_of_another_checkpoint_are_refused(trained):
+    data, run = trained
+    encode_dataset(data, run, device="cpu")
+    train_autoencoder(data, run, resume=True, max_steps=2)  # a newer checkpoint replaces the encoded one
+    with pytest.raises(ValueError, match="mriflow encode"):
+        LatentDataset(data, run, "train")
+    with pytest.raises(ValueError, match="no latent scale yet"):  # the new weights need a new scale
+        encode_dataset(data, run, splits=["val"], device="cpu")
+    encode_dataset(data, run, splits=["train"], device="cpu")
+    assert len(LatentDataset(data, run, "train")) == 3
+    with pytest.raises(ValueError, match="'val' was not encoded"):  # stale latents of the old weights are gone
+        LatentDataset(data, run, "val")
+    encode_dataset(data, run, splits=["val"], device="cpu")  # adds a split, keeps the others and the scale
+    assert len(LatentDataset(data, run, "val")) == 1 and len(LatentDataset(data, run, "train")) == 3
+
+
+def test_vq_latents_are_the_pre_quantisation_latent(tmp_path):
+    data = write_prepared(tmp_path / "data", splits=("train", "train", "val"))
+    train_autoencoder(data, tmp_path / "run", config=tiny_config(max_steps=1, adversarial_start=100, kind="vq"))
+    encode_dataset(data, tmp_path / "run", device="cpu")
+    latents = LatentDataset(data, tmp_path / "run", "val")
+    model, _ = ckpt.load_autoencoder(tmp_path / "run")
+    with torch.no_grad():
+        expected = model.encode(latents_image(data, "sub02")).mean[0]
+    item = latents[0]
+    assert torch.allclose(item["latent_mean"], expected, atol=1e-5)
+    assert torch.all(item["latent_logvar"] == VQ_LOGVAR)
+
+
+def latents_image(data, subject):
+    from mriflow.data.io import load_volume
+
+    image, _ = load_volume(data / "images" / f"{subject}.nii.gz")
+    return torch.from_numpy(image)[None, None]
