@@ -38,24 +38,11 @@ from mriflow.data.io import load_volume, save_volume
 from mriflow.evaluate.generation import evaluate_generation
 from mriflow.evaluate.metrics import LOWER_IS_BETTER
 
+from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## evaluation sanity"
 PLANTED = 5
-
-
-def replace_section(document: Path, header: str, body: str) -> None:
-    """Replace (or append) the section starting at the line `header`, up to the next '## ' header."""
-    text = document.read_text() if document.is_file() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
-    if start is None:
-        lines += ["", header]
-        start, end = len(lines) - 1, len(lines)
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = lines[:start] + [header, ""] + body.strip("\n").splitlines() + [""] + lines[end:]
-    document.parent.mkdir(parents=True, exist_ok=True)
-    document.write_text("\n".join(new).rstrip("\n") + "\n")
 
 
 def blurred(volume, rng):

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ixi"
 SECTION = "## prepare"
@@ -75,21 +77,6 @@ def run_one(preset: str, workers: int, data: Path, out: Path) -> dict:
 def command_line(preset: str, workers: int, data: Path, out: Path) -> str:
     return (f"mriflow prepare {data / 'T1'} --masks {data / 'labels'} --covariates {data / 'demographics.csv'} "
             f"--preset {preset} --workers {workers} --force --out {out}")
-
-
-def replace_section(document: Path, header: str, body: str) -> None:
-    """Replace (or append) the section starting at the line `header`, up to the next '## ' header."""
-    text = document.read_text() if document.is_file() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
-    if start is None:
-        lines += ["", header]
-        start, end = len(lines) - 1, len(lines)
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = lines[:start] + [header, ""] + body.strip("\n").splitlines() + [""] + lines[end:]
-    document.parent.mkdir(parents=True, exist_ok=True)
-    document.write_text("\n".join(new).rstrip("\n") + "\n")
 
 
 def write_section(results: list[dict], workers: int, data: Path, out_root: Path) -> None:

@@ -1,33 +1,355 @@
-"""The `mriflow` command line: a thin shell that parses arguments and calls the library."""
+"""The `mriflow` command line: a thin shell that parses arguments and calls the library.
+
+    mriflow prepare IMAGES --out DIR [--masks DIR] [--covariates CSV] [--preset 4mm|2mm|1mm] ...
+    mriflow train autoencoder DATA --out RUN [--kind kl|vq] [--preset tiny|base|large] ...
+    mriflow train flow DATA --autoencoder RUN --out RUN2 [--condition age,sex] ...
+    mriflow train diffusion DATA --autoencoder RUN --out RUN3 [--condition age,sex] ...
+    mriflow encode DATA --autoencoder RUN
+    mriflow generate [--model RUN|default] --out DIR [--n N] [--age A] [--sex F|M] [--solver heun] ...
+    mriflow evaluate reconstruction DATA --autoencoder RUN [--split val] [--out DIR]
+    mriflow evaluate generation --real DATA --fake DIR --out DIR [--backbone NAME] ...
+
+Every command also runs under `torchrun --nproc_per_node N -m mriflow ...` (training and
+generation share the work out across the processes).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any, Callable
 
 from mriflow import __version__
 
+# Problems with the user's input or files: reported as one line, without a traceback
+# (MRIFLOW_DEBUG=1 shows it). Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mriflow", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mriflow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mriflow {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(commands)
+    _add_train(commands)
+    _add_encode(commands)
+    _add_generate(commands)
+    _add_evaluate(commands)
     return parser
 
 
+# ---------------------------------------------------------------------------------------------- prepare
+
+
 def _add_prepare(commands) -> None:
-    p = commands.add_parser("prepare", help="real scans (NIfTI folder or BIDS) -> prepared template-space dataset")
+    p = commands.add_parser("prepare", help="real scans (NIfTI folder or BIDS) -> prepared template-space dataset",
+                            description="Reorient to RAS, extract the brain, (N4), register to MNI152, resample to the "
+                                        "preset grid and scale to [0, 1]; writes one NIfTI per subject, manifest.csv, "
+                                        "prepare.json and prepare_report.csv. Re-running resumes.")
+    p.add_argument("images", help="folder of .nii/.nii.gz scans, or a BIDS root (sub-*/[ses-*/]anat/*_T1w.nii.gz)")
+    p.add_argument("--out", required=True, help="output folder (created; never the input folder)")
+    p.add_argument("--masks", help="folder of brain masks or label maps (label > 0 is brain), matched on subject id")
+    p.add_argument("--covariates", action="append", default=[], metavar="CSV",
+                   help="covariate table(s) with a subject column (repeatable; e.g. demographics.csv, region volumes)")
+    p.add_argument("--covariate-columns", metavar="LIST",
+                   help="columns to keep, optionally renamed: 'age,sex,509:ventricles' (default: every column)")
+    p.add_argument("--preset", default="4mm", choices=("4mm", "2mm", "1mm"), help="template grid (default 4mm)")
+    p.add_argument("--skull-strip", default="auto", choices=("auto", "mask", "deepbet", "none"),
+                   help="auto: --masks when given, else the deepbet model; none: keep the head (default auto)")
+    p.add_argument("--n4", action="store_true", help="N4 bias-field correction (SimpleITK)")
+    p.add_argument("--no-register", dest="register", action="store_false",
+                   help="skip registration to MNI152 (only for scans already in MNI space)")
+    p.add_argument("--split", default="0.8,0.1,0.1", metavar="TRAIN,VAL,TEST",
+                   help="subject-level split fractions (default 0.8,0.1,0.1; stratified by age when present)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (recorded)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--force", action="store_true", help="prepare again subjects that are already done")
     p.set_defaults(func=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from mriflow.data.prepare import PrepareError, run_prepare
+
+    try:
+        split = tuple(float(v) for v in args.split.split(","))
+    except ValueError:
+        raise ValueError(f"--split {args.split!r}: expected three fractions like 0.8,0.1,0.1") from None
+    try:
+        result = run_prepare(args.images, args.out, masks=args.masks, covariates=args.covariates,
+                             covariate_columns=args.covariate_columns, preset=args.preset, skull_strip=args.skull_strip,
+                             n4=args.n4, register=args.register, workers=args.workers, force=args.force, split=split,
+                             seed=args.seed)
+    except PrepareError as error:
+        return _fail("prepare", error)
+    print(result.summary())
+    print(f"manifest: {result.manifest}\nrecord:   {result.record}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser("train", help="train the autoencoder, the latent flow or the diffusion baseline")
+    stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    p = stages.add_parser("autoencoder", help="stage 1: 3D KL-VAE-GAN or VQ-GAN on a prepared dataset")
+    p.add_argument("data", help="prepared dataset folder (mriflow prepare)")
+    p.add_argument("--kind", choices=("kl", "vq"), help="autoencoder kind (default: the preset's, kl)")
+    _add_common_training(p, "autoencoder")
+    p.set_defaults(func=_run_train_autoencoder)
+
+    for stage, text in (("flow", "stage 2: rectified flow in the autoencoder's latent space"),
+                        ("diffusion", "baseline: DDPM in the same latent space, same network and conditioning")):
+        p = stages.add_parser(stage, help=text)
+        p.add_argument("data", help="prepared dataset folder (mriflow prepare)")
+        p.add_argument("--autoencoder", required=True, help="autoencoder run or checkpoint folder")
+        p.add_argument("--condition", default="", metavar="NAMES",
+                       help="covariates to condition on, e.g. age,sex (manifest columns; default: unconditional)")
+        _add_common_training(p, stage)
+        p.set_defaults(func=_run_train_generator, stage=stage)
+
+
+def _add_common_training(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, montages, config)")
+    p.add_argument("--preset", choices=("tiny", "base", "large"),
+                   help=f"{stage} preset: tiny (4 mm, CPU), base (2 mm, one GPU), large (1 mm); default tiny")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
+    p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
+    p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
+
+
+def _run_train_autoencoder(args: argparse.Namespace) -> int:
+    from mriflow.train.autoencoder import train_autoencoder
+
+    result = train_autoencoder(args.data, args.out, kind=args.kind, preset=args.preset, max_steps=args.max_steps,
+                               resume=args.resume, max_minutes=args.max_minutes)
+    return _report_training(result)
+
+
+def _run_train_generator(args: argparse.Namespace) -> int:
+    if args.stage == "flow":
+        from mriflow.train.flow import train_flow as train_generator
+    else:
+        from mriflow.train.diffusion import train_diffusion as train_generator
+    condition = [name.strip() for name in args.condition.split(",") if name.strip()]
+    result = train_generator(args.data, args.autoencoder, args.out, condition=condition, preset=args.preset,
+                             max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes)
+    return _report_training(result)
+
+
+def _report_training(result: dict[str, Any]) -> int:
+    if _is_main_process():
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.get("metrics", {}).items())
+        print(f"step {result['step']}: {metrics}\ncheckpoint: {result['checkpoint']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- encode
+
+
+def _add_encode(commands) -> None:
+    p = commands.add_parser("encode", help="cache every subject's latent mean and log-variance under an autoencoder")
+    p.add_argument("data", help="prepared dataset folder")
+    p.add_argument("--autoencoder", required=True, help="autoencoder run or checkpoint folder")
+    p.add_argument("--splits", help="comma-separated splits to encode (default: all)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=_run_encode)
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    from mriflow.latents import encode_dataset
+
+    splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
+    cache = encode_dataset(args.data, args.autoencoder, splits=splits, batch_size=args.batch_size, device=args.device)
+    print(f"latents: {cache}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+
+def _add_generate(commands) -> None:
+    p = commands.add_parser(
+        "generate", allow_abbrev=False, help="sample synthetic volumes (NIfTI in template space + JSON sidecars)",
+        description="Sample volumes from a trained generator (default: the model shipped with mriflow). Any covariate "
+                    "the model knows is an option: --age 45 --sex F, or --NAME VALUE / --covariate NAME=VALUE for the "
+                    "others (e.g. region volumes); an unknown name is refused with the list of valid ones.")
+    p.add_argument("--model", default="default", help="generator run or checkpoint folder, or 'default' (shipped)")
+    p.add_argument("--out", required=True, help="output folder (existing samples are never overwritten)")
+    p.add_argument("--n", type=int, default=8, help="number of volumes (default 8)")
+    p.add_argument("--age", type=float, help="requested age in years")
+    p.add_argument("--sex", help="requested sex, e.g. F or M")
+    p.add_argument("--covariate", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other covariate of the model (repeatable)")
+    p.add_argument("--solver", help="flow: euler, heun, midpoint, rk4, dopri5; diffusion: ddim, ddpm "
+                                    "(default: the model's)")
+    p.add_argument("--steps", type=int, help="solver steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (1 = conditional; default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses its own stream of (seed, i)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--privacy-filter", metavar="DATA",
+                   help="prepared dataset: reject and redraw samples closer to a training subject than held-out "
+                        "subjects ever are")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from mriflow.generate import generate
+
+    covariates: dict[str, Any] = {}
+    for item in args.covariate + _covariate_options(args.unknown):
+        name, separator, value = item.partition("=")
+        if not separator or not name:
+            raise ValueError(f"--covariate {item!r}: expected NAME=VALUE, e.g. --covariate ventricles=25000")
+        covariates[name.strip()] = _number_or_text(value.strip())
+    if args.age is not None:
+        covariates["age"] = args.age
+    if args.sex is not None:
+        covariates["sex"] = args.sex
+    result = generate(args.model, args.out, n=args.n, covariates=covariates, solver=args.solver, steps=args.steps,
+                      guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                      privacy_filter=args.privacy_filter)
+    if _is_main_process():
+        print(result.summary() if hasattr(result, "summary") else result)
+    return 0
+
+
+def _covariate_options(tokens: list[str]) -> list[str]:
+    """`--NAME VALUE` / `--NAME=VALUE` options that `generate` does not declare, as NAME=VALUE items.
+
+    The covariates a model knows are only known once it is loaded, so they pass through
+    here and are checked against the model's schema (unknown names are refused with the valid ones).
+    """
+    items, index = [], 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or token == "--":
+            raise ValueError(f"unrecognized argument {token!r}")
+        if "=" in token:
+            items.append(token[2:])
+        elif index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
+            items.append(f"{token[2:]}={tokens[index + 1]}")
+            index += 1
+        else:
+            raise ValueError(f"{token}: a covariate option needs a value, e.g. {token} 30")
+        index += 1
+    return items
+
+
+def _number_or_text(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def _add_evaluate(commands) -> None:
+    evaluate = commands.add_parser("evaluate", help="reconstruction metrics, or the generation report")
+    kinds = evaluate.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    p = kinds.add_parser("reconstruction", help="MSE, NMSE, PSNR, SSIM, MS-SSIM of the autoencoder on a split")
+    p.add_argument("data", help="prepared dataset folder")
+    p.add_argument("--autoencoder", required=True, help="autoencoder run or checkpoint folder")
+    p.add_argument("--split", default="val", help="split to reconstruct (default val)")
+    p.add_argument("--out", help="output folder (default RUN/reconstruction-SPLIT)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=_run_evaluate_reconstruction)
+
+    p = kinds.add_parser("generation", help="FD/KID/MMD, PRDC with bootstrap, diversity, memorization, fidelity")
+    p.add_argument("--real", required=True, help="prepared dataset folder (the real data)")
+    p.add_argument("--fake", required=True, help="folder of generated NIfTI volumes on the same template grid")
+    p.add_argument("--out", required=True, help="report folder: report.md, report.html, metrics.json")
+    p.add_argument("--split", default="test", help="real split to compare with (default test)")
+    p.add_argument("--other-split", help="second real split for the Real vs Real column (default val)")
+    p.add_argument("--backbone", default="intensity",
+                   help="feature network: intensity (default, no weights), anatomy, medicalnet-resnet10, "
+                        "medicalnet-resnet50, radimagenet-resnet50")
+    p.add_argument("--weights", help="local weights file of the backbone (never downloaded)")
+    p.add_argument("--weights-sha256", help="expected SHA-256 of --weights")
+    p.add_argument("--n", type=int, help="bootstrap sample size per set (default: scaled to the data)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap rounds (default 20)")
+    p.add_argument("--autoencoder", help="autoencoder run: adds the Real vs Reconstruction column")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=_run_evaluate_generation)
+
+
+def _run_evaluate_reconstruction(args: argparse.Namespace) -> int:
+    from mriflow.evaluate.reconstruction import evaluate_reconstruction
+
+    summary = evaluate_reconstruction(args.data, args.autoencoder, split=args.split, out=args.out, device=args.device)
+    metrics = summary["metrics"]
+    print(f"{summary['subjects']} {args.split} subjects: SSIM {metrics['ssim']['mean']:.4f}, "
+          f"PSNR {metrics['psnr']['mean']:.2f} dB, MS-SSIM {metrics['ms_ssim']['mean']:.4f} "
+          f"(brain: SSIM {metrics['ssim_brain']['mean']:.4f}, PSNR {metrics['psnr_brain']['mean']:.2f} dB)")
+    return 0
+
+
+def _run_evaluate_generation(args: argparse.Namespace) -> int:
+    from mriflow.evaluate.generation import evaluate_generation
+
+    reconstruct = None
+    if args.autoencoder:
+        reconstruct = _reconstructor(args.autoencoder, args.device)
+    result = evaluate_generation(args.real, args.fake, args.out, split=args.split, other_split=args.other_split,
+                                 backbone=args.backbone, weights=args.weights, weights_sha256=args.weights_sha256,
+                                 n=args.n, bootstrap=args.bootstrap, autoencoder=args.autoencoder,
+                                 reconstruct=reconstruct, seed=args.seed, device=args.device)
+    generated = result["columns"]["real_vs_generated"]
+    print(f"report: {args.out}/report.html  (Real vs Generated: FD {generated['fd']['mean']:.4g} ± "
+          f"{generated['fd']['sd']:.2g}, coverage {generated['coverage']['mean']:.3f})")
+    return 0
+
+
+def _reconstructor(autoencoder: str, device: str) -> Callable:
+    import torch
+
+    from mriflow.checkpoint import load_autoencoder
+    from mriflow.train.distributed import resolve_device
+
+    model, _ = load_autoencoder(autoencoder, resolve_device(device))
+    target = next(model.parameters()).device
+
+    @torch.no_grad()
+    def reconstruct(volumes: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W) in [0, 1]
+        return model.reconstruct(volumes.to(target)).float().clamp(0.0, 1.0).cpu()
+
+    return reconstruct
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _fail(command: str, error: BaseException) -> int:
+    print(f"mriflow {command}: error: {error}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "generate":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.unknown = unknown
+    command = " ".join(v for v in (args.command, getattr(args, "stage", None), getattr(args, "kind", None)) if v)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        if os.environ.get("MRIFLOW_DEBUG"):
+            raise
+        return _fail(command, error)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""Autoencoder quality against wall-clock training time: train in timed legs, evaluate after each.
+
+Trains (or resumes) one autoencoder run with a wall-clock budget per leg
+(`--legs 30,30` = stop after 30 minutes, evaluate the split, resume for 30 more, evaluate),
+and records after every leg: steps, wall minutes, training throughput, peak memory and the
+reconstruction metrics on the split (SSIM, PSNR, MS-SSIM, whole volume and brain). Writes
+benchmarks/results/autoencoder-<preset>-<grid>.json and the "## autoencoder" section of
+docs/benchmarks.md. The run stays where it is, usable by `mriflow train flow --autoencoder`.
+
+    python benchmarks/autoencoder.py --data /tmp/ixi4 --run runs/ae-tiny --preset tiny --legs 30,20
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common import DOCUMENT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from mriflow.evaluate.reconstruction import evaluate_reconstruction
+from mriflow.train.autoencoder import train_autoencoder
+
+SECTION = "## autoencoder"
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def training_speed(run: Path) -> float:
+    """Median volumes/s over the logged intervals of the run."""
+    with open(run / "log.csv", newline="") as stream:
+        speeds = sorted(float(row["volumes_per_second"]) for row in csv.DictReader(stream))
+    return speeds[len(speeds) // 2] if speeds else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="prepared dataset (mriflow prepare)")
+    parser.add_argument("--run", required=True, help="autoencoder run folder (resumed when it has checkpoints)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--kind", default=None, choices=("kl", "vq"))
+    parser.add_argument("--max-steps", type=int, help="optimizer steps of the schedule (default: the preset's)")
+    parser.add_argument("--legs", default="30,30", help="wall-clock minutes of each training leg, comma-separated")
+    parser.add_argument("--split", default="test")
+    args = parser.parse_args(argv)
+
+    data, run = Path(args.data), Path(args.run)
+    legs = [float(v) for v in args.legs.split(",")]
+    command = "python benchmarks/autoencoder.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    points = []
+    minutes = 0.0
+    for leg in legs:
+        started = time.perf_counter()
+        resume = (run / "checkpoints").is_dir()
+        result = train_autoencoder(data, run, kind=None if resume else args.kind, preset=args.preset,
+                                   max_steps=args.max_steps, resume=resume, max_minutes=leg)
+        minutes += (time.perf_counter() - started) / 60
+        summary = evaluate_reconstruction(data, run, split=args.split, out=run / f"reconstruction-{args.split}")
+        metrics = {name: round(value["mean"], 4) for name, value in summary["metrics"].items()}
+        points.append({"minutes": round(minutes, 1), "step": result["step"], "metrics": metrics,
+                       "training_volumes_per_second": round(training_speed(run), 2)})
+        print(json.dumps(points[-1]))
+        if not _can_continue(run):
+            break
+
+    meta = json.loads(sorted((run / "checkpoints").glob("step-*"))[-1].joinpath("checkpoint.json").read_text())
+    grid = meta.get("preparation", {}).get("preset", "?")
+    record = {
+        "benchmark": "autoencoder", "preset": args.preset, "grid": grid, "kind": meta["config"]["model"]["kind"],
+        "command": command, "data": str(data.resolve()), "split": args.split, "subjects": summary["subjects"],
+        "parameters": meta["parameters"], "latent_shape": meta["latent_shape"], "points": points,
+        "peak_memory_mb": round(peak_memory_mb(), 1), "machine": machine(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = write_result(f"autoencoder-{args.preset}-{grid}", record)
+    rows = "\n".join(
+        f"| {p['minutes']} | {p['step']} | {p['training_volumes_per_second']} | {p['metrics']['ssim']} | "
+        f"{p['metrics']['psnr']} | {p['metrics']['ms_ssim']} | {p['metrics']['ssim_brain']} | {p['metrics']['psnr_brain']} |"
+        for p in points)
+    body = f"""`{args.preset}` preset ({record['kind']}, {record['parameters'] / 1e6:.1f} M parameters, latent {' x '.join(map(str, record['latent_shape']))}) on the {grid} grid, trained on the train split and measured on the {args.split} split ({record['subjects']} subjects) after each wall-clock leg. Machine: {record['machine']['cpus']} CPUs, {record['machine']['gpu'] or 'no GPU'}, load average {record['machine']['load_average'][0]} at the end (other work shared the CPU); peak memory {record['peak_memory_mb']:.0f} MB.
+
+    {command}
+
+| minutes | steps | training volumes/s | SSIM | PSNR (dB) | MS-SSIM | SSIM brain | PSNR brain (dB) |
+|---|---|---|---|---|---|---|---|
+{rows}
+
+Targets (issue 3, tiny at 4 mm on the 2-core CPU): SSIM ≥ 0.85 within 30 minutes; SSIM ≥ 0.90 and PSNR ≥ 28 dB within 2 hours. Montage: `{run}/reconstruction-{args.split}/montage.png` (a copy is `docs/autoencoder_reconstruction.png`). Result: [{path.relative_to(DOCUMENT.parents[1])}](../{path.relative_to(DOCUMENT.parents[1])})."""
+    replace_section(DOCUMENT, SECTION, body)
+    (DOCUMENT.parent / "autoencoder_reconstruction.png").write_bytes((run / f"reconstruction-{args.split}" / "montage.png").read_bytes())
+    return 0
+
+
+def _can_continue(run: Path) -> bool:
+    """False once the schedule is finished (the last checkpoint is at the configured max_steps)."""
+    latest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    meta = json.loads((latest / "checkpoint.json").read_text())
+    return meta["step"] < meta["config"]["loop"]["max_steps"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

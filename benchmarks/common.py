@@ -1,0 +1,49 @@
+"""What the benchmark scripts share: writing their section of docs/benchmarks.md and their JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENT = ROOT / "docs" / "benchmarks.md"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def replace_section(document: Path, header: str, body: str) -> None:
+    """Replace (or append) the section starting at the line `header`, up to the next '## ' header."""
+    text = document.read_text() if document.is_file() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
+    if start is None:
+        lines += ["", header]
+        start, end = len(lines) - 1, len(lines)
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    new = lines[:start] + [header, ""] + body.strip("\n").splitlines() + [""] + lines[end:]
+    document.parent.mkdir(parents=True, exist_ok=True)
+    document.write_text("\n".join(new).rstrip("\n") + "\n")
+
+
+def write_result(name: str, result: dict) -> Path:
+    """benchmarks/results/<name>.json"""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def machine() -> dict:
+    """Where a figure was measured: CPU count, load average, torch threads, GPU if any."""
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }

@@ -1,0 +1,92 @@
+"""The command line is a thin shell: it parses, calls the library, and turns bad input into one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import head_phantom
+from mriflow.cli import _covariate_options, main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.joinpath("train")))
+from test_loop import one_thread, write_prepared  # noqa: E402,F401  (one_thread: autouse)
+
+
+def write_scans(folder: Path, names=("s01", "s02", "s03")) -> tuple[Path, Path]:
+    """Phantom scans (3 mm, RAS, centred on the template) and their label maps, named like IXI files."""
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = np.asarray([0.0, -17.0, 5.0]) - 3.0 * (np.asarray((48, 56, 44)) - 1) / 2
+    for seed, name in enumerate(names):
+        image, labels = head_phantom((48, 56, 44), seed)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "labels").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(image, affine), str(folder / "images" / f"{name}_T1.nii.gz"))
+        nib.save(nib.Nifti1Image(labels, affine), str(folder / "labels" / f"{name}_T1_labels.nii.gz"))
+    pd.DataFrame({"subject": list(names), "age": [30.0, 50.0, 70.0], "sex": ["F", "M", "F"]}).to_csv(
+        folder / "covariates.csv", index=False)
+    return folder / "images", folder / "labels"
+
+
+def test_prepare_writes_a_dataset_and_its_summary(tmp_path, capsys):
+    images, labels = write_scans(tmp_path)
+    code = main(["prepare", str(images), "--masks", str(labels), "--covariates", str(tmp_path / "covariates.csv"),
+                 "--preset", "4mm", "--split", "0.34,0.33,0.33", "--out", str(tmp_path / "prepared")])
+    assert code == 0
+    assert "prepared 3 subjects" in capsys.readouterr().out
+    manifest = pd.read_csv(tmp_path / "prepared" / "manifest.csv")
+    assert sorted(manifest["subject"]) == ["s01", "s02", "s03"] and set(manifest["split"]) == {"train", "val", "test"}
+    image = nib.load(str(tmp_path / "prepared" / manifest["image"][0]))
+    assert image.shape == (40, 48, 40) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    assert json.loads((tmp_path / "prepared" / "prepare.json").read_text())["parameters"]["split"] == [0.34, 0.33, 0.33]
+
+
+def test_bad_input_is_one_line_naming_it_and_exit_code_2(tmp_path, capsys):
+    assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "missing" in error and "Traceback" not in error and error.count("\n") == 1
+    assert main(["prepare", str(tmp_path), "--split", "0.8,x", "--out", str(tmp_path / "out")]) == 2
+    assert "--split" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: unknown options of commands other than generate
+        main(["prepare", str(tmp_path), "--out", str(tmp_path / "o"), "--ventricles", "3"])
+
+
+def test_model_covariates_pass_through_as_name_value_items():
+    assert _covariate_options(["--ventricles", "30000", "--total_brain=1.2e6"]) == ["ventricles=30000",
+                                                                                    "total_brain=1.2e6"]
+    with pytest.raises(ValueError, match="--ventricles"):
+        _covariate_options(["--ventricles"])
+    with pytest.raises(ValueError, match="unrecognized"):
+        _covariate_options(["stray"])
+
+
+def test_train_autoencoder_then_encode_and_evaluate_reconstruction(tmp_path, capsys):
+    data = write_prepared(tmp_path / "data", splits=("train", "train", "train", "val", "test"))
+    run = tmp_path / "ae"
+    assert main(["train", "autoencoder", str(data), "--out", str(run), "--max-steps", "1"]) == 0
+    assert "checkpoint:" in capsys.readouterr().out
+    # A second start into the same run is refused (nothing overwritten); --resume continues it.
+    assert main(["train", "autoencoder", str(data), "--out", str(run), "--max-steps", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "autoencoder", str(data), "--out", str(run), "--max-steps", "2", "--resume"]) == 0
+    assert json.loads(next((run / "checkpoints").glob("step-00000002")).joinpath("checkpoint.json").read_text())["step"] == 2
+
+    assert main(["encode", str(data), "--autoencoder", str(run), "--device", "cpu"]) == 0
+    assert "latents:" in capsys.readouterr().out
+    assert main(["evaluate", "reconstruction", str(data), "--autoencoder", str(run), "--split", "test",
+                 "--out", str(tmp_path / "reconstruction"), "--device", "cpu"]) == 0
+    assert "SSIM" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "reconstruction" / "summary.json").read_text())
+    assert summary["split"] == "test" and summary["subjects"] == 1
+
+
+def test_console_command_is_installed():
+    result = subprocess.run([sys.executable, "-m", "mriflow", "--help"], capture_output=True, text=True, check=True)
+    for command in ("prepare", "train", "encode", "generate", "evaluate"):
+        assert command in result.stdout
