@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 IXI_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi"
 
@@ -40,6 +41,26 @@ def head_phantom(shape=(48, 56, 44), seed: int = 0) -> tuple[np.ndarray, np.ndar
     image[blob & brain] = 1100.0
     image += rng.normal(0, 10, shape).astype(np.float32) * (image > 0)
     return image, labels
+
+
+def tiny_velocity_net(**overrides):
+    """A small VelocityNet on 2-channel latents, conditioned on age (continuous) and sex (2 categories),
+    in eval mode, with MONAI's zero-initialised output convolutions given small random weights
+    (otherwise the untrained network outputs zero and every sampler looks alike)."""
+    from mriflow.models.velocity import VelocityNet, VelocityNetConfig
+
+    config = dict(
+        in_channels=2, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
+        norm_num_groups=4, covariate_names=("age", "sex"), covariate_kinds=("continuous", "categorical"),
+        covariate_categories=(0, 2),
+    )
+    torch.manual_seed(0)
+    net = VelocityNet(VelocityNetConfig(**{**config, **overrides})).eval()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.05)
+    return net
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_velocity_net
 from mriflow.flow.guidance import guided_velocity
-from mriflow.models.velocity import VelocityNet, VelocityNetConfig
 
 
 class CountingNet(nn.Module):
@@ -45,24 +45,9 @@ def test_no_covariates_means_no_unconditional_pass():
     assert net.batch_sizes == [2]
 
 
-def tiny_net() -> VelocityNet:
-    config = VelocityNetConfig(
-        in_channels=2, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
-        norm_num_groups=4, covariate_names=("age", "sex"), covariate_kinds=("continuous", "categorical"),
-        covariate_categories=(0, 2),
-    )
-    torch.manual_seed(0)
-    net = VelocityNet(config).eval()
-    with torch.no_grad():  # MONAI zero-initialises the last conv of each block; make them matter
-        for parameter in net.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.05)
-    return net
-
-
 @pytest.mark.parametrize("scale,which", [(1.0, "cond"), (0.0, "uncond")])
 def test_guidance_endpoints_on_the_velocity_net(scale, which):
-    net = tiny_net()
+    net = tiny_velocity_net()
     x = torch.randn(2, 2, 4, 6, 4)
     t = torch.tensor([0.3, 0.3])
     values = torch.tensor([[0.5, 1.0], [-1.0, 0.0]])

@@ -31,7 +31,7 @@ from torch import nn
 
 from mriflow.flow.guidance import guided_velocity
 from mriflow.flow.objective import regression_loss
-from mriflow.flow.sampling import broadcast_covariates, evaluating, per_sample_normal, sample_generators
+from mriflow.flow.sampling import batch_generators, broadcast_covariates, evaluating, per_sample_normal
 
 BETA_SCHEDULES = ("linear_beta", "scaled_linear_beta", "cosine")
 PREDICTIONS = ("epsilon", "v")
@@ -159,17 +159,19 @@ def sample_diffusion(
     device: torch.device | str = "cpu",
     first_index: int = 0,
     eta: float | None = None,
+    sample_seeds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Latents (B, C, D, H, W) and the NFE per sample, with the seeding of mriflow.flow.sampling.
 
     method "ddim" uses η = 0, "ddpm" η = 1, unless `eta` is given. The per-step noise of
-    sample i comes from its own generator, so sample i does not depend on the batch.
+    sample i comes from its own generator, so sample i does not depend on the batch;
+    `sample_seeds` (one per sample) replaces `seed` and `first_index` as in sample_latents.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     eta = (0.0 if method == "ddim" else 1.0) if eta is None else eta
     batch_size = shape[0]
-    generators = sample_generators(seed, first_index, batch_size)
+    generators = batch_generators(seed, first_index, batch_size, sample_seeds)
     x_next = per_sample_normal(generators, shape[1:]).to(device)  # (B, C, D, H, W)
     values, present = broadcast_covariates(covariates, batch_size, device)
     t_steps = schedule.sampling_timesteps(steps).tolist() + [-1]

@@ -2,7 +2,8 @@
 
 Reproducibility: sample i of a run with seed s starts from noise drawn with its own
 generator, seeded from (s, i), so it is the same whatever the batch size or the
-batch it falls in (pass `first_index` when a run is split into batches), and the
+batch it falls in (pass `first_index` when a run is split into batches, or
+`sample_seeds` when a batch's samples are not consecutive or are redraws), and the
 noise is drawn on the CPU so it is the same on every device.
 
     >>> latents, nfe = sample_latents(velocity_net, (8, 4, 10, 12, 10), (values, present),
@@ -22,17 +23,35 @@ from mriflow.flow.guidance import guided_velocity
 from mriflow.flow.solvers import SOLVERS, solve
 
 
-def sample_seed(seed: int, index: int) -> int:
+def sample_seed(seed: int, index: int, attempt: int = 0) -> int:
     """Seed of sample `index` in a run with base seed `seed`; numpy's SeedSequence keeps
-    the streams of (s, i) and (s + 1, i − 1) unrelated, unlike seed + index."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and sample index must be >= 0; got seed={seed}, index={index}")
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    the streams of (s, i) and (s + 1, i − 1) unrelated, unlike seed + index. Attempt a > 0
+    (a redraw, e.g. by the privacy filter) is another unrelated stream of the same sample."""
+    if seed < 0 or index < 0 or attempt < 0:
+        raise ValueError(f"seed, sample index and attempt must be >= 0; got seed={seed}, index={index}, attempt={attempt}")
+    entropy = [seed, index] if attempt == 0 else [seed, index, attempt]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def sample_generators(seed: int, first_index: int, batch_size: int) -> list[torch.Generator]:
     """One CPU generator per sample, for samples first_index … first_index + batch_size − 1."""
-    return [torch.Generator().manual_seed(sample_seed(seed, first_index + i)) for i in range(batch_size)]
+    return seeded_generators([sample_seed(seed, first_index + i) for i in range(batch_size)])
+
+
+def seeded_generators(sample_seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample from its own seed (see `sample_seed`)."""
+    return [torch.Generator().manual_seed(int(s)) for s in sample_seeds]
+
+
+def batch_generators(
+    seed: int, first_index: int, batch_size: int, sample_seeds: Sequence[int] | None = None
+) -> list[torch.Generator]:
+    """The generators of a batch: from `sample_seeds` when given, else samples first_index … of `seed`."""
+    if sample_seeds is None:
+        return sample_generators(seed, first_index, batch_size)
+    if len(sample_seeds) != batch_size:
+        raise ValueError(f"got {len(sample_seeds)} sample seeds for a batch of {batch_size}")
+    return seeded_generators(sample_seeds)
 
 
 def per_sample_normal(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
@@ -81,11 +100,13 @@ def sample_latents(
     time_shift: float = 1.0,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    sample_seeds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Latents (B, C, D, H, W) at the data end of the path and the NFE per sample.
 
     shape is (B, C, D, H, W); covariates is (values, present), each (K,) or (B, K), or
-    None for all absent; `velocity_net` must already be on `device`. NFE counts
+    None for all absent; `velocity_net` must already be on `device`. `sample_seeds`
+    (one per sample, from `sample_seed`) replaces `seed` and `first_index`. NFE counts
     right-hand-side evaluations; with guidance ≠ 1 each is one batched forward of
     2B. dopri5 integrates each sample on its own, so its adaptive steps do not depend
     on the rest of the batch; its NFE is then the largest over the batch.
@@ -93,7 +114,8 @@ def sample_latents(
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
     batch_size = shape[0]
-    x_init = per_sample_normal(sample_generators(seed, first_index, batch_size), shape[1:]).to(device)  # (B, C, D, H, W)
+    generators = batch_generators(seed, first_index, batch_size, sample_seeds)
+    x_init = per_sample_normal(generators, shape[1:]).to(device)  # (B, C, D, H, W)
     values, present = broadcast_covariates(covariates, batch_size, device)
     with evaluating(velocity_net):
         if solver != "dopri5":

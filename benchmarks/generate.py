@@ -1,0 +1,176 @@
+"""Generation speed and straightness of the learned flow, for one generator (default: the shipped model).
+
+Speed: seconds per generated volume (noise -> solver -> decode), the median of `--repeats`
+timed runs after one warm-up, at batch 1 and batch 8, with the model's default solver
+settings unless given (issue: Heun, 8 steps), and the peak memory.
+
+Straightness: for fixed seeds, samples drawn with Euler and Heun at 1, 2, 4, 8, 16, 32 steps
+are compared voxel by voxel with the adaptive dopri5 reference (rtol = atol = 1e-5):
+mean |x_solver - x_dopri5| over the volume, in [0, 1] intensity units. A perfectly straight
+flow gives the reference in one Euler step.
+
+Also draws a picture of the model's conditioning (ages 25, 50, 75 x sex F, M; same seed) to
+docs/default_model_samples.png. Writes benchmarks/results/generate-<model>-<device>.json and
+the "## generate" section of docs/benchmarks.md.
+
+    python benchmarks/generate.py --model default --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import DOCUMENT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from mriflow.flow.sampling import sample_seed
+from mriflow.generate import load_generator
+from mriflow.generate_io import batch_montage
+from mriflow.models.conditioning import resolve_request
+
+SECTION = "## generate"
+STEPS = (1, 2, 4, 8, 16, 32)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def request(generator, covariates: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    known = {k: v for k, v in covariates.items() if k in generator.schema.names}
+    return resolve_request(generator.schema, known) if generator.schema.names else None
+
+
+def time_sampling(generator, settings, condition, batch_size: int, repeats: int) -> dict:
+    seeds = [sample_seed(0, i) for i in range(batch_size)]
+    generator.sample(seeds, condition, settings)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if generator.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        _, nfe = generator.sample(seeds, condition, settings)
+        if generator.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
+    return {"batch_size": batch_size, "nfe": nfe, "seconds_per_batch": round(seconds, 3),
+            "seconds_per_volume": round(seconds / batch_size, 3), "repeats": repeats}
+
+
+def straightness(generator, condition, samples: int) -> dict:
+    seeds = [sample_seed(1, i) for i in range(samples)]
+    base = generator.sampling_settings()
+    reference, reference_nfe = generator.sample(seeds, condition, {**base, "solver": "dopri5"})
+    rows = []
+    for solver in ("euler", "heun"):
+        for steps in STEPS:
+            volumes, nfe = generator.sample(seeds, condition, {**base, "solver": solver, "steps": steps})
+            rows.append({"solver": solver, "steps": steps, "nfe": nfe,
+                         "mean_abs_difference": float(np.abs(volumes - reference).mean())})
+    return {"samples": samples, "dopri5_nfe": reference_nfe, "rows": rows}
+
+
+def conditioning_picture(generator, path: Path) -> Path | None:
+    if not {"age", "sex"} <= set(generator.schema.names):
+        return None
+    settings = generator.sampling_settings()
+    volumes, titles = [], []
+    for sex in ("F", "M"):
+        for age in (25, 50, 75):
+            volume, _ = generator.sample([sample_seed(2, 0)], request(generator, {"age": age, "sex": sex}), settings)
+            volumes.append(volume[0])
+            titles.append(f"{sex}, {age} y")
+    return batch_montage(volumes, path, titles)
+
+
+def plot(result: dict, path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 3.5))
+    axis = figure.subplots()
+    for solver in ("euler", "heun"):
+        rows = [r for r in result["straightness"]["rows"] if r["solver"] == solver]
+        axis.plot([r["nfe"] for r in rows], [r["mean_abs_difference"] for r in rows], "o-", label=solver)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("network evaluations (NFE)")
+    axis.set_ylabel("mean |x - x_dopri5| (voxel)")
+    axis.set_title("distance to the dopri5 reference")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="generator run or checkpoint folder, or 'default'")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--solver", default="heun")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=8, help="fixed seeds for the straightness figure")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/generate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+    generator = load_generator(args.model, args.device)
+    settings = generator.sampling_settings(args.solver, args.steps)
+    condition = request(generator, {"age": 50.0, "sex": "F"})
+    speed = [time_sampling(generator, settings, condition, batch, args.repeats) for batch in (1, 8)]
+    result = {
+        "benchmark": "generate", "command": command, "model": generator.model_id, "model_checksum": generator.model_checksum,
+        "stage": generator.stage, "image_shape": list(generator.image_shape), "latent_shape": list(generator.latent_shape),
+        "settings": settings, "covariates": {"age": 50.0, "sex": "F"}, "speed": speed,
+        "straightness": straightness(generator, condition, args.samples) if generator.stage == "flow" else None,
+        "peak_memory_mb": round(peak_memory_mb(generator.device), 1), "machine": machine(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    name = "default" if args.model == "default" else Path(args.model).name
+    path = write_result(f"generate-{name}-{generator.device.type}", result)
+    docs = DOCUMENT.parent
+    picture = conditioning_picture(generator, docs / "default_model_samples.png") if args.model == "default" else None
+    speed_rows = "\n".join(f"| {s['batch_size']} | {s['nfe']} | {s['seconds_per_volume']} | {s['seconds_per_batch']} |"
+                           for s in speed)
+    body = f"""Model `{result['model']}` ({result['stage']}, {' x '.join(map(str, result['image_shape']))} voxels), {settings['solver']} with {settings['steps']} steps, guidance {settings['guidance']}, age 50 / F; noise -> ODE -> decode, median of {args.repeats} runs after a warm-up. Machine: {result['machine']['cpus']} CPUs, {result['machine']['gpu'] or 'no GPU'}, {result['machine']['torch_threads']} torch threads, load average {result['machine']['load_average'][0]}; peak memory {result['peak_memory_mb']:.0f} MB.
+
+    {command}
+
+| batch | NFE per sample | seconds per volume | seconds per batch |
+|---|---|---|---|
+{speed_rows}
+"""
+    if result["straightness"]:
+        plot(result, docs / "flow_straightness.png")
+        rows = result["straightness"]["rows"]
+        table = "\n".join(
+            f"| {steps} | " + " | ".join(f"{r['mean_abs_difference']:.4f} ({r['nfe']})" for r in rows if r["steps"] == steps) + " |"
+            for steps in STEPS)
+        body += f"""
+Straightness: mean |x - x_dopri5| over {args.samples} fixed seeds (intensities in [0, 1]; NFE in brackets; dopri5 took {result['straightness']['dopri5_nfe']} evaluations). Plot: `docs/flow_straightness.png`.
+
+| steps | Euler | Heun |
+|---|---|---|
+{table}
+"""
+    if picture is not None:
+        body += "\nConditioning picture (one seed, one row per request: F and M at ages 25, 50, 75): `docs/default_model_samples.png`.\n"
+    body += f"\nResult: [{path.relative_to(DOCUMENT.parents[1])}](../{path.relative_to(DOCUMENT.parents[1])})."
+    replace_section(DOCUMENT, SECTION, body)
+    print(json.dumps({k: result[k] for k in ("speed", "straightness")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

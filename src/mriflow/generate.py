@@ -1,0 +1,463 @@
+"""Generation: a trained generator (latent flow or diffusion baseline + its autoencoder) -> NIfTI volumes.
+
+A generator checkpoint (``RUN/checkpoints/step-XXXXXXXX/``, see mriflow.checkpoint) holds the
+EMA velocity network under ``velocity.`` and, in checkpoint.json: "stage" ("flow" |
+"diffusion"), "config" ("model": the VelocityNetConfig; "diffusion": the DiffusionSchedule
+of the baseline; "sampling": default solver, steps, guidance and, for the flow, time_shift),
+"schema" (the covariates), "autoencoder" ({"path", "model_sha256", "latent_scale", "step"};
+a relative path is relative to the checkpoint folder), "latent_shape", "image_shape",
+"affine" and "grid". Sampling runs in the scaled latent space; a latent is decoded as
+
+    volume = clamp(decode(z / latent_scale), 0, 1)
+
+and written in template space with its sidecar. Sample i of a run with seed s starts from
+its own noise stream sample_seed(s, i) (mriflow.flow.sampling), so it is the same whatever
+the batch size and the number of processes: under ``torchrun --nproc_per_node N`` process
+r writes samples r, r + N, r + 2N, ... A privacy filter redraws a sample that is a near
+copy of a training subject from the stream sample_seed(s, i, attempt).
+
+    >>> result = generate("runs/flow", "samples/", n=8, covariates={"age": 45, "sex": "F"}, seed=0)
+    >>> result.paths[0]                     # samples/sample_00000.nii.gz (+ .json), montage.png, generate.json
+    >>> generator = load_generator()        # the model shipped in mriflow/weights/default
+    >>> export_generator("runs/flow", "release/")   # release/flow + release/autoencoder, fp16, <= 16 MB each
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mriflow import __version__
+from mriflow import checkpoint as ckpt
+from mriflow.config import from_dict
+from mriflow.data.dataset import CovariateSchema, read_manifest
+from mriflow.data.io import load_volume
+from mriflow.flow.diffusion import METHODS, DiffusionSchedule, sample_diffusion
+from mriflow.flow.sampling import sample_latents, sample_seed
+from mriflow.flow.solvers import SOLVERS
+from mriflow.generate_io import batch_montage, sample_name, write_sample
+from mriflow.models.conditioning import resolve_request
+from mriflow.models.velocity import VelocityNet, VelocityNetConfig
+from mriflow.train import distributed
+
+STAGES = ("flow", "diffusion")
+DEFAULT_SAMPLING = {
+    "flow": {"solver": "heun", "steps": 8, "guidance": 1.0, "time_shift": 1.0},
+    "diffusion": {"solver": "ddim", "steps": 50, "guidance": 1.0},
+}
+REQUIRED_META = ("config", "schema", "autoencoder", "latent_shape", "image_shape", "affine")
+GENERATOR_DIR, AUTOENCODER_DIR = "flow", "autoencoder"  # the folders of an exported model
+MONTAGE_SAMPLES = 8
+AFFINE_TOLERANCE = 1e-3  # mm; a prepared folder this close to the model's affine is on its grid
+
+
+def default_model_dir() -> Path:
+    """The model shipped with mriflow: mriflow/weights/default/{flow,autoencoder}/ (see export_generator)."""
+    return Path(str(resources.files("mriflow").joinpath("weights", "default")))
+
+
+@dataclass
+class Generator:
+    """A loaded generator: velocity network, autoencoder, and what its checkpoint says about them."""
+
+    velocity_net: VelocityNet
+    autoencoder: torch.nn.Module
+    meta: dict[str, Any]
+    schema: CovariateSchema
+    affine: np.ndarray  # (4, 4) template-space affine of every generated volume
+    stage: str  # "flow" | "diffusion"
+    model_id: str
+    model_checksum: str  # "sha256:<hex>" of the generator's model.safetensors
+    autoencoder_checksum: str
+    latent_scale: float
+    latent_shape: tuple[int, ...]  # (C, d, h, w)
+    image_shape: tuple[int, int, int]  # (D, H, W)
+    device: torch.device
+    path: Path  # the checkpoint folder
+    diffusion_schedule: DiffusionSchedule | None = None
+
+    @property
+    def solvers(self) -> tuple[str, ...]:
+        return SOLVERS if self.stage == "flow" else METHODS
+
+    def sampling_settings(self, solver: str | None = None, steps: int | None = None,
+                          guidance: float | None = None) -> dict[str, Any]:
+        """{"solver", "steps", "guidance"[, "time_shift"]}: the given values, else the model's defaults."""
+        defaults = {**DEFAULT_SAMPLING[self.stage], **self.meta["config"].get("sampling", {})}
+        settings = {"solver": solver or defaults["solver"],
+                    "steps": int(defaults["steps"] if steps is None else steps),
+                    "guidance": float(defaults["guidance"] if guidance is None else guidance)}
+        if settings["solver"] not in self.solvers:
+            family = "diffusion" if settings["solver"] in METHODS else "flow" if settings["solver"] in SOLVERS else None
+            kind = f" ({settings['solver']!r} samples a {family} model)" if family else ""
+            raise ValueError(f"solver {settings['solver']!r} does not apply to this {self.stage} model{kind}; "
+                             f"valid solvers: {', '.join(self.solvers)}")
+        if settings["steps"] < 1:
+            raise ValueError(f"steps must be >= 1, got {settings['steps']}")
+        if not math.isfinite(settings["guidance"]) or settings["guidance"] < 0:
+            raise ValueError(f"guidance must be a finite number >= 0 (1 = conditional), got {settings['guidance']}")
+        if self.stage == "flow":
+            settings["time_shift"] = float(defaults.get("time_shift", 1.0))
+        return settings
+
+    def draw_latents(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
+                     settings: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+        """Scaled latents (B, C, d, h, w), one per seed (see flow.sampling.sample_seed), and the NFE per sample."""
+        shape = (len(sample_seeds), *self.latent_shape)
+        if self.stage == "flow":
+            return sample_latents(self.velocity_net, shape, covariates, solver=settings["solver"], steps=settings["steps"],
+                                  guidance=settings["guidance"], device=self.device,
+                                  time_shift=settings.get("time_shift", 1.0), sample_seeds=sample_seeds)
+        return sample_diffusion(self.velocity_net, self.diffusion_schedule, shape, covariates, method=settings["solver"],
+                                steps=settings["steps"], guidance=settings["guidance"], device=self.device,
+                                sample_seeds=sample_seeds)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Scaled latents (B, C, d, h, w) -> volumes (B, D, H, W) float32 in [0, 1] on the CPU."""
+        with torch.no_grad():
+            images = self.autoencoder.decode(latents / self.latent_scale)  # (B, 1, D, H, W)
+        return images.clamp(0.0, 1.0)[:, 0].float().cpu().numpy()
+
+    def sample(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
+               settings: Mapping[str, Any]) -> tuple[np.ndarray, int]:
+        """Volumes (B, D, H, W) in [0, 1], one per seed, and the NFE per sample."""
+        latents, nfe = self.draw_latents(sample_seeds, covariates, settings)
+        return self.decode(latents), nfe
+
+
+def load_generator(model: str | Path = "default", device: str | torch.device = "auto") -> Generator:
+    """Load a generator: "default" (the shipped model), a generator run folder (its latest
+    checkpoint) or a checkpoint folder. The autoencoder it was trained with is loaded from
+    meta["autoencoder"]["path"] and refused unless its weights have the recorded sha256."""
+    device = distributed.resolve_device(device)
+    if str(model) == "default":
+        model = default_model_dir() / GENERATOR_DIR
+        if not (model / ckpt.META_FILE).is_file():
+            raise FileNotFoundError(f"{model}: no default model is installed with this copy of mriflow; pass a "
+                                    "generator run folder (--model RUN), or export one there with export_generator")
+    weights, meta = ckpt.load_checkpoint(model)
+    directory = Path(meta["path"])
+    where = directory / ckpt.META_FILE
+    if meta.get("stage") not in STAGES:
+        raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator (flow or diffusion); "
+                         "pass the run folder of `mriflow train flow` or `mriflow train diffusion`")
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing or "model" not in meta["config"]:
+        raise ValueError(f"{where}: lacks {', '.join(missing or ['config.model'])}; it was not written by a generator "
+                         "training run of this mriflow version")
+    model_config = meta["config"]["model"]
+    stored = ckpt.weights_config(directory).get("model")
+    if stored is not None and ckpt.config_differences(model_config, stored, "model"):
+        raise ckpt.CheckpointMismatchError(
+            f"{where}: the model config differs from the one the weights were saved with: "
+            + "; ".join(ckpt.config_differences(model_config, stored, "model")) + ". Restore the config or retrain."
+        )
+    velocity_net = VelocityNet(from_dict(VelocityNetConfig, model_config, "model"))
+    ckpt.load_weights_into(velocity_net, weights, "velocity.", str(directory / ckpt.MODEL_FILE))
+    schema = CovariateSchema.from_dict(meta["schema"])
+    if tuple(schema.names) != tuple(velocity_net.config.covariate_names):
+        raise ValueError(f"{where}: the schema's covariates {schema.names} differ from the network's "
+                         f"{list(velocity_net.config.covariate_names)}")
+
+    autoencoder_dir = autoencoder_folder(meta, directory)
+    autoencoder, _ = ckpt.load_autoencoder(autoencoder_dir, device)
+    latent_shape = tuple(int(n) for n in meta["latent_shape"])
+    image_shape = tuple(int(n) for n in meta["image_shape"])
+    if tuple(autoencoder.config.latent_shape(image_shape)) != latent_shape or latent_shape[0] != velocity_net.config.in_channels:
+        raise ValueError(f"{where}: latent_shape {list(latent_shape)} does not match the autoencoder at {autoencoder_dir} "
+                         f"({list(autoencoder.config.latent_shape(image_shape))} for images {list(image_shape)}) or the "
+                         f"network's {velocity_net.config.in_channels} input channels")
+    affine = np.asarray(meta["affine"], dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"{where}: affine must be a 4x4 matrix, got shape {affine.shape}")
+
+    step = meta.get("step", 0)
+    return Generator(
+        velocity_net=velocity_net.to(device).eval(),
+        autoencoder=autoencoder,
+        meta=meta,
+        schema=schema,
+        affine=affine,
+        stage=meta["stage"],
+        model_id=meta.get("model_id") or f"{ckpt.run_folder(directory).name}-step{step}",
+        model_checksum="sha256:" + ckpt.sha256(directory / ckpt.MODEL_FILE),
+        autoencoder_checksum="sha256:" + meta["autoencoder"]["model_sha256"],
+        latent_scale=float(meta["autoencoder"]["latent_scale"]),
+        latent_shape=latent_shape,
+        image_shape=image_shape,
+        device=device,
+        path=directory,
+        diffusion_schedule=diffusion_schedule(meta["config"], where) if meta["stage"] == "diffusion" else None,
+    )
+
+
+def autoencoder_folder(meta: Mapping[str, Any], directory: Path) -> Path:
+    """The autoencoder checkpoint folder of a generator checkpoint `directory`, checked against its sha256."""
+    record = meta["autoencoder"]
+    path = Path(record["path"])
+    path = ckpt.resolve_checkpoint(path if path.is_absolute() else directory / path)
+    actual = ckpt.sha256(path / ckpt.MODEL_FILE)
+    if actual != record["model_sha256"]:
+        raise ValueError(
+            f"{path / ckpt.MODEL_FILE}: sha256 {actual} differs from {record['model_sha256']} recorded in "
+            f"{directory / ckpt.META_FILE}; these are not the autoencoder weights the generator was trained with. "
+            "Restore that autoencoder checkpoint (or the exported model) unchanged."
+        )
+    return path
+
+
+def diffusion_schedule(config: Mapping[str, Any], where: str | Path = "config") -> DiffusionSchedule:
+    """The DiffusionSchedule of a diffusion run's config["diffusion"]: either the schedule's fields
+    themselves (beside other training fields) or {"schedule": {fields}, "prediction": "v" | "epsilon"}."""
+    if "diffusion" not in config:
+        raise ValueError(f"{where}: a diffusion checkpoint needs config.diffusion (its noise schedule)")
+    section = config["diffusion"]
+    fields = {f.name for f in dataclasses.fields(DiffusionSchedule)}
+    if isinstance(section.get("schedule"), Mapping):
+        values = {**section["schedule"], **({"prediction": section["prediction"]} if "prediction" in section else {})}
+    else:
+        values = {k: v for k, v in section.items() if k in fields}
+    if "prediction" not in values:  # a wrong guess would decode noise: never default it
+        raise ValueError(f"{where}: config.diffusion does not say what the network predicts ('prediction': 'v' or 'epsilon')")
+    return from_dict(DiffusionSchedule, values, f"{where}: config.diffusion")
+
+
+@dataclass
+class GenerateResult:
+    """What `generate` wrote: sample paths in index order, NFE per sample, wall time, redraws."""
+
+    out: Path
+    paths: list[Path]
+    nfe: int
+    seconds: float
+    redraws: int = 0
+    withheld: list[int] = field(default_factory=list)  # still memorized after max_redraws; not written
+    montage: Path | None = None
+    record: Path | None = None
+
+    def summary(self) -> str:
+        text = f"{len(self.paths)} volumes in {self.out} ({self.seconds:.1f} s, NFE {self.nfe} per sample"
+        if self.redraws or self.withheld:
+            text += f", {self.redraws} redrawn by the privacy filter"
+        text += ")"
+        if self.withheld:
+            text += f"; withheld as near copies of training subjects: samples {', '.join(map(str, self.withheld))}"
+        return text
+
+
+def generate(
+    model: str | Path = "default",
+    out: str | Path = "samples",
+    n: int = 8,
+    covariates: Mapping[str, Any] | None = None,
+    solver: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    device: str | torch.device = "auto",
+    privacy_filter: str | Path | None = None,
+    max_redraws: int = 10,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> GenerateResult:
+    """Sample `n` volumes into `out`: sample_XXXXX.nii.gz + .json per sample, montage.png and generate.json.
+
+    `covariates` ({name: value}; absent ones are unconditional) is checked against the model's
+    schema; solver/steps/guidance default to the model's. Under torchrun each process writes
+    its share (indices rank, rank + N, ...) and rank 0 writes montage.png and generate.json.
+    With `privacy_filter` (a prepared folder on the model's grid), a sample that is a near copy
+    of one of its training subjects is redrawn from its next seed stream, at most `max_redraws`
+    times; one still memorized then is withheld (not written) and reported.
+    """
+    if n < 1 or batch_size < 1 or seed < 0 or max_redraws < 0:
+        raise ValueError(f"n and batch_size must be >= 1, seed and max_redraws >= 0; got n={n}, "
+                         f"batch_size={batch_size}, seed={seed}, max_redraws={max_redraws}")
+    out = Path(out)
+    joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
+    context = distributed.setup(device)
+    try:
+        generator = load_generator(model, context.device)
+        settings = generator.sampling_settings(solver, steps, guidance)
+        request = dict(covariates or {})
+        values, present = resolve_request(generator.schema, request)
+        condition = (values, present) if len(generator.schema) else None
+        requested = requested_covariates(generator.schema, request, values, present)
+        if not overwrite:
+            refuse_existing(out, n)
+        reference = privacy_reference(privacy_filter, generator) if privacy_filter is not None else None
+        distributed.barrier()  # every process has checked `out` before any writes to it
+        out.mkdir(parents=True, exist_ok=True)
+
+        indices = list(range(context.rank, n, context.world_size))
+        common = {"covariates": requested, "seed": seed, **settings, "model_id": generator.model_id,
+                  "model_checksum": generator.model_checksum, "autoencoder_checksum": generator.autoencoder_checksum,
+                  "stage": generator.stage, "device": str(context.device)}
+        bar = tqdm(total=len(indices), unit="sample", desc="generate", dynamic_ncols=True,
+                   disable=not (progress and context.is_main))
+        start = time.perf_counter()
+        written: dict[int, str] = {}
+        attempts: dict[int, int] = {}
+        withheld: list[int] = []
+        nfe = 0
+        for first in range(0, len(indices), batch_size):
+            pending = indices[first:first + batch_size]
+            while pending:
+                seeds = [sample_seed(seed, i, attempts.get(i, 0)) for i in pending]
+                volumes, nfe = generator.sample(seeds, condition, settings)
+                redraw = []
+                for index, stream, volume in zip(pending, seeds, volumes):
+                    attempt = attempts.get(index, 0)
+                    if reference is not None and reference.is_memorized(volume):
+                        if attempt < max_redraws:
+                            attempts[index] = attempt + 1
+                            redraw.append(index)
+                        else:
+                            withheld.append(index)
+                        continue
+                    sidecar = {**common, "nfe": nfe, "index": index, "sample_seed": stream, "attempt": attempt}
+                    path = write_sample(out, index, volume, generator.affine, sidecar, overwrite=overwrite)
+                    written[index] = path.name
+                    bar.update(1)
+                pending = redraw
+        bar.close()
+        seconds = time.perf_counter() - start
+
+        shares = distributed.all_gather_objects({"written": written, "attempts": attempts, "withheld": withheld,
+                                                 "nfe": nfe, "seconds": seconds})
+        written = {i: name for share in shares for i, name in share["written"].items()}
+        attempts = {i: a for share in shares for i, a in share["attempts"].items()}
+        withheld = sorted(i for share in shares for i in share["withheld"])
+        result = GenerateResult(
+            out=out, paths=[out / written[i] for i in sorted(written)], nfe=max(s["nfe"] for s in shares),
+            seconds=max(s["seconds"] for s in shares), redraws=sum(attempts.values()), withheld=withheld,
+            montage=out / "montage.png" if written else None, record=out / "generate.json",
+        )
+        if context.is_main:
+            if withheld:
+                warnings.warn(f"samples {withheld} were still near copies of training subjects after {max_redraws} "
+                              "redraws and were not written; the model may be memorizing its training set", stacklevel=2)
+            if result.montage is not None:
+                shown = result.paths[:MONTAGE_SAMPLES]
+                batch_montage([load_volume(p)[0] for p in shown], result.montage,
+                              titles=[p.name.split(".")[0] for p in shown])
+            record = {
+                "model": str(generator.path), "model_id": generator.model_id, "model_checksum": generator.model_checksum,
+                "autoencoder_checksum": generator.autoencoder_checksum, "stage": generator.stage,
+                "n": n, "seed": seed, **settings, "nfe": result.nfe, "covariates": requested,
+                "batch_size": batch_size, "device": str(context.device), "world_size": context.world_size,
+                "privacy_filter": None if reference is None else {
+                    "data": str(Path(privacy_filter).resolve()), "threshold": reference.threshold,
+                    "training_subjects": len(reference.subjects), "max_redraws": max_redraws},
+                "redraws": result.redraws, "redrawn": {str(i): a for i, a in sorted(attempts.items()) if a},
+                "withheld": withheld, "samples": [p.name for p in result.paths], "seconds": round(result.seconds, 3),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mriflow_version": __version__,
+            }
+            ckpt.write_text_atomic(result.record, json.dumps(record, indent=2))
+        distributed.barrier()  # every process returns once the montage and record exist
+        return result
+    finally:
+        if not joined_group:
+            distributed.teardown()
+
+
+def requested_covariates(schema: CovariateSchema, request: Mapping[str, Any], values: torch.Tensor,
+                         present: torch.Tensor) -> dict[str, float | str | None]:
+    """The request as the model reads it: {name: number | category | None (absent)} for every covariate."""
+    out: dict[str, float | str | None] = {}
+    for k, covariate in enumerate(schema.covariates):
+        if not bool(present[k]):
+            out[covariate.name] = None
+        elif covariate.kind == "continuous":
+            out[covariate.name] = float(request[covariate.name])
+        else:
+            out[covariate.name] = covariate.decode(float(values[k]))
+    return out
+
+
+def refuse_existing(out: Path, n: int) -> None:
+    """Refuse, before anything is written, an output folder that already holds samples 0 … n − 1 or a run record."""
+    names = [f"{sample_name(i)}{suffix}" for i in range(n) for suffix in (".nii.gz", ".json")]
+    existing = [name for name in names + ["generate.json", "montage.png"] if (out / name).exists()]
+    if existing:
+        shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+        raise FileExistsError(f"{out}: {shown} already exist(s); choose another output folder (existing "
+                              "samples are never overwritten)")
+
+
+def privacy_reference(data_dir: str | Path, generator: Generator):
+    """MemorizationReference of prepared folder `data_dir`, refused unless its volumes lie on the model's grid."""
+    import nibabel as nib
+
+    from mriflow.evaluate.memorization import MemorizationReference
+
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    train = manifest[manifest["split"] == "train"]
+    if train.empty:
+        raise ValueError(f"{data_dir}: the privacy filter needs the training split of the model's data; none found")
+    image = nib.load(str(data_dir / train["image"].iloc[0]))
+    if tuple(image.shape) != generator.image_shape or not np.allclose(image.affine, generator.affine, atol=AFFINE_TOLERANCE):
+        raise ValueError(
+            f"{data_dir}: its volumes are {tuple(image.shape)} with affine {np.round(image.affine, 3).tolist()}, but the "
+            f"model generates {generator.image_shape} with affine {np.round(generator.affine, 3).tolist()}; pass the "
+            "prepared folder the model was trained on (the same --preset grid)"
+        )
+    return MemorizationReference.from_prepared(data_dir)
+
+
+def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "float16") -> Path:
+    """Copy a generator run's latest checkpoint and its autoencoder into out/flow and out/autoencoder.
+
+    Only model.safetensors and checkpoint.json travel (no train_state), weights cast to
+    `weights_dtype`; the generator's meta["autoencoder"] then points at "../autoencoder"
+    with the new sha256. Every file must stay <= 16 MB, else nothing is left behind.
+    This is how mriflow/weights/default is made. Returns `out`.
+    """
+    weights, meta = ckpt.load_checkpoint(run)
+    directory = Path(meta.pop("path"))
+    if meta.get("stage") not in STAGES:
+        raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator (flow or diffusion)")
+    autoencoder_dir = autoencoder_folder(meta, directory)
+    out = Path(out)
+    targets = [out / GENERATOR_DIR, out / AUTOENCODER_DIR]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); export into an empty folder")
+
+    try:
+        autoencoder_weights, autoencoder_meta = ckpt.load_checkpoint(autoencoder_dir)
+        autoencoder_meta.pop("path")
+        autoencoder_meta["exported_from"] = {"path": str(autoencoder_dir), "model_sha256": meta["autoencoder"]["model_sha256"]}
+        ckpt.save_checkpoint(targets[1], autoencoder_weights, autoencoder_meta, weights_dtype=weights_dtype)
+        exported = {
+            **meta,
+            "model_id": meta.get("model_id") or f"{ckpt.run_folder(directory).name}-step{meta.get('step', 0)}",
+            "autoencoder": {**meta["autoencoder"], "path": f"../{AUTOENCODER_DIR}",
+                            "model_sha256": ckpt.sha256(targets[1] / ckpt.MODEL_FILE)},
+            "exported_from": {"path": str(directory), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE)},
+        }
+        ckpt.save_checkpoint(targets[0], weights, exported, weights_dtype=weights_dtype)
+        too_large = [f"{f} ({f.stat().st_size / 1e6:.1f} MB)" for t in targets for f in sorted(t.iterdir())
+                     if f.stat().st_size > ckpt.MAX_TRAVELLING_BYTES]
+        if too_large:
+            raise ValueError(f"{', '.join(too_large)} over the {ckpt.MAX_TRAVELLING_BYTES / 1e6:.0f} MB limit for a file "
+                             "that ships; export as float16/bfloat16 or train a smaller model")
+    except BaseException:
+        for target in targets:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,283 @@
+"""generate.py on tiny generator runs built here (VelocityNet + Autoencoder saved to the checkpoint contract)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_velocity_net
+from mriflow import checkpoint as ckpt
+from mriflow import generate as generation
+from mriflow.config import Grid, to_dict
+from mriflow.data.dataset import Covariate, CovariateSchema
+from mriflow.data.io import load_volume, template_affine
+from mriflow.flow.sampling import sample_seed
+from mriflow.generate import Generator, diffusion_schedule, export_generator, generate, load_generator
+from mriflow.generate_io import SIDECAR_KEYS
+from mriflow.models.autoencoder import Autoencoder, AutoencoderConfig
+
+# The prepared-folder helper and the one-thread fixture live with the loop tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.joinpath("train")))
+from test_loop import one_thread, write_prepared  # noqa: E402,F401  (one_thread: autouse)
+
+IMAGE_SHAPE = (16, 20, 16)  # write_prepared's grid, so a prepared phantom folder is on the model's grid
+LATENT_SHAPE = (2, 4, 5, 4)
+AFFINE = template_affine(Grid("test", 4.0, IMAGE_SHAPE))
+SCHEMA = CovariateSchema([Covariate("age", "continuous", mean=50.0, std=15.0, minimum=20.0, maximum=80.0),
+                          Covariate("sex", "categorical", categories=["F", "M"])])
+FAST = dict(device="cpu", progress=False)
+DIFFUSION = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0205,
+             "prediction": "v", "loss": "l2"}
+
+
+def save_autoencoder(folder: Path) -> Path:
+    config = AutoencoderConfig(kind="kl", patch_size=2, channels=(8, 16), num_res_blocks=(1, 1),
+                               attention_levels=(False, False), latent_channels=2, norm_num_groups=4)
+    torch.manual_seed(1)
+    model = Autoencoder(config)
+    weights = {f"autoencoder.{k}": v for k, v in model.state_dict().items()}
+    meta = {"stage": "autoencoder", "config": {"model": to_dict(config)}, "step": 5, "latent_scale": 0.8,
+            "image_shape": list(IMAGE_SHAPE), "latent_shape": list(LATENT_SHAPE)}
+    return ckpt.save_checkpoint(folder / "checkpoints" / "step-00000005", weights, meta, train_state=weights)
+
+
+def save_generator(run: Path, autoencoder: Path, stage: str = "flow", relative: bool = True) -> Path:
+    """A generator run to the checkpoint contract of the training stages."""
+    net = tiny_velocity_net(time_scale=1000.0 if stage == "flow" else 1.0)
+    directory = run / "checkpoints" / "step-00000010"
+    config = {"model": to_dict(net.config)}
+    if stage == "flow":
+        config["objective"] = {"loss": "l2", "time_distribution": "logit_normal"}
+        config["sampling"] = {"solver": "heun", "steps": 2, "guidance": 1.0, "time_shift": 1.0}
+    else:
+        config["diffusion"] = DIFFUSION
+        config["sampling"] = {"solver": "ddim", "steps": 3, "guidance": 1.0}
+    meta = {
+        "stage": stage, "config": config, "schema": SCHEMA.to_dict(), "step": 10,
+        "autoencoder": {"path": os.path.relpath(autoencoder, directory) if relative else str(autoencoder),
+                        "model_sha256": ckpt.sha256(autoencoder / ckpt.MODEL_FILE), "latent_scale": 0.8, "step": 5},
+        "latent_shape": list(LATENT_SHAPE), "image_shape": list(IMAGE_SHAPE), "affine": AFFINE.tolist(), "grid": "test",
+    }
+    weights = {f"velocity.{k}": v for k, v in net.state_dict().items()}
+    ckpt.save_checkpoint(directory, weights, meta, train_state={f"ema.velocity.{k}": v for k, v in weights.items()})
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    autoencoder = save_autoencoder(root / "autoencoder")
+    return {"flow": save_generator(root / "flow", autoencoder),
+            "diffusion": save_generator(root / "diffusion", autoencoder, "diffusion", relative=False)}
+
+
+def volumes(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: load_volume(p)[0] for p in sorted(out.glob("sample_*.nii.gz"))}
+
+
+def sidecars(out: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("sample_*.json"))}
+
+
+def test_volumes_carry_the_model_geometry_and_a_full_sidecar(runs, tmp_path):
+    result = generate(runs["flow"], tmp_path / "out", n=2, covariates={"age": 45, "sex": "F"}, solver="euler",
+                      steps=2, guidance=1.5, seed=3, **FAST)
+    assert [p.name for p in result.paths] == ["sample_00000.nii.gz", "sample_00001.nii.gz"]
+    image = nib.load(str(result.paths[1]))
+    assert image.shape == IMAGE_SHAPE
+    for matrix, code in (image.get_qform(coded=True), image.get_sform(coded=True)):
+        np.testing.assert_allclose(matrix, AFFINE, atol=1e-5)
+        assert int(code) == 4
+    data = np.asarray(image.dataobj)
+    assert 0.0 <= data.min() and data.max() <= 1.0 and data.std() > 0
+
+    record = json.loads((tmp_path / "out" / "sample_00001.json").read_text())
+    for key in SIDECAR_KEYS + ("sample_seed", "index", "stage", "autoencoder_checksum", "device", "attempt"):
+        assert key in record, key
+    checkpoint = runs["flow"] / "checkpoints" / "step-00000010"
+    assert record["covariates"] == {"age": 45.0, "sex": "F"}
+    assert record["model_checksum"] == "sha256:" + ckpt.sha256(checkpoint / ckpt.MODEL_FILE)
+    assert record["solver"] == "euler" and record["steps"] == 2 and record["nfe"] == 2  # guided: one forward of 2B per step
+    assert record["seed"] == 3 and record["index"] == 1 and record["sample_seed"] == sample_seed(3, 1)
+    assert record["stage"] == "flow" and record["device"] == "cpu" and record["attempt"] == 0
+
+    run_record = json.loads((tmp_path / "out" / "generate.json").read_text())
+    assert run_record["n"] == 2 and run_record["samples"] == ["sample_00000.nii.gz", "sample_00001.nii.gz"]
+    assert run_record["redraws"] == 0 and run_record["privacy_filter"] is None
+    assert (tmp_path / "out" / "montage.png").stat().st_size > 1000
+
+    # defaults come from the checkpoint; an absent covariate is recorded as None
+    generate(runs["flow"], tmp_path / "defaults", n=1, covariates={"sex": "M"}, **FAST)
+    record = json.loads((tmp_path / "defaults" / "sample_00000.json").read_text())
+    assert record["covariates"] == {"age": None, "sex": "M"}
+    assert (record["solver"], record["steps"], record["guidance"], record["time_shift"]) == ("heun", 2, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("stage, solver", [("flow", "heun"), ("diffusion", "ddpm")])
+def test_sample_i_is_the_same_whatever_the_batch_size(runs, tmp_path, stage, solver):
+    options = dict(n=3, covariates={"age": 60}, solver=solver, steps=3, seed=5, **FAST)
+    generate(runs[stage], tmp_path / "three", batch_size=3, **options)
+    generate(runs[stage], tmp_path / "one", batch_size=1, **options)
+    generate(runs[stage], tmp_path / "other", batch_size=3, **{**options, "seed": 6})
+    three, one, other = volumes(tmp_path / "three"), volumes(tmp_path / "one"), volumes(tmp_path / "other")
+    assert len(three) == 3
+    for name in three:
+        np.testing.assert_allclose(one[name], three[name], atol=1e-5)
+        assert not np.allclose(other[name], three[name], atol=1e-3)
+    assert not np.allclose(three["sample_00000.nii.gz"], three["sample_00001.nii.gz"], atol=1e-3)
+    assert sidecars(tmp_path / "one") == sidecars(tmp_path / "three")
+
+
+def test_unknown_covariates_and_solvers_of_the_other_family_are_refused(runs, tmp_path):
+    with pytest.raises(ValueError, match=r"'height'.*knows: age, sex"):
+        generate(runs["flow"], tmp_path / "out", n=1, covariates={"height": 180}, **FAST)
+    with pytest.raises(ValueError, match="valid solvers: euler, heun, midpoint, rk4, dopri5"):
+        generate(runs["flow"], tmp_path / "out", n=1, solver="ddim", **FAST)
+    with pytest.raises(ValueError, match="valid solvers: ddpm, ddim"):
+        generate(runs["diffusion"], tmp_path / "out", n=1, solver="heun", **FAST)
+    assert not (tmp_path / "out").exists()
+    with pytest.warns(UserWarning, match="outside the training range"):
+        generate(runs["flow"], tmp_path / "old", n=1, covariates={"age": 95}, solver="euler", steps=1, **FAST)
+
+
+def test_an_existing_output_is_refused_and_left_untouched(runs, tmp_path):
+    out = tmp_path / "out"
+    generate(runs["flow"], out, n=2, solver="euler", steps=1, **FAST)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="sample_00000.nii.gz.*never overwritten"):
+        generate(runs["flow"], out, n=3, seed=1, solver="euler", steps=1, **FAST)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing half-written, not even sample 2
+    generate(runs["flow"], out, n=1, seed=1, solver="euler", steps=1, overwrite=True, **FAST)
+    assert json.loads((out / "sample_00000.json").read_text())["seed"] == 1
+
+
+def test_exported_model_samples_like_its_run_and_checks_its_autoencoder(runs, tmp_path, monkeypatch):
+    release = export_generator(runs["flow"], tmp_path / "release")
+    files = sorted(p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file())
+    assert files == ["autoencoder/checkpoint.json", "autoencoder/model.safetensors",
+                     "flow/checkpoint.json", "flow/model.safetensors"]  # no train_state travels
+    assert all((release / f).stat().st_size <= ckpt.MAX_TRAVELLING_BYTES for f in files)
+    _, meta = ckpt.load_checkpoint(release / "flow")
+    assert meta["weights_dtype"] == "float16" and meta["autoencoder"]["path"] == "../autoencoder"
+
+    monkeypatch.setattr(generation, "default_model_dir", lambda: release)
+    exported, original = load_generator("default", "cpu"), load_generator(runs["flow"], "cpu")
+    assert exported.model_id == original.model_id
+    seeds = [sample_seed(0, i) for i in range(2)]
+    settings = original.sampling_settings()
+    np.testing.assert_allclose(exported.sample(seeds, None, settings)[0], original.sample(seeds, None, settings)[0],
+                               atol=2e-2)
+    with pytest.raises(FileExistsError, match="empty folder"):
+        export_generator(runs["flow"], release)
+
+    with open(release / "autoencoder" / ckpt.MODEL_FILE, "r+b") as stream:  # flip one byte of the weights
+        stream.seek(-1, os.SEEK_END)
+        last = stream.read(1)
+        stream.seek(-1, os.SEEK_END)
+        stream.write(bytes([last[0] ^ 1]))
+    with pytest.raises(ValueError, match="sha256.*not the autoencoder weights the generator was trained with"):
+        load_generator("default", "cpu")
+
+    monkeypatch.setattr(ckpt, "MAX_TRAVELLING_BYTES", 1000)
+    with pytest.raises(ValueError, match="16 MB|over the"):
+        export_generator(runs["flow"], tmp_path / "too-large")
+    assert not any((tmp_path / "too-large").iterdir())
+
+
+def test_load_generator_names_what_is_wrong(runs, tmp_path, monkeypatch):
+    monkeypatch.setattr(generation, "default_model_dir", lambda: tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no default model"):
+        load_generator()
+    with pytest.raises(ValueError, match="'autoencoder' checkpoint, not a generator"):
+        load_generator(runs["flow"].parent / "autoencoder", "cpu")
+
+
+def test_diffusion_schedule_is_read_from_either_config_form():
+    flat = diffusion_schedule({"diffusion": DIFFUSION})
+    nested = diffusion_schedule({"diffusion": {"schedule": {k: v for k, v in DIFFUSION.items() if k not in ("prediction", "loss")},
+                                               "prediction": "epsilon"}})
+    assert flat.prediction == "v" and nested.prediction == "epsilon"
+    torch.testing.assert_close(flat.alphas_cumprod, nested.alphas_cumprod)
+    with pytest.raises(ValueError, match="prediction"):
+        diffusion_schedule({"diffusion": {"num_train_timesteps": 1000}})
+
+
+def test_privacy_filter_redraws_a_planted_training_copy(runs, tmp_path, monkeypatch):
+    data = write_prepared(tmp_path / "data", splits=("train", "train", "val", "test"))
+    copy = load_volume(data / "images" / "sub01.nii.gz")[0]
+    planted = sample_seed(0, 1)  # the first draw of sample 1 decodes to a training subject
+    sample = Generator.sample
+
+    def sample_with_a_copy(self, sample_seeds, covariates, settings):
+        decoded, nfe = sample(self, sample_seeds, covariates, settings)
+        for row, seed in enumerate(sample_seeds):
+            if seed == planted:
+                decoded[row] = copy
+        return decoded, nfe
+
+    monkeypatch.setattr(Generator, "sample", sample_with_a_copy)
+    options = dict(n=3, solver="euler", steps=1, batch_size=3, privacy_filter=data, **FAST)
+    result = generate(runs["flow"], tmp_path / "out", **options)
+    assert result.redraws == 1 and result.withheld == [] and len(result.paths) == 3
+    records = sidecars(tmp_path / "out")
+    assert records["sample_00001.json"]["attempt"] == 1
+    assert records["sample_00001.json"]["sample_seed"] == sample_seed(0, 1, attempt=1) != planted
+    assert records["sample_00000.json"]["attempt"] == records["sample_00002.json"]["attempt"] == 0
+    assert not np.allclose(volumes(tmp_path / "out")["sample_00001.nii.gz"], copy, atol=1e-2)
+    run_record = json.loads((tmp_path / "out" / "generate.json").read_text())
+    assert run_record["redraws"] == 1 and run_record["redrawn"] == {"1": 1}
+    assert run_record["privacy_filter"]["training_subjects"] == 2
+
+    with pytest.warns(UserWarning, match=r"samples \[1\]"):  # no redraws left: withheld, not written
+        result = generate(runs["flow"], tmp_path / "strict", max_redraws=0, **options)
+    assert result.withheld == [1] and not (tmp_path / "strict" / "sample_00001.nii.gz").exists()
+
+    other_grid = write_prepared(tmp_path / "data-2mm", splits=("train", "val"), shape=(16, 24, 16))
+    with pytest.raises(ValueError, match="the same --preset grid"):
+        generate(runs["flow"], tmp_path / "other", **{**options, "privacy_filter": other_grid})
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from mriflow.generate import generate
+
+    torch.set_num_threads(1)
+    run, out = sys.argv[1:3]
+    result = generate(run, out, n=5, covariates={"age": 60, "sex": "M"}, solver="euler", steps=2, guidance=2.0,
+                      batch_size=2, device="cpu", progress=False)
+    assert len(result.paths) == 5, result
+    assert torch.distributed.is_initialized() is False  # generate left the group it joined
+    """
+)
+
+
+def test_two_processes_write_the_files_of_one(runs, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(runs["flow"]), str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    generate(runs["flow"], tmp_path / "one", n=5, covariates={"age": 60, "sex": "M"}, solver="euler", steps=2,
+             guidance=2.0, batch_size=2, **FAST)
+    two, one = volumes(tmp_path / "two"), volumes(tmp_path / "one")
+    assert sorted(two) == sorted(one) == [f"sample_{i:05d}.nii.gz" for i in range(5)]
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], atol=1e-5)
+    assert sidecars(tmp_path / "two") == sidecars(tmp_path / "one")
+    record = json.loads((tmp_path / "two" / "generate.json").read_text())
+    assert record["world_size"] == 2 and len(record["samples"]) == 5
+    assert (tmp_path / "two" / "montage.png").is_file()
