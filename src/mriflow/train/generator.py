@@ -1,0 +1,459 @@
+"""Stages 2 and 3: the latent generators, rectified flow and its DDPM/DDIM baseline.
+
+Both train the same VelocityNet on scaled latents z = (mean + exp(logvar / 2)·ε)·latent_scale,
+drawn afresh from the cached posterior q(z|x) each time a subject is read, with every covariate
+dropped to its null embedding with probability model.covariate_drop_prob (so one network also
+learns the unconditional model that classifier-free guidance needs). Only the objective differs:
+
+    flow       L = E_{t, x0, z} ‖v(x_t, t, c) − (z − x0)‖       mriflow.flow.objective.RectifiedFlowLoss
+    diffusion  L = E_{t, ε, z} ‖f(x_t, t, c) − (ε or v)‖        mriflow.flow.diffusion.diffusion_loss
+
+so a flow preset and the diffusion preset of the same name share network and optimisation,
+and the benchmark compares the two at equal budgets. The latents are encoded on first use
+(mriflow.latents.encode_dataset), and again when the cache was made with other weights.
+
+    >>> train_flow("prepared/", "runs/ae", "runs/flow", condition=["age", "sex"], preset="tiny")
+    >>> train_diffusion("prepared/", "runs/ae", "runs/diffusion", condition=["age", "sex"], preset="tiny")
+    >>> train_flow("prepared/", "runs/ae", "runs/flow", resume=True)   # continue the latest checkpoint
+
+Checkpoint meta, what mriflow.generate reads (EMA weights under "velocity." in model.safetensors):
+
+    stage          "flow" | "diffusion";  preset: the preset name, or None for a given config
+    config         the full training config; "model" rebuilds the network:
+                   VelocityNet(from_dict(VelocityNetConfig, meta["config"]["model"])); "objective" (flow)
+                   or "diffusion" (schedule, prediction); "sampling": the default sampler settings
+    schema         CovariateSchema.to_dict() of the conditioning covariates (empty: unconditional)
+    autoencoder    {"path", "model_sha256", "latent_scale", "step"} of the autoencoder checkpoint used
+    latent_shape   [C, d, h, w];  image_shape: [D, H, W];  affine: 4x4 template affine;  grid: prepare.json "preset"
+    data           {"dir", "name", "train_subjects"};  parameters: the network's parameter count
+    preparation    prepare.json of the data (empty when absent)
+
+Under `torchrun --nproc_per_node N` the same call trains with DDP (batch_size is per process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mriflow import checkpoint as ckpt
+from mriflow.config import from_dict, load_preset, to_dict
+from mriflow.data.dataset import CovariateSchema, covariate_columns, read_manifest
+from mriflow.flow.diffusion import BETA_SCHEDULES, METHODS, PREDICTIONS, DiffusionSchedule, diffusion_loss, sample_diffusion
+from mriflow.flow.objective import LOSSES, RectifiedFlowLoss
+from mriflow.flow.path import TIME_DISTRIBUTIONS
+from mriflow.flow.sampling import sample_latents
+from mriflow.flow.solvers import SOLVERS
+from mriflow.latents import LatentDataset, encode_dataset, latent_cache_dir
+from mriflow.models.velocity import VelocityNet, VelocityNetConfig, num_parameters
+from mriflow.train import distributed, loop
+from mriflow.train.distributed import Distributed
+from mriflow.train.loop import LoopConfig
+
+PRESETS = ("tiny", "base", "large")
+STAGES = ("flow", "diffusion")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlowObjectiveConfig:
+    """The fields of RectifiedFlowLoss: loss kind, training-time distribution and its shift."""
+
+    loss: str = "l2"  # "l2" | "l1" | "l1_l2" | "pseudo_huber"
+    time_distribution: str = "logit_normal"  # "logit_normal" | "uniform"
+    time_mean: float = 0.0
+    time_std: float = 1.0
+    time_shift: float = 1.0  # t' = t / (t + s (1 - t)); > 1 for larger latents (mriflow.flow.path.resolution_shift)
+    huber_c: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("objective.loss", self.loss, LOSSES)
+        _check_choice("objective.time_distribution", self.time_distribution, TIME_DISTRIBUTIONS)
+        if self.time_shift <= 0:
+            raise ValueError(f"objective.time_shift must be > 0, got {self.time_shift}")
+
+
+@dataclass(frozen=True)
+class FlowSamplingConfig:
+    """Default sampler of a trained flow (mriflow.flow.sampling.sample_latents); also draws the montages."""
+
+    solver: str = "heun"
+    steps: int = 8
+    guidance: float = 1.0
+    time_shift: float = 1.0  # the training shift, so the sampling grid matches the times the network learned
+
+    def __post_init__(self) -> None:
+        _check_choice("sampling.solver", self.solver, SOLVERS)
+        if self.steps < 1 or self.time_shift <= 0:
+            raise ValueError(f"sampling.steps must be >= 1 and sampling.time_shift > 0, got {self.steps}, {self.time_shift}")
+
+
+@dataclass(frozen=True)
+class DiffusionObjectiveConfig:
+    """The DiffusionSchedule (β schedule, prediction target) and the regression loss of the baseline."""
+
+    num_train_timesteps: int = 1000
+    schedule: str = "scaled_linear_beta"  # "linear_beta" | "scaled_linear_beta" | "cosine"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0205
+    prediction: str = "v"  # "v" | "epsilon"
+    loss: str = "l2"
+
+    def __post_init__(self) -> None:
+        _check_choice("diffusion.schedule", self.schedule, BETA_SCHEDULES)
+        _check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
+        _check_choice("diffusion.loss", self.loss, LOSSES)
+
+    def make_schedule(self) -> DiffusionSchedule:
+        return DiffusionSchedule(self.num_train_timesteps, self.schedule, self.beta_start, self.beta_end, self.prediction)
+
+
+@dataclass(frozen=True)
+class DiffusionSamplingConfig:
+    """Default sampler of a trained baseline (mriflow.flow.diffusion.sample_diffusion); also draws the montages."""
+
+    solver: str = "ddim"  # "ddim" (η = 0) | "ddpm" (η = 1)
+    steps: int = 50
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_choice("sampling.solver", self.solver, METHODS)
+        if self.steps < 1:
+            raise ValueError(f"sampling.steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class FlowTrainingConfig:
+    # covariate_names/kinds/categories of the model are filled from `condition` and the training split
+    model: VelocityNetConfig = VelocityNetConfig()
+    objective: FlowObjectiveConfig = FlowObjectiveConfig()
+    sampling: FlowSamplingConfig = FlowSamplingConfig()
+    loop: LoopConfig = LoopConfig()
+
+
+@dataclass(frozen=True)
+class DiffusionTrainingConfig:
+    model: VelocityNetConfig = VelocityNetConfig(time_scale=1.0)
+    diffusion: DiffusionObjectiveConfig = DiffusionObjectiveConfig()
+    sampling: DiffusionSamplingConfig = DiffusionSamplingConfig()
+    loop: LoopConfig = LoopConfig()
+
+    def __post_init__(self) -> None:
+        if self.model.time_scale != 1.0:
+            raise ValueError(f"model.time_scale must be 1.0 for diffusion (the network sees the integer timesteps "
+                             f"0 … T − 1), got {self.model.time_scale}")
+
+
+CONFIGS = {"flow": FlowTrainingConfig, "diffusion": DiffusionTrainingConfig}
+
+
+def load_config(stage: str, preset: str = "tiny", max_steps: int | None = None) -> FlowTrainingConfig | DiffusionTrainingConfig:
+    """The preset `<stage>-<preset>.yaml` (stage "flow" or "diffusion"), with the step count replaced when given."""
+    _check_choice("stage", stage, STAGES)
+    config = from_dict(CONFIGS[stage], load_preset(stage, preset), f"{stage}-{preset}.yaml")
+    return _override(config, max_steps)
+
+
+# ---- the stages ---------------------------------------------------------------------------------
+
+
+class PosteriorSamples(Dataset):
+    """Items of a LatentDataset with one scaled latent drawn from the subject's posterior: {"latent" (C, d, h, w),
+    "covariates" (K,), "covariates_present" (K,)}.
+
+    The draw uses torch's global generator, which the training loop seeds per (seed, epoch, item),
+    so a resumed run draws the same latents as an uninterrupted one.
+    """
+
+    def __init__(self, latents: LatentDataset):
+        self.latents = latents
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.latents[index]
+        return {"latent": self.latents.sample(item["latent_mean"], item["latent_logvar"]),
+                "covariates": item["covariates"], "covariates_present": item["covariates_present"]}
+
+
+class GeneratorStage:
+    """What the flow and the diffusion stage share as a `loop.Stage`: one network "velocity", its one
+    phase and EMA copy, and a montage that decodes a real latent beside a sample with its covariates."""
+
+    ema_networks = ("velocity",)
+    metric_names = ("loss",)
+
+    def __init__(self, config: FlowTrainingConfig | DiffusionTrainingConfig, latent_shape: Sequence[int],
+                 autoencoder: nn.Module | None = None, latent_scale: float = 1.0):
+        self.config = config
+        velocity_net = VelocityNet(config.model)
+        self.networks: dict[str, nn.Module] = {"velocity": velocity_net}
+        self.phases: dict[str, list[dict[str, Any]]] = {"velocity": [{"params": list(velocity_net.parameters())}]}
+        self.latent_shape = tuple(latent_shape)
+        self.autoencoder = autoencoder  # frozen, for montages only (None: no montage)
+        self.latent_scale = latent_scale
+
+    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = self.objective(self.networks["velocity"], batch["latent"], batch["covariates"], batch["covariates_present"])
+        return loss, {"loss": loss.detach()}
+
+    def objective(self, net: nn.Module, latents: torch.Tensor, covariates: torch.Tensor,
+                  covariates_present: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, net: nn.Module, shape: tuple[int, ...], covariates: tuple[torch.Tensor, torch.Tensor] | None,
+               device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def montage(self, batch: dict, networks: dict[str, nn.Module]) -> dict[str, np.ndarray] | None:
+        if self.autoencoder is None:
+            return None
+        real = batch["latent"][:1].float()  # (1, C, d, h, w), scaled
+        covariates = (batch["covariates"][:1], batch["covariates_present"][:1]) if self.config.model.covariate_names else None
+        # seed 0 every time: the montages of a run show the same noise becoming a brain
+        sample = self.sample(networks["velocity"], (1, *self.latent_shape), covariates, real.device)
+
+        def decode(latent: torch.Tensor) -> np.ndarray:
+            return self.autoencoder.decode(latent / self.latent_scale).float().clamp(0, 1)[0, 0].cpu().numpy()
+
+        return {"real latent, decoded": decode(real), "sample, same covariates": decode(sample.float())}
+
+
+class FlowStage(GeneratorStage):
+    """Rectified flow: L = E ‖v(x_t, t, c) − (x1 − x0)‖ (mriflow.flow.objective)."""
+
+    def __init__(self, config: FlowTrainingConfig, latent_shape: Sequence[int], autoencoder: nn.Module | None = None,
+                 latent_scale: float = 1.0):
+        super().__init__(config, latent_shape, autoencoder, latent_scale)
+        self.rectified_flow_loss = RectifiedFlowLoss(**dataclasses.asdict(config.objective))
+
+    def objective(self, net, latents, covariates, covariates_present):
+        return self.rectified_flow_loss(net, latents, covariates, covariates_present)
+
+    def sample(self, net, shape, covariates, device):
+        settings = self.config.sampling
+        latents, _ = sample_latents(net, shape, covariates, settings.solver, settings.steps, settings.guidance, seed=0,
+                                    device=device, time_shift=settings.time_shift)
+        return latents
+
+
+class DiffusionStage(GeneratorStage):
+    """DDPM baseline: L = E ‖f(x_t, t, c) − (ε or v)‖ (mriflow.flow.diffusion)."""
+
+    def __init__(self, config: DiffusionTrainingConfig, latent_shape: Sequence[int], autoencoder: nn.Module | None = None,
+                 latent_scale: float = 1.0):
+        super().__init__(config, latent_shape, autoencoder, latent_scale)
+        self.schedule = config.diffusion.make_schedule()
+
+    def objective(self, net, latents, covariates, covariates_present):
+        return diffusion_loss(net, self.schedule, latents, covariates, covariates_present, loss=self.config.diffusion.loss)
+
+    def sample(self, net, shape, covariates, device):
+        settings = self.config.sampling
+        latents, _ = sample_diffusion(net, self.schedule, shape, covariates, method=settings.solver, steps=settings.steps,
+                                      guidance=settings.guidance, seed=0, device=device)
+        return latents
+
+
+STAGE_CLASSES = {"flow": FlowStage, "diffusion": DiffusionStage}
+
+
+# ---- the public functions -----------------------------------------------------------------------
+
+
+def train_flow(
+    data_dir: str | Path,
+    autoencoder: str | Path,
+    out: str | Path,
+    condition: Sequence[str] | None = None,
+    preset: str | None = None,
+    max_steps: int | None = None,
+    resume: bool = False,
+    config: FlowTrainingConfig | None = None,
+    stop_at_step: int | None = None,
+    max_minutes: float | None = None,
+) -> dict[str, Any]:
+    """Train a rectified flow on the latents of `data_dir`'s training split under `autoencoder` into run folder `out`.
+
+    `autoencoder` is an autoencoder run or checkpoint folder; `condition` names covariates of the
+    prepared manifest (None or empty: unconditional). The config is the preset (default "tiny"), or
+    `config` when given, with `max_steps` and `max_minutes` (a wall-clock budget; the run stops with a
+    checkpoint) replaced when given. With `resume`, the run's own config and covariate schema are used.
+    Returns {"step", "metrics", "checkpoint"}.
+    """
+    return _train_generator("flow", data_dir, autoencoder, out, condition, preset, max_steps, resume, config,
+                            stop_at_step, max_minutes)
+
+
+def train_diffusion(
+    data_dir: str | Path,
+    autoencoder: str | Path,
+    out: str | Path,
+    condition: Sequence[str] | None = None,
+    preset: str | None = None,
+    max_steps: int | None = None,
+    resume: bool = False,
+    config: DiffusionTrainingConfig | None = None,
+    stop_at_step: int | None = None,
+    max_minutes: float | None = None,
+) -> dict[str, Any]:
+    """The DDPM/DDIM baseline on the same latents; arguments and result as `train_flow`."""
+    return _train_generator("diffusion", data_dir, autoencoder, out, condition, preset, max_steps, resume, config,
+                            stop_at_step, max_minutes)
+
+
+def _train_generator(
+    stage_name: str,
+    data_dir: str | Path,
+    autoencoder: str | Path,
+    out: str | Path,
+    condition: Sequence[str] | None,
+    preset: str | None,
+    max_steps: int | None,
+    resume: bool,
+    config: FlowTrainingConfig | DiffusionTrainingConfig | None,
+    stop_at_step: int | None,
+    max_minutes: float | None,
+) -> dict[str, Any]:
+    """train_flow and train_diffusion, which differ only in `stage_name` ("flow" | "diffusion")."""
+    data_dir, out = Path(data_dir), Path(out)
+    checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned: a newer checkpoint of the run is not used
+    schema = None
+    latest = ckpt.latest_checkpoint(out) if resume else None
+    if latest is not None:
+        _, saved = ckpt.load_checkpoint(latest)
+        if saved.get("stage") != stage_name:
+            raise ValueError(f"{out} holds a {saved.get('stage')!r} run, not a {stage_name} one; "
+                             "resume it with its own command, or choose another --out")
+        config = _override(from_dict(CONFIGS[stage_name], saved["config"], str(latest)), max_steps)
+        trained_on = list(config.model.covariate_names)
+        if condition is not None and list(condition) != trained_on:
+            raise ValueError(f"condition {list(condition)} differs from the run's covariates {trained_on} in {out}; "
+                             "drop --condition to resume")
+        if saved["autoencoder"]["model_sha256"] != ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE):
+            raise ValueError(f"{out} was trained on the latents of {saved['autoencoder']['path']}, but {checkpoint_dir} "
+                             "holds other weights; pass that autoencoder checkpoint folder to resume")
+        schema = CovariateSchema.from_dict(saved["schema"])
+        names = trained_on
+        preset = saved.get("preset")
+    else:
+        if config is None:
+            config = load_config(stage_name, preset or "tiny", max_steps)
+            preset = preset or "tiny"
+        else:
+            config = _override(config, max_steps)
+        names = list(condition) if condition is not None else list(config.model.covariate_names)
+        _check_condition(data_dir, names)
+    if max_minutes is not None:
+        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_minutes=max_minutes))
+
+    joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
+    context = distributed.setup(config.loop.device)
+    try:
+        # every process loads it for the record; only rank 0 draws montages, on its device
+        decoder, autoencoder_meta = ckpt.load_autoencoder(checkpoint_dir, context.device if context.is_main else "cpu")
+        decoder.requires_grad_(False)
+        preparation, image_shape, affine = _geometry(data_dir)
+        trained_shape = autoencoder_meta.get("image_shape")
+        if trained_shape is not None and list(trained_shape) != image_shape:
+            raise ValueError(f"{data_dir} holds volumes of shape {image_shape} but the autoencoder {checkpoint_dir} was "
+                             f"trained on {list(trained_shape)}; use an autoencoder trained on this grid")
+        _ensure_latents(data_dir, checkpoint_dir, context)
+        # the schema is fitted on the training split (or is the resumed run's own)
+        latents = LatentDataset(data_dir, checkpoint_dir, "train", covariates=None if schema is not None else names or None,
+                                schema=schema)
+        config = dataclasses.replace(config, model=config.model.with_schema(latents.schema))
+        latent_shape = list(latents.index["latent_shape"])
+
+        loop.seed_everything(config.loop.seed)  # identical initial weights in every process
+        stage = STAGE_CLASSES[stage_name](config, latent_shape, decoder if context.is_main else None, latents.scale)
+        meta = {
+            "stage": stage_name,
+            "preset": preset,
+            "config": to_dict(config),
+            "schema": latents.schema.to_dict(),
+            "autoencoder": {"path": str(checkpoint_dir), "model_sha256": latents.index["checkpoint"]["model_sha256"],
+                            "latent_scale": latents.scale, "step": autoencoder_meta.get("step")},
+            "latent_shape": latent_shape,
+            "image_shape": image_shape,
+            "affine": affine,
+            "grid": preparation.get("preset"),
+            "data": {"dir": str(data_dir.resolve()), "name": data_dir.resolve().name, "train_subjects": len(latents)},
+            "parameters": num_parameters(stage.networks["velocity"]),
+            "preparation": preparation,
+        }
+        return loop.train(stage, PosteriorSamples(latents), config.loop, out, meta, resume=resume, context=context,
+                          stop_at_step=stop_at_step)
+    finally:
+        if not joined_group:
+            distributed.teardown()
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def latents_are_current(data_dir: str | Path, autoencoder: str | Path) -> bool:
+    """Whether the latent cache of (data_dir, autoencoder) holds the training split encoded by these very weights."""
+    cache = latent_cache_dir(data_dir, autoencoder)
+    if not (cache / "index.json").is_file():
+        return False
+    index = json.loads((cache / "index.json").read_text())
+    weights = ckpt.resolve_checkpoint(autoencoder) / ckpt.MODEL_FILE
+    return ("train" in index.get("splits", {}) and "latent_scale" in index and (cache / "train.safetensors").is_file()
+            and index.get("checkpoint", {}).get("model_sha256") == ckpt.sha256(weights))
+
+
+def _ensure_latents(data_dir: Path, checkpoint_dir: Path, context: Distributed) -> None:
+    """Encode every split of `data_dir` (rank 0, the others wait) unless the cache is current."""
+    if context.is_main and not latents_are_current(data_dir, checkpoint_dir):
+        print(f"encoding {data_dir} with {checkpoint_dir} (the latent cache is missing or was made with other weights)")
+        encode_dataset(data_dir, checkpoint_dir, device=context.device)
+    distributed.barrier()
+
+
+def _check_condition(data_dir: Path, names: Sequence[str]) -> None:
+    """Refuse covariate names the prepared manifest does not have, listing the ones it has."""
+    if not names:
+        return
+    available = covariate_columns(read_manifest(data_dir))
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(f"condition: unknown covariate(s) {', '.join(map(repr, unknown))}; {data_dir / 'manifest.csv'} "
+                         f"has: {', '.join(available) or 'none (train unconditionally)'}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"condition: a covariate is named twice in {list(names)}")
+
+
+def _geometry(data_dir: Path) -> tuple[dict[str, Any], list[int], list[list[float]]]:
+    """(prepare.json or {}, image shape [D, H, W], template affine): the affine from prepare.json when it
+    has one, else from the header of the first volume (all prepared volumes share the grid)."""
+    record = data_dir / "prepare.json"
+    preparation = json.loads(record.read_text()) if record.is_file() else {}
+    header = nib.load(str(data_dir / read_manifest(data_dir)["image"].iloc[0]))
+    affine = preparation.get("affine", np.asarray(header.affine, dtype=np.float64).tolist())
+    return preparation, [int(n) for n in header.shape[:3]], affine
+
+
+def _override(config, max_steps: int | None):
+    if max_steps is not None:
+        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_steps=max_steps))
+    return config
+

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mriflow import checkpoint as ckpt
+from mriflow.config import Grid, from_dict, to_dict
+from mriflow.data.dataset import PreparedDataset
+from mriflow.data.io import template_affine
+from mriflow.flow.sampling import sample_latents
+from mriflow.latents import encode_dataset, latent_cache_dir
+from mriflow.models.velocity import VelocityNet, VelocityNetConfig, num_parameters
+from mriflow.train.autoencoder import train_autoencoder
+from mriflow.train.generator import (
+    PRESETS,
+    DiffusionSamplingConfig,
+    DiffusionTrainingConfig,
+    FlowSamplingConfig,
+    FlowTrainingConfig,
+    latents_are_current,
+    load_config,
+    train_diffusion,
+    train_flow,
+)
+from mriflow.train.loop import LoopConfig
+from test_loop import one_thread, read_log, tiny_config, write_prepared  # noqa: F401  (one_thread: autouse)
+
+SHAPE = (16, 20, 16)  # write_prepared's volumes; the tiny autoencoder makes latents of 2 x 4 x 5 x 4
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """A prepared folder (6 training subjects with age and sex, 1 validation) and a 1-step autoencoder of it."""
+    data = write_prepared(tmp_path / "data", splits=("train",) * 6 + ("val",), shape=SHAPE)  # 6 ages: continuous
+    manifest = pd.read_csv(data / "manifest.csv")
+    manifest["sex"] = ["F", "M", "F", "M", "M", "F", "F"]
+    manifest.to_csv(data / "manifest.csv", index=False)
+    train_autoencoder(data, tmp_path / "ae", config=tiny_config(max_steps=1, adversarial_start=100))
+    return data, tmp_path / "ae"
+
+
+def tiny(stage="flow", max_steps=3, **loop):
+    model = VelocityNetConfig(in_channels=2, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
+                              num_head_channels=8, norm_num_groups=4)
+    loop = LoopConfig(**{"max_steps": max_steps, "batch_size": 2, "warmup_steps": 2, "log_every": 1, "montage_every": 3,
+                         "checkpoint_every": 3, "device": "cpu", **loop})
+    if stage == "flow":
+        return FlowTrainingConfig(model=model, loop=loop)
+    return DiffusionTrainingConfig(model=dataclasses.replace(model, time_scale=1.0), loop=loop)
+
+
+def check_contract(run, stage, data, autoencoder):
+    """The checkpoint meta that mriflow.generate reads; returns (meta, the rebuilt EMA network)."""
+    weights, meta = ckpt.load_checkpoint(run)
+    assert meta["stage"] == stage and meta["preset"] is None  # a given config, no preset
+    checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()
+    _, autoencoder_meta = ckpt.load_checkpoint(checkpoint_dir)
+    assert meta["autoencoder"] == {"path": str(checkpoint_dir), "model_sha256": ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE),
+                                   "latent_scale": autoencoder_meta["latent_scale"], "step": 1}
+    assert meta["latent_shape"] == [2, 4, 5, 4] and meta["image_shape"] == list(SHAPE)
+    # prepare.json of write_prepared has no "affine": it comes from the first volume's header
+    assert np.allclose(meta["affine"], template_affine(Grid("test", 4.0, SHAPE)))
+    assert meta["grid"] == "test" and meta["preparation"]["recipe"] == ["phantom"]
+    assert meta["data"] == {"dir": str(data.resolve()), "name": "data", "train_subjects": 6}
+    # the model config rebuilds the network, and the EMA weights under "velocity." load into it strictly
+    net = VelocityNet(from_dict(VelocityNetConfig, meta["config"]["model"]))
+    assert all(key.startswith("velocity.") for key in weights)
+    ckpt.load_weights_into(net, weights, "velocity.", str(run))
+    assert meta["parameters"] == num_parameters(net)
+    assert (run / "montages" / "step-00000003.png").stat().st_size > 1000
+    return meta, net
+
+
+def test_presets_load_and_the_diffusion_presets_mirror_the_flow_ones():
+    for preset in PRESETS:
+        flow, diffusion = load_config("flow", preset), load_config("diffusion", preset)
+        assert flow.model.time_scale == 1000.0 and diffusion.model.time_scale == 1.0
+        assert dataclasses.replace(diffusion.model, time_scale=1000.0) == flow.model and diffusion.loop == flow.loop
+        assert flow.sampling.time_shift == flow.objective.time_shift  # sampling grid = training times
+        bytes_per_weight = 2 if flow.loop.weights_dtype in ("float16", "bfloat16") else 4
+        assert num_parameters(VelocityNet(flow.model)) * bytes_per_weight < ckpt.MAX_TRAVELLING_BYTES
+    assert load_config("flow", "tiny", max_steps=7).loop.max_steps == 7
+    # the default samplers generate.py falls back on
+    assert to_dict(FlowSamplingConfig()) == {"solver": "heun", "steps": 8, "guidance": 1.0, "time_shift": 1.0}
+    assert to_dict(DiffusionSamplingConfig()) == {"solver": "ddim", "steps": 50, "guidance": 1.0}
+
+
+def test_configs_refuse_unknown_fields_and_bad_values():
+    with pytest.raises(ValueError, match=r"objective: unknown field\(s\) los; valid fields are loss"):
+        from_dict(FlowTrainingConfig, {"objective": {"los": "l1"}})
+    with pytest.raises(ValueError, match="unknown field.*diffusion.*valid fields are model, objective"):
+        from_dict(FlowTrainingConfig, {"diffusion": {}})
+    with pytest.raises(ValueError, match="objective.loss must be one of l2, l1"):
+        from_dict(FlowTrainingConfig, {"objective": {"loss": "l3"}})
+    with pytest.raises(ValueError, match="sampling.solver must be one of ddpm, ddim"):
+        from_dict(DiffusionTrainingConfig, {"sampling": {"solver": "heun"}})
+    with pytest.raises(ValueError, match="model.time_scale must be 1.0 for diffusion"):
+        from_dict(DiffusionTrainingConfig, {"model": {"time_scale": 1000.0}})
+    with pytest.raises(ValueError, match="unknown flow preset 'huge'; available: base, large, tiny"):
+        load_config("flow", "huge")
+
+
+def test_an_unknown_covariate_is_refused_before_anything_is_encoded(prepared, tmp_path):
+    data, autoencoder = prepared
+    with pytest.raises(ValueError, match=r"unknown covariate\(s\) 'height'.* has: age, sex"):
+        train_flow(data, autoencoder, tmp_path / "flow", condition=["age", "height"], config=tiny())
+    assert not latent_cache_dir(data, autoencoder).exists() and not (tmp_path / "flow").exists()
+
+
+def test_a_conditional_flow_run_encodes_its_latents_and_writes_the_checkpoint_contract(prepared, tmp_path):
+    data, autoencoder = prepared
+    assert not latents_are_current(data, autoencoder)
+    result = train_flow(data, autoencoder, tmp_path / "flow", condition=["age", "sex"], config=tiny())
+    assert latents_are_current(data, autoencoder)  # encoded when training started
+    assert result["step"] == 3 and result["checkpoint"].endswith("step-00000003")
+    assert [row["step"] for row in read_log(tmp_path / "flow")] == ["1", "2", "3"]
+    assert all(np.isfinite(float(row["loss"])) and float(row["loss"]) > 0 for row in read_log(tmp_path / "flow"))
+
+    meta, net = check_contract(tmp_path / "flow", "flow", data, autoencoder)
+    model = meta["config"]["model"]
+    assert model["covariate_names"] == ["age", "sex"] and model["covariate_kinds"] == ["continuous", "categorical"]
+    assert model["covariate_categories"] == [0, 2] and model["time_scale"] == 1000.0
+    assert meta["config"]["objective"]["time_distribution"] == "logit_normal"
+    assert meta["config"]["sampling"] == {"solver": "heun", "steps": 8, "guidance": 1.0, "time_shift": 1.0}
+    # the schema is the one fitted on the training split
+    fitted = PreparedDataset(data, "train", covariates=["age", "sex"]).schema.to_dict()
+    assert json.dumps(meta["schema"], sort_keys=True) == json.dumps(fitted, sort_keys=True)  # NaN ranges of categories
+    assert meta["schema"]["covariates"][1]["categories"] == ["F", "M"]
+    values, present = torch.tensor([0.5, 1.0]), torch.tensor([True, True])
+    latents, _ = sample_latents(net, (2, *meta["latent_shape"]), (values, present), steps=2)
+    assert latents.shape == (2, 2, 4, 5, 4) and torch.isfinite(latents).all()
+
+
+def test_stale_latents_are_encoded_again_and_an_unconditional_run_has_an_empty_schema(prepared, tmp_path):
+    data, autoencoder = prepared
+    encode_dataset(data, autoencoder, device="cpu")
+    train_autoencoder(data, autoencoder, resume=True, max_steps=2)  # new weights: the cache is stale
+    assert not latents_are_current(data, autoencoder)
+    train_flow(data, autoencoder, tmp_path / "flow", config=tiny(max_steps=1))
+    assert latents_are_current(data, autoencoder)
+    _, meta = ckpt.load_checkpoint(tmp_path / "flow")
+    assert meta["schema"] == {"covariates": []} and meta["config"]["model"]["covariate_names"] == []
+    assert meta["autoencoder"]["step"] == 2
+
+
+@pytest.mark.parametrize("stage", ["flow", "diffusion"])
+def test_resume_continues_with_the_same_loss_curve_as_an_uninterrupted_run(prepared, tmp_path, stage):
+    data, autoencoder = prepared
+    train, other = (train_flow, train_diffusion) if stage == "flow" else (train_diffusion, train_flow)
+    # 6 subjects, batch 2: the 6 steps cross an epoch boundary; posterior draws, noise, times and
+    # covariate dropout must all come back from the checkpoint.
+    config = tiny(stage, max_steps=6)
+    train(data, autoencoder, tmp_path / "whole", condition=["age", "sex"], config=config)
+    train(data, autoencoder, tmp_path / "split", condition=["age", "sex"], config=config, stop_at_step=3)
+    assert len(read_log(tmp_path / "split")) == 3
+    train(data, autoencoder, tmp_path / "split", resume=True)
+
+    whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
+    assert [row["step"] for row in split] == [str(s) for s in range(1, 7)]
+    assert len({row["loss"] for row in whole}) == 6  # a curve, not a constant
+    assert [row["loss"] for row in whole] == [row["loss"] for row in split]
+    weights_whole, _ = ckpt.load_checkpoint(tmp_path / "whole")
+    weights_split, _ = ckpt.load_checkpoint(tmp_path / "split")
+    assert all(torch.equal(weights_whole[k], weights_split[k]) for k in weights_whole)
+    with pytest.raises(ValueError, match="drop --condition to resume"):
+        train(data, autoencoder, tmp_path / "split", condition=["age"], resume=True, max_steps=8)
+    with pytest.raises(ValueError, match=f"holds a '{stage}' run, not a"):
+        other(data, autoencoder, tmp_path / "split", resume=True, max_steps=8)
+
+
+def test_a_conditional_diffusion_run_writes_the_checkpoint_contract(prepared, tmp_path):
+    data, autoencoder = prepared
+    train_diffusion(data, autoencoder, tmp_path / "diffusion", condition=["sex"], config=tiny("diffusion"))
+    meta, net = check_contract(tmp_path / "diffusion", "diffusion", data, autoencoder)
+    assert meta["config"]["model"]["covariate_names"] == ["sex"] and meta["config"]["model"]["time_scale"] == 1.0
+    assert meta["config"]["diffusion"]["prediction"] == "v" and meta["config"]["diffusion"]["schedule"] == "scaled_linear_beta"
+    assert meta["config"]["sampling"] == {"solver": "ddim", "steps": 50, "guidance": 1.0}
+    assert "objective" not in meta["config"] and [c["name"] for c in meta["schema"]["covariates"]] == ["sex"]
+    assert all(np.isfinite(float(row["loss"])) for row in read_log(tmp_path / "diffusion"))
