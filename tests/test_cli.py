@@ -90,3 +90,25 @@ def test_console_command_is_installed():
     result = subprocess.run([sys.executable, "-m", "mriflow", "--help"], capture_output=True, text=True, check=True)
     for command in ("prepare", "train", "encode", "generate", "evaluate"):
         assert command in result.stdout
+
+
+def test_train_flow_then_generate_with_covariate_options(tmp_path, capsys):
+    data = write_prepared(tmp_path / "data", splits=("train",) * 8 + ("val", "test"))
+    ae, flow = tmp_path / "ae", tmp_path / "flow"
+    assert main(["train", "autoencoder", str(data), "--out", str(ae), "--max-steps", "1"]) == 0
+    assert main(["train", "flow", str(data), "--autoencoder", str(ae), "--out", str(flow), "--condition", "age",
+                 "--max-steps", "2"]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "samples"
+    assert main(["generate", "--model", str(flow), "--out", str(out), "--n", "2", "--age", "40", "--solver", "euler",
+                 "--steps", "2", "--device", "cpu"]) == 0
+    assert "2 volumes" in capsys.readouterr().out
+    sidecar = json.loads((out / "sample_00001.json").read_text())
+    assert sidecar["covariates"] == {"age": 40.0} and sidecar["solver"] == "euler" and sidecar["steps"] == 2
+    assert nib.load(str(out / "sample_00001.nii.gz")).get_qform(coded=True)[1] == 4  # MNI template space
+
+    # A covariate the model does not know is refused with the ones it knows; nothing is written.
+    assert main(["generate", "--model", str(flow), "--out", str(tmp_path / "other"), "--ventricles", "3"]) == 2
+    assert "this model knows: age" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

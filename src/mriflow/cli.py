@@ -131,10 +131,11 @@ def _run_train_autoencoder(args: argparse.Namespace) -> int:
 
 def _run_train_generator(args: argparse.Namespace) -> int:
     if args.stage == "flow":
-        from mriflow.train.flow import train_flow as train_generator
+        from mriflow.train.generator import train_flow as train_generator
     else:
-        from mriflow.train.diffusion import train_diffusion as train_generator
-    condition = [name.strip() for name in args.condition.split(",") if name.strip()]
+        from mriflow.train.generator import train_diffusion as train_generator
+    # No --condition: unconditional for a new run, the run's own covariates on --resume.
+    condition = [name.strip() for name in args.condition.split(",") if name.strip()] or None
     result = train_generator(args.data, args.autoencoder, args.out, condition=condition, preset=args.preset,
                              max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes)
     return _report_training(result)

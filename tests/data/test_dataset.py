@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -115,9 +118,11 @@ def test_bad_requests_name_the_problem(tmp_path):
         PreparedDataset(tmp_path / "nowhere", "train")
 
 
-def test_schema_round_trips_through_a_dict(tmp_path):
+def test_schema_round_trips_through_strict_json(tmp_path):
     schema = PreparedDataset(make_prepared(tmp_path, ROWS), "train", covariates=["age", "sex"]).schema
-    again = CovariateSchema.from_dict(schema.to_dict())
+    text = json.dumps(schema.to_dict(), allow_nan=False)  # checkpoints are read by strict JSON parsers too
+    again = CovariateSchema.from_dict(json.loads(text))
+    assert math.isnan(again["sex"].minimum) and again["age"].maximum == schema["age"].maximum
     request = {"age": 33.0, "sex": "M"}
     assert torch.equal(schema.encode(request)[0], again.encode(request)[0])
     with pytest.raises(KeyError, match="known covariates: age, sex"):

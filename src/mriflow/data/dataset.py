@@ -132,11 +132,15 @@ class CovariateSchema:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"covariates": [asdict(c) for c in self.covariates]}
+        """Strict-JSON-ready: an undefined range (a categorical covariate's) is written as null, not NaN."""
+        return {"covariates": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(c).items()}
+                               for c in self.covariates]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CovariateSchema":
-        return cls([Covariate(**c) for c in data["covariates"]])
+        undefined = ("minimum", "maximum")
+        return cls([Covariate(**{k: math.nan if v is None and k in undefined else v for k, v in c.items()})
+                    for c in data["covariates"]])
 
 
 def read_manifest(root: str | Path) -> pd.DataFrame:
