@@ -1,25 +1,33 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
 from conftest import head_phantom
+from mriflow.checkpoint import sha256
+from mriflow.config import get_grid
 from mriflow.evaluate import features as features_module
 from mriflow.evaluate.features import (
+    BRAIN_CLASSES,
+    TISSUE_CLASSES,
     AnatomyBackbone,
     AnatomyEncoder,
     AnatomyEncoderConfig,
     IntensityBackbone,
     RadImageNetResNet50,
     available_backbones,
+    default_anatomy_weights,
     get_backbone,
     load_state_dict,
     medicalnet_resnet,
+    muse_tissue_mapping,
     register_backbone,
     save_anatomy_encoder,
-    sha256_file,
+    tissue_volumes_ml,
 )
 
 
@@ -70,7 +78,7 @@ def save_medicalnet_checkpoint(path, depth=10):
 def test_medicalnet_loads_a_local_checkpoint_checked_by_sha256(tmp_path):
     path = tmp_path / "resnet_10_23dataset.pth"
     reference = save_medicalnet_checkpoint(path)
-    checksum = sha256_file(path)
+    checksum = sha256(path)
     backbone = get_backbone("medicalnet-resnet10", weights=path, weights_sha256=checksum)
     assert backbone.name == "medicalnet-resnet10" and backbone.weights_sha256 == checksum
     volumes = phantom_volumes(2)
@@ -85,7 +93,7 @@ def test_medicalnet_loads_a_local_checkpoint_checked_by_sha256(tmp_path):
 def test_medicalnet_refuses_unknown_or_wrong_checksums(tmp_path):
     path = tmp_path / "resnet_10.pth"
     save_medicalnet_checkpoint(path)
-    checksum = sha256_file(path)
+    checksum = sha256(path)
     with pytest.raises(ValueError, match=f"not a published checksum.*--weights-sha256 {checksum}"):
         get_backbone("medicalnet-resnet10", weights=path)
     with pytest.raises(ValueError, match="SHA-256 is"):
@@ -117,7 +125,7 @@ def test_loading_refuses_pickled_objects_and_misfitting_weights(tmp_path):
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv1.weight": torch.zeros(3)}, wrong)
     with pytest.raises(ValueError, match="do not fit"):
-        get_backbone("medicalnet-resnet10", weights=wrong, weights_sha256=sha256_file(wrong))
+        get_backbone("medicalnet-resnet10", weights=wrong, weights_sha256=sha256(wrong))
 
 
 def test_safetensors_checkpoint_with_module_prefix_loads(tmp_path):
@@ -140,11 +148,11 @@ def test_radimagenet_2p5d_features_from_a_local_file(tmp_path):
     network.load_state_dict(half)
     path = tmp_path / "RadImageNet-ResNet50_notop.safetensors"
     save_file(half, str(path))
-    backbone = features_module.RadImageNetBackbone(path, weights_sha256=sha256_file(path), slices_per_plane=3)
+    backbone = features_module.RadImageNetBackbone(path, weights_sha256=sha256(path), slices_per_plane=3)
     volumes = phantom_volumes(2, shape=(24, 28, 24))
     values = backbone.features(volumes)
     assert values.shape == (2, 3 * 2048)
-    assert "radimagenet" in backbone.name and backbone.weights_sha256 == sha256_file(path)
+    assert "radimagenet" in backbone.name and backbone.weights_sha256 == sha256(path)
     # The axial block is the slice-averaged pooled output of the 2D network on axial slices.
     volume = torch.from_numpy(volumes[0, 0])
     indices = torch.from_numpy(backbone.slice_indices(volume.shape[2]))
@@ -156,23 +164,130 @@ def test_radimagenet_2p5d_features_from_a_local_file(tmp_path):
     assert not np.allclose(values[0, :2048], values[0, 2048:4096])
 
 
-def test_anatomy_backbone_reports_when_absent_and_loads_its_own_format(tmp_path):
+def test_muse_labels_map_to_tissue_classes_by_name():
+    regions = {1: "CortCSF", 4: "3rdVentricle", 51: "LateralVentricle_R", 49: "InfLatVentricle_R", 81: "Frontal_WM_R",
+               40: "Cerebellum_WM_L", 95: "CorpCall", 61: "VentralDC_R", 35: "BrainStem", 48: "Hippocampus_L",
+               59: "ThalamusProper_R", 182: "PrecentralGyrus_R", 38: "CerebellumExterior_R",
+               509: "Ventricles", 405: "Frontal_WM", 701: "TotalBrain"}
+    mapping = {label: TISSUE_CLASSES[index] for label, index in muse_tissue_mapping(regions).items()}
+    assert mapping == {1: "csf", 4: "ventricles", 51: "ventricles", 49: "ventricles", 81: "white_matter",
+                       40: "white_matter", 95: "white_matter", 61: "white_matter", 35: "brainstem",
+                       48: "grey_matter", 59: "grey_matter", 182: "grey_matter", 38: "grey_matter",
+                       46: "csf", 69: "white_matter"}  # composites (>= 300) skipped; 46 and 69 are unnamed labels
+
+
+def test_muse_mapping_reproduces_muse_composites(ixi_dir):
+    """Summed per class, the single regions give MUSE's own 509 Ventricles, 601 GM, 604 WM and 701 TotalBrain."""
+    import pandas as pd
+
+    regions = pd.read_csv(ixi_dir / "muse_regions.csv").set_index("index")["name"].to_dict()
+    volumes = pd.read_csv(ixi_dir / "region_volumes.csv", index_col=0).iloc[:5]
+    mapping = {label: TISSUE_CLASSES[index] for label, index in muse_tissue_mapping(regions).items()}
+    by_class = {name: sum(volumes[str(label)] for label, c in mapping.items() if c == name and str(label) in volumes)
+                for name in TISSUE_CLASSES[1:]}
+    np.testing.assert_allclose(by_class["ventricles"], volumes["509"])
+    np.testing.assert_allclose(by_class["grey_matter"], volumes["601"])
+    np.testing.assert_allclose(by_class["white_matter"], volumes["604"])
+    np.testing.assert_allclose(sum(by_class[name] for name in BRAIN_CLASSES), volumes["701"])
+
+
+def test_tissue_volumes_are_voxel_counts_times_voxel_volume():
+    segmentation = np.zeros((2, 4, 5, 6), np.int64)
+    segmentation[0, :2, :3, :1] = TISSUE_CLASSES.index("ventricles")  # 6 voxels
+    segmentation[0, 3, :, :] = TISSUE_CLASSES.index("grey_matter")  # 30 voxels
+    segmentation[1] = TISSUE_CLASSES.index("csf")
+    segmentation[1, 0, 0, 0] = TISSUE_CLASSES.index("brainstem")
+    volumes = tissue_volumes_ml(segmentation, TISSUE_CLASSES, voxel_mm=4.0)
+    np.testing.assert_allclose(volumes["ventricles"], [6 * 0.064, 0.0])
+    np.testing.assert_allclose(volumes["total_brain"], [36 * 0.064, 1 * 0.064])
+    np.testing.assert_allclose(volumes["csf"], [0.0, 119 * 0.064])
+    np.testing.assert_allclose(sum(volumes[c] for c in TISSUE_CLASSES), [120 * 0.064] * 2)
+
+
+def fresh_anatomy_weights(path, segment_as: str | None = None, dtype=torch.float32):
+    """An untrained anatomy network with zero age/sex heads (so predictions are the stored target means);
+    with `segment_as`, its segmentation head labels every voxel as that class."""
+    config = AnatomyEncoderConfig(target_mean={"age": 40.0}, target_std={"age": 10.0},
+                                  label_map={"51": "ventricles"})
+    model = AnatomyEncoder(config)
+    last = model.heads[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    if segment_as is not None:
+        head = next(m for m in model.segmentation.modules() if isinstance(m, torch.nn.Conv3d))
+        torch.nn.init.zeros_(head.weight)
+        with torch.no_grad():
+            head.bias.copy_(torch.eye(len(config.classes))[config.classes.index(segment_as)])
+    return save_anatomy_encoder(path, model, record={"test": {"age_mae_years": 1.0}}, dtype=dtype), model
+
+
+def test_anatomy_backbone_saves_loads_and_predicts(tmp_path):
     with pytest.raises(FileNotFoundError, match="not available.*intensity"):
         AnatomyBackbone(tmp_path / "anatomy.safetensors")
-    config = AnatomyEncoderConfig(depth=10, target_mean={"age": 40.0, "ventricles_ml": 25.0, "total_brain_ml": 1100.0})
-    model = AnatomyEncoder(config)
-    torch.nn.init.zeros_(model.heads.weight)
-    torch.nn.init.zeros_(model.heads.bias)
-    path = save_anatomy_encoder(tmp_path / "anatomy.safetensors", model)
+    path, model = fresh_anatomy_weights(tmp_path / "anatomy.safetensors")
     backbone = get_backbone("anatomy", weights=path)
     assert isinstance(backbone, features_module.PredictiveBackbone)
-    assert backbone.weights_sha256 == sha256_file(path) and backbone.sex_categories == ("F", "M")
-    volumes = phantom_volumes(2)
-    assert backbone.features(volumes).shape == (2, 512)
+    assert backbone.weights_sha256 == sha256(path) and backbone.sex_categories == ("F", "M")
+    assert backbone.name.startswith("anatomy-") and backbone.config.shape == (40, 48, 40)
+    assert backbone.config.label_map == {"51": "ventricles"} and backbone.record == {"test": {"age_mae_years": 1.0}}
+    volumes = phantom_volumes(2, shape=(40, 48, 40))
+    values = backbone.features(volumes)
+    assert values.shape == (2, 256) and values.dtype == np.float32
+    with torch.no_grad():
+        np.testing.assert_allclose(values, model.eval().embed(torch.from_numpy(volumes)).numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(values[0], values[1])
     predictions = backbone.predict(volumes)
     assert set(predictions) == {"age", "sex_prob", "ventricles_ml", "total_brain_ml"}
-    np.testing.assert_allclose(predictions["age"], [40.0, 40.0])  # zero heads -> the stored target means
+    np.testing.assert_allclose(predictions["age"], [40.0, 40.0])  # zero heads -> the stored target mean
     np.testing.assert_allclose(predictions["sex_prob"], [0.5, 0.5])
+    measured = tissue_volumes_ml(backbone.segment(volumes), backbone.config.classes, 4.0)
+    np.testing.assert_allclose(predictions["ventricles_ml"], measured["ventricles"])
+    np.testing.assert_allclose(predictions["total_brain_ml"], measured["total_brain"])
+
+    half, _ = fresh_anatomy_weights(tmp_path / "half.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    assert AnatomyBackbone(half).features(volumes).shape == (2, 256)
+
+
+def test_anatomy_volumes_come_from_the_segmentation(tmp_path):
+    path, _ = fresh_anatomy_weights(tmp_path / "white.safetensors", segment_as="white_matter")
+    predictions = get_backbone("anatomy", weights=path).predict(phantom_volumes(2, shape=(40, 48, 40)))
+    np.testing.assert_allclose(predictions["total_brain_ml"], [40 * 48 * 40 * 0.064] * 2)
+    np.testing.assert_allclose(predictions["ventricles_ml"], [0.0, 0.0])
+    path, _ = fresh_anatomy_weights(tmp_path / "ventricles.safetensors", segment_as="ventricles")
+    predictions = get_backbone("anatomy", weights=path).predict(phantom_volumes(1, shape=(40, 48, 40)))
+    np.testing.assert_allclose(predictions["ventricles_ml"], [40 * 48 * 40 * 0.064])
+
+
+def test_anatomy_backbone_refuses_other_grids_and_old_formats(tmp_path):
+    from safetensors.torch import save_file
+
+    path, _ = fresh_anatomy_weights(tmp_path / "anatomy.safetensors")
+    backbone = AnatomyBackbone(path)
+    with pytest.raises(ValueError, match=r"4mm grid, shape \(40, 48, 40\), but got volumes of shape \(32, 36, 32\)"):
+        backbone.features(phantom_volumes(1))
+    with pytest.raises(ValueError, match="4mm grid"):
+        backbone.predict(phantom_volumes(1, shape=(80, 96, 80)))
+    old = tmp_path / "old.safetensors"
+    save_file({"heads.weight": torch.zeros(4, 512)}, str(old),
+              metadata={features_module.ANATOMY_METADATA_KEY: json.dumps({"depth": 10, "grid": "2mm"})})
+    with pytest.raises(ValueError, match=r"\['depth'\] are unknown.*retrain"):
+        AnatomyBackbone(old)
+
+
+def test_shipped_anatomy_weights_load_and_fit_the_size_limit():
+    path = default_anatomy_weights()
+    if not path.is_file():
+        pytest.skip(f"{path} not trained in this checkout (benchmarks/anatomy.py writes it)")
+    assert path.stat().st_size <= 16 * 2**20
+    backbone = get_backbone("anatomy")
+    assert backbone.weights_sha256 == sha256(path)
+    assert backbone.config.shape == get_grid(backbone.config.grid).shape
+    assert backbone.config.voxel_mm == get_grid(backbone.config.grid).voxel_mm
+    assert set(backbone.config.label_map.values()) == set(TISSUE_CLASSES[1:])
+    assert {"age_mae_years", "sex_accuracy", "dice"} <= set(backbone.record["test"])
+    volumes = phantom_volumes(2, shape=backbone.config.shape)
+    assert backbone.features(volumes).shape == (2, backbone.config.embedding_dim)
 
 
 def test_registry_lists_names_and_accepts_new_backbones():

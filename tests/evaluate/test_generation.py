@@ -13,11 +13,11 @@ from conftest import head_phantom
 from mriflow.config import get_grid
 from mriflow.data.io import load_volume, save_volume, template_affine
 from mriflow.evaluate.features import AnatomyBackbone, AnatomyEncoder, AnatomyEncoderConfig, save_anatomy_encoder
-from mriflow.evaluate.generation import check_geometry, evaluate_generation
+from mriflow.evaluate.generation import _predictor, check_geometry, evaluate_generation
 
 GRID = get_grid("4mm")
 SPLITS = {"train": 10, "val": 8, "test": 8}
-FAST = {"bootstrap": 3, "diversity_pairs": 4, "progress": False}
+FAST = {"bootstrap": 3, "diversity_pairs": 4, "progress": False, "backbone": "intensity"}
 
 
 def person(seed):
@@ -120,7 +120,7 @@ def test_broken_fakes_score_worse_than_real_ones(prepared, tmp_path):
 def test_reconstruction_column_and_conditional_fidelity(prepared, tmp_path):
     val = [f"sub{i:02d}" for i in range(10, 18)]
     fakes = write_fakes(tmp_path / "fakes", prepared, val, sidecar=lambda i, s: {"covariates": {"age": 30 + i, "sex": "F"}})
-    model = AnatomyEncoder(AnatomyEncoderConfig(depth=10))
+    model = AnatomyEncoder(AnatomyEncoderConfig())
     weights = save_anatomy_encoder(tmp_path / "anatomy.safetensors", model)
     calls = []
 
@@ -128,8 +128,8 @@ def test_reconstruction_column_and_conditional_fidelity(prepared, tmp_path):
         calls.append(volumes.shape)
         return torch.nn.functional.avg_pool3d(volumes, 3, stride=1, padding=1, count_include_pad=False)
 
-    result = evaluate_generation(prepared, fakes, tmp_path / "out", backbone=AnatomyBackbone(weights),
-                                 reconstruct=reconstruct, autoencoder="runs/ae", **FAST)
+    result = evaluate_generation(prepared, fakes, tmp_path / "out", **{**FAST, "backbone": AnatomyBackbone(weights)},
+                                 reconstruct=reconstruct, autoencoder="runs/ae")
     assert list(result["columns"]) == ["real_vs_reconstruction", "real_vs_real", "real_vs_generated"]
     assert sum(shape[0] for shape in calls) == SPLITS["test"]
     assert 0.5 < result["reconstruction"]["ssim"]["mean"] < 1.0
@@ -137,7 +137,7 @@ def test_reconstruction_column_and_conditional_fidelity(prepared, tmp_path):
     assert fidelity["age"]["generated"]["target"] == [30.0 + i for i in range(8)]
     assert fidelity["age"]["real"]["count"] == SPLITS["test"]
     assert 0 <= fidelity["sex"]["generated"]["accuracy"] <= 1
-    assert result["backbone"]["name"] == "anatomy-resnet10"
+    assert result["backbone"]["name"].startswith("anatomy-")
     assert (tmp_path / "out" / "figures" / "age_fidelity.png").is_file()
     assert "runs/ae" in (tmp_path / "out" / "report.md").read_text()
 
@@ -149,3 +149,11 @@ def test_refuses_writing_into_an_input_folder_and_unknown_splits(prepared, tmp_p
     with pytest.raises(ValueError, match="--split 'holdout'.*available splits: test, train, val"):
         evaluate_generation(prepared, fakes, tmp_path / "out", split="holdout", **FAST)
     shutil.rmtree(fakes)
+
+
+def test_auto_backbone_is_the_shipped_anatomy_network_on_its_grid_only(prepared, tmp_path):
+    fakes = write_fakes(tmp_path / "fakes", prepared, [f"sub{i:02d}" for i in range(10, 18)])
+    result = evaluate_generation(prepared, fakes, tmp_path / "out", **{**FAST, "backbone": "auto"})
+    assert result["backbone"]["name"].startswith("anatomy-") and result["backbone"]["weights_sha256"]
+    predictor, reason = _predictor(None, (16, 20, 16))
+    assert predictor is None and "grid" in reason

@@ -11,7 +11,7 @@ because FD/KID numbers are only comparable under the same backbone and weights.
 | medicalnet-resnet10  | MedicalNet 3D ResNet-10 (Chen et al. 2019), pooled        | 512  | resnet_10[_23dataset].pth       |
 | medicalnet-resnet50  | MedicalNet 3D ResNet-50, pooled                           | 2048 | resnet_50[_23dataset].pth       |
 | radimagenet-resnet50 | RadImageNet 2D ResNet-50 on axial/coronal/sagittal slices | 6144 | RadImageNet-ResNet50_notop.pth  |
-| anatomy              | mriflow's own anatomy encoder, with age/sex/volume heads  | 512  | shipped weights/anatomy.safetensors |
+| anatomy              | mriflow's anatomy U-Net: pooled bottleneck; age/sex heads, tissue segmentation | 256 | shipped weights/anatomy.safetensors |
 
     >>> backbone = get_backbone("medicalnet-resnet10", weights="resnet_10_23dataset.pth")
     >>> backbone.name, backbone.weights_sha256
@@ -23,11 +23,10 @@ anything but tensors and plain containers; .safetensors files hold tensors only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -36,7 +35,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets import resnet10, resnet18, resnet34, resnet50
+
+from mriflow.checkpoint import sha256
 
 # Published SHA-256 of the files users download themselves (Git LFS object ids on the
 # Hugging Face Hub): TencentMedicalNet/MedicalNet-Resnet10 and -Resnet50, and
@@ -65,6 +67,7 @@ WEIGHTS_SOURCES = {
 }
 ANATOMY_WEIGHTS = "anatomy.safetensors"
 ANATOMY_METADATA_KEY = "mriflow.anatomy_encoder"
+ANATOMY_RECORD_KEY = "mriflow.anatomy_training"
 
 
 class Backbone(Protocol):
@@ -94,14 +97,6 @@ class PredictiveBackbone(Protocol):
 # ----------------------------------------------------------------------------- weights
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_weights(path: str | Path, backbone: str, expected_sha256: str | None = None) -> str:
     """Check a weights file's SHA-256 and return it.
 
@@ -113,7 +108,7 @@ def verify_weights(path: str | Path, backbone: str, expected_sha256: str | None 
         source = WEIGHTS_SOURCES.get(backbone, "see the docs")
         raise FileNotFoundError(f"--weights {path}: no such file; download it yourself ({source}) "
                                 f"and pass its local path, mriflow never downloads")
-    actual = sha256_file(path)
+    actual = sha256(path)
     if expected_sha256 is not None:
         if actual != expected_sha256.strip().lower():
             raise ValueError(f"--weights {path}: SHA-256 is {actual}, but --weights-sha256 says {expected_sha256}; "
@@ -363,51 +358,157 @@ class RadImageNetBackbone:
 
 # ----------------------------------------------------------------------------- mriflow's anatomy encoder
 
+# Tissue classes of the anatomy network, in output-channel order. Brainstem is its own class
+# because MUSE keeps it out of grey (601) and white matter (604) but inside TotalBrain (701).
+TISSUE_CLASSES = ("background", "csf", "ventricles", "grey_matter", "white_matter", "brainstem")
+# MUSE 701 TotalBrain = 601 GM + 604 WM + 509 Ventricles + 35 BrainStem (checked on region_volumes.csv);
+# cortical CSF (1) and the unnamed CSF label (46) are inside the ICV (702) but outside TotalBrain.
+BRAIN_CLASSES = ("ventricles", "grey_matter", "white_matter", "brainstem")
+# DLMUSE label maps hold two labels that muse_regions.csv does not name; these are their
+# Neuromorphometrics names (46: CSF outside the ventricles, 69: optic chiasm).
+UNNAMED_DLMUSE_LABELS = {46: "CSF", 69: "OpticChiasm"}
+# MUSE numbers single (label-map) regions below 300; 300 and above are composites of them.
+MUSE_FIRST_COMPOSITE = 300
+
+
+def muse_tissue_class(name: str) -> str:
+    """The tissue class of one single DLMUSE region, by its MUSE name.
+
+    Rules, first match wins: "...Ventricle..." -> ventricles (lateral, inferior lateral,
+    3rd, 4th; MUSE 509); CortCSF / CSF -> csf; BrainStem -> brainstem; white-matter
+    names (…_WM…, CorpCall, Fornix, internal capsule limbs, VentralDC, OpticChiasm) ->
+    white_matter, which reproduces MUSE 604 WM; every other region (cortical gyri,
+    deep nuclei, hippocampus, amygdala, cerebellar cortex and vermis) -> grey_matter (601).
+    """
+    if "Ventricle" in name:
+        return "ventricles"
+    if name in ("CortCSF", "CSF"):
+        return "csf"
+    if name == "BrainStem":
+        return "brainstem"
+    white = ("CorpCall", "Fornix", "InternalCapsule", "VentralDC", "OpticChiasm")
+    if name.endswith("_WM") or "_WM_" in name or any(part in name for part in white):
+        return "white_matter"
+    return "grey_matter"
+
+
+def muse_tissue_mapping(regions: dict[int, str], classes: Sequence[str] = TISSUE_CLASSES) -> dict[int, int]:
+    """DLMUSE label -> class index in `classes`, for the single regions of `regions` (index -> name,
+    as in muse_regions.csv) plus `UNNAMED_DLMUSE_LABELS`; composites (index >= 300) are skipped."""
+    named = {**UNNAMED_DLMUSE_LABELS, **{int(k): str(v) for k, v in regions.items() if 0 < int(k) < MUSE_FIRST_COMPOSITE}}
+    return {label: classes.index(muse_tissue_class(name)) for label, name in sorted(named.items())}
+
+
+def tissue_volumes_ml(segmentation: torch.Tensor | np.ndarray, classes: Sequence[str], voxel_mm: float) -> dict[str, np.ndarray]:
+    """Volume of every class in a segmentation (N, D, H, W) of class indices: voxel count x voxel volume, in ml.
+
+    Returns one (N,) float64 array per class, plus "total_brain" = the sum over `BRAIN_CLASSES`.
+    """
+    segmentation = torch.as_tensor(segmentation)
+    if segmentation.ndim != 4:
+        raise ValueError(f"segmentation: expected (N, D, H, W) class indices, got shape {tuple(segmentation.shape)}")
+    counts = F.one_hot(segmentation.long().flatten(1), len(classes)).sum(1).double()  # (N, C)
+    volumes = {name: (counts[:, i] * voxel_mm**3 / 1000.0).numpy() for i, name in enumerate(classes)}
+    volumes["total_brain"] = sum(volumes[name] for name in BRAIN_CLASSES)
+    return volumes
+
 
 @dataclass
 class AnatomyEncoderConfig:
-    """Architecture and target scaling of the anatomy encoder, stored in its safetensors metadata.
+    """Architecture, grid and target scaling of the anatomy network, stored in its safetensors metadata.
 
-    Heads are standardised regressions (value = output * std + mean) except "sex",
-    a logit for the last of `sex_categories`.
+    Age is a standardised regression (years = output * std + mean); sex is a logit for
+    the last of `sex_categories`. `label_map` (DLMUSE label -> class name) records how
+    the segmentation targets were made.
     """
 
-    depth: int = 10
-    grid: str = "2mm"
-    heads: tuple[str, ...] = ("age", "sex", "ventricles_ml", "total_brain_ml")
-    target_mean: dict[str, float] = field(default_factory=lambda: {"age": 50.0, "ventricles_ml": 30.0, "total_brain_ml": 1150.0})
-    target_std: dict[str, float] = field(default_factory=lambda: {"age": 16.0, "ventricles_ml": 15.0, "total_brain_ml": 120.0})
+    grid: str = "4mm"
+    voxel_mm: float = 4.0
+    shape: tuple[int, ...] = (40, 48, 40)
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    embedding_dim: int = 256
+    classes: tuple[str, ...] = TISSUE_CLASSES
+    target_mean: dict[str, float] = field(default_factory=lambda: {"age": 50.0})
+    target_std: dict[str, float] = field(default_factory=lambda: {"age": 16.0})
     sex_categories: tuple[str, ...] = ("F", "M")
+    label_map: dict[str, str] = field(default_factory=dict)
 
 
 class AnatomyEncoder(nn.Module):
-    """A 3D ResNet (MONAI, input [0, 1], 1 channel) whose pooled embedding feeds linear heads.
+    """A compact 3D U-Net of MONAI residual units with a tissue segmentation head, a pooled
+    bottleneck embedding and age / sex heads.
 
-    forward(x (N, 1, D, H, W)) -> (embedding (N, E), heads (N, len(config.heads))).
-    The training task trains it and saves it with `save_anatomy_encoder`.
+        x (N, 1, D, H, W) in [0, 1]
+          encoder: residual units at channels[0] (full size), channels[1:] (each stride 2)
+          bottleneck: residual unit to embedding_dim channels -> average pool -> embedding (N, E)
+          decoder: transposed convolutions + skip connections -> logits (N, len(classes), D, H, W)
+          heads: linear on the embedding -> age (N,) standardised, sex_logit (N,)
+
+    D, H, W must be divisible by 2 ** (len(channels) - 1) (40 x 48 x 40 and 80 x 96 x 80 are).
     """
 
     def __init__(self, config: AnatomyEncoderConfig):
         super().__init__()
         self.config = config
-        constructors = {10: resnet10, 18: resnet18, 34: resnet34, 50: resnet50}
-        self.encoder = constructors[config.depth](spatial_dims=3, n_input_channels=1, feed_forward=False, conv1_t_stride=2)
-        self.embedding_dim = 2048 if config.depth == 50 else 512
-        self.heads = nn.Linear(self.embedding_dim, len(config.heads))
+        norm, channels = ("instance", {"affine": True}), tuple(config.channels)
+        factor = 2 ** (len(channels) - 1)
+        if any(size % factor for size in config.shape):
+            raise ValueError(f"AnatomyEncoderConfig.shape {tuple(config.shape)}: every size must be divisible by "
+                             f"{factor} for {len(channels)} levels (channels {channels}); pad the grid or drop a level")
+        self.encoder = nn.ModuleList(
+            ResidualUnit(3, c_in, c_out, strides=1 if i == 0 else 2, subunits=2, norm=norm)
+            for i, (c_in, c_out) in enumerate(zip((1,) + channels[:-1], channels)))
+        self.bottleneck = ResidualUnit(3, channels[-1], config.embedding_dim, subunits=2, norm=norm)
+        self.upsample = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        in_channels = config.embedding_dim + channels[-1]  # the bottleneck joined with the deepest encoder level
+        for level in reversed(range(len(channels) - 1)):  # each step doubles the size and joins a skip
+            self.upsample.append(Convolution(3, in_channels, channels[level], strides=2, is_transposed=True, norm=norm))
+            self.decoder.append(ResidualUnit(3, 2 * channels[level], channels[level], subunits=1, norm=norm))
+            in_channels = channels[level]
+        self.segmentation = Convolution(3, channels[0], len(config.classes), kernel_size=1, conv_only=True)
+        self.heads = nn.Sequential(nn.Dropout(0.2), nn.Linear(config.embedding_dim, 2))  # age, sex logit
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.encoder(x)
-        return embedding, self.heads(embedding)
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.embedding_dim
+
+    def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        return skips, self.bottleneck(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, D, H, W) -> embedding (N, E), without running the decoder."""
+        return self._encode(x)[1].mean(dim=(2, 3, 4))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """-> {"logits" (N, C, D, H, W), "embedding" (N, E), "age" (N,) standardised, "sex_logit" (N,)}."""
+        skips, bottom = self._encode(x)
+        embedding = bottom.mean(dim=(2, 3, 4))
+        y = torch.cat([bottom, skips[-1]], dim=1)
+        for upsample, decoder, skip in zip(self.upsample, self.decoder, reversed(skips[:-1])):
+            y = decoder(torch.cat([upsample(y), skip], dim=1))
+        heads = self.heads(embedding)
+        return {"logits": self.segmentation(y), "embedding": embedding, "age": heads[:, 0], "sex_logit": heads[:, 1]}
 
 
-def save_anatomy_encoder(path: str | Path, model: AnatomyEncoder) -> Path:
-    """Write weights + config (as safetensors metadata) in the layout `AnatomyBackbone` reads."""
+def save_anatomy_encoder(path: str | Path, model: AnatomyEncoder, record: dict | None = None,
+                         dtype: torch.dtype = torch.float32) -> Path:
+    """Write weights (floating tensors as `dtype`) + config (and an optional training record) as
+    safetensors metadata, in the layout `AnatomyBackbone` reads."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={ANATOMY_METADATA_KEY: json.dumps(asdict(model.config))})
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    metadata = {ANATOMY_METADATA_KEY: json.dumps(asdict(model.config))}
+    if record is not None:
+        metadata[ANATOMY_RECORD_KEY] = json.dumps(record)
+    save_file(state, str(path), metadata=metadata)
     return path
 
 
@@ -416,7 +517,16 @@ def default_anatomy_weights() -> Path:
 
 
 class AnatomyBackbone:
-    """mriflow's anatomy encoder: embedding features plus age / sex / volume predictions."""
+    """mriflow's anatomy network: embedding features plus age / sex predictions and tissue volumes
+    measured from its segmentation.
+
+    features(): the pooled bottleneck embedding (N, embedding_dim).
+    predict(): "age" (years), "sex_prob" (of the last of `sex_categories`), and
+    "ventricles_ml" / "total_brain_ml" = voxel count of the predicted classes x voxel
+    volume of the config's grid. The volumes are in template space: `mriflow prepare`
+    registers affinely to MNI152, so they are head-size normalised, not native volumes.
+    Total brain = ventricles + grey + white matter + brainstem (MUSE 701 TotalBrain).
+    """
 
     def __init__(self, weights: str | Path | None = None, weights_sha256: str | None = None, device: str = "cpu",
                  batch_size: int = 4):
@@ -424,9 +534,9 @@ class AnatomyBackbone:
         if not path.is_file():
             raise FileNotFoundError(
                 f"backbone 'anatomy' is not available: {path} does not exist (mriflow's anatomy encoder has not been "
-                f"trained and shipped in this installation). Available backbones: "
+                f"trained and shipped in this installation; benchmarks/anatomy.py trains it). Available backbones: "
                 f"{', '.join(n for n in available_backbones() if n != 'anatomy')}")
-        self.weights_sha256 = sha256_file(path)
+        self.weights_sha256 = sha256(path)
         if weights_sha256 is not None and self.weights_sha256 != weights_sha256.strip().lower():
             raise ValueError(f"{path}: SHA-256 is {self.weights_sha256}, but --weights-sha256 says {weights_sha256}")
         from safetensors import safe_open
@@ -436,37 +546,60 @@ class AnatomyBackbone:
         if ANATOMY_METADATA_KEY not in metadata:
             raise ValueError(f"{path}: no {ANATOMY_METADATA_KEY!r} metadata; write it with save_anatomy_encoder")
         values = json.loads(metadata[ANATOMY_METADATA_KEY])
+        known = {f.name for f in fields(AnatomyEncoderConfig)}
+        if set(values) - known:
+            raise ValueError(f"{path}: config keys {sorted(set(values) - known)} are unknown to this mriflow version "
+                             f"(an older anatomy weights format?); retrain with benchmarks/anatomy.py")
         config = AnatomyEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
         self.config, self.sex_categories = config, tuple(config.sex_categories)
-        self.name = f"anatomy-resnet{config.depth}"
+        self.record = json.loads(metadata.get(ANATOMY_RECORD_KEY, "null"))
+        self.name = f"anatomy-unet{len(config.classes)}c-{config.embedding_dim}-{config.grid}"
         self.network = AnatomyEncoder(config).eval()
-        _load_into(self.network, load_state_dict(path), path)
+        _load_into(self.network, {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path).items()},
+                   path)
         self.device, self.batch_size = torch.device(device), batch_size
         self.network.to(self.device)
 
-    @torch.no_grad()
-    def _run(self, volumes) -> tuple[torch.Tensor, torch.Tensor]:
+    def _checked(self, volumes) -> torch.Tensor:
         x = _as_tensor(volumes)
-        embeddings, heads = [], []
-        for start in range(0, len(x), self.batch_size):
-            embedding, head = self.network(x[start : start + self.batch_size].to(self.device))
-            embeddings.append(embedding.cpu())
-            heads.append(head.cpu())
-        return torch.cat(embeddings), torch.cat(heads)
+        if tuple(x.shape[2:]) != tuple(self.config.shape):
+            raise ValueError(
+                f"the anatomy backbone was trained on the {self.config.grid} grid, shape {tuple(self.config.shape)}, "
+                f"but got volumes of shape {tuple(x.shape[2:])}; prepare or generate on the {self.config.grid} grid "
+                f"(or pass --weights for an anatomy network trained on yours)")
+        return x
 
+    @torch.no_grad()
     def features(self, volumes) -> np.ndarray:
-        return self._run(volumes)[0].numpy().astype(np.float32)
+        x = self._checked(volumes)
+        parts = [self.network.embed(x[s : s + self.batch_size].to(self.device)).cpu() for s in range(0, len(x), self.batch_size)]
+        return torch.cat(parts).numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def segment(self, volumes) -> torch.Tensor:
+        """(N, 1, D, H, W) -> predicted class indices (N, D, H, W) into `config.classes`."""
+        return self._forward(volumes)[0]
+
+    @torch.no_grad()
+    def _forward(self, volumes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self._checked(volumes)
+        segmentations, ages, sex_logits = [], [], []
+        for start in range(0, len(x), self.batch_size):
+            output = self.network(x[start : start + self.batch_size].to(self.device))
+            segmentations.append(output["logits"].argmax(1).cpu())
+            ages.append(output["age"].cpu())
+            sex_logits.append(output["sex_logit"].cpu())
+        return torch.cat(segmentations), torch.cat(ages).double(), torch.cat(sex_logits).double()
 
     def predict(self, volumes) -> dict[str, np.ndarray]:
-        heads = self._run(volumes)[1].double()
-        predictions = {}
-        for index, name in enumerate(self.config.heads):
-            if name == "sex":
-                predictions["sex_prob"] = torch.sigmoid(heads[:, index]).numpy()
-            else:
-                predictions[name] = (heads[:, index] * self.config.target_std.get(name, 1.0)
-                                     + self.config.target_mean.get(name, 0.0)).numpy()
-        return predictions
+        segmentation, age, sex_logit = self._forward(volumes)
+        volumes_ml = tissue_volumes_ml(segmentation, self.config.classes, self.config.voxel_mm)
+        return {
+            "age": (age * self.config.target_std["age"] + self.config.target_mean["age"]).numpy(),
+            "sex_prob": torch.sigmoid(sex_logit).numpy(),
+            "ventricles_ml": volumes_ml["ventricles"],
+            "total_brain_ml": volumes_ml["total_brain"],
+        }
 
 
 # ----------------------------------------------------------------------------- registry
@@ -518,4 +651,5 @@ register_backbone("radimagenet-resnet50",
                   lambda weights, weights_sha256, device: RadImageNetBackbone(weights, weights_sha256, device),
                   "RadImageNet 2D ResNet-50 on three planes (Mei et al. 2022)", needs_weights=True)
 register_backbone("anatomy", lambda weights, weights_sha256, device: AnatomyBackbone(weights, weights_sha256, device),
-                  "mriflow's anatomy encoder with age/sex/volume heads (src/mriflow/weights/anatomy.safetensors)")
+                  "mriflow's anatomy network: tissue segmentation, age and sex heads, trained on IXI "
+                  "(src/mriflow/weights/anatomy.safetensors)")

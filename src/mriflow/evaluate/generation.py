@@ -203,13 +203,19 @@ def _reconstruction_column(reconstruct: Reconstruct, paths: Sequence[Path], back
     return np.concatenate(features), summary, example
 
 
-def _predictor(backbone: Backbone) -> tuple[PredictiveBackbone | None, str | None]:
+def _predictor(backbone: Backbone | None, shape: tuple[int, ...]) -> tuple[PredictiveBackbone | None, str | None]:
+    """The backbone itself if it predicts, else the shipped anatomy network when it fits volumes of `shape`."""
     if isinstance(backbone, PredictiveBackbone):
         return backbone, None
     try:
-        return get_backbone("anatomy"), None
+        predictor = get_backbone("anatomy")
     except (FileNotFoundError, ValueError) as error:
         return None, str(error)
+    trained_on = tuple(predictor.config.shape)
+    if trained_on != tuple(shape):
+        return None, (f"the shipped anatomy network works on the {predictor.config.grid} grid {trained_on}, "
+                      f"these volumes have shape {tuple(shape)}; pass --backbone anatomy --weights for one trained on it")
+    return predictor, None
 
 
 def _predict(predictor: PredictiveBackbone, paths: Sequence[Path]) -> dict[str, np.ndarray]:
@@ -260,12 +266,13 @@ def conditional_fidelity(backbone: Backbone, generated: Sequence[Path], sidecars
     Age: MAE and Pearson r between requested and predicted age on the generated
     volumes, next to the same between true and predicted age on the real split (the
     predictor's own error). Sex: accuracy of the predicted category, likewise.
-    Ventricle and brain volumes: mean ± sd of the predictions in both sets.
+    Ventricle and total-brain volumes (measured from the predictor's tissue segmentation, for the
+    anatomy network): mean ± sd in both sets.
     """
     requested = pd.DataFrame(list(sidecars))
     if requested.empty or not {"age", "sex"} & set(requested.columns):
         return {"skipped": "the generated volumes carry no age or sex in JSON sidecars (x.nii.gz -> x.json)"}
-    predictor, reason = _predictor(backbone)
+    predictor, reason = _predictor(backbone, nib.load(str(generated[0])).shape)
     if predictor is None:
         return {"skipped": f"no anatomy predictor with age/sex heads: {reason}"}
     on_generated, on_real = _predict(predictor, generated), _predict(predictor, real)
@@ -295,7 +302,7 @@ def evaluate_generation(
     out: str | Path,
     split: str = "test",
     other_split: str | None = None,
-    backbone: str | Backbone = "intensity",
+    backbone: str | Backbone = "auto",
     weights: str | Path | None = None,
     weights_sha256: str | None = None,
     n: int | None = None,
@@ -312,7 +319,8 @@ def evaluate_generation(
     Args:
         split: real evaluation split; other_split: the second real split for the
             Real vs Real column (default "val", else "train").
-        backbone: a registered name (see features.available_backbones) or a Backbone.
+        backbone: a registered name (see features.available_backbones), a Backbone, or "auto":
+            the shipped anatomy network where it was trained for the data's grid, else "intensity".
         n, bootstrap: bootstrap sample size per set and rounds (defaults: 80 % of the
             smallest set, capped at 200; 20 rounds). One n serves every column.
         autoencoder: a label for the report (e.g. the run folder reconstruct came from).
@@ -348,6 +356,11 @@ def evaluate_generation(
     heldout_paths = [real_dir / p for p in heldout_rows["image"]]
     warnings: list[str] = []
 
+    if backbone == "auto":
+        backbone, reason = _predictor(None, shape)
+        if backbone is None:
+            warnings.append(f"backbone 'auto' fell back to 'intensity': {reason}")
+            backbone = "intensity"
     if isinstance(backbone, str):
         backbone = get_backbone(backbone, weights=weights, weights_sha256=weights_sha256, device=device)
     memorization_possible = len(train_paths) > 0 and len(heldout_paths) > 0

@@ -1,0 +1,351 @@
+"""Train mriflow's anatomy network (the `anatomy` evaluation backbone) on a prepared dataset, and measure it.
+
+Supervision: tissue classes made from the DLMUSE label maps under the prepared folder's
+labels/ (mapped by region name, `features.muse_tissue_mapping`), age and sex from
+manifest.csv. Trains on the train split (augmentation: left-right flip, intensity
+scale / shift / gamma inside the brain), keeps the epoch with the lowest validation loss,
+and reports on the test split: age MAE, sex accuracy, Dice per tissue class, and the
+segmentation-measured ventricle and total-brain volumes against the prepared label maps
+(template space) and against MUSE's 509 Ventricles / 701 TotalBrain in region_volumes.csv
+(native space; template volumes are scaled back with the determinant of each subject's
+registration affine from records/<subject>.json).
+
+Writes src/mriflow/weights/anatomy.safetensors (config, label mapping and this record in
+its metadata), benchmarks/results/anatomy-<grid>.json and the "## anatomy backbone"
+section of docs/benchmarks.md.
+
+    python benchmarks/anatomy.py --data /tmp/ixi4 --epochs 26 --max-minutes 18
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+from copy import deepcopy
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from tqdm import tqdm
+
+from common import DOCUMENT, ROOT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from mriflow.checkpoint import sha256
+from mriflow.data.dataset import read_manifest
+from mriflow.data.io import load_volume
+from mriflow.evaluate.features import (
+    AnatomyBackbone,
+    AnatomyEncoder,
+    AnatomyEncoderConfig,
+    TISSUE_CLASSES,
+    muse_tissue_mapping,
+    save_anatomy_encoder,
+    tissue_volumes_ml,
+)
+
+SECTION = "## anatomy backbone"
+WEIGHTS = ROOT / "src" / "mriflow" / "weights" / "anatomy.safetensors"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_split(data: Path, rows: pd.DataFrame, lookup: np.ndarray, sex_categories: tuple[str, ...]) -> dict:
+    """Images (N, 1, D, H, W), tissue classes (N, 1, D, H, W), age, sex index (NaN when missing)."""
+    images, targets = [], []
+    for row in rows.itertuples():
+        image, _ = load_volume(data / row.image)
+        if not isinstance(row.labels, str) or not row.labels:
+            raise ValueError(f"{data}/manifest.csv: subject {row.subject} has no label map; prepare with labels")
+        labels, _ = load_volume(data / row.labels)
+        labels = np.rint(labels).astype(np.int64)
+        unknown = sorted(set(np.unique(labels)) - {0} - set(np.flatnonzero(lookup >= 0)))
+        if unknown:
+            raise ValueError(f"{data / row.labels}: labels {unknown} are not in the region list; add them to "
+                             f"--regions muse_regions.csv (or features.UNNAMED_DLMUSE_LABELS)")
+        images.append(image)
+        targets.append(lookup[labels])
+    age = pd.to_numeric(rows["age"], errors="coerce").to_numpy(float)
+    sex = np.array([float(sex_categories.index(s)) if s in sex_categories else math.nan
+                    for s in rows["sex"].astype(str).str.strip().str.upper()])
+    return {"image": torch.from_numpy(np.stack(images))[:, None].float(), "target": torch.from_numpy(np.stack(targets))[:, None],
+            "age": torch.from_numpy(age), "sex": torch.from_numpy(sex), "subject": rows["subject"].astype(str).tolist()}
+
+
+def augment(image: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-right flip (p = 0.5, axis 0 is left-right in RAS; tissue classes are unsided) and, inside the
+    brain, intensity scale in [0.9, 1.1], shift in [-0.05, 0.05] and gamma in [0.8, 1.25], clipped to [0, 1]."""
+    image, target = image.clone(), target.clone()
+    for i in range(len(image)):
+        flip, scale, shift, gamma = torch.rand(4, generator=generator).tolist()
+        if flip < 0.5:
+            image[i], target[i] = image[i].flip(1), target[i].flip(1)
+        brain = image[i] > 0
+        jittered = (image[i][brain] * (0.9 + 0.2 * scale) + (0.1 * shift - 0.05)).clamp(0, 1)
+        image[i][brain] = jittered.pow(math.exp((gamma - 0.5) * 2 * math.log(1.25)))
+    return image, target
+
+
+def losses(model: AnatomyEncoder, batch: dict, segmentation_loss, age_mean: float, age_std: float,
+           weights: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """Dice + cross-entropy on the tissue classes, + weights[0] x MSE of the standardised age,
+    + weights[1] x binary cross-entropy of sex; subjects without age or sex skip that term."""
+    output = model(batch["image"])
+    result = {"segmentation": segmentation_loss(output["logits"], batch["target"])}
+    age = (batch["age"] - age_mean) / age_std
+    known = torch.isfinite(age)
+    result["age"] = F.mse_loss(output["age"][known], age[known].float()) if known.any() else output["age"].sum() * 0
+    known = torch.isfinite(batch["sex"])
+    result["sex"] = (F.binary_cross_entropy_with_logits(output["sex_logit"][known], batch["sex"][known].float())
+                     if known.any() else output["sex_logit"].sum() * 0)
+    result["total"] = result["segmentation"] + weights[0] * result["age"] + weights[1] * result["sex"]
+    return result
+
+
+def batches(split: dict, size: int, order: torch.Tensor | None = None):
+    order = torch.arange(len(split["image"])) if order is None else order
+    for start in range(0, len(order), size):
+        index = order[start : start + size]
+        yield {k: v[index] for k, v in split.items() if isinstance(v, torch.Tensor)}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def dice_per_class(predicted: torch.Tensor, target: torch.Tensor, classes) -> dict[str, list[float]]:
+    """Per-subject Dice of every class but background; NaN where a class is absent from both."""
+    scores = {}
+    for index, name in enumerate(classes):
+        if name == "background":
+            continue
+        p, t = (predicted == index).flatten(1), (target == index).flatten(1)
+        denominator = (p.sum(1) + t.sum(1)).double()
+        scores[name] = torch.where(denominator > 0, 2 * (p & t).sum(1) / denominator.clamp(min=1), torch.nan).tolist()
+    return scores
+
+
+def pearson(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    return float(np.corrcoef(a[keep], b[keep])[0, 1]) if keep.sum() > 2 else math.nan
+
+
+def registration_scale(data: Path, subject: str) -> float:
+    """Native volume / template volume: |det| of the template-to-subject affine that prepare recorded."""
+    record = data / "records" / f"{subject}.json"
+    if not record.is_file():
+        return math.nan
+    matrix = json.loads(record.read_text()).get("registration", {}).get("template_to_subject_ras")
+    return abs(float(np.linalg.det(np.asarray(matrix)[:3, :3]))) if matrix is not None else math.nan
+
+
+def measure(backbone: AnatomyBackbone, split: dict, data: Path, muse: pd.DataFrame | None) -> dict:
+    """Held-out figures of the saved network, run through the backbone exactly as evaluation runs it."""
+    predictions = backbone.predict(split["image"].numpy())
+    segmentation = backbone.segment(split["image"].numpy())
+    config = backbone.config
+    age, sex = split["age"].numpy(), split["sex"].numpy()
+    known_age, known_sex = np.isfinite(age), np.isfinite(sex)
+    dice = dice_per_class(segmentation, split["target"][:, 0], config.classes)
+    true_volumes = tissue_volumes_ml(split["target"][:, 0], config.classes, config.voxel_mm)
+    result = {
+        "subjects": len(split["subject"]),
+        "age_mae_years": float(np.abs(predictions["age"] - age)[known_age].mean()),
+        "age_pearson_r": pearson(predictions["age"], age),
+        "age_mae_predicting_train_mean_years": None,  # filled by the caller, which knows the training mean
+        "sex_accuracy": float(((predictions["sex_prob"] > 0.5) == (sex == 1))[known_sex].mean()),
+        "sex_subjects": int(known_sex.sum()),
+        "sex_majority_share": float(max(np.mean(sex[known_sex] == 1), np.mean(sex[known_sex] == 0))),
+        "dice": {name: float(np.nanmean(values)) for name, values in dice.items()},
+        "dice_sd": {name: float(np.nanstd(values, ddof=1)) for name, values in dice.items()},
+    }
+    volumes = {}
+    scale = np.array([registration_scale(data, s) for s in split["subject"]])
+    for key, region, name in (("ventricles_ml", "509", "ventricles"), ("total_brain_ml", "701", "total_brain")):
+        predicted, labelled = predictions[key], true_volumes[name]
+        entry = {"predicted_mean_ml": float(predicted.mean()), "label_map_mean_ml": float(labelled.mean()),
+                 "pearson_r_vs_label_map": pearson(predicted, labelled),
+                 "mean_abs_relative_error_vs_label_map": float(np.mean(np.abs(predicted - labelled) / labelled))}
+        if muse is not None:
+            native = muse.reindex(split["subject"])[region].to_numpy(float) / 1000.0
+            entry.update({"muse_native_mean_ml": float(np.nanmean(native)),
+                          "pearson_r_vs_muse_native": pearson(predicted * scale, native),
+                          "pearson_r_template_vs_muse_native": pearson(predicted, native),
+                          "mean_abs_relative_error_vs_muse_native": float(np.nanmean(np.abs(predicted * scale - native) / native))})
+        volumes[name] = entry
+    result["volumes"] = volumes
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="prepared dataset with labels/ (mriflow prepare)")
+    parser.add_argument("--regions", default=str(ROOT.parent / "shared" / "data" / "ixi"),
+                        help="folder with muse_regions.csv (index,name) and region_volumes.csv")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--max-minutes", type=float, default=17.0, help="stop training after this wall time")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--age-weight", type=float, default=1.0, help="weight of the age loss")
+    parser.add_argument("--sex-weight", type=float, default=1.0, help="weight of the sex loss")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(WEIGHTS), help="weights file to write")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    command = "python benchmarks/anatomy.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    started = time.perf_counter()
+
+    data, regions_dir = Path(args.data), Path(args.regions)
+    regions_file = regions_dir / "muse_regions.csv"
+    if not regions_file.is_file():
+        raise FileNotFoundError(f"--regions {regions_dir}: no muse_regions.csv (index,name) there")
+    regions = pd.read_csv(regions_file).set_index("index")["name"].to_dict()
+    mapping = muse_tissue_mapping(regions)
+    lookup = np.full(max(mapping) + 1, -1, np.int64)
+    lookup[0] = 0
+    for label, index in mapping.items():
+        lookup[label] = index
+    volumes_file = regions_dir / "region_volumes.csv"
+    muse = pd.read_csv(volumes_file, index_col=0) if volumes_file.is_file() else None
+
+    prepared = json.loads((data / "prepare.json").read_text())
+    grid = prepared["grid"]
+    manifest = read_manifest(data)
+    sex_categories = ("F", "M")
+    splits = {name: load_split(data, manifest[manifest["split"] == name], lookup, sex_categories)
+              for name in ("train", "val", "test")}
+    train = splits["train"]
+    age_mean, age_std = float(np.nanmean(train["age"])), float(np.nanstd(train["age"]))
+    config = AnatomyEncoderConfig(
+        grid=grid["name"], voxel_mm=float(grid["voxel_mm"]), shape=tuple(grid["shape"]),
+        target_mean={"age": round(age_mean, 3)}, target_std={"age": round(age_std, 3)}, sex_categories=sex_categories,
+        label_map={str(label): TISSUE_CLASSES[index] for label, index in mapping.items()})
+    model = AnatomyEncoder(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{parameters / 1e6:.2f} M parameters; train {len(train['subject'])}, val {len(splits['val']['subject'])}, "
+          f"test {len(splits['test']['subject'])} subjects; grid {config.grid} {config.shape}", flush=True)
+
+    segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_weights = (args.age_weight, args.sex_weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(train["subject"]) / args.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
+                                                   pct_start=0.1)
+    generator = torch.Generator().manual_seed(args.seed)
+    best = {"loss": math.inf}
+    history = []
+    progress = tqdm(range(args.epochs), desc="anatomy", unit="epoch")
+    for epoch in progress:
+        model.train()
+        totals = []
+        for batch in batches(train, args.batch_size, torch.randperm(len(train["subject"]), generator=generator)):
+            batch["image"], batch["target"] = augment(batch["image"], batch["target"], generator)
+            loss = losses(model, batch, segmentation_loss, age_mean, age_std, loss_weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss["total"].backward()
+            optimizer.step()
+            schedule.step()
+            totals.append(loss["total"].item())
+        model.eval()
+        with torch.no_grad():
+            parts = [losses(model, b, segmentation_loss, age_mean, age_std, loss_weights)
+                     for b in batches(splits["val"], 8)]
+        val = {k: float(np.mean([p[k].item() for p in parts])) for k in parts[0]}
+        minutes = (time.perf_counter() - started) / 60
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(totals)), "minutes": round(minutes, 2),
+                        **{f"val_{k}": round(v, 4) for k, v in val.items()}})
+        if val["total"] < best["loss"]:
+            best = {"loss": val["total"], "epoch": epoch + 1, "state": deepcopy(model.state_dict())}
+        progress.set_postfix(train=f"{np.mean(totals):.3f}", val=f"{val['total']:.3f}", best=best["epoch"])
+        tqdm.write(json.dumps(history[-1]))
+        if minutes > args.max_minutes:
+            tqdm.write(f"stopping after epoch {epoch + 1}: {minutes:.1f} min > --max-minutes {args.max_minutes}")
+            break
+    train_minutes = (time.perf_counter() - started) / 60
+    model.load_state_dict(best["state"])
+
+    # Measure the saved file through the backbone, as evaluation will load it.
+    with tempfile.TemporaryDirectory() as folder:
+        backbone = AnatomyBackbone(save_anatomy_encoder(Path(folder) / "anatomy.safetensors", model.eval()))
+        figures = {name: measure(backbone, splits[name], data, muse) for name in ("val", "test")}
+    for name in figures:
+        age = splits[name]["age"].numpy()
+        figures[name]["age_mae_predicting_train_mean_years"] = float(np.nanmean(np.abs(age - age_mean)))
+    record = {
+        "benchmark": "anatomy", "command": command, "data": str(data.resolve()), "grid": config.grid,
+        "shape": list(config.shape), "classes": list(config.classes),
+        "brain_classes_total_brain": ["ventricles", "grey_matter", "white_matter", "brainstem"],
+        "label_mapping": "features.muse_tissue_mapping on muse_regions.csv (single regions < 300) + UNNAMED_DLMUSE_LABELS",
+        "subjects": {name: len(split["subject"]) for name, split in splits.items()},
+        "parameters": parameters, "epochs_run": len(history), "best_epoch": best["epoch"],
+        "batch_size": args.batch_size, "lr": args.lr, "loss_weights": {"age": args.age_weight, "sex": args.sex_weight},
+        "train_minutes": round(train_minutes, 1),
+        "val": figures["val"], "test": figures["test"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    out = save_anatomy_encoder(Path(args.out).resolve(), model, record={k: v for k, v in record.items() if k != "val"})
+    out.chmod(0o644)  # safetensors writes 0600; the file ships in the package and must be readable by all
+    record.update({"weights": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
+                   "weights_sha256": sha256(out), "weights_mb": round(out.stat().st_size / 2**20, 2),
+                   "feature_dim": config.embedding_dim, "history": history, "machine": machine()})
+    path = write_result(f"anatomy-{config.grid}", record)
+    write_section(record, path)
+    print(json.dumps({k: record[k] for k in ("weights_sha256", "weights_mb", "best_epoch", "train_minutes")}))
+    print(json.dumps(record["test"], indent=1))
+    return 0
+
+
+def write_section(record: dict, path: Path) -> None:
+    test = record["test"]
+    dice = " | ".join(f"{test['dice'][c]:.3f} ± {test['dice_sd'][c]:.3f}" for c in record["classes"][1:])
+    volume_rows = "\n".join(
+        f"| {name.replace('_', ' ')} | {v['predicted_mean_ml']:.1f} | {v['label_map_mean_ml']:.1f} | "
+        f"{v['pearson_r_vs_label_map']:.3f} | {100 * v['mean_abs_relative_error_vs_label_map']:.1f} % | "
+        f"{v.get('muse_native_mean_ml', math.nan):.1f} | {v.get('pearson_r_vs_muse_native', math.nan):.3f} | "
+        f"{v.get('pearson_r_template_vs_muse_native', math.nan):.3f} |"
+        for name, v in test["volumes"].items())
+    result = path.relative_to(DOCUMENT.parents[1])
+    sex_verdict = ("no better than always answering the majority sex of the test split, so the sex head has not "
+                   "learned sex and its accuracies say nothing about a generator"
+                   if test["sex_accuracy"] <= test["sex_majority_share"] else "above the majority share, but weak")
+    body = f"""mriflow's own evaluation backbone (`--backbone anatomy`, weights shipped as `{record['weights']}`, {record['weights_mb']} MB, SHA-256 `{record['weights_sha256']}`): a compact 3D U-Net of MONAI residual units (channels 8-16-32-64, bottleneck 256, {record['parameters'] / 1e6:.2f} M parameters) with a tissue segmentation head ({', '.join(record['classes'])}), a 256-dimensional average-pooled bottleneck embedding (the FD/KID/PRDC features) and linear age / sex heads. Trained on the {record['grid']} grid ({' x '.join(map(str, record['shape']))}) of the shared IXI data: {record['subjects']['train']} train subjects, model selection on {record['subjects']['val']} val subjects (lowest validation loss, epoch {record['best_epoch']} of {record['epochs_run']}), figures below on the {test['subjects']} **test** subjects. Targets: DLMUSE label maps mapped to tissue classes by region name (`features.muse_tissue_mapping`; the mapping is stored in the weights' metadata), age and sex from the manifest. Loss: Dice + cross-entropy on the classes + {record['loss_weights']['age']} x MSE of the standardised age + {record['loss_weights']['sex']} x sex cross-entropy; AdamW, one-cycle learning rate {record['lr']}, batch {record['batch_size']}; augmentation: left-right flip, intensity scale / shift / gamma inside the brain. Machine: {record['machine']['cpus']} CPUs, 1 torch thread, shared with another training job; {record['train_minutes']} minutes.
+
+    {record['command']}
+
+| age MAE (years) | age r | age MAE predicting the training mean | sex accuracy | sex: majority share |
+|---|---|---|---|---|
+| {test['age_mae_years']:.1f} | {test['age_pearson_r']:.2f} | {test['age_mae_predicting_train_mean_years']:.1f} | {test['sex_accuracy']:.2f} ({test['sex_subjects']} subjects) | {test['sex_majority_share']:.2f} |
+
+Sex: {sex_verdict}. Age and sex are read from a brain already scaled to the template by an affine registration, so head size (the strongest sex cue) is gone, and the network saw only {record['subjects']['train']} training subjects. In `mriflow evaluate generation` the predictor's own accuracy on real held-out subjects is printed beside the generated one; read the generated figure only against it.
+
+Dice per tissue class (test mean ± sd, on the 4 mm grid against the nearest-neighbour-resampled label maps):
+
+| {' | '.join(c.replace('_', ' ') for c in record['classes'][1:])} |
+|{'---|' * (len(record['classes']) - 1)}
+| {dice} |
+
+Volumes measured from the predicted segmentation (voxel count x {record['grid']} voxel volume). Total brain = ventricles + grey + white matter + brainstem, the composition of MUSE 701 TotalBrain (601 GM + 604 WM + 509 Ventricles + 35 BrainStem; VentralDC counts as white matter, as in MUSE 604). They are template-space volumes (prepare registers affinely to MNI152, so head size is normalised out); the MUSE comparison multiplies them by each subject's registration determinant to get native volumes.
+
+| volume (test) | predicted mean (ml) | label map mean (ml) | r vs label map | mean abs error vs label map | MUSE native mean (ml) | r vs MUSE (x det) | r vs MUSE (template, no det) |
+|---|---|---|---|---|---|---|---|
+{volume_rows}
+
+Result: [{result}](../{result})."""
+    replace_section(DOCUMENT, SECTION, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
