@@ -27,12 +27,19 @@ def replace_section(document: Path, header: str, body: str) -> None:
     document.write_text("\n".join(new).rstrip("\n") + "\n")
 
 
-def write_result(name: str, result: dict) -> Path:
-    """benchmarks/results/<name>.json"""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, result: dict, folder: Path = RESULTS) -> Path:
+    """<folder>/<name>.json, by default benchmarks/results/<name>.json"""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def link(path: Path, document: Path) -> str:
+    """A markdown link to `path` from `document`: [path relative to the repository](path relative to the document)."""
+    path = Path(path).resolve()
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return f"[{shown}]({os.path.relpath(path, Path(document).resolve().parent)})"
 
 
 def machine() -> dict:

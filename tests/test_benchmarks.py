@@ -1,0 +1,63 @@
+"""The flow-vs-diffusion benchmarks' shared quality helper and their target checks, on random features."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from quality import covariate_mix, set_quality, within  # noqa: E402
+
+
+def test_a_shifted_fake_set_scores_worse_fd_and_coverage_than_one_from_the_real_distribution():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(60, 16))
+    same = rng.normal(size=(60, 16))
+    shifted = rng.normal(size=(60, 16)) + 0.75
+    good, bad = set_quality(real, same, rounds=5), set_quality(real, shifted, rounds=5)
+    assert good["_settings"]["n"] == bad["_settings"]["n"] == 48  # one n: the FDs compare
+    assert bad["fd"]["mean"] > good["fd"]["mean"] + 3 * (good["fd"]["sd"] + bad["fd"]["sd"])
+    assert bad["coverage"]["mean"] < good["coverage"]["mean"]
+    assert not within(bad["fd"], good["fd"], lower_is_better=True)
+    assert within(good["fd"], bad["fd"], lower_is_better=True)
+
+
+def test_the_covariate_mix_cycles_over_the_held_out_subjects():
+    requests = [{"age": 30, "sex": "F"}, {"sex": "M"}]
+    assert covariate_mix(requests, 5) == [requests[0], requests[1], requests[0], requests[1], requests[0]]
+    with pytest.raises(ValueError, match="no held-out subjects"):
+        covariate_mix([], 3)
+
+
+def point(stage, step, fd, sd=1.0):
+    return {"stage": stage, "step": step, "metrics": {"fd": {"mean": fd, "sd": sd}}}
+
+
+def test_the_training_target_is_met_missed_or_undetermined_from_the_numbers():
+    from training import leg_ends, target_check
+
+    assert leg_ends(10, 4) == [4, 8, 10] and leg_ends(9, 3) == [3, 6, 9]
+    diffusion = [point("diffusion", 300, 20.0), point("diffusion", 900, 10.0)]
+    assert target_check([point("flow", 300, 10.9), point("flow", 900, 5.0)] + diffusion)["status"] == "met"
+    assert target_check([point("flow", 300, 11.5), point("flow", 600, 9.0)] + diffusion)["status"] == "missed"
+    assert target_check([point("flow", 450, 9.0)] + diffusion)["status"] == "undetermined"
+
+
+def row(stage, solver, steps, nfe, fd, coverage, sd=0.01):
+    return {"stage": stage, "solver": solver, "steps": steps, "nfe": nfe,
+            "metrics": {"fd": {"mean": fd, "sd": sd}, "coverage": {"mean": coverage, "sd": sd}}}
+
+
+def test_the_sampling_target_needs_a_flow_sampler_at_8_nfe_or_fewer_within_ddim_50_on_fd_and_coverage():
+    from sampling import target_check
+
+    ddim = row("diffusion", "ddim", 50, 50, 1.0, 0.8)
+    close = row("flow", "heun", 4, 8, 1.005, 0.795)
+    assert target_check([ddim, row("flow", "euler", 2, 2, 2.0, 0.8), close]) | {"text": ""} == {
+        "status": "met", "ratio": 6.25, "ddim50": "diffusion ddim 50", "passing": ["flow heun 4"], "text": ""}
+    worse_coverage = row("flow", "euler", 8, 8, 0.9, 0.7)
+    too_many = row("flow", "heun", 8, 16, 1.0, 0.8)
+    assert target_check([ddim, worse_coverage, too_many])["status"] == "missed"
