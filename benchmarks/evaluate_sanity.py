@@ -12,7 +12,7 @@ volumes, in a temporary folder (the prepared data is never changed):
 and runs `evaluate_generation` (test split as the real reference) on each. Checks
 that every broken set is worse than "real val" on every set metric in the direction
 the metric promises, and that the planted copies are flagged by memorization.
-Writes benchmarks/results/evaluate-sanity-<grid>.json and the "## evaluation sanity"
+Writes benchmarks/results/evaluate-sanity-<grid>-<backbone>.json and the "## evaluation sanity: <backbone>"
 section of docs/benchmarks.md.
 
     python benchmarks/evaluate_sanity.py --data /tmp/ixi4 --keep /tmp/evaluate-sanity
@@ -41,7 +41,7 @@ from mriflow.evaluate.metrics import LOWER_IS_BETTER
 from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## evaluation sanity"
+SECTION = "## evaluation sanity: {backbone}"  # one section (and one result file) per backbone
 PLANTED = 5
 
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
               "sets": summaries, "checks": checks, "all_passed": all(checks.values()), "seconds": round(elapsed, 1)}
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    target = results / f"evaluate-sanity-{grid}.json"
+    target = results / f"evaluate-sanity-{grid}-{args.backbone}.json"
     target.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({"checks": checks, "all_passed": record["all_passed"]}, indent=1))
 
@@ -158,14 +158,14 @@ Every column is "Real vs <set>"; the first row is what real data scores (the sam
 column), the broken rows must be worse on every metric (arrows: the better direction); MS-SSIM is the diversity of the set. Real MS-SSIM (diversity of the {args.split} split): {summaries['real val']['msssim_real']:.3f}. \
 The planted set adds exact copies of {PLANTED} training subjects ({', '.join(sorted(planted_names))}).
 
-    python benchmarks/evaluate_sanity.py --data {args.data}
+    python benchmarks/evaluate_sanity.py --data {args.data} --backbone {args.backbone}
 
 {chr(10).join(lines)}
 
 Checks: {sum(checks.values())} of {len(checks)} passed{'' if not failed else ' (failed: ' + ', '.join(failed) + ')'}; \
 planted copies flagged in voxel space: {', '.join(sorted(planted_names & flagged)) or 'none'}. Run time {elapsed:.0f} s. \
 Result: [{target.relative_to(ROOT)}]({Path('..') / target.relative_to(ROOT)})."""
-        replace_section(ROOT / "docs" / "benchmarks.md", SECTION, body)
+        replace_section(ROOT / "docs" / "benchmarks.md", SECTION.format(backbone=args.backbone), body)
     return 0 if record["all_passed"] else 1
 
 
