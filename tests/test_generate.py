@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_velocity_net
 from mriflow import checkpoint as ckpt
 from mriflow import generate as generation
-from mriflow.config import Grid, to_dict
+from mriflow.config import Grid, get_grid, to_dict
 from mriflow.data.dataset import Covariate, CovariateSchema
 from mriflow.data.io import load_volume, template_affine
 from mriflow.flow.sampling import sample_seed
@@ -281,3 +281,24 @@ def test_two_processes_write_the_files_of_one(runs, tmp_path):
     record = json.loads((tmp_path / "two" / "generate.json").read_text())
     assert record["world_size"] == 2 and len(record["samples"]) == 5
     assert (tmp_path / "two" / "montage.png").is_file()
+
+
+def test_the_shipped_default_model_generates_on_the_4mm_template_grid(tmp_path):
+    """What `mriflow generate --out samples` relies on, on a fresh machine: the model in the package."""
+    release = generation.default_model_dir()
+    weights = sorted(release.rglob("*.safetensors"))
+    assert {p.parent.name for p in weights} == {"flow", "autoencoder"}
+    assert all(p.stat().st_size <= ckpt.MAX_TRAVELLING_BYTES for p in weights)
+    generator = load_generator("default", "cpu")
+    assert generator.stage == "flow" and set(generator.schema.names) == {"age", "sex"}
+    assert generator.image_shape == (40, 48, 40)
+    np.testing.assert_allclose(generator.affine, template_affine(get_grid("4mm")))
+
+    result = generate("default", tmp_path / "samples", n=1, covariates={"age": 45, "sex": "F"}, solver="euler",
+                      steps=2, **FAST)
+    image = nib.load(str(result.paths[0]))
+    np.testing.assert_allclose(image.get_sform(), template_affine(get_grid("4mm")))
+    volume = np.asarray(image.dataobj)
+    assert 0.0 <= volume.min() and volume.max() <= 1.0 and volume.std() > 0.05  # a brain, not a constant
+    sidecar = json.loads(result.paths[0].with_name("sample_00000.json").read_text())
+    assert sidecar["covariates"] == {"age": 45.0, "sex": "F"} and sidecar["model_checksum"] == generator.model_checksum
