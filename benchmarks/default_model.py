@@ -1,0 +1,111 @@
+"""Evaluate the shipped default model as a user would: generate, then `mriflow evaluate generation`.
+
+Draws `--n` volumes whose requested (age, sex) sweep the training range (ages evenly over
+[min + 2, max - 2] years, sex alternating), so the report's conditional-fidelity rows are
+measured, then evaluates them against the real test split with the Real vs Reconstruction
+column. Writes benchmarks/results/default-model.json and the "## default model" section of
+docs/benchmarks.md (the report itself stays in --out).
+
+    python benchmarks/default_model.py --data /tmp/ixi4 --out /tmp/default-model-eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common import DOCUMENT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from mriflow.evaluate.generation import evaluate_generation
+from mriflow.flow.sampling import sample_seed
+from mriflow.generate import default_model_dir, load_generator
+from mriflow.generate_io import write_sample
+from mriflow.models.conditioning import resolve_request
+
+SECTION = "## default model"
+ROWS = ("fd", "kid", "precision", "recall", "density", "coverage")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, type=Path, help="the prepared dataset the model was trained on")
+    parser.add_argument("--out", required=True, type=Path, help="new folder for the samples and the report")
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    command = "python benchmarks/default_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+    generator = load_generator("default", "cpu")
+    settings = generator.sampling_settings()
+    age = generator.schema["age"]
+    ages = np.linspace(age.minimum + 2, age.maximum - 2, args.n)  # inside the trained range
+    samples = args.out / "samples"
+    for index, requested_age in enumerate(ages):
+        request = {"age": round(float(requested_age), 1), "sex": "FM"[index % 2]}
+        stream = sample_seed(args.seed, index)
+        volumes, nfe = generator.sample([stream], resolve_request(generator.schema, request), settings)
+        write_sample(samples, index, volumes[0], generator.affine,
+                     {"covariates": request, "seed": args.seed, "sample_seed": stream, **settings, "nfe": nfe,
+                      "model_id": generator.model_id, "model_checksum": generator.model_checksum})
+    result = evaluate_generation(args.data, samples, args.out / "report", split="test",
+                                 reconstruct=_reconstructor(generator), autoencoder=str(default_model_dir() / "autoencoder"),
+                                 progress=False)
+    record = {"benchmark": "default_model", "command": command, "model_id": generator.model_id,
+              "model_checksum": generator.model_checksum, "settings": settings, "n": args.n,
+              "columns": {c: {m: {k: v[m][k] for k in ("mean", "sd")} for m in ROWS} for c, v in result["columns"].items()},
+              "diversity": {k: v for k, v in result["diversity"].items() if k != "settings"},
+              "memorization": {k: v for k, v in result["memorization"].items() if k != "table"},
+              "conditional_fidelity": result["conditional_fidelity"], "backbone": result["backbone"], "machine": machine()}
+    path = write_result("default-model", record)
+    header = "| | " + " | ".join(ROWS) + " |\n|---|" + "---|" * len(ROWS)
+    lines = [f"| {column.replace('_', ' ')} | " + " | ".join(f"{values[m]['mean']:.3g} ± {values[m]['sd']:.2g}" for m in ROWS) + " |"
+             for column, values in record["columns"].items()]
+    fidelity = result["conditional_fidelity"]
+    body = f"""The shipped model (`{generator.model_id}`, {settings['solver']} {settings['steps']} steps) sampled at {args.n} requests sweeping age {ages[0]:.0f}–{ages[-1]:.0f} y and sex F/M, against the real test split; backbone `{result['backbone']['name']}`. Full report: `{args.out / 'report' / 'report.html'}`.
+
+    {command}
+
+{header}
+{chr(10).join(lines)}
+
+Conditional fidelity (anatomy network on the generated volumes vs the requests, next to the same network on real test subjects): `{_fidelity(fidelity)}`. Memorization: {_memorization(result['memorization'])}.
+
+Result: [{path.relative_to(DOCUMENT.parents[1])}](../{path.relative_to(DOCUMENT.parents[1])})."""
+    replace_section(DOCUMENT, SECTION, body)
+    print(body)
+    return 0
+
+
+def _reconstructor(generator):
+    import torch
+
+    @torch.no_grad()
+    def reconstruct(volumes: torch.Tensor) -> torch.Tensor:
+        return generator.autoencoder.reconstruct(volumes.to(generator.device)).float().clamp(0.0, 1.0).cpu()
+
+    return reconstruct
+
+
+def _fidelity(fidelity: dict) -> str:
+    if "skipped" in fidelity:
+        return fidelity["skipped"]
+    parts = []
+    if "age" in fidelity:
+        g, r = fidelity["age"]["generated"], fidelity["age"]["real"]
+        parts.append(f"age MAE {g['mae']:.1f} y (r {g['pearson_r']:.2f}) vs real {r['mae']:.1f} y (r {r['pearson_r']:.2f})")
+    if "sex" in fidelity:
+        parts.append(f"sex accuracy {fidelity['sex']['generated']['accuracy']:.2f} vs real {fidelity['sex']['real']['accuracy']:.2f}")
+    return "; ".join(parts)
+
+
+def _memorization(memorization: dict) -> str:
+    return (f"{memorization['flagged_voxel']} generated volume(s) flagged in voxel space and "
+            f"{memorization['flagged_feature']} in feature space as closer to a training subject than the "
+            "1st percentile of held-out subjects")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
