@@ -63,6 +63,15 @@ def tiny_velocity_net(**overrides):
     return net
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs on one thread: a second thread only fights the other processes on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def phantom():
     return head_phantom()

@@ -27,7 +27,7 @@ from mriflow.models.autoencoder import Autoencoder, AutoencoderConfig
 
 # The prepared-folder helper and the one-thread fixture live with the loop tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.joinpath("train")))
-from test_loop import one_thread, write_prepared  # noqa: E402,F401  (one_thread: autouse)
+from test_loop import write_prepared  # noqa: E402
 
 IMAGE_SHAPE = (16, 20, 16)  # write_prepared's grid, so a prepared phantom folder is on the model's grid
 LATENT_SHAPE = (2, 4, 5, 4)

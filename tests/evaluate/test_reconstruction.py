@@ -14,7 +14,7 @@ from mriflow.evaluate.reconstruction import evaluate_reconstruction, ms_ssim, si
 
 # The prepared-folder and tiny-config helpers live with the loop tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.joinpath("..", "train")))
-from test_loop import one_thread, tiny_config, write_prepared  # noqa: E402,F401  (one_thread: autouse)
+from test_loop import tiny_config, write_prepared  # noqa: E402
 
 
 def phantom(shape=(40, 48, 40), seed=0):

@@ -13,15 +13,6 @@ SMALL = dict(channels=(8, 16), num_res_blocks=(1, 1), attention_levels=(False, F
              norm_num_groups=4, num_embeddings=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tests run on one core: a second thread only fights the other processes on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def phantom_batch(shape=(16, 24, 16), batch=2):
     volumes = [head_phantom(shape, seed)[0] for seed in range(batch)]
     return torch.stack([torch.from_numpy(v / v.max()) for v in volumes])[:, None]  # (B, 1, D, H, W)

@@ -28,7 +28,7 @@ from mriflow.train.generator import (
     train_flow,
 )
 from mriflow.train.loop import LoopConfig
-from test_loop import one_thread, read_log, tiny_config, write_prepared  # noqa: F401  (one_thread: autouse)
+from test_loop import read_log, tiny_config, write_prepared  # noqa: E402
 
 SHAPE = (16, 20, 16)  # write_prepared's volumes; the tiny autoencoder makes latents of 2 x 4 x 5 x 4
 

@@ -22,15 +22,6 @@ from mriflow.train.autoencoder import AutoencoderLossConfig, AutoencoderTraining
 from mriflow.train.loop import LoopConfig, NonFiniteLossError, learning_rate_factor, train, update_ema
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tests run on one core: a second thread only fights the other processes on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_prepared(root, splits=("train",) * 5, shape=(16, 20, 16)):
     """A prepared folder of small head phantoms (intensities in [0, 1]) with a manifest and prepare.json."""
     affine = template_affine(Grid("test", 4.0, shape))
