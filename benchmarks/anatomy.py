@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from copy import deepcopy
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,10 +43,13 @@ from mriflow.checkpoint import sha256
 from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume
 from mriflow.evaluate.features import (
+    ANATOMY_METADATA_KEY,
+    ANATOMY_RECORD_KEY,
     AnatomyBackbone,
     AnatomyEncoder,
     AnatomyEncoderConfig,
     TISSUE_CLASSES,
+    load_state_dict,
     muse_tissue_mapping,
     save_anatomy_encoder,
     tissue_volumes_ml,
@@ -104,8 +108,8 @@ def losses(model: AnatomyEncoder, batch: dict, segmentation_loss, age_mean: floa
     known = torch.isfinite(age)
     result["age"] = F.mse_loss(output["age"][known], age[known].float()) if known.any() else output["age"].sum() * 0
     known = torch.isfinite(batch["sex"])
-    result["sex"] = (F.binary_cross_entropy_with_logits(output["sex_logit"][known], batch["sex"][known].float())
-                     if known.any() else output["sex_logit"].sum() * 0)
+    result["sex"] = (F.binary_cross_entropy_with_logits(output["sex_auxiliary_logit"][known], batch["sex"][known].float())
+                     if known.any() else output["sex_auxiliary_logit"].sum() * 0)
     result["total"] = result["segmentation"] + weights[0] * result["age"] + weights[1] * result["sex"]
     return result
 
@@ -185,6 +189,98 @@ def measure(backbone: AnatomyBackbone, split: dict, data: Path, muse: pd.DataFra
     return result
 
 
+# ----------------------------------------------------------------------------- calibration
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
+    """L2-penalised logistic regression (L-BFGS, float64): weights (F,) and bias minimising
+    mean cross-entropy + l2 * |w|^2."""
+    x, y = x.double(), y.double()
+    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ weight + bias, y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), float(bias)
+
+
+@torch.no_grad()
+def calibrate(model: AnatomyEncoder, train: dict, val: dict, test: dict,
+              penalties=(1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)) -> dict:
+    """After training: (1) standardise the features with the training subjects' statistics;
+    (2) fit the sex read-out (`AnatomyEncoder.sex_logit`): an L2 logistic regression on the
+    standardised block means of the training subjects, penalty chosen by validation
+    cross-entropy, written into the network's `sex_probe` layer."""
+    model.eval()
+    model.calibrate_features(train["image"])
+
+    def blocks(split):
+        known = torch.isfinite(split["sex"])
+        return model.sex_blocks(split["image"][known]).double(), split["sex"][known].double()
+
+    (x_train, y_train), (x_val, y_val) = blocks(train), blocks(val)
+    mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-8)
+    trials = []
+    for penalty in penalties:
+        weight, bias = fit_logistic((x_train - mean) / std, y_train, penalty)
+        logits = (x_val - mean) / std @ weight + bias
+        trials.append({"l2": penalty, "val_cross_entropy": float(F.binary_cross_entropy_with_logits(logits, y_val)),
+                       "val_accuracy": float(((logits > 0) == (y_val == 1)).double().mean()), "weight": weight, "bias": bias})
+    chosen = min(trials, key=lambda t: t["val_cross_entropy"])
+    # The read-out does not depend on the network, so its recipe (standardise, fit at the chosen
+    # penalty) can be cross-validated over every subject: a steadier figure than 15 test subjects.
+    x_all, y_all = (torch.cat(parts) for parts in zip(*(blocks(split) for split in (train, val, test))))
+    folds, correct = 10, []
+    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
+    for fold in range(folds):
+        held = order[fold::folds]
+        kept = order[~torch.isin(order, held)]
+        m, s = x_all[kept].mean(0), x_all[kept].std(0).clamp(min=1e-8)
+        w, b = fit_logistic((x_all[kept] - m) / s, y_all[kept], chosen["l2"])
+        correct.append((((x_all[held] - m) / s @ w + b > 0) == (y_all[held] == 1)))
+    correct = torch.cat(correct).double()
+    model.sex_probe.weight[0] = (chosen["weight"] / std).float()
+    model.sex_probe.bias[0] = float(chosen["bias"] - (chosen["weight"] * mean / std).sum())
+    dim = model.embedding_dim
+    return {"features": f"embedding ({dim}) + mean and sd per channel of the first {model.config.texture_levels} encoder "
+                        f"levels ({model.feature_dim - dim}), every dimension standardised with the "
+                        f"{len(train['image'])} training subjects' mean and sd",
+            "sex_read_out": f"L2 logistic regression on the standardised {' x '.join(map(str, model.config.sex_blocks))} "
+                            f"block means of the volume, fitted on the training subjects, penalty by validation "
+                            f"cross-entropy",
+            "sex_penalties": [{k: v for k, v in t.items() if k not in ("weight", "bias")} for t in trials],
+            "sex_l2": chosen["l2"],
+            "sex_cross_validated": {"folds": folds, "subjects": len(y_all), "accuracy": float(correct.mean()),
+                                    "majority_share": float(max(y_all.mean(), 1 - y_all.mean()))}}
+
+
+def load_initial(path: Path, config: AnatomyEncoderConfig) -> tuple[AnatomyEncoder, dict | None]:
+    """A trained network from an anatomy weights file (also one written before the texture features
+    existed: its standardisation and sex read-out are refit by `calibrate`), checked against this data's config."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    stored = json.loads(metadata[ANATOMY_METADATA_KEY])
+    for key in ("grid", "shape", "classes", "target_mean", "target_std", "sex_categories", "label_map"):
+        mine = asdict(config)[key]
+        if json.loads(json.dumps(mine)) != stored.get(key):
+            raise ValueError(f"--init {path}: its {key} {stored.get(key)} differs from this data's {mine}")
+    config.channels, config.embedding_dim = tuple(stored["channels"]), stored["embedding_dim"]
+    model = AnatomyEncoder(config)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - {"feature_mean", "feature_std", "sex_probe.weight", "sex_probe.bias"} or unexpected:
+        raise ValueError(f"--init {path}: does not fit the network (missing {missing}, unexpected {unexpected})")
+    return model, json.loads(metadata.get(ANATOMY_RECORD_KEY, "null"))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -202,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(WEIGHTS), help="weights file to write")
+    parser.add_argument("--init", type=Path, help="start from this anatomy weights file (with --epochs 0: only "
+                        "recalibrate the features and the sex head, keeping the trained network)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -233,49 +331,51 @@ def main(argv: list[str] | None = None) -> int:
         grid=grid["name"], voxel_mm=float(grid["voxel_mm"]), shape=tuple(grid["shape"]),
         target_mean={"age": round(age_mean, 3)}, target_std={"age": round(age_std, 3)}, sex_categories=sex_categories,
         label_map={str(label): TISSUE_CLASSES[index] for label, index in mapping.items()})
-    model = AnatomyEncoder(config)
+    model, initial_record = load_initial(args.init, config) if args.init else (AnatomyEncoder(config), None)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{parameters / 1e6:.2f} M parameters; train {len(train['subject'])}, val {len(splits['val']['subject'])}, "
           f"test {len(splits['test']['subject'])} subjects; grid {config.grid} {config.shape}", flush=True)
 
-    segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True)
-    loss_weights = (args.age_weight, args.sex_weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(train["subject"]) / args.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
-                                                   pct_start=0.1)
-    generator = torch.Generator().manual_seed(args.seed)
-    best = {"loss": math.inf}
-    history = []
-    progress = tqdm(range(args.epochs), desc="anatomy", unit="epoch")
-    for epoch in progress:
-        model.train()
-        totals = []
-        for batch in batches(train, args.batch_size, torch.randperm(len(train["subject"]), generator=generator)):
-            batch["image"], batch["target"] = augment(batch["image"], batch["target"], generator)
-            loss = losses(model, batch, segmentation_loss, age_mean, age_std, loss_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss["total"].backward()
-            optimizer.step()
-            schedule.step()
-            totals.append(loss["total"].item())
-        model.eval()
-        with torch.no_grad():
-            parts = [losses(model, b, segmentation_loss, age_mean, age_std, loss_weights)
-                     for b in batches(splits["val"], 8)]
-        val = {k: float(np.mean([p[k].item() for p in parts])) for k in parts[0]}
-        minutes = (time.perf_counter() - started) / 60
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(totals)), "minutes": round(minutes, 2),
-                        **{f"val_{k}": round(v, 4) for k, v in val.items()}})
-        if val["total"] < best["loss"]:
-            best = {"loss": val["total"], "epoch": epoch + 1, "state": deepcopy(model.state_dict())}
-        progress.set_postfix(train=f"{np.mean(totals):.3f}", val=f"{val['total']:.3f}", best=best["epoch"])
-        tqdm.write(json.dumps(history[-1]))
-        if minutes > args.max_minutes:
-            tqdm.write(f"stopping after epoch {epoch + 1}: {minutes:.1f} min > --max-minutes {args.max_minutes}")
-            break
+    best, history = {"loss": math.inf, "epoch": None}, []
+    if args.epochs > 0:
+        segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        loss_weights = (args.age_weight, args.sex_weight)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+        steps_per_epoch = math.ceil(len(train["subject"]) / args.batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
+                                                       pct_start=0.1)
+        generator = torch.Generator().manual_seed(args.seed)
+        progress = tqdm(range(args.epochs), desc="anatomy", unit="epoch")
+        for epoch in progress:
+            model.train()
+            totals = []
+            for batch in batches(train, args.batch_size, torch.randperm(len(train["subject"]), generator=generator)):
+                batch["image"], batch["target"] = augment(batch["image"], batch["target"], generator)
+                loss = losses(model, batch, segmentation_loss, age_mean, age_std, loss_weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss["total"].backward()
+                optimizer.step()
+                schedule.step()
+                totals.append(loss["total"].item())
+            model.eval()
+            with torch.no_grad():
+                parts = [losses(model, b, segmentation_loss, age_mean, age_std, loss_weights)
+                         for b in batches(splits["val"], 8)]
+            val = {k: float(np.mean([p[k].item() for p in parts])) for k in parts[0]}
+            minutes = (time.perf_counter() - started) / 60
+            history.append({"epoch": epoch + 1, "train_loss": float(np.mean(totals)), "minutes": round(minutes, 2),
+                            **{f"val_{k}": round(v, 4) for k, v in val.items()}})
+            if val["total"] < best["loss"]:
+                best = {"loss": val["total"], "epoch": epoch + 1, "state": deepcopy(model.state_dict())}
+            progress.set_postfix(train=f"{np.mean(totals):.3f}", val=f"{val['total']:.3f}", best=best["epoch"])
+            tqdm.write(json.dumps(history[-1]))
+            if minutes > args.max_minutes:
+                tqdm.write(f"stopping after epoch {epoch + 1}: {minutes:.1f} min > --max-minutes {args.max_minutes}")
+                break
+        model.load_state_dict(best["state"])
     train_minutes = (time.perf_counter() - started) / 60
-    model.load_state_dict(best["state"])
+    calibration = calibrate(model, train, splits["val"], splits["test"])
+    print(json.dumps({k: v for k, v in calibration.items() if k != "features"}), flush=True)
 
     # Measure the saved file through the backbone, as evaluation will load it.
     with tempfile.TemporaryDirectory() as folder:
@@ -284,15 +384,25 @@ def main(argv: list[str] | None = None) -> int:
     for name in figures:
         age = splits[name]["age"].numpy()
         figures[name]["age_mae_predicting_train_mean_years"] = float(np.nanmean(np.abs(age - age_mean)))
+    training_keys = ("epochs_run", "best_epoch", "batch_size", "lr", "loss_weights", "train_minutes")
+    if history:  # trained here
+        training = {"epochs_run": len(history), "best_epoch": best["epoch"], "batch_size": args.batch_size, "lr": args.lr,
+                    "loss_weights": {"age": args.age_weight, "sex": args.sex_weight},
+                    "train_minutes": round(train_minutes, 1)}
+        commands = [command]
+    else:  # --init --epochs 0: the network is the initial file's; say how that one was trained
+        if initial_record is None or any(k not in initial_record for k in training_keys):
+            raise ValueError(f"--init {args.init}: its metadata has no training record, so --epochs 0 cannot say how "
+                             f"the network was trained; train it here (--epochs N)")
+        training = {k: initial_record[k] for k in training_keys}
+        commands = initial_record.get("commands", [initial_record.get("command")]) + [command]
     record = {
-        "benchmark": "anatomy", "command": command, "data": str(data.resolve()), "grid": config.grid,
+        "benchmark": "anatomy", "commands": commands, "data": str(data.resolve()), "grid": config.grid,
         "shape": list(config.shape), "classes": list(config.classes),
         "brain_classes_total_brain": ["ventricles", "grey_matter", "white_matter", "brainstem"],
         "label_mapping": "features.muse_tissue_mapping on muse_regions.csv (single regions < 300) + UNNAMED_DLMUSE_LABELS",
         "subjects": {name: len(split["subject"]) for name, split in splits.items()},
-        "parameters": parameters, "epochs_run": len(history), "best_epoch": best["epoch"],
-        "batch_size": args.batch_size, "lr": args.lr, "loss_weights": {"age": args.age_weight, "sex": args.sex_weight},
-        "train_minutes": round(train_minutes, 1),
+        "parameters": parameters, **training, "calibration": calibration,
         "val": figures["val"], "test": figures["test"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -300,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     out.chmod(0o644)  # safetensors writes 0600; the file ships in the package and must be readable by all
     record.update({"weights": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
                    "weights_sha256": sha256(out), "weights_mb": round(out.stat().st_size / 2**20, 2),
-                   "feature_dim": config.embedding_dim, "history": history, "machine": machine()})
+                   "feature_dim": model.feature_dim, "history": history, "machine": machine()})
     path = write_result(f"anatomy-{config.grid}", record)
     write_section(record, path)
     print(json.dumps({k: record[k] for k in ("weights_sha256", "weights_mb", "best_epoch", "train_minutes")}))
@@ -318,18 +428,30 @@ def write_section(record: dict, path: Path) -> None:
         f"{v.get('pearson_r_template_vs_muse_native', math.nan):.3f} |"
         for name, v in test["volumes"].items())
     result = path.relative_to(DOCUMENT.parents[1])
-    sex_verdict = ("no better than always answering the majority sex of the test split, so the sex head has not "
-                   "learned sex and its accuracies say nothing about a generator"
-                   if test["sex_accuracy"] <= test["sex_majority_share"] else "above the majority share, but weak")
-    body = f"""mriflow's own evaluation backbone (`--backbone anatomy`, weights shipped as `{record['weights']}`, {record['weights_mb']} MB, SHA-256 `{record['weights_sha256']}`): a compact 3D U-Net of MONAI residual units (channels 8-16-32-64, bottleneck 256, {record['parameters'] / 1e6:.2f} M parameters) with a tissue segmentation head ({', '.join(record['classes'])}), a 256-dimensional average-pooled bottleneck embedding (the FD/KID/PRDC features) and linear age / sex heads. Trained on the {record['grid']} grid ({' x '.join(map(str, record['shape']))}) of the shared IXI data: {record['subjects']['train']} train subjects, model selection on {record['subjects']['val']} val subjects (lowest validation loss, epoch {record['best_epoch']} of {record['epochs_run']}), figures below on the {test['subjects']} **test** subjects. Targets: DLMUSE label maps mapped to tissue classes by region name (`features.muse_tissue_mapping`; the mapping is stored in the weights' metadata), age and sex from the manifest. Loss: Dice + cross-entropy on the classes + {record['loss_weights']['age']} x MSE of the standardised age + {record['loss_weights']['sex']} x sex cross-entropy; AdamW, one-cycle learning rate {record['lr']}, batch {record['batch_size']}; augmentation: left-right flip, intensity scale / shift / gamma inside the brain. Machine: {record['machine']['cpus']} CPUs, 1 torch thread, shared with another training job; {record['train_minutes']} minutes.
+    calibration = record["calibration"]
+    crossed = calibration["sex_cross_validated"]
+    crossed_text = (f"The read-out's recipe cross-validated over all {crossed['subjects']} subjects with a known sex "
+                    f"({crossed['folds']} folds; the read-out does not depend on the network): accuracy "
+                    f"{crossed['accuracy']:.2f} (majority share {crossed['majority_share']:.2f}).")
+    test_text = ("at or below the majority share of the test split" if test["sex_accuracy"] <= test["sex_majority_share"]
+                 else "above the majority share of the test split")
+    sex_verdict = (f"{test_text}, {test['sex_accuracy']:.2f} on {test['sex_subjects']} subjects (one subject is "
+                   f"{100 / test['sex_subjects']:.0f} points). {crossed_text}")
+    penalties = ", ".join(f"{t['l2']:g}: {t['val_cross_entropy']:.3f}" for t in calibration["sex_penalties"])
+    commands = "\n    ".join(record["commands"])
+    body = f"""mriflow's own evaluation backbone (`--backbone anatomy`, weights shipped as `{record['weights']}`, {record['weights_mb']} MB, SHA-256 `{record['weights_sha256']}`): a compact 3D U-Net of MONAI residual units (channels 8-16-32-64, bottleneck 256, {record['parameters'] / 1e6:.2f} M parameters) with a tissue segmentation head ({', '.join(record['classes'])}), a 256-dimensional average-pooled bottleneck embedding and linear age / sex heads. Trained on the {record['grid']} grid ({' x '.join(map(str, record['shape']))}) of the shared IXI data: {record['subjects']['train']} train subjects, model selection on {record['subjects']['val']} val subjects (lowest validation loss, epoch {record['best_epoch']} of {record['epochs_run']}, {record['train_minutes']} minutes on the 2-core CPU), figures below on the {test['subjects']} **test** subjects. Targets: DLMUSE label maps mapped to tissue classes by region name (`features.muse_tissue_mapping`; the mapping is stored in the weights' metadata), age and sex from the manifest. Loss: Dice + cross-entropy on the classes + {record['loss_weights']['age']} x MSE of the standardised age + {record['loss_weights']['sex']} x sex cross-entropy; AdamW, one-cycle learning rate {record['lr']}, batch {record['batch_size']}; augmentation: left-right flip, intensity scale / shift / gamma inside the brain.
 
-    {record['command']}
+After training (`calibrate` in the script):
+- **Features** for FD/KID/PRDC/MMD ({record['feature_dim']} dimensions): {calibration['features']}. The bottleneck alone hardly sees noise or blur (it learned to segment through intensity jitter; see the sanity sections below for what that did to the metrics); the full-resolution levels' statistics do.
+- **Sex read-out**: {calibration['sex_read_out']} (L2 penalty: validation cross-entropy = {penalties}; chosen {calibration['sex_l2']:g}). The jointly trained sex output stayed at chance (0.50 on the test split, majority share 0.71), and a linear read-out of the embedding was no better on held-out subjects, while the coarse intensity pattern separates the sexes. Age is the jointly trained head.
+
+    {commands}
 
 | age MAE (years) | age r | age MAE predicting the training mean | sex accuracy | sex: majority share |
 |---|---|---|---|---|
 | {test['age_mae_years']:.1f} | {test['age_pearson_r']:.2f} | {test['age_mae_predicting_train_mean_years']:.1f} | {test['sex_accuracy']:.2f} ({test['sex_subjects']} subjects) | {test['sex_majority_share']:.2f} |
 
-Sex: {sex_verdict}. Age and sex are read from a brain already scaled to the template by an affine registration, so head size (the strongest sex cue) is gone, and the network saw only {record['subjects']['train']} training subjects. In `mriflow evaluate generation` the predictor's own accuracy on real held-out subjects is printed beside the generated one; read the generated figure only against it.
+Sex: {sex_verdict} Age and sex are read from a brain already scaled to the template by an affine registration, so head size (the strongest sex cue) is gone, and the network saw only {record['subjects']['train']} training subjects. In `mriflow evaluate generation` the predictor's own accuracy on real held-out subjects is printed beside the generated one; read the generated figure only against it.
 
 Dice per tissue class (test mean ± sd, on the 4 mm grid against the nearest-neighbour-resampled label maps):
 

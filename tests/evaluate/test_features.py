@@ -210,9 +210,9 @@ def fresh_anatomy_weights(path, segment_as: str | None = None, dtype=torch.float
     config = AnatomyEncoderConfig(target_mean={"age": 40.0}, target_std={"age": 10.0},
                                   label_map={"51": "ventricles"})
     model = AnatomyEncoder(config)
-    last = model.heads[-1]
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.zeros_(last.bias)
+    for last in (model.heads[-1], model.sex_probe):
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
     if segment_as is not None:
         head = next(m for m in model.segmentation.modules() if isinstance(m, torch.nn.Conv3d))
         torch.nn.init.zeros_(head.weight)
@@ -232,9 +232,9 @@ def test_anatomy_backbone_saves_loads_and_predicts(tmp_path):
     assert backbone.config.label_map == {"51": "ventricles"} and backbone.record == {"test": {"age_mae_years": 1.0}}
     volumes = phantom_volumes(2, shape=(40, 48, 40))
     values = backbone.features(volumes)
-    assert values.shape == (2, 256) and values.dtype == np.float32
+    assert values.shape == (2, 256 + 2 * (8 + 16)) and values.dtype == np.float32 and "-304-" in backbone.name
     with torch.no_grad():
-        np.testing.assert_allclose(values, model.eval().embed(torch.from_numpy(volumes)).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(values, model.eval().features(torch.from_numpy(volumes)).numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(values[0], values[1])
     predictions = backbone.predict(volumes)
     assert set(predictions) == {"age", "sex_prob", "ventricles_ml", "total_brain_ml"}
@@ -246,7 +246,39 @@ def test_anatomy_backbone_saves_loads_and_predicts(tmp_path):
 
     half, _ = fresh_anatomy_weights(tmp_path / "half.safetensors", dtype=torch.float16)
     assert half.stat().st_size < 0.6 * path.stat().st_size
-    assert AnatomyBackbone(half).features(volumes).shape == (2, 256)
+    assert AnatomyBackbone(half).features(volumes).shape == (2, 304)
+
+
+def test_anatomy_features_are_embedding_plus_texture_statistics_standardised_by_calibration():
+    torch.manual_seed(0)
+    model = AnatomyEncoder(AnatomyEncoderConfig()).eval()
+    volumes = torch.from_numpy(phantom_volumes(6, shape=(40, 48, 40)))
+    with torch.no_grad():
+        raw = model.raw_features(volumes)
+        skips, bottom = model._encode(volumes)
+        np.testing.assert_allclose(raw[:, :256], bottom.mean(dim=(2, 3, 4)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(raw[:, 256:264], skips[0].mean(dim=(2, 3, 4)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(raw[:, 264:272], skips[0].std(dim=(2, 3, 4)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(raw[:, 288:304], skips[1].std(dim=(2, 3, 4)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(model.features(volumes), raw)  # uncalibrated: identity standardisation
+        model.calibrate_features(volumes, batch_size=4)
+        standardised = model.features(volumes)
+    varying = raw.std(dim=0) > 1e-8
+    np.testing.assert_allclose(standardised.mean(dim=0), 0.0, atol=2e-3)  # z-scores, float32 sums
+    np.testing.assert_allclose(standardised.std(dim=0)[varying], 1.0, rtol=2e-3)
+    with pytest.raises(ValueError, match="texture_levels 5"):
+        AnatomyEncoder(AnatomyEncoderConfig(texture_levels=5))
+
+
+def test_anatomy_sex_prediction_is_the_block_mean_read_out(tmp_path):
+    path, _ = fresh_anatomy_weights(tmp_path / "anatomy.safetensors")
+    backbone = AnatomyBackbone(path)
+    with torch.no_grad():  # logit = mean intensity of the volume - 0.5
+        backbone.network.sex_probe.weight.fill_(1.0 / 1200)
+        backbone.network.sex_probe.bias.fill_(-0.5)
+    volumes = phantom_volumes(3, shape=(40, 48, 40))
+    expected = 1 / (1 + np.exp(-(volumes.reshape(3, -1).mean(1) - 0.5)))
+    np.testing.assert_allclose(backbone.predict(volumes)["sex_prob"], expected, rtol=1e-4)
 
 
 def test_anatomy_volumes_come_from_the_segmentation(tmp_path):
@@ -273,6 +305,12 @@ def test_anatomy_backbone_refuses_other_grids_and_old_formats(tmp_path):
               metadata={features_module.ANATOMY_METADATA_KEY: json.dumps({"depth": 10, "grid": "2mm"})})
     with pytest.raises(ValueError, match=r"\['depth'\] are unknown.*retrain"):
         AnatomyBackbone(old)
+    before_texture = {k: v for k, v in json.loads(features_module.json.dumps(
+        features_module.asdict(AnatomyEncoderConfig()))).items() if k not in ("texture_levels", "sex_blocks")}
+    save_file({"heads.weight": torch.zeros(2, 256)}, str(old),
+              metadata={features_module.ANATOMY_METADATA_KEY: json.dumps(before_texture)})
+    with pytest.raises(ValueError, match=r"older anatomy weights format.*--init .*--epochs 0"):
+        AnatomyBackbone(old)
 
 
 def test_shipped_anatomy_weights_load_and_fit_the_size_limit():
@@ -286,8 +324,10 @@ def test_shipped_anatomy_weights_load_and_fit_the_size_limit():
     assert backbone.config.voxel_mm == get_grid(backbone.config.grid).voxel_mm
     assert set(backbone.config.label_map.values()) == set(TISSUE_CLASSES[1:])
     assert {"age_mae_years", "sex_accuracy", "dice"} <= set(backbone.record["test"])
+    assert {"features", "sex_read_out", "sex_cross_validated"} <= set(backbone.record["calibration"])
+    assert not torch.equal(backbone.network.feature_std, torch.ones_like(backbone.network.feature_std))  # calibrated
     volumes = phantom_volumes(2, shape=backbone.config.shape)
-    assert backbone.features(volumes).shape == (2, backbone.config.embedding_dim)
+    assert backbone.features(volumes).shape == (2, backbone.network.feature_dim)
 
 
 def test_registry_lists_names_and_accepts_new_backbones():

@@ -11,7 +11,7 @@ because FD/KID numbers are only comparable under the same backbone and weights.
 | medicalnet-resnet10  | MedicalNet 3D ResNet-10 (Chen et al. 2019), pooled        | 512  | resnet_10[_23dataset].pth       |
 | medicalnet-resnet50  | MedicalNet 3D ResNet-50, pooled                           | 2048 | resnet_50[_23dataset].pth       |
 | radimagenet-resnet50 | RadImageNet 2D ResNet-50 on axial/coronal/sagittal slices | 6144 | RadImageNet-ResNet50_notop.pth  |
-| anatomy              | mriflow's anatomy U-Net: pooled bottleneck; age/sex heads, tissue segmentation | 256 | shipped weights/anatomy.safetensors |
+| anatomy              | mriflow's anatomy U-Net: pooled bottleneck + first-level texture statistics, standardised; age/sex heads, tissue segmentation | 304 | shipped weights/anatomy.safetensors |
 
     >>> backbone = get_backbone("medicalnet-resnet10", weights="resnet_10_23dataset.pth")
     >>> backbone.name, backbone.weights_sha256
@@ -417,6 +417,10 @@ def tissue_volumes_ml(segmentation: torch.Tensor | np.ndarray, classes: Sequence
 class AnatomyEncoderConfig:
     """Architecture, grid and target scaling of the anatomy network, stored in its safetensors metadata.
 
+    `texture_levels`: how many encoder levels (from the full-resolution one) add the
+    per-channel mean and sd of their activations to the features (see `AnatomyEncoder.features`).
+    `sex_blocks`: the grid of block means the sex read-out sees (see `AnatomyEncoder.sex_logit`).
+
     Age is a standardised regression (years = output * std + mean); sex is a logit for
     the last of `sex_categories`. `label_map` (DLMUSE label -> class name) records how
     the segmentation targets were made.
@@ -432,6 +436,8 @@ class AnatomyEncoderConfig:
     target_std: dict[str, float] = field(default_factory=lambda: {"age": 16.0})
     sex_categories: tuple[str, ...] = ("F", "M")
     label_map: dict[str, str] = field(default_factory=dict)
+    texture_levels: int = 2
+    sex_blocks: tuple[int, ...] = (10, 12, 10)
 
 
 class AnatomyEncoder(nn.Module):
@@ -442,7 +448,21 @@ class AnatomyEncoder(nn.Module):
           encoder: residual units at channels[0] (full size), channels[1:] (each stride 2)
           bottleneck: residual unit to embedding_dim channels -> average pool -> embedding (N, E)
           decoder: transposed convolutions + skip connections -> logits (N, len(classes), D, H, W)
-          heads: linear on the embedding -> age (N,) standardised, sex_logit (N,)
+          heads: linear on the embedding -> age (N,) standardised, sex_auxiliary_logit (N,) (training only)
+          sex read-out: linear on the volume's block means (`sex_logit`) -> the sex prediction
+
+    Features for the set metrics (`features`): the embedding joined with the per-channel
+    mean and sd over the volume of the first `texture_levels` encoder levels, every
+    dimension standardised with the buffers `feature_mean` / `feature_std` (set from the
+    training subjects by `calibrate_features`). The bottleneck alone is nearly blind to
+    noise and blur (it was trained to segment through intensity jitter); the early
+    levels' statistics are what see them.
+
+    Sex is predicted by `sex_logit`, a logistic regression on the volume average-pooled
+    to `sex_blocks`, fitted after training on the training subjects. The sex output of
+    the jointly trained heads stays at chance on IXI (the segmentation loss shapes the
+    shared embedding), and so does a linear read-out of the embedding on held-out
+    subjects, while the coarse intensity pattern separates the sexes.
 
     D, H, W must be divisible by 2 ** (len(channels) - 1) (40 x 48 x 40 and 80 x 96 x 80 are).
     """
@@ -468,10 +488,21 @@ class AnatomyEncoder(nn.Module):
             in_channels = channels[level]
         self.segmentation = Convolution(3, channels[0], len(config.classes), kernel_size=1, conv_only=True)
         self.heads = nn.Sequential(nn.Dropout(0.2), nn.Linear(config.embedding_dim, 2))  # age, sex logit
+        if not 0 <= config.texture_levels <= len(channels):
+            raise ValueError(f"AnatomyEncoderConfig.texture_levels {config.texture_levels}: must be between 0 and "
+                             f"the {len(channels)} encoder levels")
+        feature_dim = config.embedding_dim + 2 * sum(channels[: config.texture_levels])
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(feature_dim))
+        self.sex_probe = nn.Linear(math.prod(config.sex_blocks), 1)
 
     @property
     def embedding_dim(self) -> int:
         return self.config.embedding_dim
+
+    @property
+    def feature_dim(self) -> int:
+        return len(self.feature_mean)
 
     def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         skips = []
@@ -480,19 +511,47 @@ class AnatomyEncoder(nn.Module):
             skips.append(x)
         return skips, self.bottleneck(x)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, D, H, W) -> embedding (N, E), without running the decoder."""
-        return self._encode(x)[1].mean(dim=(2, 3, 4))
+    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, D, H, W) -> [embedding, (mean, sd) per channel of each texture level] (N, feature_dim),
+        not standardised; the decoder is not run."""
+        skips, bottom = self._encode(x)
+        parts = [bottom.mean(dim=(2, 3, 4))]
+        for level in skips[: self.config.texture_levels]:
+            parts += [level.mean(dim=(2, 3, 4)), level.std(dim=(2, 3, 4))]
+        return torch.cat(parts, dim=1)
+
+    def sex_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, D, H, W) -> block means (N, prod(sex_blocks)), what the sex read-out sees."""
+        return F.adaptive_avg_pool3d(x, tuple(self.config.sex_blocks)).flatten(1)
+
+    def sex_logit(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, D, H, W) -> logit (N,) of the last of `config.sex_categories`."""
+        return self.sex_probe(self.sex_blocks(x))[:, 0]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, D, H, W) -> standardised features (N, feature_dim)."""
+        return (self.raw_features(x) - self.feature_mean) / self.feature_std
+
+    @torch.no_grad()
+    def calibrate_features(self, volumes: torch.Tensor, batch_size: int = 8) -> None:
+        """Set the standardisation to the mean and sd of `raw_features` over `volumes` (the training
+        subjects, N >= 2); a dimension that does not vary keeps sd 1."""
+        raw = torch.cat([self.raw_features(volumes[s : s + batch_size]) for s in range(0, len(volumes), batch_size)])
+        if len(raw) < 2:
+            raise ValueError("calibrate_features needs at least 2 volumes")
+        std = raw.std(dim=0)
+        self.feature_mean.copy_(raw.mean(dim=0))
+        self.feature_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """-> {"logits" (N, C, D, H, W), "embedding" (N, E), "age" (N,) standardised, "sex_logit" (N,)}."""
+        """-> {"logits" (N, C, D, H, W), "embedding" (N, E), "age" (N,) standardised, "sex_auxiliary_logit" (N,) (training only; predictions use `sex_logit`)}."""
         skips, bottom = self._encode(x)
         embedding = bottom.mean(dim=(2, 3, 4))
         y = torch.cat([bottom, skips[-1]], dim=1)
         for upsample, decoder, skip in zip(self.upsample, self.decoder, reversed(skips[:-1])):
             y = decoder(torch.cat([upsample(y), skip], dim=1))
         heads = self.heads(embedding)
-        return {"logits": self.segmentation(y), "embedding": embedding, "age": heads[:, 0], "sex_logit": heads[:, 1]}
+        return {"logits": self.segmentation(y), "embedding": embedding, "age": heads[:, 0], "sex_auxiliary_logit": heads[:, 1]}
 
 
 def save_anatomy_encoder(path: str | Path, model: AnatomyEncoder, record: dict | None = None,
@@ -520,7 +579,7 @@ class AnatomyBackbone:
     """mriflow's anatomy network: embedding features plus age / sex predictions and tissue volumes
     measured from its segmentation.
 
-    features(): the pooled bottleneck embedding (N, embedding_dim).
+    features(): the standardised embedding + texture statistics (N, feature_dim), see `AnatomyEncoder`.
     predict(): "age" (years), "sex_prob" (of the last of `sex_categories`), and
     "ventricles_ml" / "total_brain_ml" = voxel count of the predicted classes x voxel
     volume of the config's grid. The volumes are in template space: `mriflow prepare`
@@ -549,12 +608,15 @@ class AnatomyBackbone:
         known = {f.name for f in fields(AnatomyEncoderConfig)}
         if set(values) - known:
             raise ValueError(f"{path}: config keys {sorted(set(values) - known)} are unknown to this mriflow version "
-                             f"(an older anatomy weights format?); retrain with benchmarks/anatomy.py")
+                             f"(a newer anatomy weights format?); retrain with this version's benchmarks/anatomy.py")
+        if known - set(values):
+            raise ValueError(f"{path}: an older anatomy weights format (no {sorted(known - set(values))} in its config); "
+                             f"recalibrate it with `python benchmarks/anatomy.py --data PREPARED --init {path} --epochs 0`")
         config = AnatomyEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
         self.config, self.sex_categories = config, tuple(config.sex_categories)
         self.record = json.loads(metadata.get(ANATOMY_RECORD_KEY, "null"))
-        self.name = f"anatomy-unet{len(config.classes)}c-{config.embedding_dim}-{config.grid}"
         self.network = AnatomyEncoder(config).eval()
+        self.name = f"anatomy-unet{len(config.classes)}c-{self.network.feature_dim}-{config.grid}"
         _load_into(self.network, {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path).items()},
                    path)
         self.device, self.batch_size = torch.device(device), batch_size
@@ -572,7 +634,8 @@ class AnatomyBackbone:
     @torch.no_grad()
     def features(self, volumes) -> np.ndarray:
         x = self._checked(volumes)
-        parts = [self.network.embed(x[s : s + self.batch_size].to(self.device)).cpu() for s in range(0, len(x), self.batch_size)]
+        parts = [self.network.features(x[s : s + self.batch_size].to(self.device)).cpu()
+                 for s in range(0, len(x), self.batch_size)]
         return torch.cat(parts).numpy().astype(np.float32)
 
     @torch.no_grad()
@@ -588,7 +651,7 @@ class AnatomyBackbone:
             output = self.network(x[start : start + self.batch_size].to(self.device))
             segmentations.append(output["logits"].argmax(1).cpu())
             ages.append(output["age"].cpu())
-            sex_logits.append(output["sex_logit"].cpu())
+            sex_logits.append(self.network.sex_logit(x[start : start + self.batch_size].to(self.device)).cpu())
         return torch.cat(segmentations), torch.cat(ages).double(), torch.cat(sex_logits).double()
 
     def predict(self, volumes) -> dict[str, np.ndarray]:
