@@ -103,8 +103,9 @@ def _fidelity(fidelity: dict) -> str:
 
 def _memorization(memorization: dict) -> str:
     return (f"{memorization['flagged_voxel']} generated volume(s) flagged in voxel space and "
-            f"{memorization['flagged_feature']} in feature space as closer to a training subject than the "
-            "1st percentile of held-out subjects")
+            f"{memorization['flagged_feature']} in feature space (of {len(memorization['voxel']['flagged'])}) as closer to "
+            f"a training subject than the {memorization['heldout']} {memorization['heldout_reference']} come "
+            f"(chance rate about {memorization['chance_rate']:.0%})")
 
 
 if __name__ == "__main__":

@@ -236,6 +236,7 @@ def test_privacy_filter_redraws_a_planted_training_copy(runs, tmp_path, monkeypa
     run_record = json.loads((tmp_path / "out" / "generate.json").read_text())
     assert run_record["redraws"] == 1 and run_record["redrawn"] == {"1": 1}
     assert run_record["privacy_filter"]["training_subjects"] == 2
+    assert run_record["privacy_filter"]["threshold_from"] == "held-out reconstructions"
 
     with pytest.warns(UserWarning, match=r"samples \[1\]"):  # no redraws left: withheld, not written
         result = generate(runs["flow"], tmp_path / "strict", max_redraws=0, **options)

@@ -195,7 +195,7 @@ def _add_generate(commands) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--privacy-filter", metavar="DATA",
                    help="prepared dataset: reject and redraw samples closer to a training subject than held-out "
-                        "subjects ever are")
+                        "subjects (passed through the model's autoencoder) ever are")
     p.set_defaults(func=_run_generate)
 
 

@@ -131,6 +131,13 @@ class Generator:
             images = self.autoencoder.decode(latents / self.latent_scale)  # (B, 1, D, H, W)
         return images.clamp(0.0, 1.0)[:, 0].float().cpu().numpy()
 
+    def reconstruct(self, volume: np.ndarray) -> np.ndarray:
+        """A real volume (D, H, W) through the autoencoder (decode of the posterior mean) -> (D, H, W) in [0, 1]:
+        how a subject looks after the decoder every sample comes out of."""
+        x = torch.as_tensor(np.asarray(volume, np.float32), device=self.device)[None, None]
+        with torch.no_grad():
+            return self.autoencoder.reconstruct(x).clamp(0.0, 1.0)[0, 0].float().cpu().numpy()
+
     def sample(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
                settings: Mapping[str, Any]) -> tuple[np.ndarray, int]:
         """Volumes (B, D, H, W) in [0, 1], one per seed, and the NFE per sample."""
@@ -281,7 +288,9 @@ def generate(
     its share (indices rank, rank + N, ...) and rank 0 writes montage.png and generate.json.
     With `privacy_filter` (a prepared folder on the model's grid), a sample that is a near copy
     of one of its training subjects is redrawn from its next seed stream, at most `max_redraws`
-    times; one still memorized then is withheld (not written) and reported.
+    times; one still memorized then is withheld (not written) and reported. "Near copy": closer
+    to a training subject than the held-out subjects, passed through the model's autoencoder,
+    come (evaluate/memorization.py).
     """
     if n < 1 or batch_size < 1 or seed < 0 or max_redraws < 0:
         raise ValueError(f"n and batch_size must be >= 1, seed and max_redraws >= 0; got n={n}, "
@@ -361,6 +370,7 @@ def generate(
                 "batch_size": batch_size, "device": str(context.device), "world_size": context.world_size,
                 "privacy_filter": None if reference is None else {
                     "data": str(Path(privacy_filter).resolve()), "threshold": reference.threshold,
+                    "threshold_from": reference.heldout_reference,
                     "training_subjects": len(reference.subjects), "max_redraws": max_redraws},
                 "redraws": result.redraws, "redrawn": {str(i): a for i, a in sorted(attempts.items()) if a},
                 "withheld": withheld, "samples": [p.name for p in result.paths], "seconds": round(result.seconds, 3),
@@ -416,7 +426,8 @@ def privacy_reference(data_dir: str | Path, generator: Generator):
             f"model generates {generator.image_shape} with affine {np.round(generator.affine, 3).tolist()}; pass the "
             "prepared folder the model was trained on (the same --preset grid)"
         )
-    return MemorizationReference.from_prepared(data_dir)
+    # Held-out subjects through the model's own autoencoder set the threshold: smoothness-matched to the samples.
+    return MemorizationReference.from_prepared(data_dir, heldout_transform=generator.reconstruct)
 
 
 def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "float16") -> Path:

@@ -131,15 +131,24 @@ def test_reconstruction_column_and_conditional_fidelity(prepared, tmp_path):
     result = evaluate_generation(prepared, fakes, tmp_path / "out", **{**FAST, "backbone": AnatomyBackbone(weights)},
                                  reconstruct=reconstruct, autoencoder="runs/ae")
     assert list(result["columns"]) == ["real_vs_reconstruction", "real_vs_real", "real_vs_generated"]
-    assert sum(shape[0] for shape in calls) == SPLITS["test"]
+    # each held-out subject reconstructed once: test for the column, val + test as the memorization yardstick
+    assert sum(shape[0] for shape in calls) == SPLITS["test"] + SPLITS["val"]
     assert 0.5 < result["reconstruction"]["ssim"]["mean"] < 1.0
+    memorization = result["memorization"]
+    assert memorization["heldout_reference"] == "held-out reconstructions"
+    plain = evaluate_generation(prepared, fakes, tmp_path / "plain", **{**FAST, "backbone": AnatomyBackbone(weights)})
+    assert plain["memorization"]["heldout_reference"] == "held-out volumes"
+    # smoothed held-out subjects correlate better with the training set than raw ones: a lower yardstick
+    assert np.mean(memorization["voxel"]["heldout_nearest_distance"]) < \
+        np.mean(plain["memorization"]["voxel"]["heldout_nearest_distance"])
     fidelity = result["conditional_fidelity"]
     assert fidelity["age"]["generated"]["target"] == [30.0 + i for i in range(8)]
     assert fidelity["age"]["real"]["count"] == SPLITS["test"]
     assert 0 <= fidelity["sex"]["generated"]["accuracy"] <= 1
     assert result["backbone"]["name"].startswith("anatomy-")
     assert (tmp_path / "out" / "figures" / "age_fidelity.png").is_file()
-    assert "runs/ae" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "runs/ae" in report and "passed through the autoencoder" in report
 
 
 def test_refuses_writing_into_an_input_folder_and_unknown_splits(prepared, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import head_phantom
 from mriflow.config import get_grid
-from mriflow.data.io import save_volume, template_affine
+from mriflow.data.io import load_volume, save_volume, template_affine
 from mriflow.evaluate.memorization import (
     MemorizationReference,
     correlation_distance,
@@ -116,3 +116,21 @@ def test_reference_from_a_prepared_folder(tmp_path):
     assert is_memorized(planted, reference)
     with pytest.raises(ValueError, match="held-out"):
         MemorizationReference.from_prepared(tmp_path, heldout_splits=["test"])
+    assert reference.heldout_reference == "held-out volumes"
+
+    # With the generator's autoencoder, the held-out subjects pass through it before the threshold is measured.
+    from scipy.ndimage import gaussian_filter
+
+    def smooth(volume):
+        return gaussian_filter(volume, 1.0)
+
+    matched = MemorizationReference.from_prepared(tmp_path, heldout_transform=smooth)
+    assert matched.heldout_reference == "held-out reconstructions"
+    heldout = [smooth(np.asarray(load_volume(tmp_path / "images" / f"s{i}.nii.gz")[0])) for i in range(7, 10)]
+    expected = MemorizationReference.from_volumes(
+        [load_volume(tmp_path / "images" / f"s{i}.nii.gz")[0] for i in range(7)],
+        [load_volume(tmp_path / "masks" / f"s{i}.nii.gz")[0] for i in range(7)], heldout,
+        reference.subjects, smoothing=reference.smoothing)
+    assert matched.threshold == pytest.approx(expected.threshold, rel=1e-5)
+    assert matched.threshold != pytest.approx(reference.threshold, rel=1e-3)
+    assert is_memorized(planted, matched)

@@ -182,9 +182,10 @@ def _split_rows(manifest: pd.DataFrame, split: str, real_dir: Path, argument: st
     return rows.reset_index(drop=True)
 
 
-def _reconstruction_column(reconstruct: Reconstruct, paths: Sequence[Path], backbone: Backbone, progress: bool):
-    """Features of the reconstructions of `paths`, and per-subject SSIM / PSNR against the originals."""
-    features, ssims, psnrs, example = [], [], [], None
+def _reconstructions(reconstruct: Reconstruct, paths: Sequence[Path], progress: bool) -> dict[Path, np.ndarray]:
+    """Every volume of `paths` through `reconstruct` -> {path: (D, H, W) float32 in [0, 1]}."""
+    paths = list(dict.fromkeys(paths))
+    result = {}
     batches = [paths[i : i + BATCH_SIZE] for i in range(0, len(paths), BATCH_SIZE)]
     for batch in tqdm(batches, desc="reconstruction", disable=not progress, leave=False):
         real = torch.from_numpy(np.stack([_read(p)[0] for p in batch]))[:, None]  # (B, 1, D, H, W)
@@ -192,11 +193,21 @@ def _reconstruction_column(reconstruct: Reconstruct, paths: Sequence[Path], back
             reconstructed = reconstruct(real).detach().float().cpu().clamp(0, 1)
         if reconstructed.shape != real.shape:
             raise ValueError(f"reconstruct returned shape {tuple(reconstructed.shape)} for input {tuple(real.shape)}")
-        features.append(backbone.features(reconstructed))
-        ssims.extend(ssim(real, reconstructed).tolist())
-        psnrs.extend(psnr(real, reconstructed).tolist())
-        if example is None:
-            example = (real[0, 0].numpy(), reconstructed[0, 0].numpy())
+        result.update(zip(batch, reconstructed[:, 0].numpy()))
+    return result
+
+
+def _reconstruction_column(reconstructed: dict[Path, np.ndarray], paths: Sequence[Path], backbone: Backbone):
+    """Features of the reconstructions of `paths`, and per-subject SSIM / PSNR against the originals."""
+    features, ssims, psnrs = [], [], []
+    for start in range(0, len(paths), BATCH_SIZE):
+        batch = paths[start : start + BATCH_SIZE]
+        real = torch.from_numpy(np.stack([_read(p)[0] for p in batch]))[:, None]
+        recon = torch.from_numpy(np.stack([reconstructed[p] for p in batch]))[:, None]
+        features.append(backbone.features(recon))
+        ssims.extend(ssim(real, recon).tolist())
+        psnrs.extend(psnr(real, recon).tolist())
+    example = (_read(paths[0])[0], reconstructed[paths[0]])
     summary = {name: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
                for name, v in (("ssim", ssims), ("psnr", psnrs))}
     summary["settings"] = {"ssim": "MONAI SSIMMetric 3D, Gaussian window 11, sigma 1.5, data range 1", "psnr": "data range 1"}
@@ -380,10 +391,13 @@ def evaluate_generation(
     compared = {"real_vs_real": cache.matrix(other_paths), "real_vs_generated": cache.matrix(fake_paths)}
     column_sets = {"real_vs_real": [f"real {split} ({len(real_paths)})", f"real {other_split} ({len(other_paths)})"],
                    "real_vs_generated": [f"real {split} ({len(real_paths)})", f"generated ({len(fake_paths)})"]}
-    reconstruction, reconstruction_example = None, None
+    reconstruction, reconstruction_example, reconstructed = None, None, {}
     if reconstruct is not None:
-        recon_features, reconstruction, reconstruction_example = _reconstruction_column(
-            reconstruct, real_paths, backbone, progress)
+        # The held-out subjects' reconstructions also set the memorization threshold (below).
+        reconstructed = _reconstructions(reconstruct, real_paths + (heldout_paths if memorization_possible else []),
+                                         progress)
+        recon_features, reconstruction, reconstruction_example = _reconstruction_column(reconstructed, real_paths,
+                                                                                         backbone)
         compared = {"real_vs_reconstruction": recon_features, **compared}
         column_sets = {"real_vs_reconstruction": [f"real {split} ({len(real_paths)})", f"reconstructions ({len(real_paths)})"],
                        **column_sets}
@@ -411,14 +425,23 @@ def evaluate_generation(
     fake_names = [strip_nifti_suffix(p.name) for p in fake_paths]
     if memorization_possible:
         train_names = train_rows["subject"].astype(str).tolist()
-        voxel = find_memorized(cache.vector_matrix(fake_paths), cache.vector_matrix(train_paths),
-                               cache.vector_matrix(heldout_paths), fake_names, train_names, metric="correlation")
-        feature = find_memorized(cache.matrix(fake_paths), cache.matrix(train_paths), cache.matrix(heldout_paths),
+        if reconstructed:  # smoothness-matched yardstick: held-out subjects through the generator's autoencoder
+            heldout_volumes = np.stack([reconstructed[p] for p in heldout_paths])
+            heldout_vectors = np.stack([masked_standardised(v, mask, smoothing) for v in heldout_volumes])
+            heldout_features = np.concatenate([backbone.features(heldout_volumes[s : s + BATCH_SIZE, None])
+                                               for s in range(0, len(heldout_volumes), BATCH_SIZE)])
+            heldout_reference = "held-out reconstructions"
+        else:
+            heldout_vectors, heldout_features = cache.vector_matrix(heldout_paths), cache.matrix(heldout_paths)
+            heldout_reference = "held-out volumes"
+        voxel = find_memorized(cache.vector_matrix(fake_paths), cache.vector_matrix(train_paths), heldout_vectors,
+                               fake_names, train_names, metric="correlation")
+        feature = find_memorized(cache.matrix(fake_paths), cache.matrix(train_paths), heldout_features,
                                  fake_names, train_names, metric="euclidean")
         memorization = {
             "voxel": voxel, "feature": feature, "table": flagged_table(voxel, feature),
             "flagged_voxel": int(sum(voxel["flagged"])), "flagged_feature": int(sum(feature["flagged"])),
-            "heldout": len(heldout_paths), "train": len(train_paths),
+            "heldout": len(heldout_paths), "train": len(train_paths), "heldout_reference": heldout_reference,
             "chance_rate": 1.0 / (len(heldout_paths) + 1),
             "mask_voxels": int(mask.sum()), "smoothing_mm": DEFAULT_SMOOTHING_MM,
         }

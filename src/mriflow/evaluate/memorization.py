@@ -20,6 +20,14 @@ With fewer than 100 held-out subjects the 1st percentile is their minimum, so ab
 1 / (held-out + 1) of genuinely new volumes fall below it by chance: read the
 count of flags next to that rate.
 
+When the generator's autoencoder is known, the yardstick is the held-out subjects
+passed through it (reconstructions) rather than the raw volumes: every generated
+volume comes out of that decoder, smoother than any scan, and a smooth, near-average
+brain correlates with every training subject better than a raw new person does, so
+against raw volumes a smooth generator is flagged wholesale. A reconstructed new
+person is as smooth as a sample and still not a copy, so the threshold compares like
+with like, while a decoded copy of a training subject stays far below it.
+
     >>> reference = MemorizationReference.from_prepared("prepared/")
     >>> is_memorized(volume, reference)          # for `mriflow generate --privacy-filter`
     >>> reference.nearest(volume)                # ("IXI012", 0.004)
@@ -29,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -167,6 +175,7 @@ class MemorizationReference:
     threshold: float
     percentile: float = DEFAULT_PERCENTILE
     smoothing: float = 0.0
+    heldout_reference: str = "held-out volumes"  # or "held-out reconstructions"
 
     @classmethod
     def from_volumes(cls, train: Sequence[np.ndarray], train_masks: Sequence[np.ndarray], heldout: Sequence[np.ndarray],
@@ -181,9 +190,13 @@ class MemorizationReference:
 
     @classmethod
     def from_prepared(cls, root: str | Path, train_split: str = "train", heldout_splits: Sequence[str] | None = None,
-                      percentile: float = DEFAULT_PERCENTILE,
-                      smoothing_mm: float = DEFAULT_SMOOTHING_MM) -> "MemorizationReference":
-        """Build from a prepared folder: training split as reference, every other split (default) as held-out."""
+                      percentile: float = DEFAULT_PERCENTILE, smoothing_mm: float = DEFAULT_SMOOTHING_MM,
+                      heldout_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> "MemorizationReference":
+        """Build from a prepared folder: training split as reference, every other split (default) as held-out.
+
+        `heldout_transform` (D, H, W) -> (D, H, W), e.g. the generator's autoencoder reconstruction,
+        is applied to every held-out volume before the threshold is measured (see the module doc).
+        """
         from mriflow.data.dataset import read_manifest
 
         root = Path(root)
@@ -197,9 +210,12 @@ class MemorizationReference:
         mask = population_mask(load_volume(root / p)[0] for p in train_rows["mask"])
         smoothing = smoothing_voxels(load_volume(root / train_rows["image"].iloc[0])[1], smoothing_mm)
         vectors = np.stack([masked_standardised(load_volume(root / p)[0], mask, smoothing) for p in train_rows["image"]])
-        heldout = np.stack([masked_standardised(load_volume(root / p)[0], mask, smoothing) for p in heldout_rows["image"]])
+        transform = heldout_transform if heldout_transform is not None else (lambda volume: volume)
+        heldout = np.stack([masked_standardised(transform(load_volume(root / p)[0]), mask, smoothing)
+                            for p in heldout_rows["image"]])
         threshold = threshold_from_heldout(nearest(correlation_distance(heldout, vectors))[1], percentile)
-        return cls(train_rows["subject"].astype(str).tolist(), vectors, mask, threshold, percentile, smoothing)
+        return cls(train_rows["subject"].astype(str).tolist(), vectors, mask, threshold, percentile, smoothing,
+                   "held-out reconstructions" if heldout_transform is not None else "held-out volumes")
 
     def nearest(self, volume: np.ndarray) -> tuple[str, float]:
         """The nearest training subject of `volume` (D, H, W) and its distance (1 - correlation)."""

@@ -111,6 +111,13 @@ def bootstrap_figure(result: dict) -> bytes:
     return _png(figure)
 
 
+def _reference_note(memorization: dict) -> str:
+    if memorization.get("heldout_reference") != "held-out reconstructions":
+        return ", as they are"
+    return (", passed through the autoencoder so that they are as smooth as decoded samples; raw scans would "
+            "make every smooth sample look closer to the training set than any new person")
+
+
 def memorization_figure(memorization: dict) -> bytes:
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for axis, space, label in ((axes[0], "voxel", "1 − correlation in the brain mask"),
@@ -120,7 +127,7 @@ def memorization_figure(memorization: dict) -> bytes:
         top = max(heldout.max(), generated.max())
         bins = np.linspace(0, top * 1.05 if top > 0 else 1, 30)
         axis.hist(heldout, bins=bins, alpha=0.6, density=True, color="tab:blue",
-                  label=f"held-out real → train ({len(heldout)})")
+                  label=f"{memorization.get('heldout_reference', 'held-out volumes')} → train ({len(heldout)})")
         axis.hist(generated, bins=bins, alpha=0.6, density=True, color="tab:red",
                   label=f"generated → train ({len(generated)})")
         axis.axvline(part["threshold"], color="black", linestyle="--", label=f"threshold ({part['percentile']:g} % quantile)")
@@ -237,7 +244,7 @@ def report_blocks(result: dict, figures: dict[str, bytes]) -> list[tuple]:
         voxel, feature = memorization["voxel"], memorization["feature"]
         blocks.append(("p", f"A generated volume is flagged when the nearest of the {memorization['train']} training subjects is "
                             f"closer than the {voxel['percentile']:g} % quantile of held-out-to-training nearest distances "
-                            f"({memorization['heldout']} held-out subjects). Voxel space: 1 − Pearson correlation in the "
+                            f"({memorization['heldout']} held-out subjects{_reference_note(memorization)}). Voxel space: 1 − Pearson correlation in the "
                             f"population brain mask ({memorization['mask_voxels']} voxels) after Gaussian smoothing "
                             f"(sigma {memorization.get('smoothing_mm', 0):g} mm), threshold {_number(voxel['threshold'])}: "
                             f"{memorization['flagged_voxel']} flagged. Feature space: threshold {_number(feature['threshold'])}: "
