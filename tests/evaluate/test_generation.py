@@ -131,11 +131,15 @@ def test_reconstruction_column_and_conditional_fidelity(prepared, tmp_path):
     result = evaluate_generation(prepared, fakes, tmp_path / "out", **{**FAST, "backbone": AnatomyBackbone(weights)},
                                  reconstruct=reconstruct, autoencoder="runs/ae")
     assert list(result["columns"]) == ["real_vs_reconstruction", "real_vs_real", "real_vs_generated"]
-    # each held-out subject reconstructed once: test for the column, val + test as the memorization yardstick
-    assert sum(shape[0] for shape in calls) == SPLITS["test"] + SPLITS["val"]
+    # each subject reconstructed once: test for the column, val + test as the memorization yardstick, and
+    # up to 12 training subjects to show where a decoded copy lies
+    assert sum(shape[0] for shape in calls) == SPLITS["test"] + SPLITS["val"] + min(12, SPLITS["train"])
     assert 0.5 < result["reconstruction"]["ssim"]["mean"] < 1.0
     memorization = result["memorization"]
     assert memorization["heldout_reference"] == "held-out reconstructions"
+    copies = memorization["decoded_copy_distance"]
+    assert len(copies["voxel"]) == len(copies["feature"]) == len(copies["subjects"]) == min(12, SPLITS["train"])
+    assert max(copies["voxel"]) < min(memorization["voxel"]["heldout_nearest_distance"])  # a copy is nearer than anyone
     plain = evaluate_generation(prepared, fakes, tmp_path / "plain", **{**FAST, "backbone": AnatomyBackbone(weights)})
     assert plain["memorization"]["heldout_reference"] == "held-out volumes"
     # smoothed held-out subjects correlate better with the training set than raw ones: a lower yardstick

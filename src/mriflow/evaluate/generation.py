@@ -46,6 +46,7 @@ from mriflow.evaluate.diversity import DEFAULT_MAX_PAIRS, pairwise_ms_ssim
 from mriflow.evaluate.features import Backbone, PredictiveBackbone, get_backbone
 from mriflow.evaluate.memorization import (
     DEFAULT_SMOOTHING_MM,
+    correlation_distance,
     find_memorized,
     flagged_table,
     masked_standardised,
@@ -57,6 +58,7 @@ from mriflow.evaluate.metrics import LOWER_IS_BETTER, median_bandwidth, psnr, se
 AFFINE_TOLERANCE = 1e-3
 RANGE_TOLERANCE = 1e-3  # generated intensities this far outside [0, 1] are reported, then clipped
 NEAREST_K = 5
+COPY_EXAMPLES = 12  # training subjects reconstructed to show the distance of a copy after the decoder
 BATCH_SIZE = 8
 MONTAGE_SUBJECTS = 3
 # Reconstruct: (B, 1, D, H, W) tensor in [0, 1] -> same shape; the autoencoder stage supplies it.
@@ -394,7 +396,10 @@ def evaluate_generation(
     reconstruction, reconstruction_example, reconstructed = None, None, {}
     if reconstruct is not None:
         # The held-out subjects' reconstructions also set the memorization threshold (below).
-        reconstructed = _reconstructions(reconstruct, real_paths + (heldout_paths if memorization_possible else []),
+        # ... and a few training subjects' reconstructions show what a copy looks like after the decoder.
+        copied_paths = [train_paths[i] for i in np.unique(np.linspace(0, len(train_paths) - 1, COPY_EXAMPLES).astype(int))] \
+            if memorization_possible else []
+        reconstructed = _reconstructions(reconstruct, real_paths + (heldout_paths + copied_paths if memorization_possible else []),
                                          progress)
         recon_features, reconstruction, reconstruction_example = _reconstruction_column(reconstructed, real_paths,
                                                                                          backbone)
@@ -431,9 +436,17 @@ def evaluate_generation(
             heldout_features = np.concatenate([backbone.features(heldout_volumes[s : s + BATCH_SIZE, None])
                                                for s in range(0, len(heldout_volumes), BATCH_SIZE)])
             heldout_reference = "held-out reconstructions"
+            copies = np.stack([reconstructed[p] for p in copied_paths])
+            copy_vectors = np.stack([masked_standardised(v, mask, smoothing) for v in copies])
+            copy_features = np.concatenate([backbone.features(copies[s : s + BATCH_SIZE, None])
+                                            for s in range(0, len(copies), BATCH_SIZE)])
+            decoded_copy = {  # distance of each decoded training subject to its own original
+                "subjects": [train_names[train_paths.index(p)] for p in copied_paths],
+                "voxel": np.diag(correlation_distance(copy_vectors, cache.vector_matrix(copied_paths))).tolist(),
+                "feature": np.linalg.norm(copy_features - cache.matrix(copied_paths), axis=1).tolist()}
         else:
             heldout_vectors, heldout_features = cache.vector_matrix(heldout_paths), cache.matrix(heldout_paths)
-            heldout_reference = "held-out volumes"
+            heldout_reference, decoded_copy = "held-out volumes", None
         voxel = find_memorized(cache.vector_matrix(fake_paths), cache.vector_matrix(train_paths), heldout_vectors,
                                fake_names, train_names, metric="correlation")
         feature = find_memorized(cache.matrix(fake_paths), cache.matrix(train_paths), heldout_features,
@@ -442,6 +455,7 @@ def evaluate_generation(
             "voxel": voxel, "feature": feature, "table": flagged_table(voxel, feature),
             "flagged_voxel": int(sum(voxel["flagged"])), "flagged_feature": int(sum(feature["flagged"])),
             "heldout": len(heldout_paths), "train": len(train_paths), "heldout_reference": heldout_reference,
+            "decoded_copy_distance": decoded_copy,
             "chance_rate": 1.0 / (len(heldout_paths) + 1),
             "mask_voxels": int(mask.sum()), "smoothing_mm": DEFAULT_SMOOTHING_MM,
         }

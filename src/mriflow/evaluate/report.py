@@ -118,18 +118,36 @@ def _reference_note(memorization: dict) -> str:
             "make every smooth sample look closer to the training set than any new person")
 
 
+def _copy_note(memorization: dict) -> str:
+    copies = memorization.get("decoded_copy_distance")
+    if not copies:
+        return ""
+    voxel, feature = np.asarray(copies["voxel"]), np.asarray(copies["feature"])
+    generated = np.asarray(memorization["voxel"]["generated_nearest_distance"])
+    return (f" For scale, what a copy looks like after the decoder: {len(voxel)} training subjects passed through the "
+            f"autoencoder lie at {_number(np.median(voxel))} (voxel, median; max {_number(voxel.max())}) and "
+            f"{_number(np.median(feature))} (feature) from their own originals; the generated volumes' nearest "
+            f"distances have median {_number(np.median(generated))} (voxel). A flagged volume near the copy level is "
+            f"a copy; one between the copy level and the threshold is closer to a training subject than new people "
+            f"are without being that subject.")
+
+
 def memorization_figure(memorization: dict) -> bytes:
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for axis, space, label in ((axes[0], "voxel", "1 − correlation in the brain mask"),
                                (axes[1], "feature", "Euclidean distance in feature space")):
         part = memorization[space]
         heldout, generated = np.asarray(part["heldout_nearest_distance"]), np.asarray(part["generated_nearest_distance"])
-        top = max(heldout.max(), generated.max())
+        copies = np.asarray((memorization.get("decoded_copy_distance") or {}).get(space, []))
+        top = max(heldout.max(), generated.max(), copies.max() if len(copies) else 0.0)
         bins = np.linspace(0, top * 1.05 if top > 0 else 1, 30)
         axis.hist(heldout, bins=bins, alpha=0.6, density=True, color="tab:blue",
                   label=f"{memorization.get('heldout_reference', 'held-out volumes')} → train ({len(heldout)})")
         axis.hist(generated, bins=bins, alpha=0.6, density=True, color="tab:red",
                   label=f"generated → train ({len(generated)})")
+        if len(copies):
+            axis.hist(copies, bins=bins, alpha=0.6, density=True, color="tab:green",
+                      label=f"decoded training subject → itself ({len(copies)})")
         axis.axvline(part["threshold"], color="black", linestyle="--", label=f"threshold ({part['percentile']:g} % quantile)")
         axis.set_xlabel(f"nearest training subject: {label}", fontsize=8)
         axis.set_ylabel("density", fontsize=8)
@@ -249,7 +267,7 @@ def report_blocks(result: dict, figures: dict[str, bytes]) -> list[tuple]:
                             f"(sigma {memorization.get('smoothing_mm', 0):g} mm), threshold {_number(voxel['threshold'])}: "
                             f"{memorization['flagged_voxel']} flagged. Feature space: threshold {_number(feature['threshold'])}: "
                             f"{memorization['flagged_feature']} flagged. About {memorization['chance_rate']:.0%} of genuinely "
-                            f"new volumes fall below such a threshold by chance."))
+                            f"new volumes fall below such a threshold by chance.{_copy_note(memorization)}"))
         if memorization["table"]:
             table_rows = [[r["generated"], r["voxel_nearest"], _number(r["voxel_distance"]),
                            "yes" if r["voxel_flagged"] else "", r.get("feature_nearest", ""),
