@@ -330,6 +330,30 @@ def test_shipped_anatomy_weights_load_and_fit_the_size_limit():
     assert backbone.features(volumes).shape == (2, backbone.network.feature_dim)
 
 
+def test_deepbet_backbone_uses_the_installed_network_with_deepbets_normalisation(tmp_path):
+    from deepbet.utils import normalize
+
+    backbone = get_backbone("deepbet")
+    assert backbone.weights_sha256 == sha256(features_module.deepbet_weights())
+    assert backbone.weights_sha256 in features_module.KNOWN_WEIGHTS_SHA256["deepbet"]
+    volumes = phantom_volumes(2)
+    x = torch.from_numpy(volumes[:1])
+    low, high = x.flatten().quantile(0.005), x.flatten().quantile(0.995)
+    np.testing.assert_allclose(backbone.normalise(x), normalize(x, low, high), rtol=1e-5, atol=1e-5)
+
+    values = backbone.features(volumes)
+    assert values.shape == (2, 288) and values.dtype == np.float32 and np.isfinite(values).all()
+    np.testing.assert_allclose(backbone.features(volumes), values)  # deterministic
+    assert not np.allclose(values[0], values[1], rtol=1e-3)
+    # deepbet's quantile normalisation: a positive affine change of intensities changes nothing
+    np.testing.assert_allclose(backbone.features(0.5 * volumes + 0.1), values, rtol=1e-3, atol=1e-4)
+
+    copy = tmp_path / "bbox_model.pt"
+    copy.write_bytes(features_module.deepbet_weights().read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="not a published checksum for backbone 'deepbet'"):
+        get_backbone("deepbet", weights=copy)
+
+
 def test_registry_lists_names_and_accepts_new_backbones():
     assert {"intensity", "medicalnet-resnet10", "medicalnet-resnet50", "radimagenet-resnet50", "anatomy"} <= set(available_backbones())
     with pytest.raises(ValueError, match="unknown; available: intensity"):

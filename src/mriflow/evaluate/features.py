@@ -12,6 +12,7 @@ because FD/KID numbers are only comparable under the same backbone and weights.
 | medicalnet-resnet50  | MedicalNet 3D ResNet-50, pooled                           | 2048 | resnet_50[_23dataset].pth       |
 | radimagenet-resnet50 | RadImageNet 2D ResNet-50 on axial/coronal/sagittal slices | 6144 | RadImageNet-ResNet50_notop.pth  |
 | anatomy              | mriflow's anatomy U-Net: pooled bottleneck + first-level texture statistics, standardised; age/sex heads, tissue segmentation | 304 | shipped weights/anatomy.safetensors |
+| deepbet              | deepbet's 3D LinkNet (Fisch et al. 2024, brain extraction, 7837 T1 scans): pooled encoder levels | 288 | installed with the deepbet package |
 
     >>> backbone = get_backbone("medicalnet-resnet10", weights="resnet_10_23dataset.pth")
     >>> backbone.name, backbone.weights_sha256
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -59,11 +61,15 @@ KNOWN_WEIGHTS_SHA256: dict[str, dict[str, str]] = {
     "radimagenet-resnet50": {
         "2457479b254569e5a81ba48fee6c5b2b84b7a729e507aaa2466101aedb8e5c37": "RadImageNet-ResNet50_notop.pth (MONAI/checkpoints)",
     },
+    "deepbet": {
+        "39a7b2b5f799faa1391ea97bfcdc0b9299f20d84f2316a4ff8918dc4685e40aa": "data/models/bbox_model.pt (deepbet 1.0.2 wheel)",
+    },
 }
 WEIGHTS_SOURCES = {
     "medicalnet-resnet10": "resnet_10_23dataset.pth from https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet10",
     "medicalnet-resnet50": "resnet_50_23dataset.pth from https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet50",
     "radimagenet-resnet50": "RadImageNet-ResNet50_notop.pth from https://huggingface.co/MONAI/checkpoints",
+    "deepbet": "data/models/bbox_model.pt of the deepbet package (pip install deepbet==1.0.2)",
 }
 ANATOMY_WEIGHTS = "anatomy.safetensors"
 ANATOMY_METADATA_KEY = "mriflow.anatomy_encoder"
@@ -665,6 +671,65 @@ class AnatomyBackbone:
         }
 
 
+# ----------------------------------------------------------------------------- deepbet (3D, installed weights)
+
+
+def deepbet_weights() -> Path:
+    """The whole-head network file inside the installed deepbet package (its wheel ships the weights)."""
+    from deepbet.utils import DATA_PATH
+
+    return Path(DATA_PATH) / "models" / "bbox_model.pt"
+
+
+class DeepbetBackbone:
+    """Features of deepbet's brain-extraction network (Fisch et al. 2024, "deepbet: Fast brain extraction of
+    T1-weighted MRI using Convolutional Neural Networks", trained on 7837 T1 scans from 191 sites;
+    MIT licence): an independent, brain-MRI-trained second opinion that ships with a maintained package.
+
+    The network is deepbet's whole-head 3D LinkNet (bbox_model.pt, TorchScript). Each volume is
+    resized to its 128^3 input (trilinear; deepbet itself stretches every head to that cube) and
+    normalised as deepbet does (clip to the 0.5 / 99.5 % quantiles, z-score, x 0.226 + 0.449);
+    features = the average-pooled output of its stem and four encoder levels (16 + 16 + 32 + 64 +
+    128) + the per-channel sd of the stem and first level (16 + 16), 288 in all, unscaled.
+
+    The file is TorchScript (code and weights), loaded from the installed package only after its
+    SHA-256 matches the one recorded for deepbet 1.0.2 (or `weights_sha256`).
+    """
+
+    name = "deepbet-linknet3d-288"
+    input_shape = (128, 128, 128)
+
+    def __init__(self, weights: str | Path | None = None, weights_sha256: str | None = None, device: str = "cpu"):
+        path = Path(weights) if weights is not None else deepbet_weights()
+        self.weights_sha256 = verify_weights(path, "deepbet", weights_sha256)
+        self.device = torch.device(device)
+        with warnings.catch_warnings():  # deepbet ships TorchScript; torch 2.13 marks its loader deprecated
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.load")
+            self.network = torch.jit.load(str(path), map_location=self.device).eval()
+        self.activation = getattr(self.network.conv, "2")  # the shared ReLU its blocks are called with
+        self.levels = [self.network.init, self.network.down0, self.network.down1, self.network.down2, self.network.down3]
+
+    @staticmethod
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        """deepbet.utils.normalize with its quantile bounds, per volume (1, 1, D, H, W)."""
+        low, high = torch.quantile(x.flatten(), torch.tensor([0.005, 0.995], device=x.device))
+        x = ((x - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
+        return 0.226 * (x - x.mean()) / x.std().clamp(min=1e-6) + 0.449
+
+    @torch.no_grad()
+    def features(self, volumes) -> np.ndarray:
+        rows = []
+        for volume in _as_tensor(volumes):
+            x = F.interpolate(volume[None].to(self.device), self.input_shape, mode="trilinear", align_corners=False)
+            h, outputs = self.normalise(x), []
+            for level in self.levels:
+                h = level(self.activation, h)
+                outputs.append(h)
+            rows.append(torch.cat([o.mean(dim=(2, 3, 4)) for o in outputs] +
+                                  [o.std(dim=(2, 3, 4)) for o in outputs[:2]], dim=1)[0].cpu())
+        return torch.stack(rows).numpy().astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -713,6 +778,8 @@ register_backbone("medicalnet-resnet50",
 register_backbone("radimagenet-resnet50",
                   lambda weights, weights_sha256, device: RadImageNetBackbone(weights, weights_sha256, device),
                   "RadImageNet 2D ResNet-50 on three planes (Mei et al. 2022)", needs_weights=True)
+register_backbone("deepbet", lambda weights, weights_sha256, device: DeepbetBackbone(weights, weights_sha256, device),
+                  "deepbet's brain-extraction network (Fisch et al. 2024), weights from the installed deepbet package")
 register_backbone("anatomy", lambda weights, weights_sha256, device: AnatomyBackbone(weights, weights_sha256, device),
                   "mriflow's anatomy network: tissue segmentation, age and sex heads, trained on IXI "
                   "(src/mriflow/weights/anatomy.safetensors)")
