@@ -119,7 +119,8 @@ def test_broken_fakes_score_worse_than_real_ones(prepared, tmp_path):
 
 def test_reconstruction_column_and_conditional_fidelity(prepared, tmp_path):
     val = [f"sub{i:02d}" for i in range(10, 18)]
-    fakes = write_fakes(tmp_path / "fakes", prepared, val, sidecar=lambda i, s: {"covariates": {"age": 30 + i, "sex": "F"}})
+    fakes = write_fakes(tmp_path / "fakes", prepared, val,
+                        sidecar=lambda i, s: {"covariates": {"age": 30 + i, "sex": "F", "ventricles": 20.0 + i}})
     model = AnatomyEncoder(AnatomyEncoderConfig())
     weights = save_anatomy_encoder(tmp_path / "anatomy.safetensors", model)
     calls = []
@@ -149,10 +150,42 @@ def test_reconstruction_column_and_conditional_fidelity(prepared, tmp_path):
     assert fidelity["age"]["generated"]["target"] == [30.0 + i for i in range(8)]
     assert fidelity["age"]["real"]["count"] == SPLITS["test"]
     assert 0 <= fidelity["sex"]["generated"]["accuracy"] <= 1
+    assert fidelity["ventricles_ml"]["requested_vs_measured"]["covariate"] == "ventricles"
     assert result["backbone"]["name"].startswith("anatomy-")
     assert (tmp_path / "out" / "figures" / "age_fidelity.png").is_file()
     report = (tmp_path / "out" / "report.md").read_text()
     assert "runs/ae" in report and "passed through the autoencoder" in report
+
+
+def test_requested_volumes_are_compared_with_the_measured_ones(prepared, tmp_path):
+    class MeanIntensity:  # a predictor whose "ventricles" are the mean intensity, in ml
+        name, weights_sha256, sex_categories = "mean-intensity", None, ("F", "M")
+
+        def features(self, volumes):
+            return np.asarray(volumes).reshape(len(volumes), -1)[:, :8]
+
+        def predict(self, volumes):
+            means = np.asarray(volumes).reshape(len(volumes), -1).mean(1).astype(np.float64)
+            return {"age": np.full(len(volumes), 50.0), "sex_prob": np.full(len(volumes), 0.5),
+                    "ventricles_ml": 1000 * means, "total_brain_ml": np.full(len(volumes), 1500.0)}
+
+    subjects = [f"sub{i:02d}" for i in range(10, 18)]
+    means = {s: float(load_volume(prepared / "images" / f"{s}.nii.gz")[0].mean()) for s in subjects}
+    fakes = write_fakes(tmp_path / "fakes", prepared, subjects,  # requested = 3 x measured - 5: r = 1
+                        sidecar=lambda i, s: {"covariates": {"age": 40, "ventricles": 3000 * means[s] - 5,
+                                                             "total_brain": 1000 + i}})
+    paths = sorted(fakes.glob("*.nii.gz"))
+    from mriflow.evaluate.generation import conditional_fidelity, read_sidecar
+
+    manifest = pd.read_csv(prepared / "manifest.csv")
+    real_rows = manifest[manifest["split"] == "test"]
+    fidelity = conditional_fidelity(MeanIntensity(), paths, [read_sidecar(p) for p in paths],
+                                    [prepared / p for p in real_rows["image"]], real_rows)
+    ventricles = fidelity["ventricles_ml"]["requested_vs_measured"]
+    assert ventricles["covariate"] == "ventricles" and ventricles["generated"]["count"] == 8
+    assert ventricles["generated"]["pearson_r"] == pytest.approx(1.0, abs=1e-9)
+    assert ventricles["real"] is None  # the real subjects carry no "ventricles" column here
+    assert fidelity["total_brain_ml"]["requested_vs_measured"]["generated"] is None  # measured is constant: no r
 
 
 def test_refuses_writing_into_an_input_folder_and_unknown_splits(prepared, tmp_path):

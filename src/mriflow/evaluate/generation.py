@@ -58,6 +58,7 @@ from mriflow.evaluate.metrics import LOWER_IS_BETTER, median_bandwidth, psnr, se
 AFFINE_TOLERANCE = 1e-3
 RANGE_TOLERANCE = 1e-3  # generated intensities this far outside [0, 1] are reported, then clipped
 NEAREST_K = 5
+VOLUME_COVARIATES = {"ventricles_ml": "ventricles", "total_brain_ml": "total_brain"}  # measurement -> covariate
 COPY_EXAMPLES = 12  # training subjects reconstructed to show the distance of a copy after the decoder
 BATCH_SIZE = 8
 MONTAGE_SUBJECTS = 3
@@ -280,7 +281,11 @@ def conditional_fidelity(backbone: Backbone, generated: Sequence[Path], sidecars
     volumes, next to the same between true and predicted age on the real split (the
     predictor's own error). Sex: accuracy of the predicted category, likewise.
     Ventricle and total-brain volumes (measured from the predictor's tissue segmentation, for the
-    anatomy network): mean ± sd in both sets.
+    anatomy network): mean ± sd in both sets; when the volumes were requested (covariates named
+    as in `VOLUME_COVARIATES`, e.g. prepared with --covariate-columns 509:ventricles,701:total_brain),
+    also the Pearson r between requested and measured, next to the r between the real subjects'
+    covariate and measured. Only r: the covariate is usually a native-space volume (MUSE), the
+    measurement a template-space one, so their units and head-size scaling differ.
     """
     requested = pd.DataFrame(list(sidecars))
     if requested.empty or not {"age", "sex"} & set(requested.columns):
@@ -303,10 +308,26 @@ def conditional_fidelity(backbone: Backbone, generated: Sequence[Path], sidecars
             "generated": _sex_agreement(requested["sex"].tolist(), on_generated["sex_prob"], categories),
             "real": _sex_agreement(real_rows["sex"].tolist(), on_real["sex_prob"], categories) if "sex" in real_rows else None,
         }
-    for volume in ("ventricles_ml", "total_brain_ml"):
-        if volume in on_generated:
-            result[volume] = {"generated": _mean_sd(on_generated[volume]), "real": _mean_sd(on_real[volume])}
+    for volume, covariate in VOLUME_COVARIATES.items():
+        if volume not in on_generated:
+            continue
+        result[volume] = {"generated": _mean_sd(on_generated[volume]), "real": _mean_sd(on_real[volume])}
+        if covariate in requested.columns:
+            true = real_rows[covariate] if covariate in real_rows else pd.Series([math.nan] * len(real))
+            result[volume]["requested_vs_measured"] = {
+                "covariate": covariate,
+                "generated": _correlation(pd.to_numeric(requested[covariate], errors="coerce").to_numpy(float),
+                                          on_generated[volume]),
+                "real": _correlation(pd.to_numeric(true, errors="coerce").to_numpy(float), on_real[volume])}
     return result
+
+
+def _correlation(target: np.ndarray, measured: np.ndarray) -> dict | None:
+    """Pearson r between target and measured values where both exist (None below 3 pairs)."""
+    keep = np.isfinite(target) & np.isfinite(measured)
+    if keep.sum() < 3 or target[keep].std() == 0 or measured[keep].std() == 0:
+        return None
+    return {"pearson_r": float(np.corrcoef(target[keep], measured[keep])[0, 1]), "count": int(keep.sum())}
 
 
 def evaluate_generation(

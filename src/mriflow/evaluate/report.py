@@ -299,6 +299,11 @@ def report_blocks(result: dict, figures: dict[str, bytes]) -> list[tuple]:
             if fidelity.get(volume):
                 for key in ("generated", "real"):
                     rows.append([f"{volume} ({key})", _mean_sd(fidelity[volume][key])])
+                paired = fidelity[volume].get("requested_vs_measured")
+                for key in ("generated", "real") if paired else ():
+                    if paired[key]:
+                        rows.append([f"{volume} vs {paired['covariate']} ({key})",
+                                     f"r = {paired[key]['pearson_r']:.2f} ({paired[key]['count']} volumes)"])
         blocks.append(("table", ["measure", "value"], rows))
         blocks.append(("p", f"Predictor: {fidelity['predictor']} (weights SHA-256 {fidelity['predictor_weights_sha256']}). "
                             f"Generated: requested covariate vs prediction; real: true covariate vs prediction "
