@@ -205,7 +205,7 @@ def test_auto_backbone_is_the_shipped_anatomy_network_on_its_grid_only(prepared,
     assert predictor is None and "grid" in reason
 
 
-def test_auto_backbone_on_another_grid_falls_back_to_intensity_and_says_so(prepared, tmp_path):
+def test_auto_backbone_on_another_grid_falls_back_to_deepbet_and_says_so(prepared, tmp_path):
     # the same subjects cropped to 32 x 40 x 32: not the grid the shipped anatomy network was trained on
     manifest = pd.read_csv(prepared / "manifest.csv")
     crop = (slice(4, 36), slice(4, 44), slice(4, 36))
@@ -219,7 +219,7 @@ def test_auto_backbone_on_another_grid_falls_back_to_intensity_and_says_so(prepa
     fakes = write_fakes(tmp_path / "fakes", other, [f"sub{i:02d}" for i in range(10, 18)],
                         sidecar=lambda i, s: {"covariates": {"age": 40 + i, "sex": "F"}})
     result = evaluate_generation(other, fakes, tmp_path / "out", **{**FAST, "backbone": "auto"})
-    assert result["backbone"]["name"].startswith("intensity")
-    assert any("fell back to 'intensity'" in w and "(32, 40, 32)" in w for w in result["warnings"])
+    assert result["backbone"]["name"].startswith("deepbet") and result["backbone"]["feature_dim"] == 288
+    assert any("fell back to 'deepbet'" in w and "(32, 40, 32)" in w for w in result["warnings"])
     assert "(32, 40, 32)" in result["conditional_fidelity"]["skipped"]
-    assert "fell back to 'intensity'" in (tmp_path / "out" / "report.md").read_text()
+    assert "fell back to 'deepbet'" in (tmp_path / "out" / "report.md").read_text()

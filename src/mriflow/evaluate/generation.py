@@ -354,7 +354,8 @@ def evaluate_generation(
         split: real evaluation split; other_split: the second real split for the
             Real vs Real column (default "val", else "train").
         backbone: a registered name (see features.available_backbones), a Backbone, or "auto":
-            the shipped anatomy network where it was trained for the data's grid, else "intensity".
+            the shipped anatomy network where it was trained for the data's grid, else "deepbet" (a
+            brain-MRI network that works on any grid; the fallback is written in the report's warnings).
         n, bootstrap: bootstrap sample size per set and rounds (defaults: 80 % of the
             smallest set, capped at 200; 20 rounds). One n serves every column.
         autoencoder: a label for the report (e.g. the run folder reconstruct came from).
@@ -393,8 +394,8 @@ def evaluate_generation(
     if backbone == "auto":
         backbone, reason = _predictor(None, shape)
         if backbone is None:
-            warnings.append(f"backbone 'auto' fell back to 'intensity': {reason}")
-            backbone = "intensity"
+            warnings.append(f"backbone 'auto' fell back to 'deepbet': {reason}")
+            backbone = "deepbet"
     if isinstance(backbone, str):
         backbone = get_backbone(backbone, weights=weights, weights_sha256=weights_sha256, device=device)
     memorization_possible = len(train_paths) > 0 and len(heldout_paths) > 0
