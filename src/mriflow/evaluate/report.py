@@ -129,7 +129,12 @@ def _copy_note(memorization: dict) -> str:
             f"{_number(np.median(feature))} (feature) from their own originals; the generated volumes' nearest "
             f"distances have median {_number(np.median(generated))} (voxel). A flagged volume near the copy level is "
             f"a copy; one between the copy level and the threshold is closer to a training subject than new people "
-            f"are without being that subject.")
+            f"are without being that subject."
+            + "".join(f" In {space} space a decoded copy lies beyond that space's threshold ({_number(np.median(values))} "
+                      f"> {_number(memorization[space]['threshold'])}), so that space cannot catch copies that went "
+                      f"through the decoder; read its flags as likeness, not copying."
+                      for space, values in (("voxel", voxel), ("feature", feature))
+                      if np.median(values) >= memorization[space]["threshold"]))
 
 
 def memorization_figure(memorization: dict) -> bytes:
