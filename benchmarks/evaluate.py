@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume, save_volume
-from mriflow.evaluate.features import RadImageNetResNet50, medicalnet_resnet
+from mriflow.evaluate.features import DeepbetBackbone, RadImageNetResNet50, medicalnet_resnet
 from mriflow.evaluate.generation import evaluate_generation
 
 from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
@@ -79,7 +79,8 @@ def write_stand_ins(data: Path, folder: Path, count: int) -> None:
 @torch.no_grad()
 def backbone_seconds_per_volume(shape: tuple[int, int, int], repeats: int = 4) -> dict[str, float]:
     """Forward time per volume of the pretrained-network backbones, with random weights (same compute,
-    no weight files needed): what choosing them adds to the `features` stage."""
+    no weight files needed; deepbet with its installed weights): what choosing them adds to the
+    `features` stage."""
     costs = {}
     volumes = torch.rand(repeats, 1, *shape)
     for depth in (10, 50):
@@ -96,6 +97,11 @@ def backbone_seconds_per_volume(shape: tuple[int, int, int], repeats: int = 4) -
     for batch in planes:
         network(batch)
     costs["radimagenet-resnet50"] = time.perf_counter() - started
+    backbone = DeepbetBackbone()  # its real weights come with the deepbet package
+    backbone.features(volumes[:1].numpy())
+    started = time.perf_counter()
+    backbone.features(volumes.numpy())
+    costs["deepbet"] = (time.perf_counter() - started) / repeats
     return {name: round(seconds, 3) for name, seconds in costs.items()}
 
 
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("/tmp/ixi2"), help="a prepared folder (mriflow prepare)")
     parser.add_argument("--count", type=int, default=100, help="real test subjects and generated volumes")
-    parser.add_argument("--backbone", default="intensity")
+    parser.add_argument("--backbone", default="auto", help="as `mriflow evaluate generation --backbone` (default auto)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -149,14 +155,16 @@ def main(argv=None) -> int:
 for the Real vs Real column and memorization; backbone `{result['backbone']['name']}`, bootstrap {result['settings']['bootstrap_rounds']} \
 rounds at n = {result['settings']['n']}, {result['settings']['diversity_pairs']} MS-SSIM pairs per set, report included.
 
-    python benchmarks/evaluate.py --data {args.data} --count {args.count} --threads {args.threads}
+    python benchmarks/evaluate.py --data {args.data} --count {args.count} --backbone {args.backbone} --threads {args.threads}
 
 | grid | real vs generated | torch threads | total | stages |
 |---|---|---|---|---|
 | {grid} | {counts['real']} vs {counts['generated']} | {args.threads} (of {os.cpu_count()} CPUs, shared machine) | {elapsed:.0f} s | {stages} |
 
-The pretrained backbones add a forward pass per volume ({sum(counts[k] for k in ('real', 'other', 'generated', 'train'))} \
-volumes here), measured with random weights on the same grid and threads: \
+{chr(10).join('The report warns: ' + w + '.' for w in result['warnings'])}
+
+Forward pass per volume of the pretrained backbones ({sum(counts[k] for k in ('real', 'other', 'generated', 'train'))} \
+volumes here; MedicalNet and RadImageNet measured with random weights), on the same grid and threads: \
 {', '.join(f'`{name}` {seconds:.2f} s' for name, seconds in costs.items())} per volume.
 
 Result: [{target.relative_to(ROOT)}]({Path('..') / target.relative_to(ROOT)}). Target: < 5 min on a 2-core CPU."""
