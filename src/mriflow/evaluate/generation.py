@@ -417,14 +417,15 @@ def evaluate_generation(
                    "real_vs_generated": [f"real {split} ({len(real_paths)})", f"generated ({len(fake_paths)})"]}
     reconstruction, reconstruction_example, reconstructed = None, None, {}
     if reconstruct is not None:
-        # The held-out subjects' reconstructions also set the memorization threshold (below).
-        # ... and a few training subjects' reconstructions show what a copy looks like after the decoder.
-        copied_paths = [train_paths[i] for i in np.unique(np.linspace(0, len(train_paths) - 1, COPY_EXAMPLES).astype(int))] \
-            if memorization_possible else []
-        reconstructed = _reconstructions(reconstruct, real_paths + (heldout_paths + copied_paths if memorization_possible else []),
-                                         progress)
-        recon_features, reconstruction, reconstruction_example = _reconstruction_column(reconstructed, real_paths,
-                                                                                         backbone)
+        # Reconstructed held-out subjects also set the memorization threshold (below), and a few
+        # reconstructed training subjects show what a copy looks like after the decoder.
+        copied_paths = []
+        if memorization_possible:
+            spread = np.unique(np.linspace(0, len(train_paths) - 1, COPY_EXAMPLES).astype(int))
+            copied_paths = [train_paths[i] for i in spread]
+        reconstructed = _reconstructions(reconstruct, real_paths + heldout_paths + copied_paths if memorization_possible
+                                         else real_paths, progress)
+        recon_features, reconstruction, reconstruction_example = _reconstruction_column(reconstructed, real_paths, backbone)
         compared = {"real_vs_reconstruction": recon_features, **compared}
         column_sets = {"real_vs_reconstruction": [f"real {split} ({len(real_paths)})", f"reconstructions ({len(real_paths)})"],
                        **column_sets}
