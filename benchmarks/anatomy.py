@@ -55,7 +55,7 @@ from mriflow.evaluate.features import (
     tissue_volumes_ml,
 )
 
-SECTION = "## anatomy backbone"
+SECTION = "## anatomy backbone: {grid}"  # one section (and one weights file) per grid
 WEIGHTS = ROOT / "src" / "mriflow" / "weights" / "anatomy.safetensors"
 
 
@@ -260,15 +260,19 @@ def calibrate(model: AnatomyEncoder, train: dict, val: dict, test: dict,
                                     "majority_share": float(max(y_all.mean(), 1 - y_all.mean()))}}
 
 
-def load_initial(path: Path, config: AnatomyEncoderConfig) -> tuple[AnatomyEncoder, dict | None]:
+def load_initial(path: Path, config: AnatomyEncoderConfig, fine_tune: bool) -> tuple[AnatomyEncoder, dict | None]:
     """A trained network from an anatomy weights file (also one written before the texture features
-    existed: its standardisation and sex read-out are refit by `calibrate`), checked against this data's config."""
+    existed: its standardisation and sex read-out are refit by `calibrate`), checked against this data's config.
+    With `fine_tune` (it will be trained further here) it may come from another grid: the network is
+    fully convolutional, so e.g. the 4 mm network starts the 2 mm one."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     stored = json.loads(metadata[ANATOMY_METADATA_KEY])
     for key in ("grid", "shape", "classes", "target_mean", "target_std", "sex_categories", "label_map"):
+        if fine_tune and key in ("grid", "shape"):
+            continue
         mine = asdict(config)[key]
         if json.loads(json.dumps(mine)) != stored.get(key):
             raise ValueError(f"--init {path}: its {key} {stored.get(key)} differs from this data's {mine}")
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         grid=grid["name"], voxel_mm=float(grid["voxel_mm"]), shape=tuple(grid["shape"]),
         target_mean={"age": round(age_mean, 3)}, target_std={"age": round(age_std, 3)}, sex_categories=sex_categories,
         label_map={str(label): TISSUE_CLASSES[index] for label, index in mapping.items()})
-    model, initial_record = load_initial(args.init, config) if args.init else (AnatomyEncoder(config), None)
+    model, initial_record = load_initial(args.init, config, fine_tune=args.epochs > 0) if args.init else (AnatomyEncoder(config), None)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{parameters / 1e6:.2f} M parameters; train {len(train['subject'])}, val {len(splits['val']['subject'])}, "
           f"test {len(splits['test']['subject'])} subjects; grid {config.grid} {config.shape}", flush=True)
@@ -390,11 +394,14 @@ def main(argv: list[str] | None = None) -> int:
                     "loss_weights": {"age": args.age_weight, "sex": args.sex_weight},
                     "train_minutes": round(train_minutes, 1)}
         commands = [command]
+        if args.init:
+            training["initialised_from"] = {"weights": str(args.init), "sha256": sha256(args.init),
+                                            "grid": (initial_record or {}).get("grid")}
     else:  # --init --epochs 0: the network is the initial file's; say how that one was trained
         if initial_record is None or any(k not in initial_record for k in training_keys):
             raise ValueError(f"--init {args.init}: its metadata has no training record, so --epochs 0 cannot say how "
                              f"the network was trained; train it here (--epochs N)")
-        training = {k: initial_record[k] for k in training_keys}
+        training = {k: initial_record[k] for k in training_keys + ("initialised_from",) if k in initial_record}
         commands = initial_record.get("commands", [initial_record.get("command")]) + [command]
     record = {
         "benchmark": "anatomy", "commands": commands, "data": str(data.resolve()), "grid": config.grid,
@@ -439,7 +446,11 @@ def write_section(record: dict, path: Path) -> None:
                    f"{100 / test['sex_subjects']:.0f} points). {crossed_text}")
     penalties = ", ".join(f"{t['l2']:g}: {t['val_cross_entropy']:.3f}" for t in calibration["sex_penalties"])
     commands = "\n    ".join(record["commands"])
-    body = f"""mriflow's own evaluation backbone (`--backbone anatomy`, weights shipped as `{record['weights']}`, {record['weights_mb']} MB, SHA-256 `{record['weights_sha256']}`): a compact 3D U-Net of MONAI residual units (channels 8-16-32-64, bottleneck 256, {record['parameters'] / 1e6:.2f} M parameters) with a tissue segmentation head ({', '.join(record['classes'])}), a 256-dimensional average-pooled bottleneck embedding and linear age / sex heads. Trained on the {record['grid']} grid ({' x '.join(map(str, record['shape']))}) of the shared IXI data: {record['subjects']['train']} train subjects, model selection on {record['subjects']['val']} val subjects (lowest validation loss, epoch {record['best_epoch']} of {record['epochs_run']}, {record['train_minutes']} minutes on the 2-core CPU), figures below on the {test['subjects']} **test** subjects. Targets: DLMUSE label maps mapped to tissue classes by region name (`features.muse_tissue_mapping`; the mapping is stored in the weights' metadata), age and sex from the manifest. Loss: Dice + cross-entropy on the classes + {record['loss_weights']['age']} x MSE of the standardised age + {record['loss_weights']['sex']} x sex cross-entropy; AdamW, one-cycle learning rate {record['lr']}, batch {record['batch_size']}; augmentation: left-right flip, intensity scale / shift / gamma inside the brain.
+    start = record.get("initialised_from")
+    initialised = (f" Fine-tuned from the {start['grid']} network (`{start['weights']}`, SHA-256 {start['sha256'][:12]}…): "
+                   f"the network is fully convolutional, so the coarser grid's weights are a good start."
+                   if start else "")
+    body = f"""mriflow's own evaluation backbone (`--backbone anatomy`, weights shipped as `{record['weights']}`, {record['weights_mb']} MB, SHA-256 `{record['weights_sha256']}`): a compact 3D U-Net of MONAI residual units (channels 8-16-32-64, bottleneck 256, {record['parameters'] / 1e6:.2f} M parameters) with a tissue segmentation head ({', '.join(record['classes'])}), a 256-dimensional average-pooled bottleneck embedding and linear age / sex heads. Trained on the {record['grid']} grid ({' x '.join(map(str, record['shape']))}) of the shared IXI data: {record['subjects']['train']} train subjects, model selection on {record['subjects']['val']} val subjects (lowest validation loss, epoch {record['best_epoch']} of {record['epochs_run']}, {record['train_minutes']} minutes on the 2-core CPU), figures below on the {test['subjects']} **test** subjects.{initialised} Targets: DLMUSE label maps mapped to tissue classes by region name (`features.muse_tissue_mapping`; the mapping is stored in the weights' metadata), age and sex from the manifest. Loss: Dice + cross-entropy on the classes + {record['loss_weights']['age']} x MSE of the standardised age + {record['loss_weights']['sex']} x sex cross-entropy; AdamW, one-cycle learning rate {record['lr']}, batch {record['batch_size']}; augmentation: left-right flip, intensity scale / shift / gamma inside the brain.
 
 After training (`calibrate` in the script):
 - **Features** for FD/KID/PRDC/MMD ({record['feature_dim']} dimensions): {calibration['features']}. The bottleneck alone hardly sees noise or blur (it learned to segment through intensity jitter; see the sanity sections below for what that did to the metrics); the full-resolution levels' statistics do.
@@ -453,7 +464,7 @@ After training (`calibrate` in the script):
 
 Sex: {sex_verdict} Age and sex are read from a brain already scaled to the template by an affine registration, so head size (the strongest sex cue) is gone, and the network saw only {record['subjects']['train']} training subjects. In `mriflow evaluate generation` the predictor's own accuracy on real held-out subjects is printed beside the generated one; read the generated figure only against it.
 
-Dice per tissue class (test mean ± sd, on the 4 mm grid against the nearest-neighbour-resampled label maps):
+Dice per tissue class (test mean ± sd, on the {record['grid']} grid against the nearest-neighbour-resampled label maps):
 
 | {' | '.join(c.replace('_', ' ') for c in record['classes'][1:])} |
 |{'---|' * (len(record['classes']) - 1)}
@@ -466,7 +477,7 @@ Volumes measured from the predicted segmentation (voxel count x {record['grid']}
 {volume_rows}
 
 Result: [{result}](../{result})."""
-    replace_section(DOCUMENT, SECTION, body)
+    replace_section(DOCUMENT, SECTION.format(grid=record["grid"]), body)
 
 
 if __name__ == "__main__":

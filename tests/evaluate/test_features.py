@@ -313,13 +313,16 @@ def test_anatomy_backbone_refuses_other_grids_and_old_formats(tmp_path):
         AnatomyBackbone(old)
 
 
-def test_shipped_anatomy_weights_load_and_fit_the_size_limit():
-    path = default_anatomy_weights()
-    if not path.is_file():
-        pytest.skip(f"{path} not trained in this checkout (benchmarks/anatomy.py writes it)")
+@pytest.mark.parametrize("grid", ["4mm", "2mm"])
+def test_shipped_anatomy_weights_load_and_fit_the_size_limit(grid):
+    path = features_module.anatomy_weights_for(get_grid(grid).shape)
+    if path is None:
+        pytest.skip(f"no anatomy network for the {grid} grid is shipped in this checkout (benchmarks/anatomy.py trains one)")
     assert path.stat().st_size <= 16 * 2**20
-    backbone = get_backbone("anatomy")
-    assert backbone.weights_sha256 == sha256(path)
+    if grid == "4mm":
+        assert path == default_anatomy_weights()
+    backbone = get_backbone("anatomy", weights=path)
+    assert backbone.weights_sha256 == sha256(path) and backbone.config.grid == grid
     assert backbone.config.shape == get_grid(backbone.config.grid).shape
     assert backbone.config.voxel_mm == get_grid(backbone.config.grid).voxel_mm
     assert set(backbone.config.label_map.values()) == set(TISSUE_CLASSES[1:])

@@ -578,7 +578,41 @@ def save_anatomy_encoder(path: str | Path, model: AnatomyEncoder, record: dict |
 
 
 def default_anatomy_weights() -> Path:
+    """The 4 mm anatomy network shipped in the package (other grids: `anatomy_weights_for`)."""
     return Path(str(resources.files("mriflow") / "weights" / ANATOMY_WEIGHTS))
+
+
+def read_anatomy_config(path: str | Path) -> tuple[AnatomyEncoderConfig, dict | None]:
+    """Config and training record from an anatomy weights file's metadata, refusing other formats."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if ANATOMY_METADATA_KEY not in metadata:
+        raise ValueError(f"{path}: no {ANATOMY_METADATA_KEY!r} metadata; write it with save_anatomy_encoder")
+    values = json.loads(metadata[ANATOMY_METADATA_KEY])
+    known = {f.name for f in fields(AnatomyEncoderConfig)}
+    if set(values) - known:
+        raise ValueError(f"{path}: config keys {sorted(set(values) - known)} are unknown to this mriflow version "
+                         f"(a newer anatomy weights format?); retrain with this version's benchmarks/anatomy.py")
+    if known - set(values):
+        raise ValueError(f"{path}: an older anatomy weights format (no {sorted(known - set(values))} in its config); "
+                         f"recalibrate it with `python benchmarks/anatomy.py --data PREPARED --init {path} --epochs 0`")
+    config = AnatomyEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return config, json.loads(metadata.get(ANATOMY_RECORD_KEY, "null"))
+
+
+def shipped_anatomy_weights() -> dict[tuple[int, ...], Path]:
+    """The anatomy networks shipped in the package (weights/anatomy*.safetensors), by the volume shape
+    they were trained on."""
+    folder = default_anatomy_weights().parent
+    return {tuple(read_anatomy_config(path)[0].shape): path for path in sorted(folder.glob("anatomy*.safetensors"))}
+
+
+def anatomy_weights_for(shape: Sequence[int]) -> Path | None:
+    """The shipped anatomy network trained on volumes of `shape`, if there is one."""
+    return shipped_anatomy_weights().get(tuple(shape))
 
 
 class AnatomyBackbone:
@@ -604,23 +638,8 @@ class AnatomyBackbone:
         self.weights_sha256 = sha256(path)
         if weights_sha256 is not None and self.weights_sha256 != weights_sha256.strip().lower():
             raise ValueError(f"{path}: SHA-256 is {self.weights_sha256}, but --weights-sha256 says {weights_sha256}")
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if ANATOMY_METADATA_KEY not in metadata:
-            raise ValueError(f"{path}: no {ANATOMY_METADATA_KEY!r} metadata; write it with save_anatomy_encoder")
-        values = json.loads(metadata[ANATOMY_METADATA_KEY])
-        known = {f.name for f in fields(AnatomyEncoderConfig)}
-        if set(values) - known:
-            raise ValueError(f"{path}: config keys {sorted(set(values) - known)} are unknown to this mriflow version "
-                             f"(a newer anatomy weights format?); retrain with this version's benchmarks/anatomy.py")
-        if known - set(values):
-            raise ValueError(f"{path}: an older anatomy weights format (no {sorted(known - set(values))} in its config); "
-                             f"recalibrate it with `python benchmarks/anatomy.py --data PREPARED --init {path} --epochs 0`")
-        config = AnatomyEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        config, self.record = read_anatomy_config(path)
         self.config, self.sex_categories = config, tuple(config.sex_categories)
-        self.record = json.loads(metadata.get(ANATOMY_RECORD_KEY, "null"))
         self.network = AnatomyEncoder(config).eval()
         self.name = f"anatomy-unet{len(config.classes)}c-{self.network.feature_dim}-{config.grid}"
         _load_into(self.network, {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path).items()},

@@ -43,7 +43,13 @@ from mriflow.data.dataset import read_manifest
 from mriflow.data.io import is_nifti, load_volume, strip_nifti_suffix
 from mriflow.evaluate.bootstrap import DEFAULT_ROUNDS, bootstrap as run_bootstrap, default_sample_size
 from mriflow.evaluate.diversity import DEFAULT_MAX_PAIRS, pairwise_ms_ssim
-from mriflow.evaluate.features import Backbone, PredictiveBackbone, get_backbone
+from mriflow.evaluate.features import (
+    Backbone,
+    PredictiveBackbone,
+    anatomy_weights_for,
+    get_backbone,
+    shipped_anatomy_weights,
+)
 from mriflow.evaluate.memorization import (
     DEFAULT_SMOOTHING_MM,
     correlation_distance,
@@ -218,18 +224,18 @@ def _reconstruction_column(reconstructed: dict[Path, np.ndarray], paths: Sequenc
 
 
 def _predictor(backbone: Backbone | None, shape: tuple[int, ...]) -> tuple[PredictiveBackbone | None, str | None]:
-    """The backbone itself if it predicts, else the shipped anatomy network when it fits volumes of `shape`."""
+    """The backbone itself if it predicts, else the shipped anatomy network trained on volumes of `shape`."""
     if isinstance(backbone, PredictiveBackbone):
         return backbone, None
     try:
-        predictor = get_backbone("anatomy")
-    except (FileNotFoundError, ValueError) as error:
+        shipped = shipped_anatomy_weights()
+    except ValueError as error:
         return None, str(error)
-    trained_on = tuple(predictor.config.shape)
-    if trained_on != tuple(shape):
-        return None, (f"the shipped anatomy network works on the {predictor.config.grid} grid {trained_on}, "
-                      f"these volumes have shape {tuple(shape)}; pass --backbone anatomy --weights for one trained on it")
-    return predictor, None
+    if tuple(shape) not in shipped:
+        grids = ", ".join(str(s) for s in shipped) or "none"
+        return None, (f"no shipped anatomy network was trained on volumes of shape {tuple(shape)} (shipped: {grids}); "
+                      f"pass --backbone anatomy --weights for one trained on this grid (benchmarks/anatomy.py)")
+    return get_backbone("anatomy", weights=shipped[tuple(shape)]), None
 
 
 def _predict(predictor: PredictiveBackbone, paths: Sequence[Path]) -> dict[str, np.ndarray]:
@@ -396,6 +402,8 @@ def evaluate_generation(
         if backbone is None:
             warnings.append(f"backbone 'auto' fell back to 'deepbet': {reason}")
             backbone = "deepbet"
+    if backbone == "anatomy" and weights is None:  # the shipped network of this grid, when there is one
+        weights = anatomy_weights_for(shape)
     if isinstance(backbone, str):
         backbone = get_backbone(backbone, weights=weights, weights_sha256=weights_sha256, device=device)
     memorization_possible = len(train_paths) > 0 and len(heldout_paths) > 0
