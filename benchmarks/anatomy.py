@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from tqdm import tqdm
 
-from common import DOCUMENT, ROOT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, RESULTS, ROOT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.checkpoint import sha256
 from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume
@@ -417,12 +417,19 @@ def main(argv: list[str] | None = None) -> int:
     out.chmod(0o644)  # safetensors writes 0600; the file ships in the package and must be readable by all
     record.update({"weights": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
                    "weights_sha256": sha256(out), "weights_mb": round(out.stat().st_size / 2**20, 2),
-                   "feature_dim": model.feature_dim, "history": history, "machine": machine()})
+                   "feature_dim": model.feature_dim, "history": history or _earlier_history(config.grid),
+                   "machine": machine()})
     path = write_result(f"anatomy-{config.grid}", record)
     write_section(record, path)
     print(json.dumps({k: record[k] for k in ("weights_sha256", "weights_mb", "best_epoch", "train_minutes")}))
     print(json.dumps(record["test"], indent=1))
     return 0
+
+
+def _earlier_history(grid: str) -> list:
+    """The epoch history of the run that trained this grid's network, kept when --epochs 0 only recalibrates it."""
+    earlier = RESULTS / f"anatomy-{grid}.json"
+    return json.loads(earlier.read_text()).get("history", []) if earlier.is_file() else []
 
 
 def write_section(record: dict, path: Path) -> None:
