@@ -461,7 +461,7 @@ def write_section(record: dict, path: Path) -> None:
 
 After training (`calibrate` in the script):
 - **Features** for FD/KID/PRDC/MMD ({record['feature_dim']} dimensions): {calibration['features']}. The bottleneck alone hardly sees noise or blur (it learned to segment through intensity jitter; see the sanity sections below for what that did to the metrics); the full-resolution levels' statistics do.
-- **Sex read-out**: {calibration['sex_read_out']} (L2 penalty: validation cross-entropy = {penalties}; chosen {calibration['sex_l2']:g}). The jointly trained sex output stayed at chance (0.50 on the test split, majority share 0.71), and a linear read-out of the embedding was no better on held-out subjects, while the coarse intensity pattern separates the sexes. Age is the jointly trained head.
+- **Sex read-out**: {calibration['sex_read_out']} (L2 penalty: validation cross-entropy = {penalties}; chosen {calibration['sex_l2']:g}). The jointly trained sex output did not learn sex (the 4 mm network's: 0.50 on the test split, majority share 0.71), and a linear read-out of the embedding was no better on held-out subjects, while the coarse intensity pattern separates the sexes. Age is the jointly trained head.
 
     {commands}
 

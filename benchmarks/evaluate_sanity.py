@@ -41,7 +41,7 @@ from mriflow.evaluate.metrics import LOWER_IS_BETTER
 from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## evaluation sanity: {backbone}"  # one section (and one result file) per backbone
+SECTION = "## evaluation sanity: {backbone} ({grid})"  # one section (and one result file) per backbone and grid
 PLANTED = 5
 
 
@@ -165,7 +165,7 @@ The planted set adds exact copies of {PLANTED} training subjects ({', '.join(sor
 Checks: {sum(checks.values())} of {len(checks)} passed{'' if not failed else ' (failed: ' + ', '.join(failed) + ')'}; \
 planted copies flagged in voxel space: {', '.join(sorted(planted_names & flagged)) or 'none'}. Run time {elapsed:.0f} s. \
 Result: [{target.relative_to(ROOT)}]({Path('..') / target.relative_to(ROOT)})."""
-        replace_section(ROOT / "docs" / "benchmarks.md", SECTION.format(backbone=args.backbone), body)
+        replace_section(ROOT / "docs" / "benchmarks.md", SECTION.format(backbone=args.backbone, grid=grid), body)
     return 0 if record["all_passed"] else 1
 
 

@@ -271,8 +271,8 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--split", default="test", help="real split to compare with (default test)")
     p.add_argument("--other-split", help="second real split for the Real vs Real column (default val)")
     p.add_argument("--backbone", default="auto",
-                   help="feature network: auto (default: the shipped anatomy network where it fits the grid, else "
-                        "deepbet), anatomy, deepbet, intensity, medicalnet-resnet10, medicalnet-resnet50, "
+                   help="feature network: auto (default: the shipped anatomy network of the data's grid, 4mm or 2mm, "
+                        "else deepbet), anatomy, deepbet, intensity, medicalnet-resnet10, medicalnet-resnet50, "
                         "radimagenet-resnet50")
     p.add_argument("--weights", help="local weights file of the backbone (never downloaded)")
     p.add_argument("--weights-sha256", help="expected SHA-256 of --weights")

@@ -11,7 +11,7 @@ because FD/KID numbers are only comparable under the same backbone and weights.
 | medicalnet-resnet10  | MedicalNet 3D ResNet-10 (Chen et al. 2019), pooled        | 512  | resnet_10[_23dataset].pth       |
 | medicalnet-resnet50  | MedicalNet 3D ResNet-50, pooled                           | 2048 | resnet_50[_23dataset].pth       |
 | radimagenet-resnet50 | RadImageNet 2D ResNet-50 on axial/coronal/sagittal slices | 6144 | RadImageNet-ResNet50_notop.pth  |
-| anatomy              | mriflow's anatomy U-Net: pooled bottleneck + first-level texture statistics, standardised; age/sex heads, tissue segmentation | 304 | shipped weights/anatomy.safetensors |
+| anatomy              | mriflow's anatomy U-Net: pooled bottleneck + first-level texture statistics, standardised; age/sex heads, tissue segmentation | 304 | shipped, one per grid: weights/anatomy.safetensors (4 mm), anatomy-2mm.safetensors |
 | deepbet              | deepbet's 3D LinkNet (Fisch et al. 2024, brain extraction, 7837 T1 scans): pooled encoder levels | 288 | installed with the deepbet package |
 
     >>> backbone = get_backbone("medicalnet-resnet10", weights="resnet_10_23dataset.pth")
