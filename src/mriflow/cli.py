@@ -278,7 +278,9 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--weights-sha256", help="expected SHA-256 of --weights")
     p.add_argument("--n", type=int, help="bootstrap sample size per set (default: scaled to the data)")
     p.add_argument("--bootstrap", type=int, help="bootstrap rounds (default 20)")
-    p.add_argument("--autoencoder", help="autoencoder run: adds the Real vs Reconstruction column")
+    p.add_argument("--autoencoder", help="autoencoder run or checkpoint folder, or 'default' for the shipped model's: "
+                                         "adds the Real vs Reconstruction column and matches the memorization "
+                                         "yardstick to its smoothness")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=_run_evaluate_generation)
@@ -299,6 +301,10 @@ def _run_evaluate_generation(args: argparse.Namespace) -> int:
     from mriflow.evaluate.generation import evaluate_generation
 
     reconstruct = None
+    if args.autoencoder == "default":
+        from mriflow.generate import AUTOENCODER_DIR, default_model_dir
+
+        args.autoencoder = str(default_model_dir() / AUTOENCODER_DIR)
     if args.autoencoder:
         reconstruct = _reconstructor(args.autoencoder, args.device)
     result = evaluate_generation(args.real, args.fake, args.out, split=args.split, other_split=args.other_split,
