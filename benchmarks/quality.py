@@ -143,3 +143,26 @@ def within(value: Mapping[str, float], reference: Mapping[str, float], lower_is_
 def metric_cell(summary: Mapping[str, Any], name: str, digits: int = 3) -> str:
     """'mean ± sd' of one metric, for a markdown table."""
     return f"{summary[name]['mean']:.{digits}f} ± {summary[name]['sd']:.{digits}f}"
+
+
+def plot_quality(series: Sequence[tuple[str, str, Sequence[float], Sequence[Mapping[str, Any]]]], path: Path,
+                 x_label: str, title: str, log_x: bool = False) -> Path:
+    """FD and coverage side by side, one error-bar line per series (label, matplotlib fmt, x values,
+    set_quality summaries); error bars are the bootstrap sd. Writes `path` and returns it."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 3.5))
+    for axis, (metric, name) in zip(figure.subplots(1, 2), (("fd", "FD (lower is better)"),
+                                                          ("coverage", "coverage (higher is better)"))):
+        for label, fmt, xs, summaries in series:
+            axis.errorbar(list(xs), [s[metric]["mean"] for s in summaries], yerr=[s[metric]["sd"] for s in summaries],
+                          fmt=fmt, capsize=3, label=label)
+        if log_x:
+            axis.set_xscale("log")
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(name)
+        axis.legend(fontsize=7)
+    figure.suptitle(f"{title} (error bars: bootstrap sd)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path

@@ -36,7 +36,7 @@ import torch
 
 from common import DOCUMENT, RESULTS, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from generate import peak_memory_mb, time_sampling  # noqa: E402  (benchmarks/generate.py)
-from quality import REPORTED, condition_batch, generated_features, held_out_reference, metric_cell, set_quality, within  # noqa: E402
+from quality import REPORTED, condition_batch, generated_features, held_out_reference, metric_cell, plot_quality, set_quality, within  # noqa: E402
 from mriflow.evaluate.features import get_backbone
 from mriflow.generate import load_generator
 
@@ -88,27 +88,14 @@ def target_check(rows: list[dict]) -> dict:
 
 
 def plot(rows: list[dict], x_key: str, x_label: str, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9, 3.5))
     families = [("flow", "euler", "o-"), ("flow", "heun", "s-"), ("flow", "dopri5", "D"),
                 ("diffusion", "ddim", "^--"), ("diffusion", "ddpm", "v")]
-    for axis, (metric, name) in zip(figure.subplots(1, 2), (("fd", "FD (lower is better)"),
-                                                          ("coverage", "coverage (higher is better)"))):
-        for stage, solver, marker in families:
-            family = sorted((r for r in rows if r["stage"] == stage and r["solver"] == solver), key=lambda r: r[x_key])
-            if family:
-                axis.errorbar([r[x_key] for r in family], [r["metrics"][metric]["mean"] for r in family],
-                              yerr=[r["metrics"][metric]["sd"] for r in family], fmt=marker, capsize=3,
-                              label=f"{stage} {solver}")
-        axis.set_xscale("log")
-        axis.set_xlabel(x_label)
-        axis.set_ylabel(name)
-        axis.legend(fontsize=7)
-    figure.suptitle("sample quality (error bars: bootstrap sd)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return path
+    series = []
+    for stage, solver, marker in families:
+        family = sorted((r for r in rows if r["stage"] == stage and r["solver"] == solver), key=lambda r: r[x_key])
+        if family:
+            series.append((f"{stage} {solver}", marker, [r[x_key] for r in family], [r["metrics"] for r in family]))
+    return plot_quality(series, path, x_label, "sample quality", log_x=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from common import DOCUMENT, RESULTS, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
-from quality import REPORTED, held_out_reference, generated_features, metric_cell, set_quality, within  # noqa: E402
+from quality import REPORTED, held_out_reference, generated_features, metric_cell, plot_quality, set_quality, within  # noqa: E402
 from mriflow import checkpoint as ckpt
 from mriflow.evaluate.features import get_backbone
 from mriflow.generate import load_generator
@@ -103,22 +103,11 @@ def target_check(points: list[dict]) -> dict:
 
 
 def plot(points: list[dict], path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9, 3.5))
-    for axis, (metric, label) in zip(figure.subplots(1, 2), (("fd", "FD (lower is better)"),
-                                                           ("coverage", "coverage (higher is better)"))):
-        for stage, marker in (("flow", "o-"), ("diffusion", "s--")):
-            rows = sorted((p for p in points if p["stage"] == stage), key=lambda p: p["step"])
-            axis.errorbar([p["step"] for p in rows], [p["metrics"][metric]["mean"] for p in rows],
-                          yerr=[p["metrics"][metric]["sd"] for p in rows], fmt=marker, capsize=3, label=stage)
-        axis.set_xlabel("optimizer steps")
-        axis.set_ylabel(label)
-        axis.legend()
-    figure.suptitle("quality vs training steps (error bars: bootstrap sd)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return path
+    series = []
+    for stage, marker in (("flow", "o-"), ("diffusion", "s--")):
+        rows = sorted((p for p in points if p["stage"] == stage), key=lambda p: p["step"])
+        series.append((stage, marker, [p["step"] for p in rows], [p["metrics"] for p in rows]))
+    return plot_quality(series, path, "optimizer steps", "quality vs training steps")
 
 
 def main(argv: list[str] | None = None) -> int:
