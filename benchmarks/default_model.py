@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                      {"covariates": request, "seed": args.seed, "sample_seed": stream, **settings, "nfe": nfe,
                       "model_id": generator.model_id, "model_checksum": generator.model_checksum})
     result = evaluate_generation(args.data, samples, args.out / "report", split="test",
-                                 reconstruct=_reconstructor(generator), autoencoder=str(default_model_dir() / "autoencoder"),
+                                 reconstruct=generator.reconstruct, autoencoder=str(default_model_dir() / "autoencoder"),
                                  progress=False)
     record = {"benchmark": "default_model", "command": command, "model_id": generator.model_id,
               "model_checksum": generator.model_checksum, "settings": settings, "n": args.n,
@@ -78,16 +78,6 @@ Result: [{path.relative_to(DOCUMENT.parents[1])}](../{path.relative_to(DOCUMENT.
     replace_section(DOCUMENT, SECTION, body)
     print(body)
     return 0
-
-
-def _reconstructor(generator):
-    import torch
-
-    @torch.no_grad()
-    def reconstruct(volumes: torch.Tensor) -> torch.Tensor:
-        return generator.autoencoder.reconstruct(volumes.to(generator.device)).float().clamp(0.0, 1.0).cpu()
-
-    return reconstruct
 
 
 def _fidelity(fidelity: dict) -> str:

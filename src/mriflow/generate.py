@@ -131,12 +131,12 @@ class Generator:
             images = self.autoencoder.decode(latents / self.latent_scale)  # (B, 1, D, H, W)
         return images.clamp(0.0, 1.0)[:, 0].float().cpu().numpy()
 
-    def reconstruct(self, volume: np.ndarray) -> np.ndarray:
-        """A real volume (D, H, W) through the autoencoder (decode of the posterior mean) -> (D, H, W) in [0, 1]:
-        how a subject looks after the decoder every sample comes out of."""
-        x = torch.as_tensor(np.asarray(volume, np.float32), device=self.device)[None, None]
+    def reconstruct(self, volumes: torch.Tensor) -> torch.Tensor:
+        """Real volumes (B, 1, D, H, W) through the autoencoder (decode of the posterior mean) -> the same
+        shape in [0, 1] on the CPU: how subjects look after the decoder every sample comes out of
+        (the `reconstruct` that evaluate_generation takes)."""
         with torch.no_grad():
-            return self.autoencoder.reconstruct(x).clamp(0.0, 1.0)[0, 0].float().cpu().numpy()
+            return self.autoencoder.reconstruct(volumes.to(self.device)).clamp(0.0, 1.0).float().cpu()
 
     def sample(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
                settings: Mapping[str, Any]) -> tuple[np.ndarray, int]:
@@ -427,7 +427,10 @@ def privacy_reference(data_dir: str | Path, generator: Generator):
             "prepared folder the model was trained on (the same --preset grid)"
         )
     # Held-out subjects through the model's own autoencoder set the threshold: smoothness-matched to the samples.
-    return MemorizationReference.from_prepared(data_dir, heldout_transform=generator.reconstruct)
+    def reconstructed(volume: np.ndarray) -> np.ndarray:
+        return generator.reconstruct(torch.from_numpy(np.asarray(volume, np.float32))[None, None])[0, 0].numpy()
+
+    return MemorizationReference.from_prepared(data_dir, heldout_transform=reconstructed)
 
 
 def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "float16") -> Path:
