@@ -120,8 +120,9 @@ def test_memorization_text_gives_the_copy_scale_and_says_which_space_cannot_see_
 
     memorization = {"voxel": {"threshold": 0.024, "generated_nearest_distance": [0.013, 0.019, 0.03]},
                     "feature": {"threshold": 9.1, "generated_nearest_distance": [8.0, 9.0, 11.0]},
-                    "decoded_copy_distance": {"subjects": ["a", "b"], "voxel": [0.004, 0.005], "feature": [10.5, 11.3]}}
+                    "decoded_copy_distance": {"subjects": ["a", "b", "c"], "voxel": [0.003, 0.004, 0.005],
+                                              "feature": [10.5, 10.9, 11.3]}}
     note = _copy_note(memorization)
-    assert "0.0045" not in note and "0.005" in note and "median 0.019" in note
+    assert "lie at 0.004 (voxel, median; max 0.005) and 10.9 (feature)" in note and "median 0.019" in note
     assert "In feature space a decoded copy lies beyond" in note and "In voxel space" not in note
     assert _copy_note({**memorization, "decoded_copy_distance": None}) == ""
