@@ -166,3 +166,12 @@ def plot_quality(series: Sequence[tuple[str, str, Sequence[float], Sequence[Mapp
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path
+
+
+def add_quality_arguments(parser) -> None:
+    """The options every flow-vs-diffusion comparison shares: the real reference, the feature space and the bootstrap."""
+    parser.add_argument("--real-splits", default="val,test", help="held-out splits of the real reference")
+    parser.add_argument("--backbone", default="intensity")
+    parser.add_argument("--weights", type=Path, help="local weights file of a pretrained --backbone")
+    parser.add_argument("--rounds", type=int, default=20, help="bootstrap rounds")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the generated samples")

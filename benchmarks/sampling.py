@@ -36,7 +36,7 @@ import torch
 
 from common import DOCUMENT, RESULTS, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from generate import peak_memory_mb, time_sampling  # noqa: E402  (benchmarks/generate.py)
-from quality import REPORTED, condition_batch, generated_features, held_out_reference, metric_cell, plot_quality, set_quality, within  # noqa: E402
+from quality import REPORTED, add_quality_arguments, condition_batch, generated_features, held_out_reference, metric_cell, plot_quality, set_quality, within  # noqa: E402
 from mriflow.evaluate.features import get_backbone
 from mriflow.generate import load_generator
 
@@ -107,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median)")
     parser.add_argument("--ddpm-steps", type=int, default=1000, help="steps of the DDPM (η = 1) row")
-    parser.add_argument("--real-splits", default="val,test", help="held-out splits of the real reference")
-    parser.add_argument("--backbone", default="intensity")
-    parser.add_argument("--weights", type=Path, help="local weights file of a pretrained --backbone")
-    parser.add_argument("--rounds", type=int, default=20, help="bootstrap rounds")
-    parser.add_argument("--seed", type=int, default=0, help="base seed of the generated samples")
+    add_quality_arguments(parser)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--docs-dir", type=Path, default=DOCUMENT.parent)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from common import DOCUMENT, RESULTS, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
-from quality import REPORTED, held_out_reference, generated_features, metric_cell, plot_quality, set_quality, within  # noqa: E402
+from quality import REPORTED, add_quality_arguments, held_out_reference, generated_features, metric_cell, plot_quality, set_quality, within  # noqa: E402
 from mriflow import checkpoint as ckpt
 from mriflow.evaluate.features import get_backbone
 from mriflow.generate import load_generator
@@ -120,11 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, required=True, help="optimizer steps of both schedules")
     parser.add_argument("--eval-every", type=int, required=True, help="optimizer steps per leg")
     parser.add_argument("--samples", type=int, default=60, help="generated volumes per evaluation")
-    parser.add_argument("--real-splits", default="val,test", help="held-out splits of the real reference")
-    parser.add_argument("--backbone", default="intensity")
-    parser.add_argument("--weights", type=Path, help="local weights file of a pretrained --backbone")
-    parser.add_argument("--rounds", type=int, default=20, help="bootstrap rounds")
-    parser.add_argument("--seed", type=int, default=0, help="base seed of the generated samples")
+    add_quality_arguments(parser)
     parser.add_argument("--device", default="auto", help="device of the evaluation sampling (training: the preset's)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
