@@ -413,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         "val": figures["val"], "test": figures["test"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out = save_anatomy_encoder(Path(args.out).resolve(), model, record={k: v for k, v in record.items() if k != "val"})
+    out = save_anatomy_encoder(Path(args.out).resolve(), model, record={k: v for k, v in record.items() if k != "val"},
+                               dtype=torch.float16)  # kernels in fp16: the file travels to GPU machines (64 MiB in all)
     out.chmod(0o644)  # safetensors writes 0600; the file ships in the package and must be readable by all
     record.update({"weights": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
                    "weights_sha256": sha256(out), "weights_mb": round(out.stat().st_size / 2**20, 2),

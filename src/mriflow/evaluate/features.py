@@ -562,13 +562,14 @@ class AnatomyEncoder(nn.Module):
 
 def save_anatomy_encoder(path: str | Path, model: AnatomyEncoder, record: dict | None = None,
                          dtype: torch.dtype = torch.float32) -> Path:
-    """Write weights (floating tensors as `dtype`) + config (and an optional training record) as
-    safetensors metadata, in the layout `AnatomyBackbone` reads."""
+    """Write weights + config (and an optional training record) as safetensors metadata, in the layout
+    `AnatomyBackbone` reads. Convolution kernels (5-D, nearly all the bytes) are stored as `dtype`;
+    biases, norms, the linear read-outs and the feature calibration stay float32."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+    state = {k: (v.to(dtype) if v.is_floating_point() and v.ndim == 5 else v).detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
     metadata = {ANATOMY_METADATA_KEY: json.dumps(asdict(model.config))}
     if record is not None:
