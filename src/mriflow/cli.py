@@ -1,7 +1,7 @@
 """The `mriflow` command line: a thin shell that parses arguments and calls the library.
 
     mriflow prepare IMAGES --out DIR [--masks DIR] [--covariates CSV] [--preset 4mm|2mm|1mm] ...
-    mriflow train autoencoder DATA --out RUN [--kind kl|vq] [--preset tiny|base|large] ...
+    mriflow train autoencoder DATA --out RUN [--kind kl|vq] [--preset tiny|small|base|large] ...
     mriflow train flow DATA --autoencoder RUN --out RUN2 [--condition age,sex] ...
     mriflow train diffusion DATA --autoencoder RUN --out RUN3 [--condition age,sex] ...
     mriflow encode DATA --autoencoder RUN
@@ -114,8 +114,9 @@ def _add_train(commands) -> None:
 
 def _add_common_training(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, montages, config)")
-    p.add_argument("--preset", choices=("tiny", "base", "large"),
-                   help=f"{stage} preset: tiny (4 mm, CPU), base (2 mm, one GPU), large (1 mm); default tiny")
+    p.add_argument("--preset", choices=("tiny", "small", "base", "large"),
+                   help=f"{stage} preset: tiny (4 mm, CPU), small (2 mm, CPU), base (2 mm, one GPU), large (1 mm); "
+                        "default tiny")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
     p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")

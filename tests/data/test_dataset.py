@@ -127,3 +127,25 @@ def test_schema_round_trips_through_strict_json(tmp_path):
     assert torch.equal(schema.encode(request)[0], again.encode(request)[0])
     with pytest.raises(KeyError, match="known covariates: age, sex"):
         schema["weight"]
+
+
+def test_random_crops_are_windows_of_the_volume_reproducible_from_torch_seed(tmp_path):
+    root = make_prepared(tmp_path, ROWS[:2])
+    whole = PreparedDataset(root, "train")[0]["image"][0].numpy()
+    cropped = PreparedDataset(root, "train", crop_size=(16, 24, 16))
+    torch.manual_seed(3)
+    first = cropped[0]
+    assert first["image"].shape == first["mask"].shape == (1, 16, 24, 16)
+    windows = [whole[i:i + 16, j:j + 24, k:k + 16] for i in range(25) for j in range(25) for k in range(25)]
+    assert any(np.array_equal(first["image"][0].numpy(), w) for w in windows)  # a window, unchanged
+    torch.manual_seed(3)
+    assert torch.equal(cropped[0]["image"], first["image"])
+    corners = set()
+    for _ in range(8):
+        image = cropped[0]["image"][0].numpy()
+        corners.add(next(n for n, w in enumerate(windows) if np.array_equal(image, w)))
+    assert len(corners) > 1  # the position varies
+    with pytest.raises(ValueError, match="larger than the volume"):
+        PreparedDataset(root, "train", crop_size=(48, 24, 16))[0]
+    with pytest.raises(ValueError, match="three positive sizes"):
+        PreparedDataset(root, "train", crop_size=(16, 24))

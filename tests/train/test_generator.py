@@ -101,7 +101,7 @@ def test_configs_refuse_unknown_fields_and_bad_values():
         from_dict(DiffusionTrainingConfig, {"sampling": {"solver": "heun"}})
     with pytest.raises(ValueError, match="model.time_scale must be 1.0 for diffusion"):
         from_dict(DiffusionTrainingConfig, {"model": {"time_scale": 1000.0}})
-    with pytest.raises(ValueError, match="unknown flow preset 'huge'; available: base, large, tiny"):
+    with pytest.raises(ValueError, match="unknown flow preset 'huge'; available: base, large, small, tiny"):
         load_config("flow", "huge")
 
 

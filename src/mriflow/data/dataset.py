@@ -167,7 +167,9 @@ class PreparedDataset(Dataset):
     model passes the schema it was trained with, so encodings stay identical).
     Augmentation (training only): left-right flip (p = 0.5) and a random
     intensity scale in [0.9, 1.1] and shift in [-0.05, 0.05] applied inside the
-    brain, clipped back to [0, 1].
+    brain, clipped back to [0, 1]. With `crop_size` (D, H, W), each item is a random
+    crop of that size (uniform position, torch's RNG like the augmentation), for
+    fully convolutional networks trained on crops and applied to whole volumes.
     """
 
     def __init__(
@@ -177,8 +179,12 @@ class PreparedDataset(Dataset):
         covariates: Sequence[str] | None = None,
         augment: bool = False,
         schema: CovariateSchema | None = None,
+        crop_size: Sequence[int] | None = None,
     ):
         self.root = Path(root)
+        self.crop_size = tuple(int(n) for n in crop_size) if crop_size else None
+        if self.crop_size is not None and (len(self.crop_size) != 3 or min(self.crop_size) < 1):
+            raise ValueError(f"crop_size must be three positive sizes (D, H, W), got {crop_size}")
         manifest = read_manifest(self.root)
         if split is not None:
             splits = sorted(manifest["split"].dropna().unique())
@@ -202,6 +208,8 @@ class PreparedDataset(Dataset):
         mask, _ = load_volume(self.root / row["mask"])
         if self.augment:
             image, mask = self._augment(image, mask)
+        if self.crop_size is not None:
+            image, mask = self._crop(image, mask, self.root / row["image"])
         values, present = self.schema.encode(row.to_dict())
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image))[None],  # (1, D, H, W)
@@ -223,6 +231,15 @@ class PreparedDataset(Dataset):
         image = image.copy()
         image[brain] = np.clip(image[brain] * scale + shift, 0.0, 1.0)
         return image, mask
+
+
+    def _crop(self, image: np.ndarray, mask: np.ndarray, where: Path) -> tuple[np.ndarray, np.ndarray]:
+        if any(c > n for c, n in zip(self.crop_size, image.shape)):
+            raise ValueError(f"crop_size {self.crop_size} is larger than the volume {image.shape} of {where}; "
+                             "choose a crop that fits the grid")
+        corner = [int(torch.randint(0, n - c + 1, ()).item()) for c, n in zip(self.crop_size, image.shape)]
+        box = tuple(slice(start, start + c) for start, c in zip(corner, self.crop_size))
+        return image[box], mask[box]
 
 
 def _is_missing(value: Any) -> bool:

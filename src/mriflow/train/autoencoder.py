@@ -51,7 +51,7 @@ from mriflow.train import distributed, loop
 from mriflow.train.distributed import unwrap
 from mriflow.train.loop import LoopConfig
 
-PRESETS = ("tiny", "base", "large")
+PRESETS = ("tiny", "small", "base", "large")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,16 @@ class AutoencoderTrainingConfig:
     loss: AutoencoderLossConfig = AutoencoderLossConfig()
     loop: LoopConfig = LoopConfig()
     augment: bool = True  # left-right flips and intensity jitter (PreparedDataset)
+    # Train on random crops of this (D, H, W) instead of whole volumes: the network is fully
+    # convolutional, so it is applied to whole volumes afterwards (the CPU recipe for 2 mm).
+    crop_size: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop_size is not None:
+            factor = self.model.downsampling_factor
+            if len(self.crop_size) != 3 or any(n < factor or n % factor for n in self.crop_size):
+                raise ValueError(f"crop_size {list(self.crop_size)} must be three sizes divisible by the "
+                                 f"autoencoder's downsampling factor {factor}")
 
 
 def load_config(preset: str = "tiny", kind: str | None = None, max_steps: int | None = None) -> AutoencoderTrainingConfig:
@@ -248,8 +258,8 @@ def train_autoencoder(
     context = distributed.setup(config.loop.device)
     preparation_file = data_dir / "prepare.json"
     preparation = json.loads(preparation_file.read_text()) if preparation_file.is_file() else {}
-    dataset = PreparedDataset(data_dir, "train", augment=config.augment)
-    image_shape = tuple(dataset[0]["image"].shape[1:])
+    dataset = PreparedDataset(data_dir, "train", augment=config.augment, crop_size=config.crop_size)
+    image_shape = tuple(PreparedDataset(data_dir, "train")[0]["image"].shape[1:])
     latent_shape = config.model.latent_shape(image_shape)  # refuses a grid the factor does not divide
 
     perceptual, perceptual_record = _perceptual(config.loss, context.device)

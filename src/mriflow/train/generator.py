@@ -59,7 +59,7 @@ from mriflow.train import distributed, loop
 from mriflow.train.distributed import Distributed
 from mriflow.train.loop import LoopConfig
 
-PRESETS = ("tiny", "base", "large")
+PRESETS = ("tiny", "small", "base", "large")
 STAGES = ("flow", "diffusion")
 
 
