@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import DOCUMENT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, RESULTS, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.flow.sampling import sample_seed
 from mriflow.generate import load_generator
 from mriflow.generate_io import batch_montage
@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=8, help="fixed seeds for the straightness figure")
+    parser.add_argument("--section", default=SECTION, help="the section of the document to write (default '## generate')")
+    parser.add_argument("--document", default=str(DOCUMENT), help="markdown file to write the section into "
+                        "(default docs/benchmarks.md; pictures go beside it)")
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the result JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
+    document = Path(args.document)
     command = "python benchmarks/generate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
     generator = load_generator(args.model, args.device)
@@ -138,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     name = "default" if args.model == "default" else Path(args.model).name
-    path = write_result(f"generate-{name}-{generator.device.type}", result)
-    docs = DOCUMENT.parent
+    path = write_result(f"generate-{name}-{generator.device.type}", result, Path(args.results))
+    docs = document.parent
     picture = conditioning_picture(generator, docs / "default_model_samples.png") if args.model == "default" else None
     speed_rows = "\n".join(f"| {s['batch_size']} | {s['nfe']} | {s['seconds_per_volume']} | {s['seconds_per_batch']} |"
                            for s in speed)
@@ -166,8 +171,8 @@ Straightness: mean |x - x_dopri5| over {args.samples} fixed seeds (intensities i
 """
     if picture is not None:
         body += "\nConditioning picture (one seed, one row per request: F and M at ages 25, 50, 75): `docs/default_model_samples.png`.\n"
-    body += f"\nResult: [{path.relative_to(DOCUMENT.parents[1])}](../{path.relative_to(DOCUMENT.parents[1])})."
-    replace_section(DOCUMENT, SECTION, body)
+    body += f"\nResult: {link(path, document)}."
+    replace_section(document, args.section, body)
     print(json.dumps({k: result[k] for k in ("speed", "straightness")}, indent=1))
     return 0
 

@@ -1,0 +1,174 @@
+"""Pack what a GPU window needs into one git-ignored folder, and measure what travels.
+
+A lent GPU machine (one H100/H200) gets a copy of the working tree (tracked files, untracked
+files git does not ignore, and the ignored paths a call carries: 64 MiB in all) and no network.
+Its image has torch, numpy, scipy, pandas, scikit-image, safetensors, tqdm, matplotlib, pyyaml,
+tensorboard, einops and torchdiffeq, but not monai or nibabel. This script writes `.device/`:
+
+    .device/wheels/*.whl      monai and nibabel at the versions installed here (pure-Python wheels)
+    .device/data.npz.xz       the prepared dataset's volumes of the chosen splits: images as uint8
+                              (round(255 x), lossless for training: the step 1/255 is 0.002, 20x below
+                              the reconstruction error targets), brain masks as packed bits, the manifest
+                              rows and prepare.json; xz-compressed (about 0.2 MB a 2 mm volume)
+    .device/pack.json         what is inside, with sizes and the sha256 of every file
+
+and then adds up the whole tree that would travel, refusing (exit 2) when it is over the limit.
+`run.py` reads the data back (`unpack`) into an ordinary prepared folder.
+
+    python benchmarks/device/pack.py --data data/ixi2                   # train + val splits, wheels
+    python benchmarks/device/pack.py --data data/ixi2 --splits train --no-wheels
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import io
+import json
+import lzma
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+KIT = ROOT / ".device"
+DATA_FILE = "data.npz.xz"
+RECORD_FILE = "pack.json"
+TRAVEL_LIMIT = 64 * 2**20  # the device tool's limit on what travels
+WHEELS = ("monai", "nibabel")  # what the training imports that the GPU image lacks
+# manylinux platforms pip may match for Python 3.12 on x86-64 (only needed for compiled wheels)
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+
+
+def pack_data(data_dir: Path, splits: tuple[str, ...], target: Path) -> dict:
+    """Write the volumes of `splits` of prepared folder `data_dir` to `target` (see the module docstring)."""
+    from mriflow.data.dataset import read_manifest
+    from mriflow.data.io import load_volume
+
+    manifest = read_manifest(data_dir)
+    rows = manifest[manifest["split"].isin(splits)].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"{data_dir}: no subjects in split(s) {', '.join(splits)}")
+    images, masks = [], []
+    for image_file, mask_file in zip(rows["image"], rows["mask"]):
+        image, _ = load_volume(data_dir / image_file)
+        mask, _ = load_volume(data_dir / mask_file)
+        images.append(np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8))
+        masks.append(np.packbits(mask > 0))
+    preparation_file = data_dir / "prepare.json"
+    preparation = json.loads(preparation_file.read_text()) if preparation_file.is_file() else {}
+    preparation.pop("records", None)
+    table = rows.drop(columns=["image", "mask", "labels"], errors="ignore")
+    buffer = io.BytesIO()
+    np.savez(buffer, images=np.stack(images), masks=np.stack(masks),
+             manifest=np.frombuffer(table.to_csv(index=False).encode(), np.uint8),
+             preparation=np.frombuffer(json.dumps(preparation).encode(), np.uint8))
+    target.write_bytes(lzma.compress(buffer.getvalue(), preset=6))
+    return {"source": str(data_dir.resolve()), "splits": list(splits), "subjects": len(rows),
+            "shape": list(images[0].shape), "bytes": target.stat().st_size}
+
+
+def unpack(kit: Path, out: Path) -> Path:
+    """Rebuild a prepared folder (uncompressed .nii volumes, manifest.csv, prepare.json) from `kit`'s data."""
+    import pandas as pd
+
+    from mriflow.data.io import save_volume
+
+    with np.load(io.BytesIO(lzma.decompress((kit / DATA_FILE).read_bytes()))) as arrays:
+        images, masks = arrays["images"], arrays["masks"]
+        table = pd.read_csv(io.BytesIO(arrays["manifest"].tobytes()), dtype={"subject": str})
+        preparation = json.loads(arrays["preparation"].tobytes())
+    affine = np.asarray(preparation["affine"], dtype=np.float64)
+    shape = images.shape[1:]
+    rows = []
+    for i, row in table.iterrows():
+        subject = str(row["subject"])
+        save_volume(out / "images" / f"{subject}.nii", images[i].astype(np.float32) / 255.0, affine)
+        mask = np.unpackbits(masks[i])[: int(np.prod(shape))].reshape(shape)
+        save_volume(out / "masks" / f"{subject}.nii", mask, affine, dtype=np.uint8)
+        rows.append({"subject": subject, "image": f"images/{subject}.nii", "mask": f"masks/{subject}.nii", "labels": "",
+                     **{k: v for k, v in row.items() if k != "subject"}})
+    columns = ["subject", "image", "mask", "labels", "split"]
+    frame = pd.DataFrame(rows)
+    frame[columns + [c for c in frame.columns if c not in columns]].to_csv(out / "manifest.csv", index=False)
+    (out / "prepare.json").write_text(json.dumps(preparation, indent=1))
+    return out
+
+
+def download_wheels(target: Path) -> list[dict]:
+    """Wheels of WHEELS at the versions installed here, for Python 3.12 on manylinux x86-64."""
+    target.mkdir(parents=True, exist_ok=True)
+    for stale in target.glob("*.whl"):
+        stale.unlink()
+    platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
+    wheels = []
+    for name in WHEELS:
+        version = importlib.metadata.version(name)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(target),
+                        f"{name}=={version}"], check=True)
+        wheels.append({"name": name, "version": version})
+    return wheels
+
+
+def travelling_files(root: Path = ROOT, carried: tuple[Path, ...] = (KIT,)) -> list[tuple[Path, int]]:
+    """(path, bytes) of everything a device call sends: tracked and untracked-not-ignored files, plus `carried`."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    files = [root / name for name in listed if name and (root / name).is_file()]
+    for folder in carried:
+        files += [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return sorted(((p, p.stat().st_size) for p in set(files)), key=lambda item: -item[1])
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="prepared dataset (mriflow prepare --preset 2mm)")
+    parser.add_argument("--splits", default="train,val", help="splits to carry (default train,val; test stays here)")
+    parser.add_argument("--kit", default=str(KIT), help="output folder (default .device in the repository root)")
+    parser.add_argument("--no-wheels", action="store_true",
+                        help="download no wheels (CPU rehearsal, or those already in the kit are kept)")
+    args = parser.parse_args(argv)
+
+    data_dir, kit = Path(args.data), Path(args.kit)
+    if not (data_dir / "manifest.csv").is_file():
+        print(f"pack: --data {data_dir} is not a prepared dataset (no manifest.csv); run `mriflow prepare` first",
+              file=sys.stderr)
+        return 2
+    kit.mkdir(parents=True, exist_ok=True)
+    record = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "data": pack_data(data_dir, tuple(args.splits.split(",")), kit / DATA_FILE),
+              "wheels": [{"file": w.name} for w in sorted((kit / "wheels").glob("*.whl"))] if args.no_wheels
+              else download_wheels(kit / "wheels")}
+    record["files"] = {str(p.relative_to(kit)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                       for p in sorted(kit.rglob("*")) if p.is_file() and p.name != RECORD_FILE}
+    files = travelling_files(carried=(kit,)) if kit.resolve().is_relative_to(ROOT) else travelling_files()
+    total = sum(size for _, size in files)
+    record["travelling_bytes"] = total
+    (kit / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"packed {record['data']['subjects']} subjects ({record['data']['bytes'] / 2**20:.1f} MiB) and "
+          f"{len(record['wheels'])} wheels into {kit}")
+    print(f"travelling: {total / 2**20:.1f} MiB of {TRAVEL_LIMIT / 2**20:.0f} MiB; largest: "
+          + ", ".join(f"{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p} {s / 2**20:.1f}" for p, s in files[:5]))
+    if total > TRAVEL_LIMIT:
+        print(f"pack: {total / 2**20:.1f} MiB would travel, over the device limit of 64 MiB; carry fewer splits "
+              "(--splits train) or make the largest files smaller", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "src"))
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Run one job of the device queue within a wall-clock budget, writing only what may come back.
+
+On the lent GPU machine (see benchmarks/device/README.md), from the repository root:
+
+    python3 benchmarks/device/run.py J1a --minutes 5 --out $OUT
+
+installs the carried wheels (`pip install --no-index --no-deps --target`), rebuilds the
+prepared dataset from `.device/data.npz.xz`, trains with the stage's preset on CUDA (bf16
+autocast), and writes to `--out` at most 8 files, each under 16 MiB and at most two folders
+down: fp16 weights (a checkpoint folder mriflow loads), log.csv, a montage and result.json
+(figures, settings, device, timings, the command). `land.py` puts them in place here.
+
+The budget is kept by measuring first: a short probe run (critics on, the costliest step)
+gives steps per second, the schedule (max_steps, warm-up, the adversarial start, EMA) is
+fitted to the minutes left, and the loop's own wall-clock stop ends it with a checkpoint if the
+estimate was optimistic. `--rehearse` runs the same code path on the CPU with a few steps and
+no wheels (CI does, so the first GPU call works).
+
+Jobs: J1a autoencoder-base at 2 mm; J1b flow-base at 2 mm on the committed 2 mm autoencoder;
+J5 generation seconds per volume of the shipped models on the GPU. J2-J4 are in queue.yaml,
+waiting for their code here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+KIT = ROOT / ".device"
+AUTOENCODER_2MM = ROOT / "src" / "mriflow" / "weights" / "2mm" / "autoencoder"
+MAX_FILES, MAX_FILE_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2  # what the device tool brings back
+PROBE_STEPS = 30  # steps of the throughput probe (the first logged interval, with start-up, is not used)
+RESERVE_SECONDS = 75  # kept for validation, export and writing after training
+ADVERSARIAL_FRACTION = 0.6  # the autoencoder's critics join after this share of the steps
+
+
+@dataclasses.dataclass
+class Job:
+    """What a job function gets: where things are, its deadline, and whether this is the CPU rehearsal."""
+
+    data: Path
+    work: Path
+    out: Path
+    deadline: float  # time.monotonic() by which everything must be written
+    rehearse: bool
+    autoencoder: Path
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+# ---- the schedule fitted to the budget ------------------------------------------------------------
+
+
+def steps_per_second(log_file: Path, volumes_per_step: int) -> float:
+    """Median training speed over the log rows after the first (which holds start-up and autotuning)."""
+    with open(log_file, newline="") as stream:
+        speeds = [float(row["volumes_per_second"]) for row in csv.DictReader(stream)][1:]
+    if not speeds:
+        raise RuntimeError(f"{log_file}: the probe logged too few rows to measure the speed")
+    return statistics.median(speeds) / volumes_per_step
+
+
+def fit_steps(rate: float, seconds: float, rehearse: bool) -> int:
+    """Optimizer steps that fit `seconds` at `rate` steps/s, with a tenth kept back for logging and checkpoints."""
+    return 4 if rehearse else max(50, int(0.9 * rate * seconds))
+
+
+def fitted_loop(loop, steps: int, rehearse: bool):
+    """The preset's loop settings rescaled to a run of `steps` steps."""
+    return dataclasses.replace(
+        loop, max_steps=steps, warmup_steps=max(1, min(loop.warmup_steps, steps // 10)),
+        # an EMA horizon (1 / (1 - decay)) of at most a tenth of the run
+        ema_decay=min(loop.ema_decay, 1.0 - 10.0 / steps), log_every=max(1, min(loop.log_every, steps // 20)),
+        montage_every=steps, checkpoint_every=steps, **rehearsal_loop(rehearse))
+
+
+def rehearsal_loop(rehearse: bool) -> dict[str, Any]:
+    return {"device": "cpu", "batch_size": 2, "num_workers": 0} if rehearse else {"device": "cuda"}
+
+
+def probe_loop(loop, rehearse: bool):
+    return dataclasses.replace(loop, max_steps=10_000, log_every=1 if rehearse else 5, montage_every=10_000,
+                               checkpoint_every=10_000, **rehearsal_loop(rehearse))
+
+
+def probe_steps(rehearse: bool) -> int:
+    return 3 if rehearse else PROBE_STEPS
+
+
+# ---- jobs ----------------------------------------------------------------------------------------
+
+
+def autoencoder_job(job: Job) -> dict[str, Any]:
+    """J1a: autoencoder-base on the 2 mm training split; validation SSIM/PSNR on the carried val split."""
+    from mriflow.evaluate.reconstruction import evaluate_reconstruction
+    from mriflow.train.autoencoder import load_config, train_autoencoder
+
+    config = load_config("base")
+    probe = dataclasses.replace(config, loss=dataclasses.replace(config.loss, adversarial_start=0),
+                                loop=probe_loop(config.loop, job.rehearse))
+    started = time.monotonic()
+    train_autoencoder(job.data, job.work / "probe", config=probe, stop_at_step=probe_steps(job.rehearse))
+    loop = probe.loop
+    rate = steps_per_second(job.work / "probe" / "log.csv", loop.batch_size * loop.grad_accumulation)
+    probe_seconds = time.monotonic() - started
+    seconds = job.seconds_left() - RESERVE_SECONDS * (not job.rehearse)
+    steps = fit_steps(rate, seconds, job.rehearse)
+    config = dataclasses.replace(
+        config, loop=fitted_loop(config.loop, steps, job.rehearse),
+        loss=dataclasses.replace(config.loss, adversarial_start=int(ADVERSARIAL_FRACTION * steps)))
+    run = job.work / "run"
+    result = train_autoencoder(job.data, run, config=config, max_minutes=max(seconds, 1.0) / 60)
+    validation = evaluate_reconstruction(job.data, run, split="val", out=job.work / "val",
+                                         device="cpu" if job.rehearse else "auto")
+    export_checkpoint(run, job.out / "autoencoder")
+    shutil.copy(run / "log.csv", job.out / "log.csv")
+    shutil.copy(job.work / "val" / "montage.png", job.out / "montage.png")
+    return {"stage": "autoencoder", "preset": "base", "probe": {"steps_per_second": round(rate, 3),
+                                                                 "seconds": round(probe_seconds, 1)},
+            "schedule": {"max_steps": steps, "adversarial_start": config.loss.adversarial_start,
+                         "warmup_steps": config.loop.warmup_steps, "ema_decay": config.loop.ema_decay},
+            "steps": result["step"], "validation": {k: v["mean"] for k, v in validation["metrics"].items()},
+            "validation_subjects": validation["subjects"]}
+
+
+def flow_job(job: Job) -> dict[str, Any]:
+    """J1b: flow-base on the latents of the committed 2 mm autoencoder, conditioned on age and sex."""
+    from mriflow.train.generator import load_config, train_flow
+
+    if not (job.autoencoder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{job.autoencoder}: no autoencoder; land J1a first (or pass --autoencoder)")
+    config = load_config("flow", "base")
+    if job.rehearse:  # the phantoms' latents are small: a narrower network, the same code path
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, channels=(16, 32, 32),
+                                                                       num_head_channels=8, norm_num_groups=8))
+    probe = dataclasses.replace(config, loop=probe_loop(config.loop, job.rehearse))
+    started = time.monotonic()  # the probe also encodes the dataset (cached for the run)
+    train_flow(job.data, job.autoencoder, job.work / "probe", condition=["age", "sex"], config=probe,
+               stop_at_step=probe_steps(job.rehearse))
+    rate = steps_per_second(job.work / "probe" / "log.csv", probe.loop.batch_size * probe.loop.grad_accumulation)
+    probe_seconds = time.monotonic() - started
+    seconds = job.seconds_left() - RESERVE_SECONDS * (not job.rehearse)
+    steps = fit_steps(rate, seconds, job.rehearse)
+    config = dataclasses.replace(config, loop=fitted_loop(config.loop, steps, job.rehearse))
+    run = job.work / "run"
+    result = train_flow(job.data, job.autoencoder, run, condition=["age", "sex"], config=config,
+                        max_minutes=max(seconds, 1.0) / 60)
+    export_checkpoint(run, job.out / "flow", autoencoder_path="../autoencoder")
+    shutil.copy(run / "log.csv", job.out / "log.csv")
+    montages = sorted((run / "montages").glob("*.png"))
+    if montages:
+        shutil.copy(montages[-1], job.out / "montage.png")
+    return {"stage": "flow", "preset": "base", "autoencoder": str(job.autoencoder.relative_to(ROOT))
+            if job.autoencoder.is_relative_to(ROOT) else str(job.autoencoder),
+            "probe": {"steps_per_second": round(rate, 3), "seconds": round(probe_seconds, 1)},
+            "schedule": {"max_steps": steps, "warmup_steps": config.loop.warmup_steps, "ema_decay": config.loop.ema_decay},
+            "steps": result["step"], "final_metrics": result.get("metrics")}
+
+
+def generation_job(job: Job) -> dict[str, Any]:
+    """J5: seconds per volume of the shipped model(s) on the GPU (benchmarks/generate.py, its own section)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import generate as benchmark
+
+    models = ["default"] + ([str(AUTOENCODER_2MM.parent)] if (AUTOENCODER_2MM.parent / "flow").is_dir() else [])
+    device = "cpu" if job.rehearse else "cuda"
+    sections = []
+    for model in models:
+        sections.append(f"## generate on a GPU: {Path(model).name}")
+        benchmark.main(["--model", model, "--device", device, "--repeats", "1" if job.rehearse else "5",
+                        "--samples", "1" if job.rehearse else "8", "--section", sections[-1],
+                        "--document", str(job.out / "sections.md"), "--results", str(job.out)])
+    return {"stage": "generate", "models": models, "sections": sections}
+
+
+JOBS: dict[str, Callable[[Job], dict[str, Any]]] = {"J1a": autoencoder_job, "J1b": flow_job, "J5": generation_job}
+
+
+# ---- outputs --------------------------------------------------------------------------------------
+
+
+def export_checkpoint(run: Path, target: Path, autoencoder_path: str | None = None) -> Path:
+    """The run's latest inference weights as an fp16 checkpoint folder (no train state), with where it was trained."""
+    from mriflow import checkpoint as ckpt
+
+    weights, meta = ckpt.load_checkpoint(run)
+    meta.pop("path")
+    meta["trained_on"] = device_record()
+    if autoencoder_path is not None:
+        meta["autoencoder"] = {**meta["autoencoder"], "path": autoencoder_path}
+    ckpt.save_checkpoint(target, weights, meta, weights_dtype="float16")
+    return target
+
+
+def check_outputs(out: Path) -> list[str]:
+    """What the device tool would not bring back: too many files, files too large or too deep, odd names."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    problems = [f"{len(files)} files (at most {MAX_FILES})"] if len(files) > MAX_FILES else []
+    for path in files:
+        relative = path.relative_to(out)
+        if path.stat().st_size > MAX_FILE_BYTES:
+            problems.append(f"{relative} is {path.stat().st_size / 2**20:.1f} MiB (at most 16)")
+        if len(relative.parts) - 1 > MAX_DEPTH:
+            problems.append(f"{relative} is more than {MAX_DEPTH} folders down")
+        if any(not re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in relative.parts):
+            problems.append(f"{relative} has characters other than letters, digits, '.', '_' and '-'")
+    return problems
+
+
+def device_record() -> dict[str, Any]:
+    import torch
+
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+            "cpus": os.cpu_count()}
+
+
+def install_wheels(kit: Path) -> list[str]:
+    """pip install the carried wheels into a private folder put first on sys.path (nothing is fetched)."""
+    wheels = sorted((kit / "wheels").glob("*.whl"))
+    if not wheels:
+        return []
+    target = Path(tempfile.gettempdir()) / "mriflow-site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--no-cache-dir", "--upgrade", "--target", str(target), *map(str, wheels)], check=True)
+    sys.path.insert(0, str(target))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
+    return [w.name for w in wheels]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", choices=sorted(JOBS))
+    parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget of the whole job")
+    parser.add_argument("--out", required=True, help="output folder (the device tool's $OUT)")
+    parser.add_argument("--kit", default=str(KIT), help="what pack.py wrote (default .device)")
+    parser.add_argument("--autoencoder", default=str(AUTOENCODER_2MM), help="J1b: the 2 mm autoencoder checkpoint folder")
+    parser.add_argument("--rehearse", action="store_true", help="the same code path on the CPU, a few steps, no wheels")
+    args = parser.parse_args(argv)
+
+    deadline = time.monotonic() + 60 * args.minutes
+    out, kit = Path(args.out), Path(args.kit)
+    if not (kit / "data.npz.xz").is_file() and args.job != "J5":
+        print(f"run: {kit} has no data.npz.xz; run benchmarks/device/pack.py first", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "job": args.job, "command": "python3 benchmarks/device/run.py " + " ".join(map(shlex.quote, argv or sys.argv[1:])),
+        "minutes_budget": args.minutes, "rehearsal": args.rehearse,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    begun = time.monotonic()
+    try:
+        record["wheels"] = [] if args.rehearse else install_wheels(kit)
+        sys.path.insert(0, str(ROOT / "src"))
+        import torch
+
+        if not args.rehearse and not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device; use --rehearse on a CPU machine")
+        torch.backends.cudnn.benchmark = True
+        from pack import unpack
+
+        with tempfile.TemporaryDirectory(prefix="mriflow-device-") as folder:
+            work = Path(folder)
+            data = unpack(kit, work / "data") if args.job != "J5" else work
+            record["unpack_seconds"] = round(time.monotonic() - begun, 1)
+            job = Job(data, work, out, deadline, args.rehearse, Path(args.autoencoder).resolve())
+            record["result"] = JOBS[args.job](job)
+        record["status"] = "done"
+    except Exception as error:  # the record comes back either way: say what failed, with its traceback
+        record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+        print(record["traceback"], file=sys.stderr)
+    record["seconds"] = round(time.monotonic() - begun, 1)
+    record["machine"] = device_record()
+    (out / "result.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    problems = check_outputs(out)
+    if problems:
+        print("run: the device tool would not bring back: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    print(json.dumps({k: record[k] for k in ("job", "status", "seconds") if k in record}))
+    return 0 if record["status"] == "done" else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The device kit's rehearsal: pack -> run J1a -> run J1b -> land -> generate, on the CPU, on phantoms.
+
+This is the code path a lent GPU runs (benchmarks/device/README.md), with a few steps, so the
+first GPU call works; the GPU only changes the device, the preset's batch size and the step count.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import head_phantom
+from mriflow import checkpoint as ckpt
+from mriflow.config import Grid
+from mriflow.data.io import load_volume, save_volume, template_affine
+
+KIT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "device"
+sys.path.insert(0, str(KIT_DIR.parent))
+sys.path.insert(0, str(KIT_DIR))
+import jobqueue  # noqa: E402
+import land  # noqa: E402
+import pack  # noqa: E402
+import run  # noqa: E402
+
+SHAPE = (32, 48, 32)  # divisible by the base presets' factors (autoencoder 4, then the flow network's 4)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    affine = template_affine(Grid("test", 4.0, SHAPE))
+    rows = []
+    for i, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"]):
+        image, labels = head_phantom(SHAPE, seed=i)
+        image[labels == 0] = 0.0  # a prepared volume: brain only, background 0
+        subject = f"sub{i:02d}"
+        save_volume(root / "images" / f"{subject}.nii.gz", image / image.max(), affine)
+        save_volume(root / "masks" / f"{subject}.nii.gz", (labels > 0).astype(np.uint8), affine, dtype=np.uint8)
+        rows.append({"subject": subject, "image": f"images/{subject}.nii.gz", "mask": f"masks/{subject}.nii.gz",
+                     "labels": "", "split": split, "age": 20.0 + 9 * i, "sex": "FM"[i % 2]})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    (root / "prepare.json").write_text(json.dumps({"preset": "test", "affine": affine.tolist(), "records": [1, 2]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def kit(prepared, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kit")
+    assert pack.main(["--data", str(prepared), "--kit", str(folder), "--no-wheels"]) == 0
+    return folder
+
+
+def test_the_packed_data_unpacks_to_the_same_prepared_dataset_less_the_test_split(prepared, kit, tmp_path):
+    record = json.loads((kit / pack.RECORD_FILE).read_text())
+    assert record["data"]["subjects"] == 6 and record["data"]["splits"] == ["train", "val"]
+    assert record["files"][pack.DATA_FILE]["bytes"] == (kit / pack.DATA_FILE).stat().st_size
+    unpacked = pack.unpack(kit, tmp_path / "data")
+    original, copy = pd.read_csv(prepared / "manifest.csv"), pd.read_csv(unpacked / "manifest.csv")
+    assert list(copy["split"]) == ["train"] * 4 + ["val"] * 2  # the test split stays at home
+    assert list(copy["age"]) == list(original["age"][:6]) and list(copy["sex"]) == list(original["sex"][:6])
+    for (_, a), (_, b) in zip(original.head(6).iterrows(), copy.iterrows()):
+        image, affine = load_volume(prepared / a["image"])
+        image_copy, affine_copy = load_volume(unpacked / b["image"])
+        assert np.abs(image - image_copy).max() <= 0.5 / 255 + 1e-6  # uint8 rounding, nothing more
+        assert np.array_equal(load_volume(prepared / a["mask"])[0], load_volume(unpacked / b["mask"])[0])
+        assert np.allclose(affine, affine_copy)
+    assert "records" not in json.loads((unpacked / "prepare.json").read_text())
+
+
+def test_the_travelling_tree_counts_tracked_files_and_the_kit():
+    files = dict(pack.travelling_files())
+    assert pack.ROOT / "README.md" in files and files[pack.ROOT / "README.md"] == (pack.ROOT / "README.md").stat().st_size
+    assert not any(".venv" in p.parts or ".git" in p.parts for p in files)
+
+
+def test_outputs_the_device_tool_would_not_bring_back_are_named(tmp_path):
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c" / "deep.txt").write_text("x")
+    (tmp_path / "odd name.txt").write_text("x")
+    for i in range(8):
+        (tmp_path / f"f{i}.txt").write_text("x")
+    problems = run.check_outputs(tmp_path)
+    assert any("10 files" in p for p in problems)
+    assert any("deep.txt is more than 2 folders down" in p for p in problems)
+    assert any("odd name.txt" in p for p in problems)
+    assert run.check_outputs(tmp_path / "a") == []  # b/c/deep.txt: two folders down still comes back
+
+
+def test_the_schedule_is_fitted_to_the_budget():
+    from mriflow.train.loop import LoopConfig
+
+    assert run.fit_steps(rate=10.0, seconds=300, rehearse=False) == 2700
+    loop = run.fitted_loop(LoopConfig(max_steps=30000, warmup_steps=500, ema_decay=0.9995, log_every=50), 2700, False)
+    assert loop.max_steps == 2700 and loop.warmup_steps == 270 and loop.device == "cuda"
+    assert 1 / (1 - loop.ema_decay) == pytest.approx(270)  # the EMA horizon is a tenth of the run
+    assert loop.checkpoint_every == loop.montage_every == 2700
+
+
+def test_rehearsal_of_the_2mm_model_jobs_lands_a_model_that_generates(kit, prepared, tmp_path):
+    from mriflow.generate import load_generator
+
+    first, second = tmp_path / "J1a", tmp_path / "J1b"
+    assert run.main(["J1a", "--minutes", "5", "--out", str(first), "--kit", str(kit), "--rehearse"]) == 0
+    record = json.loads((first / "result.json").read_text())
+    assert record["status"] == "done" and record["result"]["steps"] == 4
+    assert record["result"]["schedule"]["adversarial_start"] == 2  # the critics' phase is rehearsed too
+    assert -1 <= record["result"]["validation"]["ssim"] <= 1 and record["result"]["validation_subjects"] == 2
+    assert sorted(p.name for p in first.rglob("*") if p.is_file()) == [
+        "checkpoint.json", "log.csv", "model.safetensors", "montage.png", "result.json"]
+    assert json.loads((first / "autoencoder" / "checkpoint.json").read_text())["weights_dtype"] == "float16"
+    assert run.check_outputs(first) == []
+
+    assert run.main(["J1b", "--minutes", "5", "--out", str(second), "--kit", str(kit), "--rehearse",
+                     "--autoencoder", str(first / "autoencoder")]) == 0
+    record = json.loads((second / "result.json").read_text())
+    assert record["status"] == "done", record.get("traceback")
+    meta = json.loads((second / "flow" / "checkpoint.json").read_text())
+    assert meta["autoencoder"]["path"] == "../autoencoder" and meta["trained_on"]["device"] == "cpu"
+    assert meta["schema"]["covariates"][0]["name"] == "age"
+
+    # land both, into a copy of the queue and a scratch document, and generate from the landed model
+    queue, document, results = tmp_path / "queue.yaml", tmp_path / "docs" / "benchmarks.md", tmp_path / "results"
+    shutil.copy(jobqueue.QUEUE, queue)
+    document.parent.mkdir()
+    places = {"J1a": ("autoencoder", tmp_path / "2mm" / "autoencoder"), "J1b": ("flow", tmp_path / "2mm" / "flow")}
+    landed = land.land(first, prepared, document=document, results=results, queue=queue, places=places)
+    assert landed["test_subjects"] == 1 and -1 <= landed["test"]["ssim"] <= 1  # measured here, on the test split
+    land.land(second, document=document, results=results, queue=queue, places=places)
+    with pytest.raises(FileExistsError, match="--replace"):
+        land.land(second, document=document, results=results, queue=queue, places=places)
+    _, jobs = jobqueue.load(queue)
+    assert [job["status"] for job in jobs[:2]] == ["done", "done"] and jobs[0]["device"] == "cpu"
+    assert jobqueue.next_job(jobs) is None or jobqueue.next_job(jobs)["id"] not in ("J1a", "J1b")
+    text = document.read_text()
+    assert "## device J1a" in text and "## device J1b" in text and "Test split, measured here" in text
+    assert (results / "device-J1a.json").is_file() and (document.parent / "device_J1a.png").is_file()
+
+    generator = load_generator(tmp_path / "2mm" / "flow", device="cpu")
+    volumes, nfe = generator.sample([0], None, generator.sampling_settings("euler", 1))
+    assert volumes.shape == (1, *SHAPE) and nfe == 1 and np.isfinite(volumes).all()
+
+
+def test_a_failed_job_comes_back_with_its_error_and_is_not_landed(kit, tmp_path):
+    out = tmp_path / "out"
+    assert run.main(["J1b", "--minutes", "1", "--out", str(out), "--kit", str(kit), "--rehearse",
+                     "--autoencoder", str(tmp_path / "missing")]) == 1
+    record = json.loads((out / "result.json").read_text())
+    assert record["status"] == "failed" and "land J1a first" in record["error"]
+    with pytest.raises(ValueError, match="stays open"):
+        land.land(out, queue=tmp_path / "queue.yaml")
+
+
+def test_the_queue_says_which_job_is_next_and_how_to_run_it():
+    _, jobs = jobqueue.load()
+    assert [job["id"] for job in jobs] == ["J1a", "J1b", "J2", "J3", "J4", "J5"]
+    job = jobqueue.next_job(jobs)
+    call = jobqueue.device_call(job)
+    assert f"run.py {job['id']} --minutes {job['minutes']}" in call["command"] and call["carry"] == [".device"]
+    assert call["timeout_s"] <= 600 and set(run.JOBS) >= {j["id"] for j in jobs if j["status"] == "open"}
