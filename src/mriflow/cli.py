@@ -120,6 +120,12 @@ def _add_common_training(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
     p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
+    _add_threads(p)
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: the free cores, i.e. usable CPUs less the load average)")
 
 
 def _run_train_autoencoder(args: argparse.Namespace) -> int:
@@ -159,6 +165,7 @@ def _add_encode(commands) -> None:
     p.add_argument("--splits", help="comma-separated splits to encode (default: all)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_threads(p)
     p.set_defaults(func=_run_encode)
 
 
@@ -197,6 +204,7 @@ def _add_generate(commands) -> None:
     p.add_argument("--privacy-filter", metavar="DATA",
                    help="prepared dataset: reject and redraw samples closer to a training subject than held-out "
                         "subjects (passed through the model's autoencoder) ever are")
+    _add_threads(p)
     p.set_defaults(func=_run_generate)
 
 
@@ -263,6 +271,7 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--split", default="val", help="split to reconstruct (default val)")
     p.add_argument("--out", help="output folder (default RUN/reconstruction-SPLIT)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_threads(p)
     p.set_defaults(func=_run_evaluate_reconstruction)
 
     p = kinds.add_parser("generation", help="FD/KID/MMD, PRDC with bootstrap, diversity, memorization, fidelity")
@@ -284,6 +293,7 @@ def _add_evaluate(commands) -> None:
                                          "yardstick to its smoothness")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    _add_threads(p)
     p.set_defaults(func=_run_evaluate_generation)
 
 
@@ -354,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     args.unknown = unknown
     command = " ".join(v for v in (args.command, getattr(args, "stage", None), getattr(args, "kind", None)) if v)
     try:
+        if hasattr(args, "threads"):
+            from mriflow.utils.threads import set_threads
+
+            print(set_threads(args.threads))
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
         if os.environ.get("MRIFLOW_DEBUG"):

@@ -70,18 +70,24 @@ def test_covariates_broadcast_and_guidance_changes_samples():
 
 
 def test_tiny_flow_learns_a_covariate_dependent_mode():
-    """1-channel 4×4×4 latents with mean −1 (group 0) or +1 (group 1): after 150 steps the
-    conditional samples (Heun, 8 steps) must land on the mode of their group."""
+    """1-channel 4×4×4 latents with mean −1 (group 0) or +1 (group 1): after 200 steps the
+    conditional samples (Heun, 8 steps) must land on the mode of their group.
+
+    The covariate is never dropped here: with the preset's 15 % dropout, 150 steps left the
+    conditioning half-learned for 2 of 6 seeds (a sample on the other mode), and another processor's
+    rounding is another seed. Without dropout every one of 18 seeds passed with the worst sample
+    at 0.63 or more towards its mode (the assertion asks 0.4); guidance is tested elsewhere."""
     torch.manual_seed(0)
     config = VelocityNetConfig(
         in_channels=1, channels=(16, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
         norm_num_groups=8, covariate_names=("group",), covariate_kinds=("categorical",), covariate_categories=(2,),
+        covariate_drop_prob=0.0,
     )
     net = VelocityNet(config)
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     objective = RectifiedFlowLoss(loss="l2", time_distribution="uniform")
     generator = torch.Generator().manual_seed(0)
-    for _ in range(150):
+    for _ in range(200):
         group = torch.randint(0, 2, (32,), generator=generator)
         x1 = (2 * group - 1).float().view(-1, 1, 1, 1, 1) + 0.1 * torch.randn(32, 1, 4, 4, 4, generator=generator)
         loss = objective(net, x1, group.float()[:, None], torch.ones(32, 1, dtype=torch.bool), generator=generator)
