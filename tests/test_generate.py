@@ -303,3 +303,59 @@ def test_the_shipped_default_model_generates_on_the_4mm_template_grid(tmp_path):
     assert 0.0 <= volume.min() and volume.max() <= 1.0 and volume.std() > 0.05  # a brain, not a constant
     sidecar = json.loads(result.paths[0].with_name("sample_00000.json").read_text())
     assert sidecar["covariates"] == {"age": 45.0, "sex": "F"} and sidecar["model_checksum"] == generator.model_checksum
+
+
+def test_a_cohort_csv_draws_one_sample_per_row_named_by_its_id(runs, tmp_path):
+    from mriflow.cli import main
+
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("id,age,sex\nyoung-f,25,F\nold-m,75,M\nanyone,,\n")
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(runs["flow"]), "--out", str(out), "--covariates", str(cohort),
+                 "--solver", "euler", "--steps", "1", "--device", "cpu", "--seed", "4"]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["anyone.nii.gz", "old-m.nii.gz", "young-f.nii.gz"]
+    old = json.loads((out / "old-m.json").read_text())
+    assert old["covariates"] == {"age": 75.0, "sex": "M"} and old["cohort_row"] == {"id": "old-m", "age": 75.0, "sex": "M"}
+    assert old["index"] == 1 and old["sample_seed"] == sample_seed(4, 1)
+    anyone = json.loads((out / "anyone.json").read_text())
+    assert anyone["covariates"] == {"age": None, "sex": None}  # empty cells: unconditional in that covariate
+    assert json.loads((out / "generate.json").read_text())["samples"] == ["young-f.nii.gz", "old-m.nii.gz", "anyone.nii.gz"]
+
+    # each row is its own request: the same as drawing that sample alone with those covariates
+    alone = generate(runs["flow"], tmp_path / "alone", n=2, covariates={"age": 75, "sex": "M"}, solver="euler", steps=1,
+                     seed=4, **FAST)
+    np.testing.assert_allclose(load_volume(out / "old-m.nii.gz")[0], load_volume(alone.paths[1])[0], atol=1e-5)
+
+    # without an id column the samples keep their numbered names; a second run into the folder is refused
+    (tmp_path / "plain.csv").write_text("age,sex\n30,F\n")
+    generate(runs["flow"], tmp_path / "plain", cohort=generation.read_cohort(tmp_path / "plain.csv"), solver="euler",
+             steps=1, **FAST)
+    assert [p.name for p in (tmp_path / "plain").glob("*.nii.gz")] == ["sample_00000.nii.gz"]
+    with pytest.raises(FileExistsError, match="young-f.nii.gz"):
+        generate(runs["flow"], out, cohort=generation.read_cohort(cohort), **FAST)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("id,age\na,30\na,40\n", "appear.*more than once"),
+    ("id,age\n../x,30\n", "cannot name a file"),
+    ("id,height\na,180\n", "'height'.*knows: age, sex"),
+    ("id,sex\na,X\n", "unknown category 'X'"),
+    ("id,age\n", "no rows"),
+])
+def test_a_bad_cohort_is_refused_before_anything_is_written(runs, tmp_path, text, message):
+    (tmp_path / "cohort.csv").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        generate(runs["flow"], tmp_path / "out", cohort=generation.read_cohort(tmp_path / "cohort.csv"), **FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cohort_option_refuses_mixed_requests_and_a_different_count(runs, tmp_path, capsys):
+    from mriflow.cli import main
+
+    (tmp_path / "cohort.csv").write_text("age\n30\n40\n")
+    base = ["generate", "--model", str(runs["flow"]), "--out", str(tmp_path / "out"), "--covariates",
+            str(tmp_path / "cohort.csv")]
+    assert main(base + ["--age", "50"]) == 2 and "drop --age/--sex/--covariate" in capsys.readouterr().err
+    assert main(base + ["--n", "5"]) == 2 and "--n 5 differs from the 2 rows" in capsys.readouterr().err
+    assert main(base[:-1] + [str(tmp_path / "missing.csv")]) == 2 and "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

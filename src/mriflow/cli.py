@@ -189,11 +189,14 @@ def _add_generate(commands) -> None:
                     "others (e.g. region volumes); an unknown name is refused with the list of valid ones.")
     p.add_argument("--model", default="default", help="generator run or checkpoint folder, or 'default' (shipped)")
     p.add_argument("--out", required=True, help="output folder (existing samples are never overwritten)")
-    p.add_argument("--n", type=int, default=8, help="number of volumes (default 8)")
+    p.add_argument("--n", type=int, help="number of volumes (default 8; with --covariates, one per row)")
     p.add_argument("--age", type=float, help="requested age in years")
     p.add_argument("--sex", help="requested sex, e.g. F or M")
     p.add_argument("--covariate", action="append", default=[], metavar="NAME=VALUE",
                    help="any other covariate of the model (repeatable)")
+    p.add_argument("--covariates", metavar="CSV",
+                   help="a synthetic cohort: one sample per row, columns = the model's covariates (empty = absent) "
+                        "and optionally id/subject naming the files; the row goes into the sidecar (replaces --n)")
     p.add_argument("--solver", help="flow: euler, heun, midpoint, rk4, dopri5; diffusion: ddim, ddpm "
                                     "(default: the model's)")
     p.add_argument("--steps", type=int, help="solver steps (default: the model's)")
@@ -210,20 +213,32 @@ def _add_generate(commands) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from mriflow.generate import generate
+    from mriflow.models.conditioning import parse_value
 
     covariates: dict[str, Any] = {}
     for item in args.covariate + _covariate_options(args.unknown):
         name, separator, value = item.partition("=")
         if not separator or not name:
             raise ValueError(f"--covariate {item!r}: expected NAME=VALUE, e.g. --covariate ventricles=25000")
-        covariates[name.strip()] = _number_or_text(value.strip())
+        covariates[name.strip()] = parse_value(value.strip())
     if args.age is not None:
         covariates["age"] = args.age
     if args.sex is not None:
         covariates["sex"] = args.sex
-    result = generate(args.model, args.out, n=args.n, covariates=covariates, solver=args.solver, steps=args.steps,
-                      guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                      privacy_filter=args.privacy_filter)
+    cohort = None
+    if args.covariates is not None:
+        from mriflow.generate import read_cohort
+
+        if covariates:
+            raise ValueError("--covariates CSV gives every sample its covariates; drop --age/--sex/--covariate "
+                             "(or put them in the CSV)")
+        cohort = read_cohort(args.covariates)
+        if args.n is not None and args.n != len(cohort):
+            raise ValueError(f"--n {args.n} differs from the {len(cohort)} rows of {args.covariates}; "
+                             "drop --n (one sample per row)")
+    result = generate(args.model, args.out, n=8 if args.n is None else args.n, covariates=covariates, solver=args.solver,
+                      steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                      device=args.device, privacy_filter=args.privacy_filter, cohort=cohort)
     if _is_main_process():
         print(result.summary() if hasattr(result, "summary") else result)
     return 0
@@ -249,13 +264,6 @@ def _covariate_options(tokens: list[str]) -> list[str]:
             raise ValueError(f"{token}: a covariate option needs a value, e.g. {token} 30")
         index += 1
     return items
-
-
-def _number_or_text(value: str) -> float | str:
-    try:
-        return float(value)
-    except ValueError:
-        return value
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import time
 import warnings
@@ -49,7 +50,7 @@ from mriflow.flow.diffusion import METHODS, DiffusionSchedule, sample_diffusion
 from mriflow.flow.sampling import sample_latents, sample_seed
 from mriflow.flow.solvers import SOLVERS
 from mriflow.generate_io import batch_montage, sample_name, write_sample
-from mriflow.models.conditioning import resolve_request
+from mriflow.models.conditioning import parse_value, resolve_request
 from mriflow.models.velocity import VelocityNet, VelocityNetConfig
 from mriflow.train import distributed
 
@@ -60,6 +61,7 @@ DEFAULT_SAMPLING = {
 }
 REQUIRED_META = ("config", "schema", "autoencoder", "latent_shape", "image_shape", "affine")
 GENERATOR_DIR, AUTOENCODER_DIR = "flow", "autoencoder"  # the folders of an exported model
+ID_COLUMNS = ("id", "subject", "sample")  # a cohort column that names its row's sample (the first present)
 MONTAGE_SAMPLES = 8
 AFFINE_TOLERANCE = 1e-3  # mm; a prepared folder this close to the model's affine is on its grid
 
@@ -280,11 +282,14 @@ def generate(
     max_redraws: int = 10,
     progress: bool = True,
     overwrite: bool = False,
+    cohort: Sequence[Mapping[str, Any]] | None = None,
 ) -> GenerateResult:
     """Sample `n` volumes into `out`: sample_XXXXX.nii.gz + .json per sample, montage.png and generate.json.
 
     `covariates` ({name: value}; absent ones are unconditional) is checked against the model's
-    schema; solver/steps/guidance default to the model's. Under torchrun each process writes
+    schema; solver/steps/guidance default to the model's. A `cohort` (one {column: value} per
+    sample, e.g. the rows of a CSV; see `read_cohort`) replaces `covariates` and `n`: sample i is
+    drawn for row i, named after the row's id when it has one, and its sidecar holds the row. Under torchrun each process writes
     its share (indices rank, rank + N, ...) and rank 0 writes montage.png and generate.json.
     With `privacy_filter` (a prepared folder on the model's grid), a sample that is a near copy
     of one of its training subjects is redrawn from its next seed stream, at most `max_redraws`
@@ -292,6 +297,10 @@ def generate(
     to a training subject than the held-out subjects, passed through the model's autoencoder,
     come (evaluate/memorization.py).
     """
+    if cohort is not None:
+        if covariates:
+            raise ValueError("a cohort gives each sample its covariates; do not pass covariates as well")
+        n = len(cohort)
     if n < 1 or batch_size < 1 or seed < 0 or max_redraws < 0:
         raise ValueError(f"n and batch_size must be >= 1, seed and max_redraws >= 0; got n={n}, "
                          f"batch_size={batch_size}, seed={seed}, max_redraws={max_redraws}")
@@ -301,18 +310,19 @@ def generate(
     try:
         generator = load_generator(model, context.device)
         settings = generator.sampling_settings(solver, steps, guidance)
-        request = dict(covariates or {})
-        values, present = resolve_request(generator.schema, request)
-        condition = (values, present) if len(generator.schema) else None
-        requested = requested_covariates(generator.schema, request, values, present)
+        rows = [dict(row) for row in cohort] if cohort is not None else [dict(covariates or {})] * n
+        names = cohort_names(rows) if cohort is not None else [sample_name(i) for i in range(n)]
+        requests = [{k: v for k, v in row.items() if k not in ID_COLUMNS} for row in rows]
+        conditions = [resolve_request(generator.schema, request) for request in requests]
+        requested = [requested_covariates(generator.schema, r, *c) for r, c in zip(requests, conditions)]
         if not overwrite:
-            refuse_existing(out, n)
+            refuse_existing(out, n, names)
         reference = privacy_reference(privacy_filter, generator) if privacy_filter is not None else None
         distributed.barrier()  # every process has checked `out` before any writes to it
         out.mkdir(parents=True, exist_ok=True)
 
         indices = list(range(context.rank, n, context.world_size))
-        common = {"covariates": requested, "seed": seed, **settings, "model_id": generator.model_id,
+        common = {"seed": seed, **settings, "model_id": generator.model_id,
                   "model_checksum": generator.model_checksum, "autoencoder_checksum": generator.autoencoder_checksum,
                   "stage": generator.stage, "device": str(context.device)}
         bar = tqdm(total=len(indices), unit="sample", desc="generate", dynamic_ncols=True,
@@ -326,6 +336,8 @@ def generate(
             pending = indices[first:first + batch_size]
             while pending:
                 seeds = [sample_seed(seed, i, attempts.get(i, 0)) for i in pending]
+                condition = tuple(torch.stack([conditions[i][part] for i in pending]) for part in (0, 1)) \
+                    if len(generator.schema) else None  # (B, K) values and present flags
                 volumes, nfe = generator.sample(seeds, condition, settings)
                 redraw = []
                 for index, stream, volume in zip(pending, seeds, volumes):
@@ -337,8 +349,12 @@ def generate(
                         else:
                             withheld.append(index)
                         continue
-                    sidecar = {**common, "nfe": nfe, "index": index, "sample_seed": stream, "attempt": attempt}
-                    path = write_sample(out, index, volume, generator.affine, sidecar, overwrite=overwrite)
+                    sidecar = {"covariates": requested[index], **common, "nfe": nfe, "index": index,
+                               "sample_seed": stream, "attempt": attempt}
+                    if cohort is not None:
+                        sidecar["cohort_row"] = rows[index]
+                    path = write_sample(out, index, volume, generator.affine, sidecar, overwrite=overwrite,
+                                        name=names[index])
                     written[index] = path.name
                     bar.update(1)
                 pending = redraw
@@ -366,7 +382,8 @@ def generate(
             record = {
                 "model": str(generator.path), "model_id": generator.model_id, "model_checksum": generator.model_checksum,
                 "autoencoder_checksum": generator.autoencoder_checksum, "stage": generator.stage,
-                "n": n, "seed": seed, **settings, "nfe": result.nfe, "covariates": requested,
+                "n": n, "seed": seed, **settings, "nfe": result.nfe,
+                "covariates": "per sample: the cohort's rows (see each sidecar)" if cohort is not None else requested[0],
                 "batch_size": batch_size, "device": str(context.device), "world_size": context.world_size,
                 "privacy_filter": None if reference is None else {
                     "data": str(Path(privacy_filter).resolve()), "threshold": reference.threshold,
@@ -398,9 +415,49 @@ def requested_covariates(schema: CovariateSchema, request: Mapping[str, Any], va
     return out
 
 
-def refuse_existing(out: Path, n: int) -> None:
-    """Refuse, before anything is written, an output folder that already holds samples 0 … n − 1 or a run record."""
-    names = [f"{sample_name(i)}{suffix}" for i in range(n) for suffix in (".nii.gz", ".json")]
+def read_cohort(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a cohort CSV, one sample each: a column per covariate of the model (empty = absent) and
+    optionally an id column (`id`, `subject` or `sample`) that names the sample's files."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--covariates {path}: no such file; give a CSV with one row per sample "
+                                "(columns: the model's covariates, e.g. age,sex, and optionally id)")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"--covariates {path}: not a readable CSV ({error})") from None
+    if table.empty:
+        raise ValueError(f"--covariates {path}: no rows; give one row per sample to draw")
+    table.columns = [str(c).strip() for c in table.columns]
+    rows = []
+    for record in table.to_dict("records"):
+        rows.append({k: None if v.strip() == "" else parse_value(v.strip()) for k, v in record.items()})
+    return rows
+
+
+def cohort_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """File names of a cohort's samples: the id column's values when there is one, else sample_XXXXX."""
+    column = next((c for c in ID_COLUMNS if c in rows[0]), None)
+    if column is None:
+        return [sample_name(i) for i in range(len(rows))]
+    names = [str(row[column]) if row[column] is not None else "" for row in rows]
+    for i, name in enumerate(names):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name.endswith((".nii", ".gz", ".json")):
+            raise ValueError(f"cohort row {i + 1}: {column} {name!r} cannot name a file; use letters, digits, "
+                             "'.', '_' and '-' (and no .nii/.json ending)")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"cohort: {column} {', '.join(repeated[:5])} appear(s) more than once; ids must be unique")
+    if any(name in ("generate", "montage") for name in names):
+        raise ValueError(f"cohort: {column} 'generate' and 'montage' are taken by the run's own files")
+    return names
+
+
+def refuse_existing(out: Path, n: int, names: Sequence[str] | None = None) -> None:
+    """Refuse, before anything is written, an output folder that already holds the samples to write or a run record."""
+    names = [f"{name}{suffix}" for name in (names or [sample_name(i) for i in range(n)]) for suffix in (".nii.gz", ".json")]
     existing = [name for name in names + ["generate.json", "montage.png"] if (out / name).exists()]
     if existing:
         shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")

@@ -33,8 +33,10 @@ def write_sample(
     affine: np.ndarray,
     sidecar: Mapping[str, Any],
     overwrite: bool = False,
+    name: str | None = None,
 ) -> Path:
-    """Write out_dir/sample_<index>.nii.gz (float32, qform = sform = `affine`, code 4) and its .json.
+    """Write out_dir/sample_<index>.nii.gz (float32, qform = sform = `affine`, code 4) and its .json
+    (or <name>.nii.gz and <name>.json when `name` is given, e.g. a cohort row's id).
 
     `volume` is (D, H, W) in [0, 1]; decoders overshoot a little, so values are clipped to
     [0, 1]. The sidecar must hold SIDECAR_KEYS; "mriflow_version" is added. Existing
@@ -49,8 +51,9 @@ def write_sample(
     if missing:
         raise ValueError(f"sample {index}: sidecar lacks {', '.join(missing)}; it must hold {', '.join(SIDECAR_KEYS)}")
     out_dir = Path(out_dir)
-    image_path = out_dir / f"{sample_name(index)}.nii.gz"
-    sidecar_path = out_dir / f"{sample_name(index)}.json"
+    name = name or sample_name(index)
+    image_path = out_dir / f"{name}.nii.gz"
+    sidecar_path = out_dir / f"{name}.json"
     if not overwrite:
         existing = [str(p) for p in (image_path, sidecar_path) if p.exists()]
         if existing:

@@ -111,3 +111,10 @@ def test_resolve_request_warns_outside_the_training_range(schema):
     with pytest.warns(UserWarning, match=r"'age' = 95 is outside the training range \[20, 80\]"):
         values, present = resolve_request(schema, {"age": 95})
     assert present[0] and values[0] > 0
+
+
+def test_typed_values_are_finite_numbers_or_text():
+    from mriflow.models.conditioning import parse_value
+
+    assert parse_value("45") == 45.0 and parse_value("F") == "F" and parse_value("1e3") == 1000.0
+    assert parse_value("nan") == "nan" and parse_value("-inf") == "-inf"  # refused later for a continuous covariate

@@ -94,6 +94,16 @@ class CovariateEmbedding(nn.Module):
         return total
 
 
+def parse_value(text: str) -> float | str:
+    """A covariate value typed by a user (an option or a CSV cell): a finite number, else the text itself,
+    so 'nan' or 'inf' reach `resolve_request` as text and are refused there for a continuous covariate."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
+
+
 def resolve_request(schema, request: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode a user's covariate request {name: value} -> (values (K,), present (K,)).
 
