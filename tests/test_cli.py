@@ -122,6 +122,6 @@ def test_evaluate_generation_of_the_shipped_model_with_its_autoencoder(tmp_path,
                  "--autoencoder", "default", "--bootstrap", "3", "--device", "cpu"]) == 0
     assert "report:" in capsys.readouterr().out
     metrics = json.loads((report / "metrics.json").read_text())
-    assert Path(metrics["inputs"]["autoencoder"]).parts[-2:] == ("default", "autoencoder")
+    assert Path(metrics["inputs"]["autoencoder"]).parts[-2:] == ("4mm", "autoencoder")
     assert "real_vs_reconstruction" in metrics["columns"]
     assert metrics["memorization"]["heldout_reference"] == "held-out reconstructions"

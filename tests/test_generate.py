@@ -359,3 +359,17 @@ def test_the_cohort_option_refuses_mixed_requests_and_a_different_count(runs, tm
     assert main(base + ["--n", "5"]) == 2 and "--n 5 differs from the 2 rows" in capsys.readouterr().err
     assert main(base[:-1] + [str(tmp_path / "missing.csv")]) == 2 and "no such file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_shipped_models_load_by_name_and_default_is_one_of_them(tmp_path, monkeypatch):
+    shipped = generation.shipped_models()
+    assert "4mm" in shipped and generation.DEFAULT_MODEL in shipped
+    assert generation.default_model_dir() == shipped[generation.DEFAULT_MODEL]
+    by_name = load_generator("4mm", "cpu")
+    assert by_name.image_shape == tuple(get_grid("4mm").shape) and by_name.path == shipped["4mm"] / "flow"
+    with pytest.raises(FileNotFoundError, match=r"--model 3mm: no such run.*shipped: default, .*4mm"):
+        load_generator("3mm", "cpu")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "4mm").mkdir()  # a folder of the user's with that name wins over the shipped model
+    with pytest.raises(FileNotFoundError):
+        load_generator("4mm", "cpu")

@@ -187,7 +187,8 @@ def _add_generate(commands) -> None:
         description="Sample volumes from a trained generator (default: the model shipped with mriflow). Any covariate "
                     "the model knows is an option: --age 45 --sex F, or --NAME VALUE / --covariate NAME=VALUE for the "
                     "others (e.g. region volumes); an unknown name is refused with the list of valid ones.")
-    p.add_argument("--model", default="default", help="generator run or checkpoint folder, or 'default' (shipped)")
+    p.add_argument("--model", default="default",
+                   help="generator run or checkpoint folder, a shipped model's name (4mm), or 'default' (shipped)")
     p.add_argument("--out", required=True, help="output folder (existing samples are never overwritten)")
     p.add_argument("--n", type=int, help="number of volumes (default 8; with --covariates, one per row)")
     p.add_argument("--age", type=float, help="requested age in years")

@@ -18,7 +18,7 @@ copy of a training subject from the stream sample_seed(s, i, attempt).
 
     >>> result = generate("runs/flow", "samples/", n=8, covariates={"age": 45, "sex": "F"}, seed=0)
     >>> result.paths[0]                     # samples/sample_00000.nii.gz (+ .json), montage.png, generate.json
-    >>> generator = load_generator()        # the model shipped in mriflow/weights/default
+    >>> generator = load_generator()        # the shipped default model (mriflow/weights/<DEFAULT_MODEL>)
     >>> export_generator("runs/flow", "release/")   # release/flow + release/autoencoder, fp16, <= 16 MB each
 """
 
@@ -66,9 +66,18 @@ MONTAGE_SAMPLES = 8
 AFFINE_TOLERANCE = 1e-3  # mm; a prepared folder this close to the model's affine is on its grid
 
 
+DEFAULT_MODEL = "4mm"  # the shipped model `--model default` means
+
+
+def shipped_models() -> dict[str, Path]:
+    """The models shipped with mriflow by name: mriflow/weights/<name>/{flow,autoencoder}/ (see export_generator)."""
+    folder = Path(str(resources.files("mriflow").joinpath("weights")))
+    return {p.name: p for p in sorted(folder.iterdir()) if (p / GENERATOR_DIR / ckpt.META_FILE).is_file()}
+
+
 def default_model_dir() -> Path:
-    """The model shipped with mriflow: mriflow/weights/default/{flow,autoencoder}/ (see export_generator)."""
-    return Path(str(resources.files("mriflow").joinpath("weights", "default")))
+    """The folder of the shipped default model (DEFAULT_MODEL)."""
+    return Path(str(resources.files("mriflow").joinpath("weights", DEFAULT_MODEL)))
 
 
 @dataclass
@@ -148,15 +157,22 @@ class Generator:
 
 
 def load_generator(model: str | Path = "default", device: str | torch.device = "auto") -> Generator:
-    """Load a generator: "default" (the shipped model), a generator run folder (its latest
-    checkpoint) or a checkpoint folder. The autoencoder it was trained with is loaded from
-    meta["autoencoder"]["path"] and refused unless its weights have the recorded sha256."""
+    """Load a generator: "default" (the shipped default model), a shipped model's name ("4mm"; see
+    `shipped_models`), a generator run folder (its latest checkpoint) or a checkpoint folder. The
+    autoencoder it was trained with is loaded from meta["autoencoder"]["path"] and refused unless
+    its weights have the recorded sha256."""
     device = distributed.resolve_device(device)
     if str(model) == "default":
         model = default_model_dir() / GENERATOR_DIR
         if not (model / ckpt.META_FILE).is_file():
             raise FileNotFoundError(f"{model}: no default model is installed with this copy of mriflow; pass a "
                                     "generator run folder (--model RUN), or export one there with export_generator")
+    elif not Path(model).exists():
+        shipped = shipped_models()
+        if str(model) not in shipped:
+            raise FileNotFoundError(f"--model {model}: no such run or checkpoint folder, and not a shipped model "
+                                    f"(shipped: {', '.join(['default', *shipped])})")
+        model = shipped[str(model)] / GENERATOR_DIR
     weights, meta = ckpt.load_checkpoint(model)
     directory = Path(meta["path"])
     where = directory / ckpt.META_FILE
@@ -496,7 +512,7 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
     Only model.safetensors and checkpoint.json travel (no train_state), weights cast to
     `weights_dtype`; the generator's meta["autoencoder"] then points at "../autoencoder"
     with the new sha256. Every file must stay <= 16 MB, else nothing is left behind.
-    This is how mriflow/weights/default is made. Returns `out`.
+    This is how the shipped models (mriflow/weights/<name>) are made. Returns `out`.
     """
     weights, meta = ckpt.load_checkpoint(run)
     directory = Path(meta.pop("path"))
