@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,14 @@ def one_thread():
 @pytest.fixture
 def phantom():
     return head_phantom()
+
+
+@pytest.fixture
+def umask_022():
+    """The usual umask, so a new file should come out 0644 (0666 & ~0o022)."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
 
 
 @pytest.fixture

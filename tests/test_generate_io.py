@@ -82,6 +82,12 @@ def test_existing_samples_are_not_overwritten(tmp_path, volume):
     assert json.loads((tmp_path / "sample_00000.json").read_text())["seed"] == 2
 
 
+def test_samples_get_the_permissions_the_umask_allows(tmp_path, volume, umask_022):
+    path = write_sample(tmp_path, 0, volume, template_affine(get_grid("4mm")), sidecar())
+    assert path.stat().st_mode & 0o777 == 0o644  # not the private 0600 of a temporary file
+    assert (tmp_path / "sample_00000.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_batch_montage(tmp_path, volume):
     path = batch_montage([volume, volume[::-1], 1 - volume], tmp_path / "montage.png", titles=["a", "b", "c"])
     picture = matplotlib.image.imread(str(path))

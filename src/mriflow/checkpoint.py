@@ -34,6 +34,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mriflow.utils.files import permissions, write_text_atomic  # noqa: F401  (part of this module's interface)
+
 FORMAT = "mriflow-checkpoint/1"
 MODEL_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.safetensors"
@@ -174,27 +176,6 @@ def update_meta(path: str | Path, values: Mapping[str, Any]) -> dict[str, Any]:
     meta.update(values)
     write_text_atomic(file, json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
     return meta
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path` and rename it over `path` (permissions as the umask allows)."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.chmod(tmp, permissions(0o666))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def permissions(mode: int) -> int:
-    """`mode` restricted by the process umask, as open() would create it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
 
 
 def sha256(path: str | Path) -> str:

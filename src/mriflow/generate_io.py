@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,6 +16,7 @@ import numpy as np
 
 import mriflow
 from mriflow.data.io import save_volume
+from mriflow.utils.files import write_text_atomic
 
 SIDECAR_KEYS = ("covariates", "seed", "solver", "steps", "nfe", "guidance", "model_id", "model_checksum")
 
@@ -65,15 +64,7 @@ def write_sample(
 
 
 def _write_json(path: Path, record: Mapping[str, Any]) -> None:
-    """Atomic like save_volume: write a temporary file in the same folder, then rename."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(record, stream, indent=2, default=_plain)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text_atomic(path, json.dumps(record, indent=2, default=_plain))
 
 
 def _plain(value: Any) -> Any:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +36,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mriflow import checkpoint as ckpt
+from mriflow.utils.files import atomic_path
 
 VQ_LOGVAR = -30.0  # the floor of the KL log-variance: exp(-15) ~ 3e-7, i.e. deterministic
 
@@ -106,8 +106,8 @@ def encode_dataset(
         tensors = {"mean": torch.cat(means).contiguous()}  # (N, C, d, h, w)
         if logvars:
             tensors["logvar"] = torch.cat(logvars).contiguous()
-        save_file(tensors, str(cache / f".tmp-{split}.safetensors"))
-        os.replace(cache / f".tmp-{split}.safetensors", cache / f"{split}.safetensors")
+        with atomic_path(cache / f"{split}.safetensors") as temporary:
+            save_file(tensors, str(temporary))
         index["splits"][split] = subjects
         index["latent_shape"] = list(tensors["mean"].shape[1:])
         if split == "train":

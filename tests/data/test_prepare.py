@@ -397,6 +397,14 @@ def test_prepare_json_records_parameters_versions_checksums_and_quality(tmp_path
     assert 0.0 < record["subjects"]["a"]["registration"]["mask_dice_mni"] <= 1.0
 
 
+def test_prepared_files_get_the_permissions_the_umask_allows(tmp_path, umask_022):
+    images, labels = make_inputs(tmp_path, ("a",))
+    result = run_prepare(images, tmp_path / "out", masks=labels, register=False, progress=False)
+    for path in (result.out / "images" / "a.nii.gz", result.out / "masks" / "a.nii.gz", result.manifest, result.record,
+                 result.report, result.out / "records" / "a.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path  # readable by the group and others, as any new file
+
+
 # --- real data ------------------------------------------------------------------------------
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from mriflow.config import Grid
+from mriflow.utils.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -47,15 +46,8 @@ def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, dtype=np
     image.set_qform(affine, code=4)
     image.set_sform(affine, code=4)
     image.header.set_xyzt_units("mm")
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
-    os.close(handle)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as temporary:
+        nib.save(image, temporary)
     return path
 
 

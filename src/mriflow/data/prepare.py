@@ -37,7 +37,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from mriflow.data.inputs import (
 )
 from mriflow.data.io import save_volume, template_affine
 from mriflow.data.split import SPLITS, assign_splits, check_fractions
+from mriflow.utils.files import write_text_atomic
 
 SKULL_STRIP_CHOICES = ("auto", "mask", "deepbet", "none")
 # The manifest's own columns (as mriflow.data.dataset.MANIFEST_COLUMNS; not imported, which would pull torch into every worker).
@@ -593,7 +593,7 @@ def _write_subject(state: SubjectState, task: SubjectTask, seconds: float) -> di
         **state.record,
         "seconds": round(seconds, 3),
     }
-    _write_text_atomic(out / "records" / f"{task.subject}.json", json.dumps(record, indent=1))
+    write_text_atomic(out / "records" / f"{task.subject}.json", json.dumps(record, indent=1))
     return record
 
 
@@ -794,7 +794,7 @@ def run_prepare(
         "seconds": round(time.perf_counter() - started, 2),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_text_atomic(out / "prepare.json", json.dumps(prepare_record, indent=1))
+    write_text_atomic(out / "prepare.json", json.dumps(prepare_record, indent=1))
     return result
 
 
@@ -920,24 +920,12 @@ def _write_manifest(path: Path, records, assignment: dict[str, str], table: Cova
         row.update({name: table.values.get(subject, {}).get(name, "") for name in table.names})
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["subject", "image", "mask", "labels", "split", *table.names])
-    _write_text_atomic(path, frame.to_csv(index=False))
+    write_text_atomic(path, frame.to_csv(index=False))
 
 
 def _write_report(path: Path, entries: Sequence[Skip]) -> None:
     frame = pd.DataFrame([dataclasses.asdict(e) for e in entries], columns=["subject", "input", "reason"])
-    _write_text_atomic(path, frame.to_csv(index=False))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text_atomic(path, frame.to_csv(index=False))
 
 
 def _versions(with_deepbet: bool) -> dict[str, str]:

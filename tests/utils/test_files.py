@@ -1,0 +1,26 @@
+"""Atomic writes leave whole files only, with the permissions open() would give them."""
+
+from __future__ import annotations
+
+import pytest
+
+from mriflow.utils.files import atomic_path, permissions, write_text_atomic
+
+
+def test_files_written_atomically_get_0666_less_the_umask(tmp_path, umask_022):
+    write_text_atomic(tmp_path / "record.json", "{}")
+    with atomic_path(tmp_path / "volume.nii.gz") as temporary:
+        temporary.write_bytes(b"data")
+    assert permissions(0o666) == 0o644
+    assert (tmp_path / "record.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+    assert (tmp_path / "volume.nii.gz").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json", "volume.nii.gz"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    write_text_atomic(tmp_path / "record.json", "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "record.json") as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert (tmp_path / "record.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
