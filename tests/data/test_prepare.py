@@ -263,13 +263,29 @@ def test_resume_skips_done_subjects_and_force_redoes_them(tmp_path):
     third = run_prepare(images, out, masks=labels, register=False, progress=False)
     assert third.newly_prepared == ["b"] and third.already_done == ["a"]
 
-    # Another recipe (preset) is not "done".
-    other = run_prepare(images, out, masks=labels, register=False, preset="2mm", progress=False)
-    assert other.newly_prepared == ["a", "b"]
+    # Another recipe (preset) is refused without --force (test below); with it, every subject is redone.
     forced = run_prepare(images, out, masks=labels, register=False, preset="2mm", force=True, progress=False)
     assert forced.newly_prepared == ["a", "b"] and forced.already_done == []
     assert (out / "images" / "a.nii.gz").stat().st_mtime_ns != stamp
     assert checksums(tmp_path / "images") | checksums(tmp_path / "labels") == before  # inputs never modified
+
+
+def test_other_parameters_into_a_prepared_folder_are_refused_naming_them_unless_forced(tmp_path):
+    images, labels = make_inputs(tmp_path, ("a", "b"))
+    out = tmp_path / "out"
+    run_prepare(images, out, masks=labels, register=False, progress=False)
+    before = checksums(out)
+    with pytest.raises(PrepareError, match=r"--preset 4mm before, 2mm now.*--force"):
+        run_prepare(images, out, masks=labels, register=False, preset="2mm", progress=False)
+    with pytest.raises(PrepareError, match=r"--split 0\.8,0\.1,0\.1 before, 0\.5,0\.25,0\.25 now; --seed 0 before, 1 now"):
+        run_prepare(images, out, masks=labels, register=False, split=(0.5, 0.25, 0.25), seed=1, progress=False)
+    with pytest.raises(PrepareError, match=r"--skull-strip mask before, none now"):
+        run_prepare(images, out, skull_strip="none", register=False, progress=False)
+    assert checksums(out) == before  # the dataset is untouched
+    # Options that do not change the dataset (workers) resume it; --force rebuilds it with the new ones.
+    assert run_prepare(images, out, masks=labels, register=False, workers=2, progress=False).already_done == ["a", "b"]
+    forced = run_prepare(images, out, masks=labels, register=False, split=(0.5, 0.25, 0.25), force=True, progress=False)
+    assert json.loads(forced.record.read_text())["parameters"]["split"] == [0.5, 0.25, 0.25]
 
 
 def test_every_kind_of_bad_input_is_skipped_with_a_reason(tmp_path):

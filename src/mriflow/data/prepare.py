@@ -69,6 +69,11 @@ SKULL_STRIP_CHOICES = ("auto", "mask", "deepbet", "none")
 MANIFEST_COLUMNS = ("subject", "image", "mask", "labels", "split")
 AFFINE_TOLERANCE_MM = 1e-3  # a mask must share the image's voxel grid within this
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
+# The options that decide what a prepared dataset holds, as prepare.json's "parameters" and the command
+# line name them; re-running into a prepared --out with other values is refused unless forced.
+DATASET_OPTIONS = {"images": "IMAGES", "masks": "--masks", "covariates": "--covariates",
+                   "covariate_columns": "--covariate-columns", "preset": "--preset", "skull_strip_used": "--skull-strip",
+                   "n4": "--n4", "register": "registration (--no-register)", "split": "--split", "seed": "--seed"}
 VERSION_PACKAGES = ("mriflow", "torch", "nibabel", "SimpleITK", "nilearn", "numpy", "scipy", "pandas")
 
 
@@ -739,6 +744,14 @@ def run_prepare(
         raise PrepareError(f"covariate column(s) {', '.join(clashes)} would overwrite manifest columns of the same name; "
                            f"rename them, e.g. --covariate-columns {clashes[0]}:{clashes[0]}_value")
 
+    parameters = {
+        "images": str(images.resolve()), "out": str(out.resolve()), "masks": str(masks.resolve()) if masks else None,
+        "covariates": [str(p.resolve()) for p in table_files], "covariate_columns": [list(c) for c in columns] if columns else None,
+        "preset": preset, "skull_strip": skull_strip, "skull_strip_used": strip, "n4": n4, "register": register,
+        "workers": workers, "force": force, "split": list(split), "seed": seed,
+    }
+    if not force:
+        _check_same_dataset(out, parameters)
     recipe = build_recipe(preset, strip, n4, register)
     recipe_data = recipe_to_data(recipe)
     tasks, already_done = [], []
@@ -774,12 +787,7 @@ def run_prepare(
         "recipe": recipe_data,
         "split": split_record,
         "covariates": {"names": covariate_table.names, "sources": covariate_table.sources},
-        "parameters": {
-            "images": str(images.resolve()), "out": str(out.resolve()), "masks": str(masks.resolve()) if masks else None,
-            "covariates": [str(p.resolve()) for p in table_files], "covariate_columns": [list(c) for c in columns] if columns else None,
-            "skull_strip": skull_strip, "skull_strip_used": strip, "n4": n4, "register": register,
-            "workers": workers, "force": force, "split": list(split), "seed": seed,
-        },
+        "parameters": parameters,
         "versions": _versions(strip == "deepbet"),
         "inputs": {
             "images": str(images.resolve()),
@@ -829,6 +837,37 @@ def _check_folders(images: Path, out: Path, masks: Path | None, covariate_files:
     for path in covariate_files:
         if path.resolve().is_relative_to(target):
             raise PrepareError(f"covariate file {path} is inside --out {out}, which prepare rewrites; move it out first")
+
+
+def _check_same_dataset(out: Path, parameters: dict[str, Any]) -> None:
+    """Refuse to resume `out` with options that would change what its dataset holds (it would be rebuilt in place)."""
+    path = out / "prepare.json"
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text())
+        earlier = {"preset": record["preset"], **record.get("parameters", {})}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PrepareError(f"{path} cannot be read ({error}); it records how {out} was prepared: restore it, choose "
+                           "another --out, or pass --force to prepare the dataset again") from None
+    differences = [f"{option} {_shown(earlier[key])} before, {_shown(parameters[key])} now"
+                   for key, option in DATASET_OPTIONS.items() if key in earlier and earlier[key] != parameters[key]]
+    if differences:
+        raise PrepareError(f"--out {out} holds a dataset prepared with other options ({'; '.join(differences)}); rerun "
+                           "with the earlier options to resume it, choose another --out, or pass --force to rebuild it "
+                           "with the new ones (its files are replaced)")
+
+
+def _shown(value: Any) -> str:
+    """A recorded parameter as the command line would give it: 0.8,0.1,0.1 for a split, on/off for a switch."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, list):
+        return ",".join(":".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
+                        for v in value)
+    return str(value)
 
 
 def _input_record(scan: Scan, checksums: dict[str, str]) -> dict[str, Any]:
