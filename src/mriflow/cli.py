@@ -47,7 +47,7 @@ def _add_prepare(commands) -> None:
     p = commands.add_parser("prepare", help="real scans (NIfTI folder or BIDS) -> prepared template-space dataset",
                             description="Reorient to RAS, extract the brain, (N4), register to MNI152, resample to the "
                                         "preset grid and scale to [0, 1]; writes one NIfTI per subject, manifest.csv, "
-                                        "prepare.json and prepare_report.csv. Re-running resumes.")
+                                        "prepare.json and prepare_report.csv. Re-running with the same options resumes.")
     p.add_argument("images", help="folder of .nii/.nii.gz scans, or a BIDS root (sub-*/[ses-*/]anat/*_T1w.nii.gz)")
     p.add_argument("--out", required=True, help="output folder (created; never the input folder)")
     p.add_argument("--masks", help="folder of brain masks or label maps (label > 0 is brain), matched on subject id")
@@ -65,7 +65,8 @@ def _add_prepare(commands) -> None:
                    help="subject-level split fractions (default 0.8,0.1,0.1; stratified by age when present)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (recorded)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
-    p.add_argument("--force", action="store_true", help="prepare again subjects that are already done")
+    p.add_argument("--force", action="store_true",
+                   help="prepare again subjects that are already done; needed to rebuild --out with other options")
     p.set_defaults(func=_run_prepare)
 
 
