@@ -98,3 +98,23 @@ def test_update_meta_adds_keys_atomically(tmp_path):
     ckpt.update_meta(tmp_path, {"latent_scale": 0.5})
     _, meta = ckpt.load_checkpoint(tmp_path)
     assert meta["latent_scale"] == 0.5 and meta["step"] == 3
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # as a copy or a download cut short leaves it
+
+
+def test_a_damaged_checkpoint_file_is_named_with_what_to_do(tmp_path):
+    ckpt.save_checkpoint(tmp_path, {"a": torch.ones(100)}, {"step": 1}, train_state={"s": torch.zeros(100)})
+    truncate(tmp_path / ckpt.MODEL_FILE)
+    truncate(tmp_path / ckpt.TRAIN_STATE_FILE)
+    for load, name in ((ckpt.load_checkpoint, ckpt.MODEL_FILE), (ckpt.weights_config, ckpt.MODEL_FILE),
+                       (ckpt.load_train_state, ckpt.TRAIN_STATE_FILE)):
+        with pytest.raises(ckpt.DamagedCheckpointError, match=rf"{tmp_path / name}: damaged or incomplete .*copy"):
+            load(tmp_path)
+    (tmp_path / ckpt.META_FILE).write_text('{"step": 1,')
+    with pytest.raises(ckpt.DamagedCheckpointError, match=rf"{tmp_path / ckpt.META_FILE}: damaged or incomplete"):
+        ckpt.load_checkpoint(tmp_path)
+    with pytest.raises(ckpt.DamagedCheckpointError, match=rf"{tmp_path / ckpt.META_FILE}"):
+        ckpt.update_meta(tmp_path, {"latent_scale": 0.5})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,20 @@ def test_evaluate_generation_of_the_shipped_model_with_its_autoencoder(tmp_path,
     assert Path(metrics["inputs"]["autoencoder"]).parts[-2:] == ("4mm", "autoencoder")
     assert "real_vs_reconstruction" in metrics["columns"]
     assert metrics["memorization"]["heldout_reference"] == "held-out reconstructions"
+
+
+def test_a_damaged_model_file_is_one_line_naming_it(tmp_path, capsys):
+    from mriflow.generate import default_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model)
+    weights = model / "flow" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    assert main(["generate", "--model", str(model / "flow"), "--out", str(tmp_path / "samples")]) == 2
+    error = capsys.readouterr().err
+    assert f"{weights}: damaged or incomplete" in error and "Traceback" not in error and error.count("\n") == 1
+    (model / "flow" / "checkpoint.json").write_text('{"format": ')
+    assert main(["generate", "--model", str(model / "flow"), "--out", str(tmp_path / "samples")]) == 2
+    error = capsys.readouterr().err
+    assert f"{model / 'flow' / 'checkpoint.json'}: damaged or incomplete" in error and error.count("\n") == 1
+    assert not (tmp_path / "samples").exists()

@@ -21,6 +21,7 @@ a real name, and the latest complete one is simply the highest step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,10 +29,10 @@ import platform
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mriflow.utils.files import permissions, write_text_atomic  # noqa: F401  (part of this module's interface)
@@ -47,6 +48,10 @@ MAX_TRAVELLING_BYTES = 16_000_000  # a weight file that ships with a release or 
 
 class CheckpointMismatchError(ValueError):
     """The config stored with a checkpoint does not build a model that matches its weights."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file cannot be parsed: cut short (a copy, download or write that stopped) or overwritten."""
 
 
 def versions() -> dict[str, str]:
@@ -146,11 +151,12 @@ def run_folder(checkpoint: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(inference weights, meta) of a checkpoint folder or of a run's latest checkpoint."""
     directory = resolve_checkpoint(path)
-    meta = json.loads((directory / META_FILE).read_text())
+    meta = _read_meta(directory / META_FILE)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory / META_FILE}: format {meta.get('format')!r} is not {FORMAT!r}")
     meta["path"] = str(directory)
-    return load_file(str(directory / MODEL_FILE)), meta
+    with _parsing(directory / MODEL_FILE):
+        return load_file(str(directory / MODEL_FILE)), meta
 
 
 def load_train_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -158,21 +164,24 @@ def load_train_state(path: str | Path) -> dict[str, torch.Tensor]:
     file = directory / TRAIN_STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing; this checkpoint holds inference weights only and cannot be resumed")
-    return load_file(str(file))
+    with _parsing(file):
+        return load_file(str(file))
 
 
 def weights_config(path: str | Path) -> dict[str, Any]:
     """The config stored in the safetensors header of model.safetensors (what the weights were made with)."""
-    with safe_open(str(Path(path) / MODEL_FILE), framework="pt") as handle:
-        header = handle.metadata() or {}
-    return json.loads(header.get("config", "{}"))
+    file = Path(path) / MODEL_FILE
+    with _parsing(file):
+        with safe_open(str(file), framework="pt") as handle:
+            header = handle.metadata() or {}
+        return json.loads(header.get("config", "{}"))
 
 
 def update_meta(path: str | Path, values: Mapping[str, Any]) -> dict[str, Any]:
     """Add or replace keys of checkpoint.json atomically; returns the new meta."""
     directory = resolve_checkpoint(path)
     file = directory / META_FILE
-    meta = json.loads(file.read_text())
+    meta = _read_meta(file)
     meta.update(values)
     write_text_atomic(file, json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
     return meta
@@ -248,6 +257,23 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
     model = Autoencoder(from_dict(AutoencoderConfig, model_config, "model"))
     load_weights_into(model, weights, "autoencoder.", str(directory / MODEL_FILE))
     return model.to(device).eval(), meta
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    with _parsing(file):
+        return json.loads(file.read_text())
+
+
+@contextlib.contextmanager
+def _parsing(file: Path) -> Iterator[None]:
+    """Name `file` when it cannot be parsed; the parsers' own messages name no file."""
+    try:
+        yield
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedCheckpointError(
+            f"{file}: damaged or incomplete ({error}); copy the checkpoint folder again from where it came from, "
+            "or use another checkpoint (a run keeps its recent ones in RUN/checkpoints/)"
+        ) from None
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
