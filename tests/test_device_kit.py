@@ -163,3 +163,16 @@ def test_the_queue_says_which_job_is_next_and_how_to_run_it():
     call = jobqueue.device_call(job)
     assert f"run.py {job['id']} --minutes {job['minutes']}" in call["command"] and call["carry"] == [".device"]
     assert call["timeout_s"] <= 600 and set(run.JOBS) >= {j["id"] for j in jobs if j["status"] == "open"}
+
+
+def test_rehearsal_of_the_large_presets_job_measures_both_stages_and_runs_torchrun(kit, tmp_path):
+    out = tmp_path / "J4"
+    assert run.main(["J4", "--minutes", "5", "--out", str(out), "--kit", str(kit), "--rehearse"]) == 0
+    record = json.loads((out / "result.json").read_text())
+    assert record["status"] == "done", record.get("traceback")
+    result = record["result"]
+    for stage in ("autoencoder_large", "flow_large"):
+        assert result[stage]["steps_per_second"] > 0 and result[stage]["batch_size"] == 2
+    for command in ("train_autoencoder_torchrun", "generate_torchrun"):
+        assert result[command]["exit_code"] == 0, result[command]["output_tail"]
+    assert run.check_outputs(out) == []

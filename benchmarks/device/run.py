@@ -17,8 +17,8 @@ estimate was optimistic. `--rehearse` runs the same code path on the CPU with a 
 no wheels (CI does, so the first GPU call works).
 
 Jobs: J1a autoencoder-base at 2 mm; J1b flow-base at 2 mm on the committed 2 mm autoencoder;
-J5 generation seconds per volume of the shipped models on the GPU. J2-J4 are in queue.yaml,
-waiting for their code here.
+J4 the 1 mm presets' speed and memory and the torchrun/NCCL paths; J5 generation seconds per
+volume of the shipped models on the GPU. J2 and J3 are in queue.yaml, waiting for their code here.
 """
 
 from __future__ import annotations
@@ -175,23 +175,110 @@ def flow_job(job: Job) -> dict[str, Any]:
             "steps": result["step"], "final_metrics": result.get("metrics")}
 
 
+class RandomVolumes:
+    """`count` items of random inputs of one shape, for throughput and memory where the content does not matter."""
+
+    def __init__(self, key: str, shape: tuple[int, ...], count: int = 64):
+        self.key, self.shape, self.count = key, shape, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        item = torch.rand(self.shape) if self.key == "image" else torch.randn(self.shape)
+        return {self.key: item, "mask": torch.ones(self.shape, dtype=torch.uint8), "covariates": torch.zeros(0),
+                "covariates_present": torch.zeros(0, dtype=torch.bool)}
+
+
+def measure_stage(name: str, stage, dataset, loop, work: Path, rehearse: bool) -> dict[str, Any]:
+    """Training speed (median volumes/s after the first logged interval) and peak GPU memory of a few steps."""
+    import torch
+
+    from mriflow.config import to_dict
+    from mriflow.train import loop as training
+
+    loop = dataclasses.replace(probe_loop(loop, rehearse), num_workers=0)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.monotonic()
+    training.train(stage, dataset, loop, work / name, {"stage": name, "config": {"loop": to_dict(loop)}},
+                   stop_at_step=probe_steps(rehearse))
+    volumes_per_step = loop.batch_size * loop.grad_accumulation
+    return {"batch_size": loop.batch_size, "bf16_autocast": loop.amp and not rehearse,
+            "steps_per_second": round(steps_per_second(work / name / "log.csv", volumes_per_step), 3),
+            "volumes_per_second": round(steps_per_second(work / name / "log.csv", volumes_per_step) * volumes_per_step, 2),
+            "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+            "seconds": round(time.monotonic() - started, 1)}
+
+
+def large_presets_job(job: Job) -> dict[str, Any]:
+    """J4: the 1 mm (large) presets' training speed and memory on random inputs with bf16 autocast, then the
+    NCCL paths no CPU test reaches: torchrun (one process per GPU) for `train autoencoder` and `generate`."""
+    from mriflow.config import get_grid
+    from mriflow.train.autoencoder import AutoencoderStage
+    from mriflow.train.autoencoder import load_config as autoencoder_config
+    from mriflow.train.generator import FlowStage
+    from mriflow.train.generator import load_config as generator_config
+
+    shape = (64, 64, 64) if job.rehearse else get_grid("1mm").shape  # the critic needs 4 halvings
+    figures: dict[str, Any] = {"grid": "rehearsal" if job.rehearse else "1mm", "image_shape": list(shape)}
+    config = autoencoder_config("large")
+    adversarial = dataclasses.replace(config, loss=dataclasses.replace(config.loss, adversarial_start=0))
+    if job.rehearse:
+        adversarial = dataclasses.replace(adversarial, model=dataclasses.replace(config.model, channels=(8, 16, 16),
+                                                                                 norm_num_groups=4))
+    figures["autoencoder_large"] = measure_stage("autoencoder", AutoencoderStage(adversarial),
+                                                 RandomVolumes("image", (1, *shape)), adversarial.loop, job.work,
+                                                 job.rehearse)
+    flow = generator_config("flow", "large")
+    latent = adversarial.model.latent_shape(shape)
+    figures["flow_large"] = measure_stage("flow", FlowStage(flow, latent), RandomVolumes("latent", latent), flow.loop,
+                                          job.work, job.rehearse)
+    device = [] if job.rehearse else ["--device", "cuda"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "mriflow"]
+    commands = {
+        "train_autoencoder_torchrun": torchrun + ["train", "autoencoder", str(job.data), "--preset", "base",
+                                                  "--max-steps", "4", "--out", str(job.work / "ddp-autoencoder")],
+        "generate_torchrun": torchrun + ["generate", "--model", "4mm", "--out", str(job.work / "ddp-samples"),
+                                         "--batch-size", "8", *device],
+    }
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    for name, command in commands.items():
+        started = time.monotonic()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=environment,
+                                  timeout=max(30.0, job.seconds_left() - 20))
+        except subprocess.TimeoutExpired as error:  # recorded, not fatal: the figures above still come back
+            figures[name] = {"command": " ".join(command[1:]), "exit_code": None, "timed_out_after": error.timeout}
+            continue
+        figures[name] = {"command": " ".join(command[1:]), "exit_code": done.returncode,
+                         "seconds": round(time.monotonic() - started, 1), "output_tail": (done.stdout + done.stderr)[-1500:]}
+    figures["nccl"] = not job.rehearse  # torchrun on CUDA initialises the NCCL backend (gloo on the CPU)
+    return {"stage": "large presets", **figures}
+
+
 def generation_job(job: Job) -> dict[str, Any]:
     """J5: seconds per volume of the shipped model(s) on the GPU (benchmarks/generate.py, its own section)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import generate as benchmark
 
-    models = ["default"] + ([str(AUTOENCODER_2MM.parent)] if (AUTOENCODER_2MM.parent / "flow").is_dir() else [])
+    from mriflow.generate import shipped_models
+
+    models = list(shipped_models())
     device = "cpu" if job.rehearse else "cuda"
     sections = []
     for model in models:
-        sections.append(f"## generate on a GPU: {Path(model).name}")
+        sections.append(f"## generate on a GPU: {model}")
         benchmark.main(["--model", model, "--device", device, "--repeats", "1" if job.rehearse else "5",
                         "--samples", "1" if job.rehearse else "8", "--section", sections[-1],
                         "--document", str(job.out / "sections.md"), "--results", str(job.out)])
     return {"stage": "generate", "models": models, "sections": sections}
 
 
-JOBS: dict[str, Callable[[Job], dict[str, Any]]] = {"J1a": autoencoder_job, "J1b": flow_job, "J5": generation_job}
+JOBS: dict[str, Callable[[Job], dict[str, Any]]] = {"J1a": autoencoder_job, "J1b": flow_job, "J4": large_presets_job,
+                                                  "J5": generation_job}
 
 
 # ---- outputs --------------------------------------------------------------------------------------
