@@ -13,16 +13,24 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def replace_section(document: Path, header: str, body: str) -> None:
-    """Replace (or append) the section starting at the line `header`, up to the next '## ' header."""
+    """Replace (or append) the section starting at the line `header`, up to the next '## ' header.
+
+    A hand-written paragraph of the old section that starts with "Reading:" (what the figures
+    mean) is kept at the end unless the new body brings its own."""
     text = document.read_text() if document.is_file() else "# Benchmarks\n"
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
+    reading: list[str] = []
     if start is None:
         lines += ["", header]
         start, end = len(lines) - 1, len(lines)
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = lines[:start] + [header, ""] + body.strip("\n").splitlines() + [""] + lines[end:]
+        first = next((i for i in range(start + 1, end) if lines[i].startswith("Reading:")), None)
+        if first is not None and "\nReading:" not in "\n" + body:
+            reading = [""] + "\n".join(lines[first:end]).strip("\n").splitlines()
+    following = lines[end:]
+    new = lines[:start] + [header, ""] + body.strip("\n").splitlines() + reading + ([""] if following else []) + following
     document.parent.mkdir(parents=True, exist_ok=True)
     document.write_text("\n".join(new).rstrip("\n") + "\n")
 

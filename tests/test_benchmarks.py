@@ -61,3 +61,17 @@ def test_the_sampling_target_needs_a_flow_sampler_at_8_nfe_or_fewer_within_ddim_
     worse_coverage = row("flow", "euler", 8, 8, 0.9, 0.7)
     too_many = row("flow", "heun", 8, 16, 1.0, 0.8)
     assert target_check([ddim, worse_coverage, too_many])["status"] == "missed"
+
+
+def test_a_rewritten_section_keeps_its_hand_written_reading_unless_the_new_body_has_one(tmp_path):
+    from common import replace_section
+
+    document = tmp_path / "benchmarks.md"
+    document.write_text("# B\n\n## a\n\nold figures\n\nReading: what they mean.\nSecond line.\n\n## b\n\nkept\n")
+    replace_section(document, "## a", "new figures")
+    assert document.read_text() == ("# B\n\n## a\n\nnew figures\n\nReading: what they mean.\nSecond line.\n\n"
+                                    "## b\n\nkept\n")
+    replace_section(document, "## a", "newer\n\nReading: its own.")
+    assert "what they mean" not in document.read_text() and "Reading: its own.\n\n## b" in document.read_text()
+    replace_section(document, "## c", "appended")
+    assert document.read_text().endswith("## b\n\nkept\n\n## c\n\nappended\n")
