@@ -1,12 +1,13 @@
-"""Evaluate the shipped default model as a user would: generate, then `mriflow evaluate generation`.
+"""Evaluate a shipped model (default: the default one) as a user would: generate, then `mriflow evaluate generation`.
 
 Draws `--n` volumes whose requested (age, sex) sweep the training range (ages evenly over
 [min + 2, max - 2] years, sex alternating), so the report's conditional-fidelity rows are
 measured, then evaluates them against the real test split with the Real vs Reconstruction
-column. Writes benchmarks/results/default-model.json and the "## default model" section of
-docs/benchmarks.md (the report itself stays in --out).
+column, and checks issue 11's generation targets against the Real vs Real yardstick. Writes
+benchmarks/results/model-<name>.json and the "## model: <name>" section of docs/benchmarks.md
+(the report itself stays in --out).
 
-    python benchmarks/default_model.py --data /tmp/ixi4 --out /tmp/default-model-eval
+    python benchmarks/default_model.py --data /tmp/ixi4 --out /tmp/model-4mm-eval --model 4mm
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from statistics import median
 
 import numpy as np
 
-from common import DOCUMENT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.evaluate.generation import evaluate_generation
 from mriflow.flow.sampling import sample_seed
-from mriflow.generate import default_model_dir, load_generator
+from mriflow.generate import DEFAULT_MODEL, load_generator, shipped_models
 from mriflow.generate_io import write_sample
 from mriflow.models.conditioning import resolve_request
 
-SECTION = "## default model"
 ROWS = ("fd", "kid", "precision", "recall", "density", "coverage")
 
 
@@ -36,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="new folder for the samples and the report")
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--model", default="default", help="a shipped model's name (4mm, 2mm) or 'default'")
     args = parser.parse_args(argv)
     command = "python benchmarks/default_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
-    generator = load_generator("default", "cpu")
+    generator = load_generator(args.model, "cpu")
+    name = DEFAULT_MODEL if args.model == "default" else args.model
     settings = generator.sampling_settings()
     age = generator.schema["age"]
     ages = np.linspace(age.minimum + 2, age.maximum - 2, args.n)  # inside the trained range
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                      {"covariates": request, "seed": args.seed, "sample_seed": stream, **settings, "nfe": nfe,
                       "model_id": generator.model_id, "model_checksum": generator.model_checksum})
     result = evaluate_generation(args.data, samples, args.out / "report", split="test",
-                                 reconstruct=generator.reconstruct, autoencoder=str(default_model_dir() / "autoencoder"),
+                                 reconstruct=generator.reconstruct, autoencoder=str(shipped_models()[name] / "autoencoder"),
                                  progress=False)
     record = {"benchmark": "default_model", "command": command, "model_id": generator.model_id,
               "model_checksum": generator.model_checksum, "settings": settings, "n": args.n,
@@ -60,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
               "diversity": {k: v for k, v in result["diversity"].items() if k != "settings"},
               "memorization": {k: v for k, v in result["memorization"].items() if k != "table"},
               "conditional_fidelity": result["conditional_fidelity"], "backbone": result["backbone"], "machine": machine()}
-    path = write_result("default-model", record)
+    record["targets"] = target_checks(record)
+    path = write_result(f"model-{name}", record)
     header = "| | " + " | ".join(ROWS) + " |\n|---|" + "---|" * len(ROWS)
     lines = [f"| {column.replace('_', ' ')} | " + " | ".join(f"{values[m]['mean']:.3g} ± {values[m]['sd']:.2g}" for m in ROWS) + " |"
              for column, values in record["columns"].items()]
     fidelity = result["conditional_fidelity"]
-    body = f"""The shipped model (`{generator.model_id}`, {settings['solver']} {settings['steps']} steps) sampled at {args.n} requests sweeping age {ages[0]:.0f}–{ages[-1]:.0f} y and sex F/M, against the real test split; backbone `{result['backbone']['name']}`. Full report: `{args.out / 'report' / 'report.html'}`.
+    checks = "\n".join(f"| {c['target']} | {c['measured']} | {'met' if c['met'] else 'missed'} |" for c in record["targets"])
+    body = f"""The shipped model `{name}` (`{generator.model_id}`, {settings['solver']} {settings['steps']} steps) sampled at {args.n} requests sweeping age {ages[0]:.0f}–{ages[-1]:.0f} y and sex F/M, against the real test split; backbone `{result['backbone']['name']}`. Full report: `{args.out / 'report' / 'report.html'}`.
 
     {command}
 
@@ -74,10 +78,43 @@ def main(argv: list[str] | None = None) -> int:
 
 Conditional fidelity (anatomy network on the generated volumes vs the requests, next to the same network on real test subjects): `{_fidelity(fidelity)}`. Memorization: {_memorization(result['memorization'])}.
 
-Result: [{path.relative_to(DOCUMENT.parents[1])}](../{path.relative_to(DOCUMENT.parents[1])})."""
-    replace_section(DOCUMENT, SECTION, body)
+Targets (issue 11, against the Real vs Real yardstick of the same run):
+
+| target | measured | |
+|---|---|---|
+{checks}
+
+Result: {link(path, DOCUMENT)}."""
+    replace_section(DOCUMENT, f"## model: {name}", body)
     print(body)
     return 0
+
+
+def target_checks(record: dict) -> list[dict]:
+    """Issue 11's generation targets, each as {target, measured, met}, from a result record."""
+    columns, diversity = record["columns"], record["diversity"]
+    real, generated = columns["real_vs_real"], columns["real_vs_generated"]
+    memorization, fidelity = record["memorization"], record["conditional_fidelity"]
+    checks = [{"target": "FD ≤ 1.3 x Real vs Real", "met": generated["fd"]["mean"] <= 1.3 * real["fd"]["mean"],
+               "measured": f"{generated['fd']['mean'] / real['fd']['mean']:.2f} x ({generated['fd']['mean']:.3g} vs "
+                           f"{real['fd']['mean']:.3g})"}]
+    for metric in ("coverage", "recall"):
+        ratio = generated[metric]["mean"] / max(real[metric]["mean"], 1e-12)
+        checks.append({"target": f"{metric} ≥ 0.9 x Real vs Real", "met": ratio >= 0.9,
+                       "measured": f"{ratio:.2f} x ({generated[metric]['mean']:.3g} vs {real[metric]['mean']:.3g})"})
+    gap = diversity["generated"]["mean"] - diversity["real"]["mean"]
+    checks.append({"target": "generated MS-SSIM within 0.02 of real", "met": abs(gap) <= 0.02,
+                   "measured": f"{diversity['generated']['mean']:.3f} vs {diversity['real']['mean']:.3f}"})
+    if "age" in fidelity:
+        generated_mae, real_mae = fidelity["age"]["generated"]["mae"], fidelity["age"]["real"]["mae"]
+        checks.append({"target": "age MAE (generated vs requested) ≤ the predictor's on real scans",
+                       "met": generated_mae <= real_mae, "measured": f"{generated_mae:.1f} vs {real_mae:.1f} y"})
+    allowed = memorization["chance_rate"] * record["n"]
+    for space in ("voxel", "feature"):
+        flagged = memorization[f"flagged_{space}"]
+        checks.append({"target": f"samples flagged as copies ({space} space) ≤ the chance rate",
+                       "met": flagged <= allowed, "measured": f"{flagged} of {record['n']} (chance {allowed:.1f})"})
+    return checks
 
 
 def _fidelity(fidelity: dict) -> str:

@@ -75,3 +75,21 @@ def test_a_rewritten_section_keeps_its_hand_written_reading_unless_the_new_body_
     assert "what they mean" not in document.read_text() and "Reading: its own.\n\n## b" in document.read_text()
     replace_section(document, "## c", "appended")
     assert document.read_text().endswith("## b\n\nkept\n\n## c\n\nappended\n")
+
+
+def test_the_generation_targets_are_judged_against_real_vs_real():
+    from default_model import target_checks
+
+    def column(fd, coverage, recall):
+        return {"fd": {"mean": fd}, "coverage": {"mean": coverage}, "recall": {"mean": recall}}
+
+    record = {"n": 32, "columns": {"real_vs_real": column(100.0, 0.8, 0.8), "real_vs_generated": column(125.0, 0.75, 0.7)},
+              "diversity": {"real": {"mean": 0.88}, "generated": {"mean": 0.91}},
+              "memorization": {"chance_rate": 0.03, "flagged_voxel": 0, "flagged_feature": 2},
+              "conditional_fidelity": {"age": {"generated": {"mae": 6.5}, "real": {"mae": 7.4}}}}
+    checks = {c["target"]: c["met"] for c in target_checks(record)}
+    assert checks == {"FD ≤ 1.3 x Real vs Real": True, "coverage ≥ 0.9 x Real vs Real": True,
+                      "recall ≥ 0.9 x Real vs Real": False, "generated MS-SSIM within 0.02 of real": False,
+                      "age MAE (generated vs requested) ≤ the predictor's on real scans": True,
+                      "samples flagged as copies (voxel space) ≤ the chance rate": True,
+                      "samples flagged as copies (feature space) ≤ the chance rate": False}
