@@ -21,7 +21,8 @@ from mriflow.config import Grid, get_grid, to_dict
 from mriflow.data.dataset import Covariate, CovariateSchema
 from mriflow.data.io import load_volume, template_affine
 from mriflow.flow.sampling import sample_seed
-from mriflow.generate import Generator, diffusion_schedule, export_generator, generate, load_generator
+from mriflow.families.diffusion import diffusion_schedule
+from mriflow.generate import Generator, export_generator, generate, load_generator
 from mriflow.generate_io import SIDECAR_KEYS
 from mriflow.models.autoencoder import Autoencoder, AutoencoderConfig
 

@@ -219,7 +219,8 @@ def large_presets_job(job: Job) -> dict[str, Any]:
     from mriflow.config import get_grid
     from mriflow.train.autoencoder import AutoencoderStage
     from mriflow.train.autoencoder import load_config as autoencoder_config
-    from mriflow.train.generator import FlowStage
+    from mriflow.families.flow import RectifiedFlow
+    from mriflow.train.generator import GeneratorStage
     from mriflow.train.generator import load_config as generator_config
 
     shape = (64, 64, 64) if job.rehearse else get_grid("1mm").shape  # the critic needs 4 halvings
@@ -234,7 +235,7 @@ def large_presets_job(job: Job) -> dict[str, Any]:
                                                  job.rehearse)
     flow = generator_config("flow", "large")
     latent = adversarial.model.latent_shape(shape)
-    figures["flow_large"] = measure_stage("flow", FlowStage(flow, latent), RandomVolumes("latent", latent), flow.loop,
+    figures["flow_large"] = measure_stage("flow", GeneratorStage(RectifiedFlow(flow), latent), RandomVolumes("latent", latent), flow.loop,
                                           job.work, job.rehearse)
     device = [] if job.rehearse else ["--device", "cuda"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "mriflow"]

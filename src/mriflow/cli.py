@@ -93,7 +93,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_train(commands) -> None:
-    train = commands.add_parser("train", help="train the autoencoder, the latent flow or the diffusion baseline")
+    train = commands.add_parser("train", help="train the autoencoder, or a latent generator (flow, diffusion baseline)")
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     p = stages.add_parser("autoencoder", help="stage 1: 3D KL-VAE-GAN or VQ-GAN on a prepared dataset")
@@ -102,9 +102,10 @@ def _add_train(commands) -> None:
     _add_common_training(p, "autoencoder")
     p.set_defaults(func=_run_train_autoencoder)
 
-    for stage, text in (("flow", "stage 2: rectified flow in the autoencoder's latent space"),
-                        ("diffusion", "baseline: DDPM in the same latent space, same network and conditioning")):
-        p = stages.add_parser(stage, help=text)
+    from mriflow.families import FAMILIES
+
+    for stage, family in FAMILIES.items():
+        p = stages.add_parser(stage, help=family.summary)
         p.add_argument("data", help="prepared dataset folder (mriflow prepare)")
         p.add_argument("--autoencoder", required=True, help="autoencoder run or checkpoint folder")
         p.add_argument("--condition", default="", metavar="NAMES",
@@ -138,13 +139,11 @@ def _run_train_autoencoder(args: argparse.Namespace) -> int:
 
 
 def _run_train_generator(args: argparse.Namespace) -> int:
-    if args.stage == "flow":
-        from mriflow.train.generator import train_flow as train_generator
-    else:
-        from mriflow.train.generator import train_diffusion as train_generator
+    from mriflow.train.generator import train_generator
+
     # No --condition: unconditional for a new run, the run's own covariates on --resume.
     condition = [name.strip() for name in args.condition.split(",") if name.strip()] or None
-    result = train_generator(args.data, args.autoencoder, args.out, condition=condition, preset=args.preset,
+    result = train_generator(args.stage, args.data, args.autoencoder, args.out, condition=condition, preset=args.preset,
                              max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes)
     return _report_training(result)
 

@@ -24,7 +24,6 @@ copy of a training subject from the stream sample_seed(s, i, attempt).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -46,19 +45,13 @@ from mriflow import checkpoint as ckpt
 from mriflow.config import from_dict
 from mriflow.data.dataset import CovariateSchema, read_manifest
 from mriflow.data.io import load_volume
-from mriflow.flow.diffusion import METHODS, DiffusionSchedule, sample_diffusion
-from mriflow.flow.sampling import sample_latents, sample_seed
-from mriflow.flow.solvers import SOLVERS
+from mriflow.families import FAMILIES, Family
+from mriflow.flow.sampling import sample_seed
 from mriflow.generate_io import batch_montage, sample_name, write_sample
 from mriflow.models.conditioning import parse_value, resolve_request
 from mriflow.models.velocity import VelocityNet, VelocityNetConfig
 from mriflow.train import distributed
 
-STAGES = ("flow", "diffusion")
-DEFAULT_SAMPLING = {
-    "flow": {"solver": "heun", "steps": 8, "guidance": 1.0, "time_shift": 1.0},
-    "diffusion": {"solver": "ddim", "steps": 50, "guidance": 1.0},
-}
 REQUIRED_META = ("config", "schema", "autoencoder", "latent_shape", "image_shape", "affine")
 GENERATOR_DIR, AUTOENCODER_DIR = "flow", "autoencoder"  # the folders of an exported model
 ID_COLUMNS = ("id", "subject", "sample")  # a cohort column that names its row's sample (the first present)
@@ -98,21 +91,22 @@ class Generator:
     image_shape: tuple[int, int, int]  # (D, H, W)
     device: torch.device
     path: Path  # the checkpoint folder
-    diffusion_schedule: DiffusionSchedule | None = None
+    family: Family  # how it samples (mriflow.families), built from the checkpoint's config
 
     @property
     def solvers(self) -> tuple[str, ...]:
-        return SOLVERS if self.stage == "flow" else METHODS
+        return self.family.solvers
 
     def sampling_settings(self, solver: str | None = None, steps: int | None = None,
                           guidance: float | None = None) -> dict[str, Any]:
-        """{"solver", "steps", "guidance"[, "time_shift"]}: the given values, else the model's defaults."""
-        defaults = {**DEFAULT_SAMPLING[self.stage], **self.meta["config"].get("sampling", {})}
-        settings = {"solver": solver or defaults["solver"],
+        """{"solver", "steps", "guidance", and the family's own keys (a flow's "time_shift")}: the given
+        values, else the model's defaults."""
+        defaults = self.family.default_sampling()
+        settings = {**defaults, "solver": solver or defaults["solver"],
                     "steps": int(defaults["steps"] if steps is None else steps),
                     "guidance": float(defaults["guidance"] if guidance is None else guidance)}
         if settings["solver"] not in self.solvers:
-            family = "diffusion" if settings["solver"] in METHODS else "flow" if settings["solver"] in SOLVERS else None
+            family = next((name for name, f in FAMILIES.items() if settings["solver"] in f.solvers), None)
             kind = f" ({settings['solver']!r} samples a {family} model)" if family else ""
             raise ValueError(f"solver {settings['solver']!r} does not apply to this {self.stage} model{kind}; "
                              f"valid solvers: {', '.join(self.solvers)}")
@@ -120,21 +114,13 @@ class Generator:
             raise ValueError(f"steps must be >= 1, got {settings['steps']}")
         if not math.isfinite(settings["guidance"]) or settings["guidance"] < 0:
             raise ValueError(f"guidance must be a finite number >= 0 (1 = conditional), got {settings['guidance']}")
-        if self.stage == "flow":
-            settings["time_shift"] = float(defaults.get("time_shift", 1.0))
         return settings
 
     def draw_latents(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
                      settings: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
         """Scaled latents (B, C, d, h, w), one per seed (see flow.sampling.sample_seed), and the NFE per sample."""
         shape = (len(sample_seeds), *self.latent_shape)
-        if self.stage == "flow":
-            return sample_latents(self.velocity_net, shape, covariates, solver=settings["solver"], steps=settings["steps"],
-                                  guidance=settings["guidance"], device=self.device,
-                                  time_shift=settings.get("time_shift", 1.0), sample_seeds=sample_seeds)
-        return sample_diffusion(self.velocity_net, self.diffusion_schedule, shape, covariates, method=settings["solver"],
-                                steps=settings["steps"], guidance=settings["guidance"], device=self.device,
-                                sample_seeds=sample_seeds)
+        return self.family.sample(self.velocity_net, shape, covariates, settings, self.device, sample_seeds)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents (B, C, d, h, w) -> volumes (B, D, H, W) float32 in [0, 1] on the CPU."""
@@ -176,9 +162,9 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
     weights, meta = ckpt.load_checkpoint(model)
     directory = Path(meta["path"])
     where = directory / ckpt.META_FILE
-    if meta.get("stage") not in STAGES:
-        raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator (flow or diffusion); "
-                         "pass the run folder of `mriflow train flow` or `mriflow train diffusion`")
+    if meta.get("stage") not in FAMILIES:
+        raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator "
+                         f"({' or '.join(FAMILIES)}); pass the run folder of `mriflow train {'` or `mriflow train '.join(FAMILIES)}`")
     missing = [key for key in REQUIRED_META if key not in meta]
     if missing or "model" not in meta["config"]:
         raise ValueError(f"{where}: lacks {', '.join(missing or ['config.model'])}; it was not written by a generator "
@@ -225,7 +211,7 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
         image_shape=image_shape,
         device=device,
         path=directory,
-        diffusion_schedule=diffusion_schedule(meta["config"], where) if meta["stage"] == "diffusion" else None,
+        family=FAMILIES[meta["stage"]].from_config(meta["config"], str(where)),
     )
 
 
@@ -242,22 +228,6 @@ def autoencoder_folder(meta: Mapping[str, Any], directory: Path) -> Path:
             "Restore that autoencoder checkpoint (or the exported model) unchanged."
         )
     return path
-
-
-def diffusion_schedule(config: Mapping[str, Any], where: str | Path = "config") -> DiffusionSchedule:
-    """The DiffusionSchedule of a diffusion run's config["diffusion"]: either the schedule's fields
-    themselves (beside other training fields) or {"schedule": {fields}, "prediction": "v" | "epsilon"}."""
-    if "diffusion" not in config:
-        raise ValueError(f"{where}: a diffusion checkpoint needs config.diffusion (its noise schedule)")
-    section = config["diffusion"]
-    fields = {f.name for f in dataclasses.fields(DiffusionSchedule)}
-    if isinstance(section.get("schedule"), Mapping):
-        values = {**section["schedule"], **({"prediction": section["prediction"]} if "prediction" in section else {})}
-    else:
-        values = {k: v for k, v in section.items() if k in fields}
-    if "prediction" not in values:  # a wrong guess would decode noise: never default it
-        raise ValueError(f"{where}: config.diffusion does not say what the network predicts ('prediction': 'v' or 'epsilon')")
-    return from_dict(DiffusionSchedule, values, f"{where}: config.diffusion")
 
 
 @dataclass
@@ -516,7 +486,7 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
     """
     weights, meta = ckpt.load_checkpoint(run)
     directory = Path(meta.pop("path"))
-    if meta.get("stage") not in STAGES:
+    if meta.get("stage") not in FAMILIES:
         raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator (flow or diffusion)")
     autoencoder_dir = autoencoder_folder(meta, directory)
     out = Path(out)

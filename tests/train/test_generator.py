@@ -16,17 +16,9 @@ from mriflow.flow.sampling import sample_latents
 from mriflow.latents import encode_dataset, latent_cache_dir
 from mriflow.models.velocity import VelocityNet, VelocityNetConfig, num_parameters
 from mriflow.train.autoencoder import train_autoencoder
-from mriflow.train.generator import (
-    PRESETS,
-    DiffusionSamplingConfig,
-    DiffusionTrainingConfig,
-    FlowSamplingConfig,
-    FlowTrainingConfig,
-    latents_are_current,
-    load_config,
-    train_diffusion,
-    train_flow,
-)
+from mriflow.families.diffusion import DiffusionSamplingConfig, DiffusionTrainingConfig
+from mriflow.families.flow import FlowSamplingConfig, FlowTrainingConfig
+from mriflow.train.generator import PRESETS, latents_are_current, load_config, train_diffusion, train_flow
 from mriflow.train.loop import LoopConfig
 from test_loop import read_log, tiny_config, write_prepared  # noqa: E402
 

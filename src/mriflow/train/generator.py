@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,125 +47,23 @@ from torch.utils.data import Dataset
 from mriflow import checkpoint as ckpt
 from mriflow.config import from_dict, load_preset, to_dict
 from mriflow.data.dataset import CovariateSchema, covariate_columns, read_manifest
-from mriflow.flow.diffusion import BETA_SCHEDULES, METHODS, PREDICTIONS, DiffusionSchedule, diffusion_loss, sample_diffusion
-from mriflow.flow.objective import LOSSES, RectifiedFlowLoss
-from mriflow.flow.path import TIME_DISTRIBUTIONS
-from mriflow.flow.sampling import sample_latents
-from mriflow.flow.solvers import SOLVERS
+from mriflow.families import FAMILIES, Family, get_family
+from mriflow.families.diffusion import DiffusionTrainingConfig
+from mriflow.families.flow import FlowTrainingConfig
 from mriflow.latents import LatentDataset, encode_dataset, latent_cache_dir
-from mriflow.models.velocity import VelocityNet, VelocityNetConfig, num_parameters
+from mriflow.models.velocity import VelocityNet, num_parameters
 from mriflow.train import distributed, loop
 from mriflow.train.distributed import Distributed
-from mriflow.train.loop import LoopConfig
 
 PRESETS = ("tiny", "small", "base", "large")
-STAGES = ("flow", "diffusion")
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-# ---- configuration ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FlowObjectiveConfig:
-    """The fields of RectifiedFlowLoss: loss kind, training-time distribution and its shift."""
-
-    loss: str = "l2"  # "l2" | "l1" | "l1_l2" | "pseudo_huber"
-    time_distribution: str = "logit_normal"  # "logit_normal" | "uniform"
-    time_mean: float = 0.0
-    time_std: float = 1.0
-    time_shift: float = 1.0  # t' = t / (t + s (1 - t)); > 1 for larger latents (mriflow.flow.path.resolution_shift)
-    huber_c: float | None = None
-
-    def __post_init__(self) -> None:
-        _check_choice("objective.loss", self.loss, LOSSES)
-        _check_choice("objective.time_distribution", self.time_distribution, TIME_DISTRIBUTIONS)
-        if self.time_shift <= 0:
-            raise ValueError(f"objective.time_shift must be > 0, got {self.time_shift}")
-
-
-@dataclass(frozen=True)
-class FlowSamplingConfig:
-    """Default sampler of a trained flow (mriflow.flow.sampling.sample_latents); also draws the montages."""
-
-    solver: str = "heun"
-    steps: int = 8
-    guidance: float = 1.0
-    time_shift: float = 1.0  # the training shift, so the sampling grid matches the times the network learned
-
-    def __post_init__(self) -> None:
-        _check_choice("sampling.solver", self.solver, SOLVERS)
-        if self.steps < 1 or self.time_shift <= 0:
-            raise ValueError(f"sampling.steps must be >= 1 and sampling.time_shift > 0, got {self.steps}, {self.time_shift}")
-
-
-@dataclass(frozen=True)
-class DiffusionObjectiveConfig:
-    """The DiffusionSchedule (β schedule, prediction target) and the regression loss of the baseline."""
-
-    num_train_timesteps: int = 1000
-    schedule: str = "scaled_linear_beta"  # "linear_beta" | "scaled_linear_beta" | "cosine"
-    beta_start: float = 0.0015
-    beta_end: float = 0.0205
-    prediction: str = "v"  # "v" | "epsilon"
-    loss: str = "l2"
-
-    def __post_init__(self) -> None:
-        _check_choice("diffusion.schedule", self.schedule, BETA_SCHEDULES)
-        _check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
-        _check_choice("diffusion.loss", self.loss, LOSSES)
-
-    def make_schedule(self) -> DiffusionSchedule:
-        return DiffusionSchedule(self.num_train_timesteps, self.schedule, self.beta_start, self.beta_end, self.prediction)
-
-
-@dataclass(frozen=True)
-class DiffusionSamplingConfig:
-    """Default sampler of a trained baseline (mriflow.flow.diffusion.sample_diffusion); also draws the montages."""
-
-    solver: str = "ddim"  # "ddim" (η = 0) | "ddpm" (η = 1)
-    steps: int = 50
-    guidance: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_choice("sampling.solver", self.solver, METHODS)
-        if self.steps < 1:
-            raise ValueError(f"sampling.steps must be >= 1, got {self.steps}")
-
-
-@dataclass(frozen=True)
-class FlowTrainingConfig:
-    # covariate_names/kinds/categories of the model are filled from `condition` and the training split
-    model: VelocityNetConfig = VelocityNetConfig()
-    objective: FlowObjectiveConfig = FlowObjectiveConfig()
-    sampling: FlowSamplingConfig = FlowSamplingConfig()
-    loop: LoopConfig = LoopConfig()
-
-
-@dataclass(frozen=True)
-class DiffusionTrainingConfig:
-    model: VelocityNetConfig = VelocityNetConfig(time_scale=1.0)
-    diffusion: DiffusionObjectiveConfig = DiffusionObjectiveConfig()
-    sampling: DiffusionSamplingConfig = DiffusionSamplingConfig()
-    loop: LoopConfig = LoopConfig()
-
-    def __post_init__(self) -> None:
-        if self.model.time_scale != 1.0:
-            raise ValueError(f"model.time_scale must be 1.0 for diffusion (the network sees the integer timesteps "
-                             f"0 … T − 1), got {self.model.time_scale}")
-
-
-CONFIGS = {"flow": FlowTrainingConfig, "diffusion": DiffusionTrainingConfig}
+STAGES = tuple(FAMILIES)
 
 
 def load_config(stage: str, preset: str = "tiny", max_steps: int | None = None) -> FlowTrainingConfig | DiffusionTrainingConfig:
-    """The preset `<stage>-<preset>.yaml` (stage "flow" or "diffusion"), with the step count replaced when given."""
-    _check_choice("stage", stage, STAGES)
-    config = from_dict(CONFIGS[stage], load_preset(stage, preset), f"{stage}-{preset}.yaml")
+    """The preset `<stage>-<preset>.yaml` of a generative family ("flow", "diffusion", ...), with the step
+    count replaced when given."""
+    config_class = get_family(stage).Config
+    config = from_dict(config_class, load_preset(stage, preset), f"{stage}-{preset}.yaml")
     return _override(config, max_steps)
 
 
@@ -194,16 +91,17 @@ class PosteriorSamples(Dataset):
 
 
 class GeneratorStage:
-    """What the flow and the diffusion stage share as a `loop.Stage`: one network "velocity", its one
-    phase and EMA copy, and a montage that decodes a real latent beside a sample with its covariates."""
+    """A latent generator of any family as a `loop.Stage`: one network "velocity", its one phase and EMA
+    copy, the family's loss, and a montage that decodes a real latent beside a sample with its covariates."""
 
     ema_networks = ("velocity",)
     metric_names = ("loss",)
 
-    def __init__(self, config: FlowTrainingConfig | DiffusionTrainingConfig, latent_shape: Sequence[int],
-                 autoencoder: nn.Module | None = None, latent_scale: float = 1.0):
-        self.config = config
-        velocity_net = VelocityNet(config.model)
+    def __init__(self, family: Family, latent_shape: Sequence[int], autoencoder: nn.Module | None = None,
+                 latent_scale: float = 1.0):
+        self.family = family
+        self.config = family.config
+        velocity_net = VelocityNet(self.config.model)
         self.networks: dict[str, nn.Module] = {"velocity": velocity_net}
         self.phases: dict[str, list[dict[str, Any]]] = {"velocity": [{"params": list(velocity_net.parameters())}]}
         self.latent_shape = tuple(latent_shape)
@@ -211,16 +109,8 @@ class GeneratorStage:
         self.latent_scale = latent_scale
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = self.objective(self.networks["velocity"], batch["latent"], batch["covariates"], batch["covariates_present"])
+        loss = self.family.loss(self.networks["velocity"], batch["latent"], batch["covariates"], batch["covariates_present"])
         return loss, {"loss": loss.detach()}
-
-    def objective(self, net: nn.Module, latents: torch.Tensor, covariates: torch.Tensor,
-                  covariates_present: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def sample(self, net: nn.Module, shape: tuple[int, ...], covariates: tuple[torch.Tensor, torch.Tensor] | None,
-               device: torch.device) -> torch.Tensor:
-        raise NotImplementedError
 
     @torch.no_grad()
     def montage(self, batch: dict, networks: dict[str, nn.Module]) -> dict[str, np.ndarray] | None:
@@ -228,52 +118,14 @@ class GeneratorStage:
             return None
         real = batch["latent"][:1].float()  # (1, C, d, h, w), scaled
         covariates = (batch["covariates"][:1], batch["covariates_present"][:1]) if self.config.model.covariate_names else None
-        # seed 0 every time: the montages of a run show the same noise becoming a brain
-        sample = self.sample(networks["velocity"], (1, *self.latent_shape), covariates, real.device)
+        # the seed of sample 0 every time: the montages of a run show the same noise becoming a brain
+        sample, _ = self.family.sample(networks["velocity"], (1, *self.latent_shape), covariates,
+                                       self.family.default_sampling(), real.device)
 
         def decode(latent: torch.Tensor) -> np.ndarray:
             return self.autoencoder.decode(latent / self.latent_scale).float().clamp(0, 1)[0, 0].cpu().numpy()
 
         return {"real latent, decoded": decode(real), "sample, same covariates": decode(sample.float())}
-
-
-class FlowStage(GeneratorStage):
-    """Rectified flow: L = E ‖v(x_t, t, c) − (x1 − x0)‖ (mriflow.flow.objective)."""
-
-    def __init__(self, config: FlowTrainingConfig, latent_shape: Sequence[int], autoencoder: nn.Module | None = None,
-                 latent_scale: float = 1.0):
-        super().__init__(config, latent_shape, autoencoder, latent_scale)
-        self.rectified_flow_loss = RectifiedFlowLoss(**dataclasses.asdict(config.objective))
-
-    def objective(self, net, latents, covariates, covariates_present):
-        return self.rectified_flow_loss(net, latents, covariates, covariates_present)
-
-    def sample(self, net, shape, covariates, device):
-        settings = self.config.sampling
-        latents, _ = sample_latents(net, shape, covariates, settings.solver, settings.steps, settings.guidance, seed=0,
-                                    device=device, time_shift=settings.time_shift)
-        return latents
-
-
-class DiffusionStage(GeneratorStage):
-    """DDPM baseline: L = E ‖f(x_t, t, c) − (ε or v)‖ (mriflow.flow.diffusion)."""
-
-    def __init__(self, config: DiffusionTrainingConfig, latent_shape: Sequence[int], autoencoder: nn.Module | None = None,
-                 latent_scale: float = 1.0):
-        super().__init__(config, latent_shape, autoencoder, latent_scale)
-        self.schedule = config.diffusion.make_schedule()
-
-    def objective(self, net, latents, covariates, covariates_present):
-        return diffusion_loss(net, self.schedule, latents, covariates, covariates_present, loss=self.config.diffusion.loss)
-
-    def sample(self, net, shape, covariates, device):
-        settings = self.config.sampling
-        latents, _ = sample_diffusion(net, self.schedule, shape, covariates, method=settings.solver, steps=settings.steps,
-                                      guidance=settings.guidance, seed=0, device=device)
-        return latents
-
-
-STAGE_CLASSES = {"flow": FlowStage, "diffusion": DiffusionStage}
 
 
 # ---- the public functions -----------------------------------------------------------------------
@@ -299,8 +151,8 @@ def train_flow(
     checkpoint) replaced when given. With `resume`, the run's own config and covariate schema are used.
     Returns {"step", "metrics", "checkpoint"}.
     """
-    return _train_generator("flow", data_dir, autoencoder, out, condition, preset, max_steps, resume, config,
-                            stop_at_step, max_minutes)
+    return train_generator("flow", data_dir, autoencoder, out, condition, preset, max_steps, resume, config,
+                           stop_at_step, max_minutes)
 
 
 def train_diffusion(
@@ -316,24 +168,25 @@ def train_diffusion(
     max_minutes: float | None = None,
 ) -> dict[str, Any]:
     """The DDPM/DDIM baseline on the same latents; arguments and result as `train_flow`."""
-    return _train_generator("diffusion", data_dir, autoencoder, out, condition, preset, max_steps, resume, config,
-                            stop_at_step, max_minutes)
+    return train_generator("diffusion", data_dir, autoencoder, out, condition, preset, max_steps, resume, config,
+                           stop_at_step, max_minutes)
 
 
-def _train_generator(
+def train_generator(
     stage_name: str,
     data_dir: str | Path,
     autoencoder: str | Path,
     out: str | Path,
-    condition: Sequence[str] | None,
-    preset: str | None,
-    max_steps: int | None,
-    resume: bool,
-    config: FlowTrainingConfig | DiffusionTrainingConfig | None,
-    stop_at_step: int | None,
-    max_minutes: float | None,
+    condition: Sequence[str] | None = None,
+    preset: str | None = None,
+    max_steps: int | None = None,
+    resume: bool = False,
+    config: Any | None = None,
+    stop_at_step: int | None = None,
+    max_minutes: float | None = None,
 ) -> dict[str, Any]:
-    """train_flow and train_diffusion, which differ only in `stage_name` ("flow" | "diffusion")."""
+    """Train the latent generator of family `stage_name` (a key of mriflow.families.FAMILIES); the arguments
+    and the result are train_flow's, `config` being that family's training config."""
     data_dir, out = Path(data_dir), Path(out)
     checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned: a newer checkpoint of the run is not used
     schema = None
@@ -343,7 +196,7 @@ def _train_generator(
         if saved.get("stage") != stage_name:
             raise ValueError(f"{out} holds a {saved.get('stage')!r} run, not a {stage_name} one; "
                              "resume it with its own command, or choose another --out")
-        config = _override(from_dict(CONFIGS[stage_name], saved["config"], str(latest)), max_steps)
+        config = _override(from_dict(get_family(stage_name).Config, saved["config"], str(latest)), max_steps)
         trained_on = list(config.model.covariate_names)
         if condition is not None and list(condition) != trained_on:
             raise ValueError(f"condition {list(condition)} differs from the run's covariates {trained_on} in {out}; "
@@ -384,7 +237,8 @@ def _train_generator(
         latent_shape = list(latents.index["latent_shape"])
 
         loop.seed_everything(config.loop.seed)  # identical initial weights in every process
-        stage = STAGE_CLASSES[stage_name](config, latent_shape, decoder if context.is_main else None, latents.scale)
+        stage = GeneratorStage(get_family(stage_name)(config), latent_shape, decoder if context.is_main else None,
+                               latents.scale)
         meta = {
             "stage": stage_name,
             "preset": preset,

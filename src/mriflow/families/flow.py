@@ -1,0 +1,89 @@
+"""Rectified flow (mriflow's generator): L = E ‖v(x_t, t, c) − (x1 − x0)‖, sampled by an ODE solver.
+
+The path, the time convention and the objective live in mriflow.flow (path, objective,
+solvers, sampling); this module is their configuration and the `Family` that ties them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mriflow.families.base import Family
+from mriflow.flow.objective import LOSSES, RectifiedFlowLoss
+from mriflow.flow.path import TIME_DISTRIBUTIONS
+from mriflow.flow.sampling import sample_latents
+from mriflow.flow.solvers import SOLVERS
+from mriflow.models.velocity import VelocityNetConfig
+from mriflow.train.loop import LoopConfig
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FlowObjectiveConfig:
+    """The fields of RectifiedFlowLoss: loss kind, training-time distribution and its shift."""
+
+    loss: str = "l2"  # "l2" | "l1" | "l1_l2" | "pseudo_huber"
+    time_distribution: str = "logit_normal"  # "logit_normal" | "uniform"
+    time_mean: float = 0.0
+    time_std: float = 1.0
+    time_shift: float = 1.0  # t' = t / (t + s (1 - t)); > 1 for larger latents (mriflow.flow.path.resolution_shift)
+    huber_c: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("objective.loss", self.loss, LOSSES)
+        check_choice("objective.time_distribution", self.time_distribution, TIME_DISTRIBUTIONS)
+        if self.time_shift <= 0:
+            raise ValueError(f"objective.time_shift must be > 0, got {self.time_shift}")
+
+
+@dataclass(frozen=True)
+class FlowSamplingConfig:
+    """Default sampler of a trained flow (mriflow.flow.sampling.sample_latents); also draws the montages."""
+
+    solver: str = "heun"
+    steps: int = 8
+    guidance: float = 1.0
+    time_shift: float = 1.0  # the training shift, so the sampling grid matches the times the network learned
+
+    def __post_init__(self) -> None:
+        check_choice("sampling.solver", self.solver, SOLVERS)
+        if self.steps < 1 or self.time_shift <= 0:
+            raise ValueError(f"sampling.steps must be >= 1 and sampling.time_shift > 0, got {self.steps}, {self.time_shift}")
+
+
+@dataclass(frozen=True)
+class FlowTrainingConfig:
+    # covariate_names/kinds/categories of the model are filled from `condition` and the training split
+    model: VelocityNetConfig = VelocityNetConfig()
+    objective: FlowObjectiveConfig = FlowObjectiveConfig()
+    sampling: FlowSamplingConfig = FlowSamplingConfig()
+    loop: LoopConfig = LoopConfig()
+
+
+class RectifiedFlow(Family):
+    name = "flow"
+    summary = "stage 2: rectified flow in the autoencoder's latent space"
+    Config = FlowTrainingConfig
+    solvers = SOLVERS
+
+    def __init__(self, config: FlowTrainingConfig):
+        super().__init__(config)
+        self.objective = RectifiedFlowLoss(**dataclasses.asdict(config.objective))
+
+    def loss(self, net, latents, covariates, covariates_present):
+        return self.objective(net, latents, covariates, covariates_present)
+
+    def sample(self, net: nn.Module, shape: Sequence[int], covariates, settings: Mapping[str, Any],
+               device: torch.device | str, sample_seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
+        return sample_latents(net, shape, covariates, solver=settings["solver"], steps=settings["steps"],
+                              guidance=settings["guidance"], device=device,
+                              time_shift=settings.get("time_shift", 1.0), sample_seeds=sample_seeds)
