@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -143,3 +145,36 @@ def test_a_damaged_model_file_is_one_line_naming_it(tmp_path, capsys):
     error = capsys.readouterr().err
     assert f"{model / 'flow' / 'checkpoint.json'}: damaged or incomplete" in error and error.count("\n") == 1
     assert not (tmp_path / "samples").exists()
+
+
+def test_an_output_path_that_is_a_file_is_one_line_saying_so(tmp_path, capsys):
+    data = write_prepared(tmp_path / "data")
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    for command in (["generate"], ["train", "autoencoder", str(data), "--max-steps", "1"],
+                    ["prepare", str(data), "--skull-strip", "none", "--no-register"]):
+        for out in (taken, taken / "run"):
+            assert main([*command, "--out", str(out)]) == 2
+            error = capsys.readouterr().err
+            assert f"{taken} is a file" in error and "choose a folder" in error and error.count("\n") == 1, error
+    assert taken.read_text() == "keep me"
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    data = write_prepared(tmp_path / "data")
+    # Found before any work when the system says so (root may write anywhere, so the tests ask as a user would) ...
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert main(["train", "autoencoder", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert f"--out {tmp_path / 'run'}: {tmp_path} is not writable" in error and error.count("\n") == 1
+    monkeypatch.undo()
+
+    # ... and as one line when a write is refused all the same (read-only mount, ACL): no traceback.
+    def refused(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, ".tmp-x"))
+
+    monkeypatch.setattr("mriflow.utils.files.tempfile.mkstemp", refused)
+    assert main(["train", "autoencoder", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'run' / 'config.yaml'}: permission denied" in error and "Traceback" not in error
+    assert error.count("\n") == 1

@@ -16,15 +16,28 @@ generation share the work out across the processes).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from mriflow import __version__
 
 # Problems with the user's input or files: reported as one line, without a traceback
-# (MRIFLOW_DEBUG=1 shows it). Anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+# (MRIFLOW_DEBUG=1 shows it). OSError covers every file-system refusal: a missing file, a folder that
+# cannot be written, a file where a folder should be, a full disk. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+# What to do about an operating system's refusal, by errno; its own text ("[Errno 13] ...") says neither.
+OS_ERROR_ADVICE = {
+    errno.EACCES: "change its permissions, or choose another location",
+    errno.EPERM: "change its permissions, or choose another location",
+    errno.EROFS: "the disk is mounted read-only; choose a location on a writable disk",
+    errno.ENOSPC: "the disk is full; free some space or choose another disk",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another disk",
+    errno.ENOTDIR: "a file stands where a folder is expected; choose another path",
+    errno.EISDIR: "a folder stands where a file is expected; give the file",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,8 +374,27 @@ def _is_main_process() -> bool:
 
 
 def _fail(command: str, error: BaseException) -> int:
-    print(f"mriflow {command}: error: {error}", file=sys.stderr)
+    print(f"mriflow {command}: error: {_describe(error)}", file=sys.stderr)
     return 2
+
+
+def _describe(error: BaseException) -> str:
+    """The error as one line: an operating system's refusal names its file and what to do."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        advice = OS_ERROR_ADVICE.get(error.errno)
+        return f"{error.filename}: {error.strerror.lower()}" + (f"; {advice}" if advice else "")
+    return str(error)
+
+
+def _check_output_folder(out: str) -> None:
+    """Refuse an --out that is a file, or that cannot be written, before a command works for hours towards it."""
+    path = Path(out).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the folder itself, or where it will be made
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--out {out}: {existing} is a file; choose a folder (new or existing) for the output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {existing} is not writable; choose another folder, or change its "
+                              "permissions")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     args.unknown = unknown
     command = " ".join(v for v in (args.command, getattr(args, "stage", None), getattr(args, "kind", None)) if v)
     try:
+        if getattr(args, "out", None):
+            _check_output_folder(args.out)
         if hasattr(args, "threads"):
             from mriflow.utils.threads import set_threads
 

@@ -26,7 +26,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     `path` when the block ends without an error; on an error it is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX, suffix="".join(path.suffixes))
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX, suffix="".join(path.suffixes))
+    except OSError as error:  # e.g. a folder that cannot be written: name the file being written, not a temporary one
+        raise OSError(error.errno, error.strerror, str(path)) from None
     os.close(handle)
     try:
         yield Path(temporary)
