@@ -118,3 +118,18 @@ def test_a_damaged_checkpoint_file_is_named_with_what_to_do(tmp_path):
         ckpt.load_checkpoint(tmp_path)
     with pytest.raises(ckpt.DamagedCheckpointError, match=rf"{tmp_path / ckpt.META_FILE}"):
         ckpt.update_meta(tmp_path, {"latent_scale": 0.5})
+
+
+def test_leftovers_of_a_killed_checkpoint_write_are_cleared(tmp_path):
+    for step in (5, 10):
+        ckpt.save_checkpoint(tmp_path / "checkpoints" / f"step-{step:08d}", {"a": torch.ones(1)}, {"step": step})
+    folder = tmp_path / "checkpoints"
+    # Killed while writing step 15, and while replacing step 10 (moved aside, the new one not yet in place).
+    (folder / ".tmp-step-00000015-abcd").mkdir()
+    (folder / ".tmp-step-00000015-abcd" / ckpt.MODEL_FILE).write_bytes(b"half")
+    (folder / "step-00000010").rename(folder / ".old-step-00000010-4242")
+    (tmp_path / ".tmp-x1y2.csv").write_text("half a log")  # a killed write_text_atomic
+    cleared = ckpt.remove_partial_checkpoints(tmp_path)
+    assert sorted(p.name for p in cleared) == [".tmp-step-00000015-abcd", ".tmp-x1y2.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000005", "step-00000010"]  # step 10 is put back
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000010"

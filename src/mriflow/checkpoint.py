@@ -12,7 +12,8 @@ A checkpoint is a folder::
 
 A training run keeps its checkpoints in ``RUN/checkpoints/step-XXXXXXXX/``; the folder is
 written under a temporary name and renamed, so a crash never leaves a half checkpoint under
-a real name, and the latest complete one is simply the highest step.
+a real name (the next run of the loop removes the temporary one), and the latest complete one
+is simply the highest step.
 
     >>> save_checkpoint("run/checkpoints/step-00000100", {"autoencoder.weight": w}, {"step": 100, "config": {...}})
     >>> weights, meta = load_checkpoint("run")            # a run folder resolves to its latest checkpoint
@@ -35,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from mriflow.utils.files import permissions, write_text_atomic  # noqa: F401  (part of this module's interface)
+from mriflow.utils.files import TEMPORARY_PREFIX, permissions, write_text_atomic  # noqa: F401  (part of this module's interface)
 
 FORMAT = "mriflow-checkpoint/1"
 MODEL_FILE = "model.safetensors"
@@ -94,7 +95,7 @@ def save_checkpoint(
     meta = {"format": FORMAT, **dict(meta), "weights_dtype": weights_dtype}
     meta.setdefault("versions", versions())
     header = {"format": FORMAT, "config": json.dumps(meta.get("config", {}), sort_keys=True)}
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f"{TEMPORARY_PREFIX}{directory.name}-"))
     try:
         cast = WEIGHT_DTYPES[weights_dtype]
         save_file(
@@ -140,6 +141,33 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     complete = [p for p in folder.glob("step-*") if (p / META_FILE).is_file()]
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Clear what a kill during a write leaves in a run; returns the paths removed.
+
+    A staging folder of save_checkpoint (RUN/checkpoints/.tmp-*) or a temporary file of
+    write_text_atomic (RUN/.tmp-*) is never complete: removed. A checkpoint moved aside to be
+    replaced (.old-NAME-PID) is complete: put back as NAME when NAME is missing, else removed.
+    Call it only while no other process writes into the run (rank 0, before training starts).
+    """
+    run_dir = Path(run_dir)
+    folder = run_dir / CHECKPOINTS_DIR
+    removed = []
+    for path in sorted(folder.glob(".old-*")):
+        original = folder / path.name[len(".old-"):].rsplit("-", 1)[0]
+        if not original.exists():
+            os.replace(path, original)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for path in sorted([*folder.glob(f"{TEMPORARY_PREFIX}*"), *run_dir.glob(f"{TEMPORARY_PREFIX}*")]):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def run_folder(checkpoint: str | Path) -> Path:

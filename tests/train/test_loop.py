@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -92,6 +93,17 @@ def test_resume_continues_with_the_same_loss_curve_as_an_uninterrupted_run(tmp_p
     weights_whole, _ = ckpt.load_checkpoint(tmp_path / "whole")
     weights_split, _ = ckpt.load_checkpoint(tmp_path / "split")
     assert all(torch.equal(weights_whole[k], weights_split[k]) for k in weights_whole)
+
+
+def test_a_checkpoint_write_cut_short_by_a_kill_is_cleared_when_the_run_resumes(tmp_path):
+    data = write_prepared(tmp_path / "data")
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    train_autoencoder(data, run, config=tiny_config(), stop_at_step=3)
+    # A kill skips save_checkpoint's clean-up: its staging folder stays beside the complete checkpoints.
+    shutil.copytree(checkpoints / "step-00000003", checkpoints / ".tmp-step-00000006-k1ll3d")
+    (checkpoints / ".tmp-step-00000006-k1ll3d" / ckpt.META_FILE).unlink()
+    train_autoencoder(data, run, resume=True)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000003", "step-00000006"]
 
 
 def test_a_run_folder_holds_config_logs_montages_tensorboard_and_checkpoints(tmp_path):

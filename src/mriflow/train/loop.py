@@ -162,6 +162,8 @@ def train(
         raise FileExistsError(f"{out} already holds checkpoints; pass resume=True (--resume) to continue, or choose another --out")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for leftover in ckpt.remove_partial_checkpoints(out):
+            print(f"removed {leftover}: left incomplete by an interrupted write")
         _write_config(out, meta.get("config", {}))
     seed_everything(config.seed + context.rank)  # each process draws its own noise
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
