@@ -203,7 +203,9 @@ def _add_generate(commands) -> None:
     p.add_argument("--model", default="default",
                    help="generator run or checkpoint folder, a shipped model's name (4mm), or 'default' (shipped)")
     p.add_argument("--out", required=True, help="output folder (existing samples are never overwritten)")
-    p.add_argument("--n", type=int, help="number of volumes (default 8; with --covariates, one per row)")
+    p.add_argument("--num-samples", "--n", dest="n", type=int,
+                   help="number of volumes (default 8; with --covariates, one per row); under torchrun spell it "
+                        "--num-samples (torchrun reads --n as its own --nnodes/--nproc-per-node)")
     p.add_argument("--age", type=float, help="requested age in years")
     p.add_argument("--sex", help="requested sex, e.g. F or M")
     p.add_argument("--covariate", action="append", default=[], metavar="NAME=VALUE",
@@ -308,7 +310,8 @@ def _add_evaluate(commands) -> None:
                         "radimagenet-resnet50")
     p.add_argument("--weights", help="local weights file of the backbone (never downloaded)")
     p.add_argument("--weights-sha256", help="expected SHA-256 of --weights")
-    p.add_argument("--n", type=int, help="bootstrap sample size per set (default: scaled to the data)")
+    p.add_argument("--num-samples", "--n", dest="n", type=int,
+                   help="bootstrap sample size per set (default: scaled to the data)")
     p.add_argument("--bootstrap", type=int, help="bootstrap rounds (default 20)")
     p.add_argument("--autoencoder", help="autoencoder run or checkpoint folder, or 'default' for the shipped model's: "
                                          "adds the Real vs Reconstruction column and matches the memorization "
