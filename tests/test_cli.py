@@ -178,3 +178,12 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path,
     error = capsys.readouterr().err
     assert f"{tmp_path / 'run' / 'config.yaml'}: permission denied" in error and "Traceback" not in error
     assert error.count("\n") == 1
+
+
+def test_an_age_outside_the_training_range_is_one_plain_warning_line(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path / "samples"), "--n", "1", "--age", "150", "--solver", "euler",
+                 "--steps", "1", "--device", "cpu"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "150" in line]
+    assert warning == [warning[0]] and warning[0].startswith("mriflow generate: warning: covariate 'age' = 150 is "
+                                                             "outside the training range")
+    assert "UserWarning" not in warning[0] and ".py" not in warning[0]

@@ -75,7 +75,9 @@ def test_overshoot_is_clipped_and_bad_volumes_refused(tmp_path, volume):
 def test_existing_samples_are_not_overwritten(tmp_path, volume):
     affine = template_affine(get_grid("4mm"))
     write_sample(tmp_path, 0, volume, affine, sidecar(seed=1))
-    with pytest.raises(FileExistsError, match="sample_00000"):
+    # E.g. the slower of two runs into one folder: told what it can do (no option overwrites samples).
+    with pytest.raises(FileExistsError, match=r"sample_00000.*; choose another output folder \(existing samples "
+                                              r"are never overwritten\)$"):
         write_sample(tmp_path, 0, volume * 0.5, affine, sidecar(seed=2))
     assert json.loads((tmp_path / "sample_00000.json").read_text())["seed"] == 1
     write_sample(tmp_path, 0, volume * 0.5, affine, sidecar(seed=2), overwrite=True)

@@ -19,6 +19,7 @@ import argparse
 import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -381,6 +382,14 @@ def _fail(command: str, error: BaseException) -> int:
     return 2
 
 
+def _warning_line(command: str) -> Callable[..., None]:
+    """warnings.showwarning that prints one plain line: the source file and line of a warning mean nothing to a user."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"mriflow {command}: warning: {message}", file=sys.stderr if file is None else file)
+
+    return show
+
+
 def _describe(error: BaseException) -> str:
     """The error as one line: an operating system's refusal names its file and what to do."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
@@ -408,13 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     args.unknown = unknown
     command = " ".join(v for v in (args.command, getattr(args, "stage", None), getattr(args, "kind", None)) if v)
     try:
-        if getattr(args, "out", None):
-            _check_output_folder(args.out)
-        if hasattr(args, "threads"):
-            from mriflow.utils.threads import set_threads
+        with warnings.catch_warnings():
+            if not os.environ.get("MRIFLOW_DEBUG"):
+                warnings.showwarning = _warning_line(command)
+            if getattr(args, "out", None):
+                _check_output_folder(args.out)
+            if hasattr(args, "threads"):
+                from mriflow.utils.threads import set_threads
 
-            print(set_threads(args.threads))
-        return int(args.func(args) or 0)
+                print(set_threads(args.threads))
+            return int(args.func(args) or 0)
     except USER_ERRORS as error:
         if os.environ.get("MRIFLOW_DEBUG"):
             raise

@@ -56,7 +56,8 @@ def write_sample(
     if not overwrite:
         existing = [str(p) for p in (image_path, sidecar_path) if p.exists()]
         if existing:
-            raise FileExistsError(f"{', '.join(existing)} already exist(s); choose another output folder or pass overwrite")
+            raise FileExistsError(f"{', '.join(existing)} already exist(s), e.g. written by another run into the same "
+                                  "folder; choose another output folder (existing samples are never overwritten)")
     save_volume(image_path, np.clip(volume, 0.0, 1.0), affine, dtype=np.float32)
     record = {**sidecar, "image": image_path.name, "mriflow_version": mriflow.__version__}
     _write_json(sidecar_path, record)

@@ -126,7 +126,7 @@ def test_a_run_folder_holds_config_logs_montages_tensorboard_and_checkpoints(tmp
     assert meta["perceptual"]["active"] is False and "not found" in meta["perceptual"]["reason"]
     model, _ = ckpt.load_autoencoder(run)
     assert model.config.kind == "vq"
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="pass --resume to continue, or choose another --out$"):
         train_autoencoder(data, run, config=tiny_config(max_steps=3, kind="vq"))
 
 

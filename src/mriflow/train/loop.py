@@ -159,7 +159,7 @@ def train(
     device, is_main = context.device, context.is_main
     out = Path(out)
     if not resume and ckpt.latest_checkpoint(out) is not None:
-        raise FileExistsError(f"{out} already holds checkpoints; pass resume=True (--resume) to continue, or choose another --out")
+        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         for leftover in ckpt.remove_partial_checkpoints(out):
