@@ -187,3 +187,10 @@ def test_an_age_outside_the_training_range_is_one_plain_warning_line(tmp_path, c
     assert warning == [warning[0]] and warning[0].startswith("mriflow generate: warning: covariate 'age' = 150 is "
                                                              "outside the training range")
     assert "UserWarning" not in warning[0] and ".py" not in warning[0]
+
+
+def test_an_age_that_is_not_a_finite_number_is_refused(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path / "samples"), "--age", "nan", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "covariate 'age': nan is not a finite number" in error and error.count("\n") == 1
+    assert not (tmp_path / "samples").exists()

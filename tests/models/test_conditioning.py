@@ -107,6 +107,13 @@ def test_resolve_request_refuses_unknown_names_and_categories(schema):
         resolve_request(schema, {"sex": "X"})
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan", "-inf"])
+def test_resolve_request_refuses_a_value_that_is_not_a_finite_number(schema, value):
+    # NaN used to pass as "absent": --age nan drew unconditional samples and recorded "age": null.
+    with pytest.raises(ValueError, match=r"covariate 'age': .* is not a finite number.*leave it out"):
+        resolve_request(schema, {"age": value})
+
+
 def test_resolve_request_warns_outside_the_training_range(schema):
     with pytest.warns(UserWarning, match=r"'age' = 95 is outside the training range \[20, 80\]"):
         values, present = resolve_request(schema, {"age": 95})

@@ -107,9 +107,10 @@ def parse_value(text: str) -> float | str:
 def resolve_request(schema, request: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode a user's covariate request {name: value} -> (values (K,), present (K,)).
 
-    Unknown names and unknown categories raise ValueError listing the valid ones; a
-    continuous value outside the training range [minimum, maximum] is encoded but
-    warned about (the model has never seen it). Names left out, or given as None, are absent.
+    Unknown names and unknown categories raise ValueError listing the valid ones, as does a
+    continuous value that is not a finite number (NaN included); a continuous value outside
+    the training range [minimum, maximum] is encoded but warned about (the model has never
+    seen it). Names left out, or given as None, are absent.
     """
     unknown = sorted(set(request) - set(schema.names))
     if unknown:
@@ -120,19 +121,22 @@ def resolve_request(schema, request: Mapping[str, Any]) -> tuple[torch.Tensor, t
     values, present = schema.encode(request)
     for k, covariate in enumerate(schema.covariates):
         value = request.get(covariate.name)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if value is None:
             continue
+        low, high = covariate.minimum, covariate.maximum
+        trained = not (math.isnan(low) or math.isnan(high))
         if not bool(present[k]):
             if covariate.kind == "categorical":
                 raise ValueError(
                     f"covariate {covariate.name!r}: unknown category {value!r}; "
                     f"valid categories: {', '.join(covariate.categories)}"
                 )
-            raise ValueError(f"covariate {covariate.name!r}: {value!r} is not a number")
+            # NaN too: it is not "absent" (leaving the name out is), so --age nan is refused, not drawn unconditionally.
+            raise ValueError(f"covariate {covariate.name!r}: {value} is not a finite number; give one"
+                             + (f" (trained on {low:g} to {high:g})" if trained else "") + " or leave it out")
         if covariate.kind == "continuous":
             number = float(value)
-            low, high = covariate.minimum, covariate.maximum
-            if not (math.isnan(low) or math.isnan(high)) and not low <= number <= high:
+            if trained and not low <= number <= high:
                 warnings.warn(
                     f"covariate {covariate.name!r} = {number:g} is outside the training range [{low:g}, {high:g}]; "
                     "the model extrapolates there",
