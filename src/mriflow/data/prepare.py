@@ -846,8 +846,8 @@ def _check_same_dataset(out: Path, parameters: dict[str, Any]) -> None:
         return
     try:
         record = json.loads(path.read_text())
-        earlier = {"preset": record["preset"], **record.get("parameters", {})}
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        earlier = {key: record[key] for key in ("preset",) if key in record} | record.get("parameters", {})
+    except (OSError, ValueError, AttributeError, TypeError) as error:
         raise PrepareError(f"{path} cannot be read ({error}); it records how {out} was prepared: restore it, choose "
                            "another --out, or pass --force to prepare the dataset again") from None
     differences = [f"{option} {_shown(earlier[key])} before, {_shown(parameters[key])} now"
