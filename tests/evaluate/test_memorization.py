@@ -134,3 +134,46 @@ def test_reference_from_a_prepared_folder(tmp_path):
     assert matched.threshold == pytest.approx(expected.threshold, rel=1e-5)
     assert matched.threshold != pytest.approx(reference.threshold, rel=1e-3)
     assert is_memorized(planted, matched)
+
+
+def brains(count: int, rng, common: np.ndarray) -> np.ndarray:
+    """Unit-norm rows that share a common anatomy and differ individually, like subjects of one template space."""
+    from mriflow.evaluate.memorization import masked_standardised
+
+    mask = np.ones(common.shape, bool)
+    return np.stack([masked_standardised(common + rng.normal(size=common.shape), mask) for _ in range(count)])
+
+
+def test_copies_are_flagged_and_averages_and_new_people_only_at_the_chance_rate():
+    from mriflow.evaluate.memorization import find_memorized, masked_standardised
+
+    rng = np.random.default_rng(0)
+    common = 1.5 * rng.normal(size=4000)
+    train, heldout, new = brains(60, rng, common), brains(30, rng, common), brains(30, rng, common)
+    mask = np.ones(4000, bool)
+    copies = np.stack([train[i] if i % 2 else masked_standardised(train[i] + 0.003 * rng.normal(size=4000), mask)
+                       for i in range(10)])  # exact, and with noise of a third of a subject's own variation
+    averages = np.stack([masked_standardised(train[rng.choice(60, 5, replace=False)].mean(0), mask) for _ in range(30)])
+    generated = np.concatenate([copies, averages, new])
+    result = find_memorized(generated, train, heldout, [f"g{i}" for i in range(70)], [f"t{i}" for i in range(60)])
+    flagged = np.asarray(result["flagged"])
+    assert flagged[:10].all()
+    # at most the chance rate, about 1 / (held-out + 1) = 3 % of new volumes (here: none of 30)
+    assert flagged[10:40].sum() <= 1 and flagged[40:].sum() <= 1, (flagged[10:40].sum(), flagged[40:].sum())
+    distance = np.asarray(result["generated_nearest_distance"])
+    assert (distance[10:40] < result["threshold"]).all()  # the averages ARE closer than new people: distance alone flags them
+    assert max(result["generated_nearest_ratio"][:10]) < 0.5 < min(result["generated_nearest_ratio"][10:])
+
+
+def test_the_closest_record_test_finds_the_expected_share_for_new_people_and_all_for_copies():
+    from mriflow.evaluate.memorization import closest_record_test, correlation_distance
+
+    rng = np.random.default_rng(1)
+    common = 1.5 * rng.normal(size=3000)
+    train, heldout, new = brains(90, rng, common), brains(30, rng, common), brains(80, rng, common)
+    fair = closest_record_test(correlation_distance(new, train), correlation_distance(new, heldout))
+    assert fair["expected_without_memorization"] == 0.75 and fair["samples"] == 80
+    assert fair["interval_95"][0] < 0.75 < fair["interval_95"][1] and fair["p_value"] > 0.05
+    copies = train[:40]
+    leaky = closest_record_test(correlation_distance(copies, train), correlation_distance(copies, heldout))
+    assert leaky["share_closer_to_training"] == 1.0 and leaky["p_value"] < 1e-3

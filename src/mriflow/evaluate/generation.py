@@ -478,10 +478,12 @@ def evaluate_generation(
         else:
             heldout_vectors, heldout_features = cache.vector_matrix(heldout_paths), cache.matrix(heldout_paths)
             heldout_reference, decoded_copy = "held-out volumes", None
+        # the closest-record test compares raw training with raw held-out subjects (like with like)
         voxel = find_memorized(cache.vector_matrix(fake_paths), cache.vector_matrix(train_paths), heldout_vectors,
-                               fake_names, train_names, metric="correlation")
+                               fake_names, train_names, metric="correlation",
+                               closest_record_heldout=cache.vector_matrix(heldout_paths))
         feature = find_memorized(cache.matrix(fake_paths), cache.matrix(train_paths), heldout_features,
-                                 fake_names, train_names, metric="euclidean")
+                                 fake_names, train_names, metric="euclidean", closest_record_heldout=cache.matrix(heldout_paths))
         memorization = {
             "voxel": voxel, "feature": feature, "table": flagged_table(voxel, feature),
             "flagged_voxel": int(sum(voxel["flagged"])), "flagged_feature": int(sum(feature["flagged"])),

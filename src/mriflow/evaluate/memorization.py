@@ -20,6 +20,28 @@ With fewer than 100 held-out subjects the 1st percentile is their minimum, so ab
 1 / (held-out + 1) of genuinely new volumes fall below it by chance: read the
 count of flags next to that rate.
 
+Closeness alone cannot tell a copy from an average brain: a smooth near-mean volume is close
+to every training subject. A copy is close to ONE of them: its nearest training subject is
+much nearer than its second nearest. So a volume is flagged only when both hold:
+
+    d1 < threshold            (closer than new people come to the training set), and
+    d1 / d2 < ratio threshold (d1, d2: distances to the nearest and second-nearest training
+                               subject; the threshold is the same percentile of the held-out
+                               subjects' ratios, and at most MAX_COPY_RATIO = 3/4: the nearest
+                               subject clearly nearer than the next)
+
+An exact copy has d1 ≈ 0 and a ratio near 0 (a decoded, noisy or slightly deformed one stays
+below 3/4); the average of k training subjects is about equally near each of them (ratio
+near 1) and is not flagged however close it is. The cap matters where subjects are nearly
+equidistant: there the held-out ratios all sit near 1, and the members of an average differ
+just enough to fall below their minimum by more than chance (tests/evaluate/test_memorization.py).
+
+Distance to closest record (DCR), the synthetic-data privacy test: is each generated volume's
+closest real subject a training or a held-out one? For a generator that does not memorise,
+every real subject is equally likely to be the closest, so the training share is N / (N + H)
+(one half for equal sets); the observed share, its 95 % (Wilson) interval and a two-sided
+binomial test against that share are reported. A memorising generator leans to training.
+
 When the generator's autoencoder is known, the yardstick is the held-out subjects
 passed through it (reconstructions) rather than the raw volumes: every generated
 volume comes out of that decoder, smoother than any scan, and a smooth, near-average
@@ -47,6 +69,7 @@ from mriflow.data.io import load_volume
 
 DEFAULT_PERCENTILE = 1.0
 DEFAULT_SMOOTHING_MM = 4.0
+MAX_COPY_RATIO = 0.75  # a copy's nearest training subject is clearly nearer than its second nearest
 
 
 def population_mask(masks: Iterable[np.ndarray], minimum_share: float = 0.5) -> np.ndarray:
@@ -95,6 +118,32 @@ def nearest(distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return index, distances[np.arange(len(distances)), index]
 
 
+def nearest_ratio(distances: np.ndarray) -> np.ndarray:
+    """d1 / d2 of each row: its nearest over its second-nearest column distance (1 with a single column)."""
+    if distances.shape[1] < 2:
+        return np.ones(len(distances))
+    two = np.partition(distances, 1, axis=1)[:, :2]
+    return two[:, 0] / np.maximum(two[:, 1], 1e-12)
+
+
+def closest_record_test(to_train: np.ndarray, to_heldout: np.ndarray) -> dict:
+    """DCR: the share of generated rows whose closest real subject is a training one, against the share a
+    generator that does not memorise gives, N / (N + H) for N training and H held-out subjects (each real
+    subject is then equally likely to be the closest); Wilson 95 % interval and a two-sided binomial test."""
+    from scipy.stats import binomtest
+
+    train_count, heldout_count = to_train.shape[1], to_heldout.shape[1]
+    if train_count == 0 or heldout_count == 0:
+        raise ValueError("the closest-record test needs training and held-out subjects")
+    closer = int((to_train.min(axis=1) < to_heldout.min(axis=1)).sum())
+    expected = train_count / (train_count + heldout_count)
+    test = binomtest(closer, len(to_train), expected)
+    interval = test.proportion_ci(confidence_level=0.95, method="wilson")
+    return {"share_closer_to_training": closer / len(to_train), "expected_without_memorization": expected,
+            "count": closer, "samples": len(to_train), "interval_95": [float(interval.low), float(interval.high)],
+            "p_value": float(test.pvalue), "training_subjects": train_count, "heldout_subjects": heldout_count}
+
+
 def threshold_from_heldout(heldout_nearest_distances: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> float:
     """The `percentile`-th percentile of held-out-to-training nearest distances, taken as an observed
     value (numpy's "lower" method): with fewer than 100 held-out subjects the 1st percentile is
@@ -113,31 +162,40 @@ def find_memorized(
     train_names: Sequence[str],
     metric: str = "correlation",
     percentile: float = DEFAULT_PERCENTILE,
+    closest_record_heldout: np.ndarray | None = None,
 ) -> dict:
-    """Nearest training neighbours of generated and held-out rows, the threshold and the flags, in one space.
+    """Nearest training neighbours of generated and held-out rows, the thresholds, the flags and the
+    closest-record test, in one space (see the module docstring).
 
     Rows are `masked_standardised` vectors for metric="correlation", or feature
-    vectors for metric="euclidean". Returns {"threshold", "percentile", "metric",
-    "generated_nearest_distance" (G,), "generated_nearest_subject" (G,),
-    "heldout_nearest_distance" (H,), "flagged" (G,) bool}.
+    vectors for metric="euclidean". `closest_record_heldout`: the held-out rows for the closest-record test
+    when `heldout` was transformed (reconstructions) and the training rows were not, so both sides of that test
+    are alike (default `heldout`). Returns {"threshold", "ratio_threshold", "percentile", "metric",
+    "generated_nearest_distance" (G,), "generated_nearest_ratio" (G,), "generated_nearest_subject" (G,),
+    "heldout_nearest_distance" (H,), "heldout_nearest_ratio" (H,), "flagged" (G,) bool, "closest_record"}.
     """
-    if metric == "correlation":
-        to_train, heldout_to_train = correlation_distance(generated, train), correlation_distance(heldout, train)
-    elif metric == "euclidean":
-        to_train, heldout_to_train = cdist(generated, train), cdist(heldout, train)
-    else:
+    distance_to = {"correlation": correlation_distance, "euclidean": cdist}.get(metric)
+    if distance_to is None:
         raise ValueError(f"metric must be 'correlation' or 'euclidean', got {metric!r}")
+    to_train, heldout_to_train = distance_to(generated, train), distance_to(heldout, train)
     index, distance = nearest(to_train)
+    ratio, heldout_ratio = nearest_ratio(to_train), nearest_ratio(heldout_to_train)
     heldout_distance = nearest(heldout_to_train)[1]
     threshold = threshold_from_heldout(heldout_distance, percentile)
+    ratio_threshold = min(threshold_from_heldout(heldout_ratio, percentile), MAX_COPY_RATIO)
     return {
         "metric": metric,
         "percentile": percentile,
         "threshold": threshold,
+        "ratio_threshold": ratio_threshold,
         "generated_nearest_subject": [str(train_names[i]) for i in index],
         "generated_nearest_distance": distance.tolist(),
+        "generated_nearest_ratio": ratio.tolist(),
         "heldout_nearest_distance": heldout_distance.tolist(),
-        "flagged": (distance < threshold).tolist(),
+        "heldout_nearest_ratio": heldout_ratio.tolist(),
+        "flagged": ((distance < threshold) & (ratio < ratio_threshold)).tolist(),
+        "closest_record": closest_record_test(
+            to_train, distance_to(generated, heldout if closest_record_heldout is None else closest_record_heldout)),
         "generated_names": list(map(str, generated_names)),
     }
 
@@ -176,6 +234,7 @@ class MemorizationReference:
     percentile: float = DEFAULT_PERCENTILE
     smoothing: float = 0.0
     heldout_reference: str = "held-out volumes"  # or "held-out reconstructions"
+    ratio_threshold: float = 1.0  # d1 / d2 below which a close volume is singled out as a copy (module docstring)
 
     @classmethod
     def from_volumes(cls, train: Sequence[np.ndarray], train_masks: Sequence[np.ndarray], heldout: Sequence[np.ndarray],
@@ -185,8 +244,9 @@ class MemorizationReference:
         mask = population_mask(train_masks)
         vectors = np.stack([masked_standardised(v, mask, smoothing) for v in train])
         heldout_vectors = np.stack([masked_standardised(v, mask, smoothing) for v in heldout])
-        threshold = threshold_from_heldout(nearest(correlation_distance(heldout_vectors, vectors))[1], percentile)
-        return cls(list(map(str, subjects)), vectors, mask, threshold, percentile, smoothing)
+        threshold, ratio_threshold = _thresholds(correlation_distance(heldout_vectors, vectors), percentile)
+        return cls(list(map(str, subjects)), vectors, mask, threshold, percentile, smoothing,
+                   ratio_threshold=ratio_threshold)
 
     @classmethod
     def from_prepared(cls, root: str | Path, train_split: str = "train", heldout_splits: Sequence[str] | None = None,
@@ -213,18 +273,30 @@ class MemorizationReference:
         transform = heldout_transform if heldout_transform is not None else (lambda volume: volume)
         heldout = np.stack([masked_standardised(transform(load_volume(root / p)[0]), mask, smoothing)
                             for p in heldout_rows["image"]])
-        threshold = threshold_from_heldout(nearest(correlation_distance(heldout, vectors))[1], percentile)
+        threshold, ratio_threshold = _thresholds(correlation_distance(heldout, vectors), percentile)
         return cls(train_rows["subject"].astype(str).tolist(), vectors, mask, threshold, percentile, smoothing,
-                   "held-out reconstructions" if heldout_transform is not None else "held-out volumes")
+                   "held-out reconstructions" if heldout_transform is not None else "held-out volumes", ratio_threshold)
 
     def nearest(self, volume: np.ndarray) -> tuple[str, float]:
         """The nearest training subject of `volume` (D, H, W) and its distance (1 - correlation)."""
-        vector = masked_standardised(volume, self.mask, self.smoothing)[None]
-        index, distance = nearest(correlation_distance(vector, self.vectors))
-        return self.subjects[int(index[0])], float(distance[0])
+        subject, distance, _ = self._nearest(volume)
+        return subject, distance
 
     def is_memorized(self, volume: np.ndarray) -> bool:
-        return self.nearest(volume)[1] < self.threshold
+        """Closer to a training subject than new people come AND singled out by it (d1 / d2, module docstring)."""
+        _, distance, ratio = self._nearest(volume)
+        return distance < self.threshold and ratio < self.ratio_threshold
+
+    def _nearest(self, volume: np.ndarray) -> tuple[str, float, float]:
+        distances = correlation_distance(masked_standardised(volume, self.mask, self.smoothing)[None], self.vectors)
+        index, distance = nearest(distances)
+        return self.subjects[int(index[0])], float(distance[0]), float(nearest_ratio(distances)[0])
+
+
+def _thresholds(heldout_to_train: np.ndarray, percentile: float) -> tuple[float, float]:
+    """The distance and d1/d2 thresholds from the held-out subjects' distances to the training subjects."""
+    return (threshold_from_heldout(nearest(heldout_to_train)[1], percentile),
+            min(threshold_from_heldout(nearest_ratio(heldout_to_train), percentile), MAX_COPY_RATIO))
 
 
 def is_memorized(volume: np.ndarray, reference: MemorizationReference) -> bool:

@@ -118,6 +118,17 @@ def _reference_note(memorization: dict) -> str:
             "make every smooth sample look closer to the training set than any new person")
 
 
+def _closest(test: dict) -> str:
+    """One line of the closest-record test (mriflow.evaluate.memorization.closest_record_test)."""
+    verdict = "consistent with no memorization" if test["p_value"] >= 0.05 else (
+        "leaning to the training subjects" if test["share_closer_to_training"] > test["expected_without_memorization"]
+        else "leaning to the held-out subjects")
+    return (f"{test['share_closer_to_training']:.0%} of the generated volumes are closest to a training subject "
+            f"(95 % interval {test['interval_95'][0]:.0%}–{test['interval_95'][1]:.0%}; "
+            f"{test['expected_without_memorization']:.0%} expected without memorization, {test['training_subjects']} training "
+            f"vs {test['heldout_subjects']} held-out subjects; binomial p = {test['p_value']:.2g}): {verdict}")
+
+
 def _copy_note(memorization: dict) -> str:
     copies = memorization.get("decoded_copy_distance")
     if not copies:
@@ -271,8 +282,15 @@ def report_blocks(result: dict, figures: dict[str, bytes]) -> list[tuple]:
                             f"population brain mask ({memorization['mask_voxels']} voxels) after Gaussian smoothing "
                             f"(sigma {memorization.get('smoothing_mm', 0):g} mm), threshold {_number(voxel['threshold'])}: "
                             f"{memorization['flagged_voxel']} flagged. Feature space: threshold {_number(feature['threshold'])}: "
-                            f"{memorization['flagged_feature']} flagged. About {memorization['chance_rate']:.0%} of genuinely "
-                            f"new volumes fall below such a threshold by chance.{_copy_note(memorization)}"))
+                            f"{memorization['flagged_feature']} flagged. To be flagged a volume must also be singled out by "
+                            f"that subject: its nearest training subject clearly nearer than its second nearest (distance "
+                            f"ratio below {_number(voxel['ratio_threshold'])} in voxel space, {_number(feature['ratio_threshold'])} "
+                            f"in feature space, the held-out subjects' {voxel['percentile']:g} % quantile, at most 0.75), so "
+                            f"a smooth near-average brain, close to everyone, is not taken for a copy. About "
+                            f"{memorization['chance_rate']:.0%} of genuinely new volumes fall below such a threshold by "
+                            f"chance.{_copy_note(memorization)}"))
+        blocks.append(("p", "Closest real subject (distance to closest record): " + "; ".join(
+            f"{space} space {_closest(memorization[space]['closest_record'])}" for space in ("voxel", "feature")) + "."))
         if memorization["table"]:
             table_rows = [[r["generated"], r["voxel_nearest"], _number(r["voxel_distance"]),
                            "yes" if r["voxel_flagged"] else "", r.get("feature_nearest", ""),
