@@ -22,7 +22,6 @@ and then adds up the whole tree that would travel, refusing (exit 2) when it is 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -125,14 +124,6 @@ def travelling_files(root: Path = ROOT, carried: tuple[Path, ...] = (KIT,)) -> l
     return sorted(((p, p.stat().st_size) for p in set(files)), key=lambda item: -item[1])
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset (mriflow prepare --preset 2mm)")
@@ -152,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
               "data": pack_data(data_dir, tuple(args.splits.split(",")), kit / DATA_FILE),
               "wheels": [{"file": w.name} for w in sorted((kit / "wheels").glob("*.whl"))] if args.no_wheels
               else download_wheels(kit / "wheels")}
+    from mriflow.utils.files import sha256
+
     record["files"] = {str(p.relative_to(kit)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
                        for p in sorted(kit.rglob("*")) if p.is_file() and p.name != RECORD_FILE}
     files = travelling_files(carried=(kit,)) if kit.resolve().is_relative_to(ROOT) else travelling_files()

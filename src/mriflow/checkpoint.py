@@ -23,7 +23,6 @@ is simply the highest step.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -36,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from mriflow.utils.files import TEMPORARY_PREFIX, permissions, write_text_atomic  # noqa: F401  (part of this module's interface)
+from mriflow.utils.files import TEMPORARY_PREFIX, permissions, sha256, write_text_atomic  # noqa: F401  (part of this module's interface)
 
 FORMAT = "mriflow-checkpoint/1"
 MODEL_FILE = "model.safetensors"
@@ -213,14 +212,6 @@ def update_meta(path: str | Path, values: Mapping[str, Any]) -> dict[str, Any]:
     meta.update(values)
     write_text_atomic(file, json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
     return meta
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_weights_into(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], prefix: str, where: str) -> None:

@@ -358,7 +358,7 @@ def _reconstructor(autoencoder: str, device: str) -> Callable:
     import torch
 
     from mriflow.checkpoint import load_autoencoder
-    from mriflow.train.distributed import resolve_device
+    from mriflow.distributed import resolve_device
 
     model, _ = load_autoencoder(autoencoder, resolve_device(device))
     target = next(model.parameters()).device

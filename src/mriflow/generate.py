@@ -50,7 +50,7 @@ from mriflow.flow.sampling import sample_seed
 from mriflow.generate_io import batch_montage, sample_name, write_sample
 from mriflow.models.conditioning import parse_value, resolve_request
 from mriflow.models.velocity import VelocityNet, VelocityNetConfig
-from mriflow.train import distributed
+from mriflow import distributed
 
 REQUIRED_META = ("config", "schema", "autoencoder", "latent_shape", "image_shape", "affine")
 GENERATOR_DIR, AUTOENCODER_DIR = "flow", "autoencoder"  # the folders of an exported model

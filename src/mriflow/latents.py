@@ -62,7 +62,7 @@ def encode_dataset(
 ) -> Path:
     """Encode every subject of `splits` (default: all in the manifest) and cache mean/log-variance; returns the cache folder."""
     from mriflow.data.dataset import PreparedDataset, read_manifest
-    from mriflow.train.distributed import resolve_device
+    from mriflow.distributed import resolve_device
 
     device = resolve_device(device)
     model, meta = ckpt.load_autoencoder(autoencoder_run, device)

@@ -13,7 +13,7 @@ import torch
 from mriflow.families.base import Family
 from mriflow.flow.sampling import batch_generators, broadcast_covariates, per_sample_normal
 from mriflow.models.velocity import VelocityNetConfig
-from mriflow.train.loop import LoopConfig
+from mriflow.config import LoopConfig
 
 
 @dataclass(frozen=True)

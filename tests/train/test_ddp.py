@@ -25,7 +25,8 @@ WORKER = textwrap.dedent(
     from safetensors.torch import save_file
     from mriflow.config import from_dict
     from mriflow.data.dataset import PreparedDataset
-    from mriflow.train import distributed, loop
+    from mriflow import distributed
+    from mriflow.train import loop
     from mriflow.train.autoencoder import AutoencoderStage, AutoencoderTrainingConfig
 
     torch.set_num_threads(1)

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import hashlib
 import importlib.util
 import json
 import math
@@ -62,7 +61,7 @@ from mriflow.data.inputs import (
 )
 from mriflow.data.io import save_volume, template_affine
 from mriflow.data.split import SPLITS, assign_splits, check_fractions
-from mriflow.utils.files import write_text_atomic
+from mriflow.utils.files import sha256, write_text_atomic
 
 SKULL_STRIP_CHOICES = ("auto", "mask", "deepbet", "none")
 # The manifest's own columns (as mriflow.data.dataset.MANIFEST_COLUMNS; not imported, which would pull torch into every worker).
@@ -880,12 +879,8 @@ def _input_record(scan: Scan, checksums: dict[str, str]) -> dict[str, Any]:
 def _sha256(path: Path, cache: dict[str, str]) -> str:
     key = str(path.resolve())
     if key not in cache:
-        digest = hashlib.sha256()
         try:
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            cache[key] = digest.hexdigest()
+            cache[key] = sha256(path)
         except OSError as error:  # an unreadable file is reported by the worker
             cache[key] = f"unreadable: {error.strerror}"
     return cache[key]

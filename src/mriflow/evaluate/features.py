@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets import resnet10, resnet18, resnet34, resnet50
 
-from mriflow.checkpoint import sha256
+from mriflow.utils.files import sha256
 
 # Published SHA-256 of the files users download themselves (Git LFS object ids on the
 # Hugging Face Hub): TencentMedicalNet/MedicalNet-Resnet10 and -Resnet50, and

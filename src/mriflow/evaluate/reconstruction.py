@@ -120,7 +120,7 @@ def evaluate_reconstruction(
     """
     from mriflow.checkpoint import load_autoencoder, run_folder
     from mriflow.data.dataset import PreparedDataset
-    from mriflow.train.distributed import resolve_device
+    from mriflow.distributed import resolve_device
     from mriflow.utils.montage import three_plane_montage
 
     device = resolve_device(device)

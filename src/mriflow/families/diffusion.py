@@ -18,7 +18,7 @@ from mriflow.families.flow import check_choice
 from mriflow.flow.diffusion import BETA_SCHEDULES, METHODS, PREDICTIONS, DiffusionSchedule, diffusion_loss, sample_diffusion
 from mriflow.flow.objective import LOSSES
 from mriflow.models.velocity import VelocityNetConfig
-from mriflow.train.loop import LoopConfig
+from mriflow.config import LoopConfig
 
 
 @dataclass(frozen=True)

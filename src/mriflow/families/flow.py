@@ -19,7 +19,7 @@ from mriflow.flow.path import TIME_DISTRIBUTIONS
 from mriflow.flow.sampling import sample_latents
 from mriflow.flow.solvers import SOLVERS
 from mriflow.models.velocity import VelocityNetConfig
-from mriflow.train.loop import LoopConfig
+from mriflow.config import LoopConfig
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:

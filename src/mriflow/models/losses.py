@@ -126,7 +126,7 @@ def load_perceptual_network(path: str | Path, depth: int = 10, sha256: str = "")
     from monai.networks.nets import resnet
     from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 
-    from mriflow.checkpoint import sha256 as file_sha256
+    from mriflow.utils.files import sha256 as file_sha256
 
     path = Path(path)
     if depth not in PERCEPTUAL_DEPTHS:

@@ -47,8 +47,9 @@ from mriflow.models.losses import (
     kl_divergence,
     load_perceptual_network,
 )
-from mriflow.train import distributed, loop
-from mriflow.train.distributed import unwrap
+from mriflow import distributed
+from mriflow.train import loop
+from mriflow.distributed import unwrap
 from mriflow.train.loop import LoopConfig
 
 PRESETS = ("tiny", "small", "base", "large")

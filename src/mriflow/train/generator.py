@@ -52,8 +52,9 @@ from mriflow.families.diffusion import DiffusionTrainingConfig
 from mriflow.families.flow import FlowTrainingConfig
 from mriflow.latents import LatentDataset, encode_dataset, latent_cache_dir
 from mriflow.models.velocity import VelocityNet, num_parameters
-from mriflow.train import distributed, loop
-from mriflow.train.distributed import Distributed
+from mriflow import distributed
+from mriflow.train import loop
+from mriflow.distributed import Distributed
 
 PRESETS = ("tiny", "small", "base", "large")
 STAGES = tuple(FAMILIES)
