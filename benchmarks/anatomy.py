@@ -1,7 +1,7 @@
 """Train mriflow's anatomy network (the `anatomy` evaluation backbone) on a prepared dataset, and measure it.
 
 Supervision: tissue classes made from the DLMUSE label maps under the prepared folder's
-labels/ (mapped by region name, `features.muse_tissue_mapping`), age and sex from
+labels/ (mapped by region name, `mriflow.data.labels.muse_tissue_mapping`), age and sex from
 manifest.csv. Trains on the train split (augmentation: left-right flip, intensity
 scale / shift / gamma inside the brain), keeps the epoch with the lowest validation loss,
 and reports on the test split: age MAE, sex accuracy, Dice per tissue class, and the
@@ -42,17 +42,14 @@ from common import DOCUMENT, RESULTS, ROOT, machine, replace_section, write_resu
 from mriflow.checkpoint import sha256
 from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume
-from mriflow.evaluate.features import (
+from mriflow.data.labels import TISSUE_CLASSES, muse_tissue_mapping, tissue_volumes_ml
+from mriflow.evaluate.backbones import AnatomyBackbone, load_state_dict
+from mriflow.models.anatomy import (
     ANATOMY_METADATA_KEY,
     ANATOMY_RECORD_KEY,
-    AnatomyBackbone,
     AnatomyEncoder,
     AnatomyEncoderConfig,
-    TISSUE_CLASSES,
-    load_state_dict,
-    muse_tissue_mapping,
     save_anatomy_encoder,
-    tissue_volumes_ml,
 )
 
 SECTION = "## anatomy backbone: {grid}"  # one section (and one weights file) per grid
@@ -74,7 +71,7 @@ def load_split(data: Path, rows: pd.DataFrame, lookup: np.ndarray, sex_categorie
         unknown = sorted(set(np.unique(labels)) - {0} - set(np.flatnonzero(lookup >= 0)))
         if unknown:
             raise ValueError(f"{data / row.labels}: labels {unknown} are not in the region list; add them to "
-                             f"--regions muse_regions.csv (or features.UNNAMED_DLMUSE_LABELS)")
+                             f"--regions muse_regions.csv (or mriflow.data.labels.UNNAMED_DLMUSE_LABELS)")
         images.append(image)
         targets.append(lookup[labels])
     age = pd.to_numeric(rows["age"], errors="coerce").to_numpy(float)
@@ -407,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "anatomy", "commands": commands, "data": str(data.resolve()), "grid": config.grid,
         "shape": list(config.shape), "classes": list(config.classes),
         "brain_classes_total_brain": ["ventricles", "grey_matter", "white_matter", "brainstem"],
-        "label_mapping": "features.muse_tissue_mapping on muse_regions.csv (single regions < 300) + UNNAMED_DLMUSE_LABELS",
+        "label_mapping": "mriflow.data.labels.muse_tissue_mapping on muse_regions.csv (single regions < 300) + UNNAMED_DLMUSE_LABELS",
         "subjects": {name: len(split["subject"]) for name, split in splits.items()},
         "parameters": parameters, **training, "calibration": calibration,
         "val": figures["val"], "test": figures["test"],
@@ -458,7 +455,7 @@ def write_section(record: dict, path: Path) -> None:
     initialised = (f" Fine-tuned from the {start['grid']} network (`{start['weights']}`, SHA-256 {start['sha256'][:12]}…): "
                    f"the network is fully convolutional, so the coarser grid's weights are a good start."
                    if start else "")
-    body = f"""mriflow's own evaluation backbone (`--backbone anatomy`, weights shipped as `{record['weights']}`, {record['weights_mb']} MB, SHA-256 `{record['weights_sha256']}`): a compact 3D U-Net of MONAI residual units (channels 8-16-32-64, bottleneck 256, {record['parameters'] / 1e6:.2f} M parameters) with a tissue segmentation head ({', '.join(record['classes'])}), a 256-dimensional average-pooled bottleneck embedding and linear age / sex heads. Trained on the {record['grid']} grid ({' x '.join(map(str, record['shape']))}) of the shared IXI data: {record['subjects']['train']} train subjects, model selection on {record['subjects']['val']} val subjects (lowest validation loss, epoch {record['best_epoch']} of {record['epochs_run']}, {record['train_minutes']} minutes on the 2-core CPU), figures below on the {test['subjects']} **test** subjects.{initialised} Targets: DLMUSE label maps mapped to tissue classes by region name (`features.muse_tissue_mapping`; the mapping is stored in the weights' metadata), age and sex from the manifest. Loss: Dice + cross-entropy on the classes + {record['loss_weights']['age']} x MSE of the standardised age + {record['loss_weights']['sex']} x sex cross-entropy; AdamW, one-cycle learning rate {record['lr']}, batch {record['batch_size']}; augmentation: left-right flip, intensity scale / shift / gamma inside the brain.
+    body = f"""mriflow's own evaluation backbone (`--backbone anatomy`, weights shipped as `{record['weights']}`, {record['weights_mb']} MB, SHA-256 `{record['weights_sha256']}`): a compact 3D U-Net of MONAI residual units (channels 8-16-32-64, bottleneck 256, {record['parameters'] / 1e6:.2f} M parameters) with a tissue segmentation head ({', '.join(record['classes'])}), a 256-dimensional average-pooled bottleneck embedding and linear age / sex heads. Trained on the {record['grid']} grid ({' x '.join(map(str, record['shape']))}) of the shared IXI data: {record['subjects']['train']} train subjects, model selection on {record['subjects']['val']} val subjects (lowest validation loss, epoch {record['best_epoch']} of {record['epochs_run']}, {record['train_minutes']} minutes on the 2-core CPU), figures below on the {test['subjects']} **test** subjects.{initialised} Targets: DLMUSE label maps mapped to tissue classes by region name (`mriflow.data.labels.muse_tissue_mapping`; the mapping is stored in the weights' metadata), age and sex from the manifest. Loss: Dice + cross-entropy on the classes + {record['loss_weights']['age']} x MSE of the standardised age + {record['loss_weights']['sex']} x sex cross-entropy; AdamW, one-cycle learning rate {record['lr']}, batch {record['batch_size']}; augmentation: left-right flip, intensity scale / shift / gamma inside the brain.
 
 After training (`calibrate` in the script):
 - **Features** for FD/KID/PRDC/MMD ({record['feature_dim']} dimensions): {calibration['features']}. The bottleneck alone hardly sees noise or blur (it learned to segment through intensity jitter; see the sanity sections below for what that did to the metrics); the full-resolution levels' statistics do.

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume, save_volume
-from mriflow.evaluate.features import DeepbetBackbone, RadImageNetResNet50, medicalnet_resnet
+from mriflow.evaluate.backbones import DeepbetBackbone, RadImageNetResNet50, medicalnet_resnet
 from mriflow.evaluate.generation import evaluate_generation
 
 from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)

@@ -37,7 +37,7 @@ import torch
 from common import DOCUMENT, RESULTS, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from generate import peak_memory_mb, time_sampling  # noqa: E402  (benchmarks/generate.py)
 from quality import REPORTED, add_quality_arguments, condition_batch, generated_features, held_out_reference, metric_cell, plot_quality, set_quality, within  # noqa: E402
-from mriflow.evaluate.features import get_backbone
+from mriflow.evaluate.backbones import get_backbone
 from mriflow.generate import load_generator
 
 SECTION = "## flow vs diffusion: sampling"

@@ -34,7 +34,7 @@ import torch
 from common import DOCUMENT, RESULTS, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from quality import REPORTED, add_quality_arguments, held_out_reference, generated_features, metric_cell, plot_quality, set_quality, within  # noqa: E402
 from mriflow import checkpoint as ckpt
-from mriflow.evaluate.features import get_backbone
+from mriflow.evaluate.backbones import get_backbone
 from mriflow.generate import load_generator
 from mriflow.train.generator import train_diffusion, train_flow
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -10,13 +11,10 @@ from scipy.ndimage import gaussian_filter
 from conftest import head_phantom
 from mriflow.checkpoint import sha256
 from mriflow.config import get_grid
-from mriflow.evaluate import features as features_module
-from mriflow.evaluate.features import (
-    BRAIN_CLASSES,
-    TISSUE_CLASSES,
+from mriflow.data.labels import BRAIN_CLASSES, TISSUE_CLASSES, muse_tissue_mapping, tissue_volumes_ml
+from mriflow.evaluate import backbones as backbones_module
+from mriflow.evaluate.backbones import (
     AnatomyBackbone,
-    AnatomyEncoder,
-    AnatomyEncoderConfig,
     IntensityBackbone,
     RadImageNetResNet50,
     available_backbones,
@@ -24,11 +22,9 @@ from mriflow.evaluate.features import (
     get_backbone,
     load_state_dict,
     medicalnet_resnet,
-    muse_tissue_mapping,
     register_backbone,
-    save_anatomy_encoder,
-    tissue_volumes_ml,
 )
+from mriflow.models.anatomy import ANATOMY_METADATA_KEY, AnatomyEncoder, AnatomyEncoderConfig, save_anatomy_encoder
 
 
 def phantom_volumes(count=3, shape=(32, 36, 32)):
@@ -148,7 +144,7 @@ def test_radimagenet_2p5d_features_from_a_local_file(tmp_path):
     network.load_state_dict(half)
     path = tmp_path / "RadImageNet-ResNet50_notop.safetensors"
     save_file(half, str(path))
-    backbone = features_module.RadImageNetBackbone(path, weights_sha256=sha256(path), slices_per_plane=3)
+    backbone = backbones_module.RadImageNetBackbone(path, weights_sha256=sha256(path), slices_per_plane=3)
     volumes = phantom_volumes(2, shape=(24, 28, 24))
     values = backbone.features(volumes)
     assert values.shape == (2, 3 * 2048)
@@ -226,7 +222,7 @@ def test_anatomy_backbone_saves_loads_and_predicts(tmp_path):
         AnatomyBackbone(tmp_path / "anatomy.safetensors")
     path, model = fresh_anatomy_weights(tmp_path / "anatomy.safetensors")
     backbone = get_backbone("anatomy", weights=path)
-    assert isinstance(backbone, features_module.PredictiveBackbone)
+    assert isinstance(backbone, backbones_module.PredictiveBackbone)
     assert backbone.weights_sha256 == sha256(path) and backbone.sex_categories == ("F", "M")
     assert backbone.name.startswith("anatomy-") and backbone.config.shape == (40, 48, 40)
     assert backbone.config.label_map == {"51": "ventricles"} and backbone.record == {"test": {"age_mae_years": 1.0}}
@@ -302,20 +298,20 @@ def test_anatomy_backbone_refuses_other_grids_and_old_formats(tmp_path):
         backbone.predict(phantom_volumes(1, shape=(80, 96, 80)))
     old = tmp_path / "old.safetensors"
     save_file({"heads.weight": torch.zeros(4, 512)}, str(old),
-              metadata={features_module.ANATOMY_METADATA_KEY: json.dumps({"depth": 10, "grid": "2mm"})})
+              metadata={ANATOMY_METADATA_KEY: json.dumps({"depth": 10, "grid": "2mm"})})
     with pytest.raises(ValueError, match=r"\['depth'\] are unknown.*retrain"):
         AnatomyBackbone(old)
-    before_texture = {k: v for k, v in json.loads(features_module.json.dumps(
-        features_module.asdict(AnatomyEncoderConfig()))).items() if k not in ("texture_levels", "sex_blocks")}
+    before_texture = {k: v for k, v in json.loads(json.dumps(
+        asdict(AnatomyEncoderConfig()))).items() if k not in ("texture_levels", "sex_blocks")}
     save_file({"heads.weight": torch.zeros(2, 256)}, str(old),
-              metadata={features_module.ANATOMY_METADATA_KEY: json.dumps(before_texture)})
+              metadata={ANATOMY_METADATA_KEY: json.dumps(before_texture)})
     with pytest.raises(ValueError, match=r"older anatomy weights format.*--init .*--epochs 0"):
         AnatomyBackbone(old)
 
 
 @pytest.mark.parametrize("grid", ["4mm", "2mm"])
 def test_shipped_anatomy_weights_load_and_fit_the_size_limit(grid):
-    path = features_module.anatomy_weights_for(get_grid(grid).shape)
+    path = backbones_module.anatomy_weights_for(get_grid(grid).shape)
     if path is None:
         pytest.skip(f"no anatomy network for the {grid} grid is shipped in this checkout (benchmarks/anatomy.py trains one)")
     assert path.stat().st_size <= 16 * 2**20
@@ -337,8 +333,8 @@ def test_deepbet_backbone_uses_the_installed_network_with_deepbets_normalisation
     from deepbet.utils import normalize
 
     backbone = get_backbone("deepbet")
-    assert backbone.weights_sha256 == sha256(features_module.deepbet_weights())
-    assert backbone.weights_sha256 in features_module.KNOWN_WEIGHTS_SHA256["deepbet"]
+    assert backbone.weights_sha256 == sha256(backbones_module.deepbet_weights())
+    assert backbone.weights_sha256 in backbones_module.KNOWN_WEIGHTS_SHA256["deepbet"]
     volumes = phantom_volumes(2)
     x = torch.from_numpy(volumes[:1])
     low, high = x.flatten().quantile(0.005), x.flatten().quantile(0.995)
@@ -352,7 +348,7 @@ def test_deepbet_backbone_uses_the_installed_network_with_deepbets_normalisation
     np.testing.assert_allclose(backbone.features(0.5 * volumes + 0.1), values, rtol=1e-3, atol=1e-4)
 
     copy = tmp_path / "bbox_model.pt"
-    copy.write_bytes(features_module.deepbet_weights().read_bytes() + b"\0")
+    copy.write_bytes(backbones_module.deepbet_weights().read_bytes() + b"\0")
     with pytest.raises(ValueError, match="not a published checksum for backbone 'deepbet'"):
         get_backbone("deepbet", weights=copy)
 
@@ -372,4 +368,4 @@ def test_registry_lists_names_and_accepts_new_backbones():
     try:
         assert get_backbone("test-mean").features(phantom_volumes(2)).shape == (2, 1)
     finally:
-        features_module.BACKBONES.pop("test-mean")
+        backbones_module.BACKBONES.pop("test-mean")

@@ -12,7 +12,8 @@ from scipy.ndimage import gaussian_filter
 from conftest import head_phantom
 from mriflow.config import get_grid
 from mriflow.data.io import load_volume, save_volume, template_affine
-from mriflow.evaluate.features import AnatomyBackbone, AnatomyEncoder, AnatomyEncoderConfig, save_anatomy_encoder
+from mriflow.evaluate.backbones import AnatomyBackbone
+from mriflow.models.anatomy import AnatomyEncoder, AnatomyEncoderConfig, save_anatomy_encoder
 from mriflow.evaluate.generation import _predictor, check_geometry, evaluate_generation
 
 GRID = get_grid("4mm")

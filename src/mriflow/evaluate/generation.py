@@ -43,7 +43,7 @@ from mriflow.data.dataset import read_manifest
 from mriflow.data.io import is_nifti, load_volume, strip_nifti_suffix
 from mriflow.evaluate.bootstrap import DEFAULT_ROUNDS, bootstrap as run_bootstrap, default_sample_size
 from mriflow.evaluate.diversity import DEFAULT_MAX_PAIRS, pairwise_ms_ssim
-from mriflow.evaluate.features import (
+from mriflow.evaluate.backbones import (
     Backbone,
     PredictiveBackbone,
     anatomy_weights_for,

@@ -1,0 +1,63 @@
+"""The tissue classes mriflow segments and how DLMUSE label maps become them (by MUSE region name)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Tissue classes of the anatomy network, in output-channel order. Brainstem is its own class
+# because MUSE keeps it out of grey (601) and white matter (604) but inside TotalBrain (701).
+TISSUE_CLASSES = ("background", "csf", "ventricles", "grey_matter", "white_matter", "brainstem")
+# MUSE 701 TotalBrain = 601 GM + 604 WM + 509 Ventricles + 35 BrainStem (checked on region_volumes.csv);
+# cortical CSF (1) and the unnamed CSF label (46) are inside the ICV (702) but outside TotalBrain.
+BRAIN_CLASSES = ("ventricles", "grey_matter", "white_matter", "brainstem")
+# DLMUSE label maps hold two labels that muse_regions.csv does not name; these are their
+# Neuromorphometrics names (46: CSF outside the ventricles, 69: optic chiasm).
+UNNAMED_DLMUSE_LABELS = {46: "CSF", 69: "OpticChiasm"}
+# MUSE numbers single (label-map) regions below 300; 300 and above are composites of them.
+MUSE_FIRST_COMPOSITE = 300
+
+
+def muse_tissue_class(name: str) -> str:
+    """The tissue class of one single DLMUSE region, by its MUSE name.
+
+    Rules, first match wins: "...Ventricle..." -> ventricles (lateral, inferior lateral,
+    3rd, 4th; MUSE 509); CortCSF / CSF -> csf; BrainStem -> brainstem; white-matter
+    names (…_WM…, CorpCall, Fornix, internal capsule limbs, VentralDC, OpticChiasm) ->
+    white_matter, which reproduces MUSE 604 WM; every other region (cortical gyri,
+    deep nuclei, hippocampus, amygdala, cerebellar cortex and vermis) -> grey_matter (601).
+    """
+    if "Ventricle" in name:
+        return "ventricles"
+    if name in ("CortCSF", "CSF"):
+        return "csf"
+    if name == "BrainStem":
+        return "brainstem"
+    white = ("CorpCall", "Fornix", "InternalCapsule", "VentralDC", "OpticChiasm")
+    if name.endswith("_WM") or "_WM_" in name or any(part in name for part in white):
+        return "white_matter"
+    return "grey_matter"
+
+
+def muse_tissue_mapping(regions: dict[int, str], classes: Sequence[str] = TISSUE_CLASSES) -> dict[int, int]:
+    """DLMUSE label -> class index in `classes`, for the single regions of `regions` (index -> name,
+    as in muse_regions.csv) plus `UNNAMED_DLMUSE_LABELS`; composites (index >= 300) are skipped."""
+    named = {**UNNAMED_DLMUSE_LABELS, **{int(k): str(v) for k, v in regions.items() if 0 < int(k) < MUSE_FIRST_COMPOSITE}}
+    return {label: classes.index(muse_tissue_class(name)) for label, name in sorted(named.items())}
+
+
+def tissue_volumes_ml(segmentation: torch.Tensor | np.ndarray, classes: Sequence[str], voxel_mm: float) -> dict[str, np.ndarray]:
+    """Volume of every class in a segmentation (N, D, H, W) of class indices: voxel count x voxel volume, in ml.
+
+    Returns one (N,) float64 array per class, plus "total_brain" = the sum over `BRAIN_CLASSES`.
+    """
+    segmentation = torch.as_tensor(segmentation)
+    if segmentation.ndim != 4:
+        raise ValueError(f"segmentation: expected (N, D, H, W) class indices, got shape {tuple(segmentation.shape)}")
+    counts = F.one_hot(segmentation.long().flatten(1), len(classes)).sum(1).double()  # (N, C)
+    volumes = {name: (counts[:, i] * voxel_mm**3 / 1000.0).numpy() for i, name in enumerate(classes)}
+    volumes["total_brain"] = sum(volumes[name] for name in BRAIN_CLASSES)
+    return volumes
