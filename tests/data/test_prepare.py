@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +17,7 @@ import SimpleITK as sitk
 
 from mriflow.config import get_grid
 from mriflow.data.io import load_volume, template_affine
+from mriflow.data import prepare
 from mriflow.data.prepare import (
     BiasField,
     PrepareError,
@@ -419,6 +424,80 @@ def test_prepared_files_get_the_permissions_the_umask_allows(tmp_path, umask_022
     for path in (result.out / "images" / "a.nii.gz", result.out / "masks" / "a.nii.gz", result.manifest, result.record,
                  result.report, result.out / "records" / "a.json"):
         assert path.stat().st_mode & 0o777 == 0o644, path  # readable by the group and others, as any new file
+
+
+# --- faults: a killed run, two runs at once ----------------------------------------------------
+
+
+def child_processes(pid):
+    """Ids of the processes whose parent is `pid` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; it only waits to be reaped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/proc/self/stat").exists(),
+                    reason="needs Linux /proc to find the worker processes (and prctl to end them)")
+def test_workers_of_a_killed_prepare_end_with_it_and_write_nothing_more(tmp_path):
+    images, labels = make_inputs(tmp_path, tuple("abcdef"))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mriflow", "prepare", str(images), "--masks", str(labels), "--out", str(out),
+               "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "records").glob("*.json")):  # the workers are at work, subjects are queued
+            assert process.poll() is None and time.monotonic() < deadline, "prepare ended or stalled before a subject was done"
+            time.sleep(0.05)
+        workers = child_processes(process.pid)
+        process.kill()
+        process.wait()
+        killed = time.time()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert workers
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leftovers = [pid for pid in workers if alive(pid)]
+    for pid in leftovers:  # do not leave them running after the test
+        os.kill(pid, 9)
+    written_after = [p.name for p in out.rglob("*") if p.is_file() and p.stat().st_mtime > killed]
+    assert not leftovers and not written_after  # they used to finish the queued subjects, orphaned
+
+
+def test_a_second_prepare_into_a_folder_in_use_is_refused_in_one_line(tmp_path, monkeypatch):
+    images, labels = make_inputs(tmp_path, ("a",))
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(prepare, "LOCK_WAIT_SECONDS", 0.2)
+    from mriflow.utils.files import FileLock
+
+    held = FileLock(out / prepare.LOCK_FILE)
+    assert held.acquire(shared=True)  # as a run's worker (or one outliving a killed run) holds it
+    try:
+        with pytest.raises(PrepareError, match=r"--out .*out is in use by another prepare run") as error:
+            run_prepare(images, out, masks=labels, register=False, progress=False)
+        assert "\n" not in str(error.value) and not (out / "records").exists()
+    finally:
+        held.release()
+    assert run_prepare(images, out, masks=labels, register=False, progress=False).newly_prepared == ["a"]
 
 
 # --- real data ------------------------------------------------------------------------------

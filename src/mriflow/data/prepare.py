@@ -21,12 +21,15 @@ image through it onto the preset grid is one interpolation.
 Outputs are written atomically (volumes by ``save_volume``, JSON/CSV by rename);
 a subject is done once its record ``records/<subject>.json`` exists, naming the
 sha256 of its inputs and the recipe; a re-run skips such subjects unless forced.
+A run holds ``OUT/.prepare.lock`` (so does each of its workers, which end with it):
+a second run into the same folder is refused while any of them lives.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import functools
@@ -35,13 +38,15 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -61,7 +66,7 @@ from mriflow.data.inputs import (
 )
 from mriflow.data.io import save_volume, template_affine
 from mriflow.data.split import SPLITS, assign_splits, check_fractions
-from mriflow.utils.files import sha256, write_text_atomic
+from mriflow.utils.files import FileLock, sha256, write_text_atomic
 
 SKULL_STRIP_CHOICES = ("auto", "mask", "deepbet", "none")
 # The manifest's own columns (as mriflow.data.dataset.MANIFEST_COLUMNS; not imported, which would pull torch into every worker).
@@ -74,6 +79,9 @@ DATASET_OPTIONS = {"images": "IMAGES", "masks": "--masks", "covariates": "--cova
                    "covariate_columns": "--covariate-columns", "preset": "--preset", "skull_strip_used": "--skull-strip",
                    "n4": "--n4", "register": "registration (--no-register)", "split": "--split", "seed": "--seed"}
 VERSION_PACKAGES = ("mriflow", "torch", "nibabel", "SimpleITK", "nilearn", "numpy", "scipy", "pandas")
+LOCK_FILE = ".prepare.lock"
+LOCK_WAIT_SECONDS = 5.0  # a run waits this long for the workers of a killed one to end before it is refused
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class PrepareError(RuntimeError):
@@ -622,11 +630,45 @@ def _deepbet():
     return _BRAIN_EXTRACTION
 
 
-def _init_worker() -> None:
-    """One thread per worker process: the workers are the parallelism."""
+_RUN_LOCK: FileLock | None = None  # a worker's hold on its run's lock, kept until the worker ends
+
+
+def _init_worker(parent: int, lock: str) -> None:
+    """Set a worker process up: one thread (the workers are the parallelism), ended with the run's
+    process `parent`, holding the run's lock (shared) so no other run starts while it could still write."""
+    global _RUN_LOCK
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[name] = "1"
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    _end_with_parent(parent)
+    _RUN_LOCK = FileLock(lock)
+    if not _RUN_LOCK.acquire(shared=True, wait_seconds=LOCK_WAIT_SECONDS):
+        raise RuntimeError(f"{lock} is held by another prepare run")
+
+
+def _end_with_parent(parent: int) -> None:
+    """End this process as soon as `parent` ends, however it ends (SIGKILL, out of memory): an orphaned
+    worker would go on writing the subjects queued to it into a folder a rerun may be writing.
+
+    On Linux the kernel kills it (prctl PR_SET_PDEATHSIG), at once and with no thread of ours; the
+    signal follows the death of the parent *thread* that started the worker, which for the pool is the
+    one calling submit(), i.e. the one running the whole run. Elsewhere a daemon thread polls
+    os.getppid() twice a second (after a parent's death the orphan is re-parented, so the id changes).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent:  # the parent died before the request was made
+                    os._exit(1)
+                return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -749,60 +791,80 @@ def run_prepare(
         "preset": preset, "skull_strip": skull_strip, "skull_strip_used": strip, "n4": n4, "register": register,
         "workers": workers, "force": force, "split": list(split), "seed": seed,
     }
-    if not force:
-        _check_same_dataset(out, parameters)
-    recipe = build_recipe(preset, strip, n4, register)
-    recipe_data = recipe_to_data(recipe)
-    tasks, already_done = [], []
-    checksums: dict[str, str] = {}
-    for scan in scans:
-        inputs = _input_record(scan, checksums)
-        if not force and _is_done(out, scan.subject, inputs, recipe_data):
-            already_done.append(scan.subject)
-        else:
-            tasks.append(SubjectTask(scan.subject, str(scan.image), str(scan.mask) if scan.mask else None, inputs, recipe_data, str(out)))
-
     out.mkdir(parents=True, exist_ok=True)
-    outcomes = _run_tasks(tasks, workers, progress)
-    newly_prepared = sorted(o.subject for o in outcomes if not o.reason)
-    skipped += [Skip(o.subject, o.image, o.reason) for o in outcomes if o.reason]
+    with _alone_in(out):  # from here on, the only run reading and writing `out`
+        if not force:
+            _check_same_dataset(out, parameters)
+        recipe = build_recipe(preset, strip, n4, register)
+        recipe_data = recipe_to_data(recipe)
+        tasks, already_done = [], []
+        checksums: dict[str, str] = {}
+        for scan in scans:
+            inputs = _input_record(scan, checksums)
+            if not force and _is_done(out, scan.subject, inputs, recipe_data):
+                already_done.append(scan.subject)
+            else:
+                tasks.append(SubjectTask(scan.subject, str(scan.image), str(scan.mask) if scan.mask else None, inputs, recipe_data, str(out)))
 
-    records = {}
-    for subject in sorted(already_done + newly_prepared):
-        records[subject] = json.loads((out / "records" / f"{subject}.json").read_text())
-    notes += covariate_table.missing_rows(records)
-    _write_report(out / "prepare_report.csv", skipped + notes)
-    result = PrepareResult(out, sorted(records), newly_prepared, sorted(already_done), skipped, notes)
-    if not records:
-        raise PrepareError(f"no subject could be prepared from {images}: {len(skipped)} input(s) skipped; "
-                           f"see {result.report} for the reason of each")
+        outcomes = _run_tasks(tasks, workers, progress, out / LOCK_FILE)
+        newly_prepared = sorted(o.subject for o in outcomes if not o.reason)
+        skipped += [Skip(o.subject, o.image, o.reason) for o in outcomes if o.reason]
 
-    assignment, split_record = _split(records, covariate_table, split, seed)
-    _write_manifest(out / "manifest.csv", records, assignment, covariate_table)
-    prepare_record = {
-        "preset": preset,
-        "grid": dataclasses.asdict(grid),
-        "affine": template_affine(grid).tolist(),
-        "recipe": recipe_data,
-        "split": split_record,
-        "covariates": {"names": covariate_table.names, "sources": covariate_table.sources},
-        "parameters": parameters,
-        "versions": _versions(strip == "deepbet"),
-        "inputs": {
-            "images": str(images.resolve()),
-            "layout": found.layout,
-            "checksums": {**{r["inputs"]["image"]["path"]: r["inputs"]["image"]["sha256"] for r in records.values()},
-                          **{r["inputs"]["mask"]["path"]: r["inputs"]["mask"]["sha256"] for r in records.values() if r["inputs"]["mask"]},
-                          **{str(p.resolve()): _sha256(p, checksums) for p in table_files}},
-        },
-        "subjects": {s: {k: v for k, v in r.items() if k not in ("recipe", "subject")} for s, r in records.items()},
-        "counts": {"prepared": len(records), "newly_prepared": len(newly_prepared), "already_done": len(already_done),
-                   "skipped": len(skipped), "covariate_notes": len(notes)},
-        "seconds": round(time.perf_counter() - started, 2),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_text_atomic(out / "prepare.json", json.dumps(prepare_record, indent=1))
-    return result
+        records = {}
+        for subject in sorted(already_done + newly_prepared):
+            records[subject] = json.loads((out / "records" / f"{subject}.json").read_text())
+        notes += covariate_table.missing_rows(records)
+        _write_report(out / "prepare_report.csv", skipped + notes)
+        result = PrepareResult(out, sorted(records), newly_prepared, sorted(already_done), skipped, notes)
+        if not records:
+            raise PrepareError(f"no subject could be prepared from {images}: {len(skipped)} input(s) skipped; "
+                               f"see {result.report} for the reason of each")
+
+        assignment, split_record = _split(records, covariate_table, split, seed)
+        _write_manifest(out / "manifest.csv", records, assignment, covariate_table)
+        prepare_record = {
+            "preset": preset,
+            "grid": dataclasses.asdict(grid),
+            "affine": template_affine(grid).tolist(),
+            "recipe": recipe_data,
+            "split": split_record,
+            "covariates": {"names": covariate_table.names, "sources": covariate_table.sources},
+            "parameters": parameters,
+            "versions": _versions(strip == "deepbet"),
+            "inputs": {
+                "images": str(images.resolve()),
+                "layout": found.layout,
+                "checksums": {**{r["inputs"]["image"]["path"]: r["inputs"]["image"]["sha256"] for r in records.values()},
+                              **{r["inputs"]["mask"]["path"]: r["inputs"]["mask"]["sha256"] for r in records.values() if r["inputs"]["mask"]},
+                              **{str(p.resolve()): _sha256(p, checksums) for p in table_files}},
+            },
+            "subjects": {s: {k: v for k, v in r.items() if k not in ("recipe", "subject")} for s, r in records.items()},
+            "counts": {"prepared": len(records), "newly_prepared": len(newly_prepared), "already_done": len(already_done),
+                       "skipped": len(skipped), "covariate_notes": len(notes)},
+            "seconds": round(time.perf_counter() - started, 2),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_text_atomic(out / "prepare.json", json.dumps(prepare_record, indent=1))
+        return result
+
+
+@contextlib.contextmanager
+def _alone_in(out: Path) -> Iterator[FileLock]:
+    """Hold OUT/.prepare.lock while this run reads and writes `out`; PrepareError if another run holds it.
+
+    Taken exclusively first, which succeeds only once no process of another run holds it (not
+    even a worker outliving a killed run: see _end_with_parent); then shared, as each worker of this
+    run takes it (_init_worker), so that a later run is refused until every one of them has ended.
+    """
+    lock = FileLock(out / LOCK_FILE)
+    try:
+        # The conversion to shared is not atomic: a run slipping in between wins, and this one is refused.
+        if not lock.acquire(wait_seconds=LOCK_WAIT_SECONDS) or not lock.acquire(shared=True):
+            raise PrepareError(f"--out {out} is in use by another prepare run (or by the workers of a stopped one, "
+                               "still ending); wait for it to finish, or choose another --out")
+        yield lock
+    finally:
+        lock.release()
 
 
 def _resolve_skull_strip(skull_strip: str, masks: Path | None) -> str:
@@ -897,7 +959,7 @@ def _is_done(out: Path, subject: str, inputs: dict[str, Any], recipe: list[dict[
     return all((out / rel).is_file() for rel in record.get("outputs", {}).values() if rel)
 
 
-def _run_tasks(tasks: Sequence[SubjectTask], workers: int, progress: bool) -> list[SubjectOutcome]:
+def _run_tasks(tasks: Sequence[SubjectTask], workers: int, progress: bool, lock: Path) -> list[SubjectOutcome]:
     outcomes: list[SubjectOutcome] = []
     if not tasks:
         return outcomes
@@ -911,7 +973,8 @@ def _run_tasks(tasks: Sequence[SubjectTask], workers: int, progress: bool) -> li
         else:
             # spawn: fresh interpreters, so no thread pool (ITK, OpenMP, tqdm) is copied half-alive by fork.
             context = multiprocessing.get_context("spawn")
-            pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=_init_worker)
+            pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context,
+                                                          initializer=_init_worker, initargs=(os.getpid(), str(lock)))
             try:
                 futures = {pool.submit(prepare_subject, task): task for task in tasks}
                 for future in concurrent.futures.as_completed(futures):

@@ -15,8 +15,14 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: FileLock always succeeds, a run is then only as safe as its own checks
+    fcntl = None
 
 TEMPORARY_PREFIX = ".tmp-"
 
@@ -61,3 +67,43 @@ def sha256(path: str | Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class FileLock:
+    """An advisory flock(2) on `path` (created empty, and left in place: removing a lock file races with its next user).
+
+    The kernel releases it when the holder ends, however it ends (SIGKILL included), so a lock
+    is never left stale. Holders that share it (`shared=True`) exclude an exclusive holder, and
+    the other way round.
+
+        >>> lock = FileLock("prepared/.prepare.lock")
+        >>> if not lock.acquire(wait_seconds=5):
+        ...     raise SystemExit("another run writes into prepared/")
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._descriptor: int | None = None
+
+    def acquire(self, shared: bool = False, wait_seconds: float = 0.0) -> bool:
+        """Take the lock, or convert the one held (exclusive <-> shared); False if another process holds it
+        still after `wait_seconds`. A conversion is not atomic (flock(2)): check its result too."""
+        if fcntl is None:
+            return True
+        if self._descriptor is None:
+            self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, permissions(0o666))
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(self._descriptor, mode)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)  # closing drops the lock
+            self._descriptor = None
