@@ -98,3 +98,44 @@ def test_batch_montage(tmp_path, volume):
     assert picture[..., :3].std() > 0.05  # not blank
     with pytest.raises(ValueError):
         batch_montage([volume[0]], tmp_path / "bad.png")
+
+
+def test_two_runs_writing_one_sample_at_once_leave_one_whole_sample_and_one_refusal(tmp_path, volume, monkeypatch):
+    import threading
+
+    from mriflow import generate_io
+
+    # Both writers pass the exists-check before either writes: the race of two `generate` runs into one folder.
+    both_checked = threading.Barrier(2, timeout=30)
+    save_volume = generate_io.save_volume
+
+    def save_after_both_checked(*args, **kwargs):
+        both_checked.wait()
+        return save_volume(*args, **kwargs)
+
+    monkeypatch.setattr(generate_io, "save_volume", save_after_both_checked)
+    affine = template_affine(get_grid("4mm"))
+    volumes = {0: volume, 1: volume[::-1].copy()}
+    outcomes = {}
+
+    def write(run):
+        try:
+            write_sample(tmp_path, 0, volumes[run], affine, sidecar(seed=run))
+            outcomes[run] = "written"
+        except FileExistsError as error:
+            outcomes[run] = str(error)
+
+    threads = [threading.Thread(target=write, args=(run,)) for run in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes.values(), key=len)[0] == "written"  # one wins, the other is refused ...
+    winner, loser = sorted(outcomes, key=lambda run: outcomes[run] != "written")
+    assert "sample_00000.nii.gz" in outcomes[loser] and "choose another output folder" in outcomes[loser]
+    assert "\n" not in outcomes[loser]
+    # ... and the sample on disk is the winner's whole: its volume with its sidecar, nothing of the other run.
+    np.testing.assert_allclose(np.asarray(nib.load(str(tmp_path / "sample_00000.nii.gz")).dataobj), volumes[winner],
+                               atol=1e-6)
+    assert json.loads((tmp_path / "sample_00000.json").read_text())["seed"] == winner
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00000.json", "sample_00000.nii.gz"]

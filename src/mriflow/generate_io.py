@@ -16,7 +16,7 @@ import numpy as np
 
 import mriflow
 from mriflow.data.io import save_volume
-from mriflow.utils.files import write_text_atomic
+from mriflow.utils.files import atomic_path
 
 SIDECAR_KEYS = ("covariates", "seed", "solver", "steps", "nfe", "guidance", "model_id", "model_checksum")
 
@@ -56,16 +56,24 @@ def write_sample(
     if not overwrite:
         existing = [str(p) for p in (image_path, sidecar_path) if p.exists()]
         if existing:
-            raise FileExistsError(f"{', '.join(existing)} already exist(s), e.g. written by another run into the same "
-                                  "folder; choose another output folder (existing samples are never overwritten)")
-    save_volume(image_path, np.clip(volume, 0.0, 1.0), affine, dtype=np.float32)
-    record = {**sidecar, "image": image_path.name, "mriflow_version": mriflow.__version__}
-    _write_json(sidecar_path, record)
+            raise FileExistsError(_taken(existing))
+    try:  # without overwrite the names are taken by no-overwrite renames, which the check above cannot replace
+        save_volume(image_path, np.clip(volume, 0.0, 1.0), affine, dtype=np.float32, overwrite=overwrite)
+        record = {**sidecar, "image": image_path.name, "mriflow_version": mriflow.__version__}
+        _write_json(sidecar_path, record, overwrite)
+    except FileExistsError as error:  # another run wrote this name after the check (same folder, same moment)
+        raise FileExistsError(_taken([error.filename])) from None
     return image_path
 
 
-def _write_json(path: Path, record: Mapping[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(record, indent=2, default=_plain))
+def _taken(paths: Sequence[str]) -> str:
+    return (f"{', '.join(paths)} already exist(s), e.g. written by another run into the same folder; "
+            "choose another output folder (existing samples are never overwritten)")
+
+
+def _write_json(path: Path, record: Mapping[str, Any], overwrite: bool = True) -> None:
+    with atomic_path(path, overwrite=overwrite) as temporary:
+        temporary.write_text(json.dumps(record, indent=2, default=_plain))
 
 
 def _plain(value: Any) -> Any:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from mriflow.utils.files import atomic_path, permissions, write_text_atomic
@@ -24,3 +27,19 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
             temporary.write_text("half")
             raise RuntimeError("killed mid-write")
     assert (tmp_path / "record.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["link", "exclusive-create"])
+def test_a_write_that_must_not_overwrite_refuses_an_existing_file_and_leaves_it(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # e.g. a FAT or SMB folder: os.link is refused
+        def no_link(source, target):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(source), None, str(target))
+
+        monkeypatch.setattr(os, "link", no_link)
+    with atomic_path(tmp_path / "sample.json", overwrite=False) as temporary:
+        temporary.write_text("first")
+    with pytest.raises(FileExistsError) as error:
+        with atomic_path(tmp_path / "sample.json", overwrite=False) as temporary:
+            temporary.write_text("second")
+    assert error.value.filename == str(tmp_path / "sample.json")
+    assert (tmp_path / "sample.json").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["sample.json"]

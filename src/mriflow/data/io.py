@@ -31,11 +31,13 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return data, image.affine.astype(np.float64)
 
 
-def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> Path:
+def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32,
+                overwrite: bool = True) -> Path:
     """Write `data` with `affine` as both qform and sform (code 4, MNI-152 template space).
 
     The file is written to a temporary name in the same folder and renamed, so an
-    interrupted write never leaves a half file under the final name.
+    interrupted write never leaves a half file under the final name. With overwrite=False an
+    existing `path` (even one another process wrote a moment ago) raises FileExistsError.
     """
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or np.allclose(affine[:3, :3], 0):
@@ -46,7 +48,7 @@ def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, dtype=np
     image.set_qform(affine, code=4)
     image.set_sform(affine, code=4)
     image.header.set_xyzt_units("mm")
-    with atomic_path(path) as temporary:
+    with atomic_path(path, overwrite=overwrite) as temporary:
         nib.save(image, temporary)
     return path
 

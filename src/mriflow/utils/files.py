@@ -12,6 +12,7 @@ with the permissions open() would have given it (0666 less the umask), not the p
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -28,9 +29,16 @@ TEMPORARY_PREFIX = ".tmp-"
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """A temporary path beside `path` (same suffixes, so writers pick the same format) that replaces
-    `path` when the block ends without an error; on an error it is removed and `path` is untouched."""
+    `path` when the block ends without an error; on an error it is removed and `path` is untouched.
+
+    With overwrite=False the finished file is hard-linked to `path`, which the file system refuses
+    atomically when `path` exists (FileExistsError naming it), so of two processes writing one name
+    at once exactly one wins and the other's file is dropped. Where hard links are refused (FAT, some
+    network shares), `path` is claimed by an exclusive create, then replaced by the finished file:
+    as safe against a second writer, but a kill in between leaves an empty file under its name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -41,10 +49,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(temporary)
         os.chmod(temporary, permissions(0o666))
-        os.replace(temporary, path)
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            _publish_new(Path(temporary), path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _publish_new(temporary: Path, path: Path) -> None:
+    """Give finished file `temporary` the name `path`, which must not exist yet (FileExistsError otherwise)."""
+    try:
+        os.link(temporary, path)
+        return
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+    try:  # no hard links here: claim the name, then move the whole file onto it
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+    os.replace(temporary, path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
