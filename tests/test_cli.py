@@ -147,6 +147,15 @@ def test_a_damaged_model_file_is_one_line_naming_it(tmp_path, capsys):
     assert not (tmp_path / "samples").exists()
 
 
+def test_a_damaged_prepare_json_is_one_line_naming_it(tmp_path, capsys):
+    data = write_prepared(tmp_path / "data")
+    (data / "prepare.json").write_text('{"preset": ')  # a copy cut short
+    assert main(["train", "autoencoder", str(data), "--out", str(tmp_path / "ae"), "--max-steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert f"{data / 'prepare.json'}: damaged or incomplete JSON" in error and "mriflow prepare" in error
+    assert "Traceback" not in error and error.count("\n") == 1
+
+
 def test_an_output_path_that_is_a_file_is_one_line_saying_so(tmp_path, capsys):
     data = write_prepared(tmp_path / "data")
     taken = tmp_path / "notes.txt"

@@ -94,3 +94,20 @@ def latents_image(data, subject):
 
     image, _ = load_volume(data / "images" / f"{subject}.nii.gz")
     return torch.from_numpy(image)[None, None]
+
+
+def test_a_damaged_latent_cache_is_named_and_encoding_again_replaces_it(trained):
+    data, run = trained
+    cache = encode_dataset(data, run, device="cpu")
+    train_file = cache / "train.safetensors"
+    train_file.write_bytes(train_file.read_bytes()[:100])  # cut short by a kill or a full disk
+    with pytest.raises(ValueError, match=rf"{train_file}: damaged or incomplete .*delete the folder {cache}"):
+        LatentDataset(data, run, "train")
+    (cache / "index.json").write_text('{"splits": ')
+    with pytest.raises(ValueError, match=rf"{cache / 'index.json'}: damaged or incomplete .*delete the folder {cache}"):
+        LatentDataset(data, run, "val")
+    encode_dataset(data, run, splits=["val"], device="cpu")  # a cache: what is damaged is dropped, not read
+    with pytest.raises(ValueError, match="'train' was not encoded"):
+        LatentDataset(data, run, "train")
+    encode_dataset(data, run, device="cpu")
+    assert len(LatentDataset(data, run, "train")) == 3 and len(LatentDataset(data, run, "val")) == 1

@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mriflow import checkpoint as ckpt
-from mriflow.utils.files import atomic_path
+from mriflow.utils.files import DamagedFileError, atomic_path, read_json
 
 VQ_LOGVAR = -30.0  # the floor of the KL log-variance: exp(-15) ~ 3e-7, i.e. deterministic
 
@@ -51,6 +52,31 @@ def latent_cache_dir(data_dir: str | Path, autoencoder_run: str | Path) -> Path:
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:10]
     run = ckpt.run_folder(ckpt.resolve_checkpoint(autoencoder_run))
     return run / "latents" / f"{data_dir.resolve().name}-{digest}"
+
+
+def read_cache_index(cache: Path) -> dict[str, Any]:
+    """index.json of latent cache `cache`; DamagedFileError (a ValueError) names it when it cannot be read."""
+    index = read_json(cache / "index.json", advice=_rebuild_advice(cache))
+    if not isinstance(index, dict):
+        raise DamagedFileError(f"{cache / 'index.json'}: damaged or incomplete (not a JSON object); {_rebuild_advice(cache)}")
+    return index
+
+
+def damaged_splits(cache: Path, index: dict[str, Any]) -> list[str]:
+    """The splits of `index` whose file is missing or cannot be opened (cut short by a kill or a full disk)."""
+    damaged = []
+    for split in index.get("splits", {}):
+        try:
+            with safe_open(str(cache / f"{split}.safetensors"), framework="pt"):
+                pass  # opening checks that the header is whole and that the file holds all the data it declares
+        except (SafetensorError, OSError):
+            damaged.append(split)
+    return damaged
+
+
+def _rebuild_advice(cache: Path) -> str:
+    return (f"the cache is made from the data again: delete the folder {cache}, then run `mriflow encode DATA "
+            "--autoencoder RUN` (training a generator on DATA encodes it too)")
 
 
 def encode_dataset(
@@ -83,13 +109,16 @@ def encode_dataset(
         "splits": {},
     }
     cache.mkdir(parents=True, exist_ok=True)
-    if (cache / "index.json").is_file():  # keep other splits encoded by the same weights; drop stale ones
-        previous = json.loads((cache / "index.json").read_text())
-        if previous.get("checkpoint", {}).get("model_sha256") == model_sha256:
-            index["splits"] = {k: v for k, v in previous["splits"].items() if k not in splits}
-        else:
-            for split in previous.get("splits", {}):
-                (cache / f"{split}.safetensors").unlink(missing_ok=True)
+    try:  # keep other splits encoded by the same weights; drop stale and damaged ones (it is only a cache)
+        previous = read_cache_index(cache) if (cache / "index.json").is_file() else {}
+    except DamagedFileError:
+        previous = {}
+    if previous.get("checkpoint", {}).get("model_sha256") == model_sha256:
+        damaged = damaged_splits(cache, previous)
+        index["splits"] = {k: v for k, v in previous["splits"].items() if k not in splits and k not in damaged}
+    for file in cache.glob("*.safetensors"):
+        if file.stem not in index["splits"] and file.stem not in splits:
+            file.unlink()
     statistics = None
     for split in splits:
         dataset = PreparedDataset(data_dir, split)
@@ -157,7 +186,7 @@ class LatentDataset(Dataset):
         index_file = self.cache / "index.json"
         if not index_file.is_file():
             raise FileNotFoundError(f"{self.cache}: no cached latents; run `mriflow encode {data_dir} --autoencoder {autoencoder_run}`")
-        self.index = json.loads(index_file.read_text())
+        self.index = read_cache_index(self.cache)
         checkpoint_dir = ckpt.resolve_checkpoint(autoencoder_run)
         if ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE) != self.index["checkpoint"]["model_sha256"]:
             raise ValueError(
@@ -168,7 +197,12 @@ class LatentDataset(Dataset):
             raise ValueError(f"{self.cache}: split {split!r} was not encoded; encoded: {', '.join(self.index['splits'])}")
         self.scale = float(self.index["latent_scale"])
         self.kind = self.index["kind"]
-        tensors = load_file(str(self.cache / f"{split}.safetensors"))
+        file = self.cache / f"{split}.safetensors"
+        try:
+            tensors = load_file(str(file))
+        except SafetensorError as error:  # its own message names no file
+            raise DamagedFileError(f"{file}: damaged or incomplete latent cache ({error}); "
+                                   f"{_rebuild_advice(self.cache)}") from None
         self.mean = tensors["mean"]  # (N, C, d, h, w)
         self.logvar = tensors.get("logvar")
         prepared = PreparedDataset(data_dir, split, covariates=covariates, schema=schema)

@@ -174,3 +174,18 @@ def test_a_conditional_diffusion_run_writes_the_checkpoint_contract(prepared, tm
     assert meta["config"]["sampling"] == {"solver": "ddim", "steps": 50, "guidance": 1.0}
     assert "objective" not in meta["config"] and [c["name"] for c in meta["schema"]["covariates"]] == ["sex"]
     assert all(np.isfinite(float(row["loss"])) for row in read_log(tmp_path / "diffusion"))
+
+
+def test_a_damaged_latent_cache_is_encoded_again_and_a_damaged_prepare_json_named(prepared, tmp_path):
+    data, autoencoder = prepared
+    cache = encode_dataset(data, autoencoder, device="cpu")
+    assert latents_are_current(data, autoencoder)
+    weights = cache / "train.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short: training must encode it again, not read it
+    assert not latents_are_current(data, autoencoder)
+    (cache / "index.json").write_text('{"splits": ')
+    assert not latents_are_current(data, autoencoder)
+    record = data / "prepare.json"
+    record.write_text('{"preset": ')
+    with pytest.raises(ValueError, match=rf"{record}: damaged or incomplete JSON .*mriflow prepare"):
+        train_flow(data, autoencoder, tmp_path / "flow", config=tiny(max_steps=1))

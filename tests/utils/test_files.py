@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from mriflow.utils.files import atomic_path, permissions, write_text_atomic
+from mriflow.utils.files import atomic_path, permissions, read_json, write_text_atomic
 
 
 def test_files_written_atomically_get_0666_less_the_umask(tmp_path, umask_022):
@@ -43,3 +43,17 @@ def test_a_write_that_must_not_overwrite_refuses_an_existing_file_and_leaves_it(
             temporary.write_text("second")
     assert error.value.filename == str(tmp_path / "sample.json")
     assert (tmp_path / "sample.json").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["sample.json"]
+
+
+def test_a_damaged_json_file_is_named_with_what_to_do(tmp_path):
+    (tmp_path / "good.json").write_text('{"preset": "4mm"}')
+    assert read_json(tmp_path / "good.json") == {"preset": "4mm"}
+    (tmp_path / "cut.json").write_text('{"preset": ')  # a copy or write that stopped
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'cut.json'}: damaged or incomplete JSON \(.*\); restore it"):
+        read_json(tmp_path / "cut.json", advice="restore it")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00\x81 not text")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'binary.json'}: damaged or incomplete JSON"):
+        read_json(tmp_path / "binary.json")
+    with pytest.raises(FileNotFoundError) as missing:  # a missing file stays an OSError that names it
+        read_json(tmp_path / "missing.json")
+    assert missing.value.filename == str(tmp_path / "missing.json")

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mriflow.data.io import load_volume
+from mriflow.utils.files import read_json
 
 MANIFEST_COLUMNS = ("subject", "image", "mask", "labels", "split")
 # A numeric column with at most this many distinct values is treated as categorical
@@ -154,6 +155,15 @@ def read_manifest(root: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; was it written by `mriflow prepare`?")
     return table
+
+
+def read_preparation(root: str | Path) -> dict[str, Any]:
+    """``prepare.json`` of a prepared folder, how it was prepared ({} when it has none, e.g. a hand-made folder)."""
+    path = Path(root) / "prepare.json"
+    if not path.is_file():
+        return {}
+    return read_json(path, advice=f"it records how {root} was prepared: restore it, or prepare the dataset again "
+                                  f"(mriflow prepare IMAGES --out {root} --force)")
 
 
 def covariate_columns(table: pd.DataFrame) -> list[str]:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from mriflow import __version__
 from mriflow.data.dataset import read_manifest
 from mriflow.data.io import is_nifti, load_volume, strip_nifti_suffix
+from mriflow.utils.files import read_json
 from mriflow.evaluate.bootstrap import DEFAULT_ROUNDS, bootstrap as run_bootstrap, default_sample_size
 from mriflow.evaluate.diversity import DEFAULT_MAX_PAIRS, pairwise_ms_ssim
 from mriflow.evaluate.backbones import (
@@ -136,7 +137,7 @@ def read_sidecar(path: Path) -> dict:
     sidecar = path.with_name(strip_nifti_suffix(path.name) + ".json")
     if not sidecar.is_file():
         return {}
-    data = json.loads(sidecar.read_text())
+    data = read_json(sidecar, advice="restore it, or delete it (its volume is then measured without the covariates it was drawn for)")
     values = data.get("covariates", data) if isinstance(data, dict) else {}
     return {k: v for k, v in values.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 

@@ -18,7 +18,6 @@ Under `torchrun --nproc_per_node N` the same call trains with DDP (batch_size is
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,7 +235,7 @@ def train_autoencoder(
     when given. With `resume`, the run's own config is used (only `max_steps` and `max_minutes`
     may change). Returns {"step", "metrics", "checkpoint"}.
     """
-    from mriflow.data.dataset import PreparedDataset
+    from mriflow.data.dataset import PreparedDataset, read_preparation
 
     data_dir, out = Path(data_dir), Path(out)
     latest = ckpt.latest_checkpoint(out) if resume else None
@@ -255,10 +254,9 @@ def train_autoencoder(
 
     if max_minutes is not None:
         config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_minutes=max_minutes))
+    preparation = read_preparation(data_dir)
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(config.loop.device)
-    preparation_file = data_dir / "prepare.json"
-    preparation = json.loads(preparation_file.read_text()) if preparation_file.is_file() else {}
     dataset = PreparedDataset(data_dir, "train", augment=config.augment, crop_size=config.crop_size)
     image_shape = tuple(PreparedDataset(data_dir, "train")[0]["image"].shape[1:])
     latent_shape = config.model.latent_shape(image_shape)  # refuses a grid the factor does not divide

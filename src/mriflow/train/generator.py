@@ -34,7 +34,6 @@ Under `torchrun --nproc_per_node N` the same call trains with DDP (batch_size is
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,15 +45,16 @@ from torch.utils.data import Dataset
 
 from mriflow import checkpoint as ckpt
 from mriflow.config import from_dict, load_preset, to_dict
-from mriflow.data.dataset import CovariateSchema, covariate_columns, read_manifest
+from mriflow.data.dataset import CovariateSchema, covariate_columns, read_manifest, read_preparation
 from mriflow.families import FAMILIES, Family, get_family
 from mriflow.families.diffusion import DiffusionTrainingConfig
 from mriflow.families.flow import FlowTrainingConfig
-from mriflow.latents import LatentDataset, encode_dataset, latent_cache_dir
+from mriflow.latents import LatentDataset, damaged_splits, encode_dataset, latent_cache_dir, read_cache_index
 from mriflow.models.velocity import VelocityNet, num_parameters
 from mriflow import distributed
 from mriflow.train import loop
 from mriflow.distributed import Distributed
+from mriflow.utils.files import DamagedFileError
 
 PRESETS = ("tiny", "small", "base", "large")
 STAGES = tuple(FAMILIES)
@@ -266,20 +266,24 @@ def train_generator(
 
 
 def latents_are_current(data_dir: str | Path, autoencoder: str | Path) -> bool:
-    """Whether the latent cache of (data_dir, autoencoder) holds the training split encoded by these very weights."""
+    """Whether the latent cache of (data_dir, autoencoder) holds the training split encoded by these very weights,
+    in files that are whole (a damaged cache is not current: it is encoded again)."""
     cache = latent_cache_dir(data_dir, autoencoder)
     if not (cache / "index.json").is_file():
         return False
-    index = json.loads((cache / "index.json").read_text())
+    try:
+        index = read_cache_index(cache)
+    except DamagedFileError:
+        return False
     weights = ckpt.resolve_checkpoint(autoencoder) / ckpt.MODEL_FILE
-    return ("train" in index.get("splits", {}) and "latent_scale" in index and (cache / "train.safetensors").is_file()
+    return ("train" in index.get("splits", {}) and "latent_scale" in index and not damaged_splits(cache, index)
             and index.get("checkpoint", {}).get("model_sha256") == ckpt.sha256(weights))
 
 
 def _ensure_latents(data_dir: Path, checkpoint_dir: Path, context: Distributed) -> None:
     """Encode every split of `data_dir` (rank 0, the others wait) unless the cache is current."""
     if context.is_main and not latents_are_current(data_dir, checkpoint_dir):
-        print(f"encoding {data_dir} with {checkpoint_dir} (the latent cache is missing or was made with other weights)")
+        print(f"encoding {data_dir} with {checkpoint_dir} (the latent cache is missing, damaged or was made with other weights)")
         encode_dataset(data_dir, checkpoint_dir, device=context.device)
     distributed.barrier()
 
@@ -300,8 +304,7 @@ def _check_condition(data_dir: Path, names: Sequence[str]) -> None:
 def _geometry(data_dir: Path) -> tuple[dict[str, Any], list[int], list[list[float]]]:
     """(prepare.json or {}, image shape [D, H, W], template affine): the affine from prepare.json when it
     has one, else from the header of the first volume (all prepared volumes share the grid)."""
-    record = data_dir / "prepare.json"
-    preparation = json.loads(record.read_text()) if record.is_file() else {}
+    preparation = read_preparation(data_dir)
     header = nib.load(str(data_dir / read_manifest(data_dir)["image"].iloc[0]))
     affine = preparation.get("affine", np.asarray(header.affine, dtype=np.float64).tolist())
     return preparation, [int(n) for n in header.shape[:3]], affine

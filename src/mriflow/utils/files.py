@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 try:
     import fcntl
@@ -79,6 +80,20 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically (see atomic_path)."""
     with atomic_path(path) as temporary:
         temporary.write_text(text)
+
+
+class DamagedFileError(ValueError):
+    """A file cannot be parsed: cut short (a copy, download or write that stopped), overwritten or not what it should be."""
+
+
+def read_json(path: str | Path, advice: str = "restore it from where it came from, or write it again") -> Any:
+    """The JSON value in `path`. One that cannot be parsed raises DamagedFileError naming the file, what is
+    wrong and `advice` (what to do); json's own message names no file. A missing file is an OSError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedFileError(f"{path}: damaged or incomplete JSON ({error}); {advice}") from None
 
 
 def permissions(mode: int) -> int:
