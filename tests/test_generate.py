@@ -150,6 +150,16 @@ def test_unknown_covariates_and_solvers_of_the_other_family_are_refused(runs, tm
         generate(runs["flow"], tmp_path / "old", n=1, covariates={"age": 95}, solver="euler", steps=1, **FAST)
 
 
+def test_temporary_files_a_killed_run_left_are_removed_when_the_next_one_starts(runs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = out / f".tmp-{ended.stdout.strip()}-k1ll3d.nii.gz"  # a sample half written when its run was killed
+    leftover.write_bytes(b"half a volume")
+    os.utime(leftover, (leftover.stat().st_mtime - 60,) * 2)
+    generate(runs["flow"], out, n=1, solver="euler", steps=1, **FAST)
+    assert not leftover.exists() and not list(out.glob(".tmp-*"))
+
 def test_an_existing_output_is_refused_and_left_untouched(runs, tmp_path):
     out = tmp_path / "out"
     generate(runs["flow"], out, n=2, solver="euler", steps=1, **FAST)

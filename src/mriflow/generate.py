@@ -51,6 +51,7 @@ from mriflow.generate_io import batch_montage, sample_name, write_sample
 from mriflow.models.conditioning import parse_value, resolve_request
 from mriflow.models.velocity import VelocityNet, VelocityNetConfig
 from mriflow import distributed
+from mriflow.utils.files import remove_stale_temporaries
 
 REQUIRED_META = ("config", "schema", "autoencoder", "latent_shape", "image_shape", "affine")
 GENERATOR_DIR, AUTOENCODER_DIR = "flow", "autoencoder"  # the folders of an exported model
@@ -290,7 +291,7 @@ def generate(
     if n < 1 or batch_size < 1 or seed < 0 or max_redraws < 0:
         raise ValueError(f"n and batch_size must be >= 1, seed and max_redraws >= 0; got n={n}, "
                          f"batch_size={batch_size}, seed={seed}, max_redraws={max_redraws}")
-    out = Path(out)
+    out, start_time = Path(out), time.time()
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(device)
     try:
@@ -301,6 +302,9 @@ def generate(
         requests = [{k: v for k, v in row.items() if k not in ID_COLUMNS} for row in rows]
         conditions = [resolve_request(generator.schema, request) for request in requests]
         requested = [requested_covariates(generator.schema, r, *c) for r, c in zip(requests, conditions)]
+        if context.is_main and out.is_dir():  # before any process of this run writes into `out`
+            for leftover in remove_stale_temporaries([out], before=start_time):
+                print(f"removed {leftover}: left incomplete by an interrupted run")
         if not overwrite:
             refuse_existing(out, n, names)
         reference = privacy_reference(privacy_filter, generator) if privacy_filter is not None else None

@@ -500,6 +500,20 @@ def test_a_second_prepare_into_a_folder_in_use_is_refused_in_one_line(tmp_path, 
     assert run_prepare(images, out, masks=labels, register=False, progress=False).newly_prepared == ["a"]
 
 
+
+def test_temporary_files_a_killed_run_left_are_removed_when_the_next_one_starts(tmp_path):
+    images, labels = make_inputs(tmp_path, ("a",))
+    out = tmp_path / "out"
+    run_prepare(images, out, masks=labels, register=False, progress=False)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftovers = [out / "images" / f".tmp-{ended.stdout.strip()}-k1ll3d.nii.gz", out / "records" / ".tmp-x1y2.json",
+                 out / ".tmp-p4rt.csv"]  # a worker killed mid-write; files of an older version, without a process id
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    assert run_prepare(images, out, masks=labels, register=False, progress=False).already_done == ["a"]
+    assert not [path for path in leftovers if path.exists()]
+
 # --- real data ------------------------------------------------------------------------------
 
 

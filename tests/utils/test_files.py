@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from mriflow.utils.files import atomic_path, permissions, read_json, write_text_atomic
+from mriflow.utils.files import atomic_path, permissions, read_json, remove_stale_temporaries, write_text_atomic
 
 
 def test_files_written_atomically_get_0666_less_the_umask(tmp_path, umask_022):
@@ -57,3 +57,29 @@ def test_a_damaged_json_file_is_named_with_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError) as missing:  # a missing file stays an OSError that names it
         read_json(tmp_path / "missing.json")
     assert missing.value.filename == str(tmp_path / "missing.json")
+
+
+def test_only_temporary_files_of_ended_writers_from_before_the_start_are_removed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)  # a writer killed midway
+    start = time.time()
+    names = {f".tmp-{dead}-k1ll3d.nii.gz": True, ".tmp-k1ll3d.json": True,  # an ended writer's; one of an old version
+             f".tmp-{os.getpid()}-wr1t1ng.nii.gz": False,  # a live writer's, e.g. another run into the folder
+             "sample_00000.nii.gz": False, ".prepare.lock": False}
+    for name in names:
+        (tmp_path / name).write_bytes(b"half")
+        os.utime(tmp_path / name, (start - 60, start - 60))
+    (tmp_path / f".tmp-{dead}-n3w.json").write_bytes(b"new")  # written after the start: not this run's to judge
+    removed = remove_stale_temporaries([tmp_path, tmp_path / "missing"], before=start)
+    assert sorted(p.name for p in removed) == sorted(name for name, stale in names.items() if stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [name for name, stale in names.items() if not stale] + [f".tmp-{dead}-n3w.json"])
+
+
+def test_a_temporary_file_names_its_writer(tmp_path):
+    with atomic_path(tmp_path / "volume.nii.gz") as temporary:
+        assert temporary.name.startswith(f".tmp-{os.getpid()}-") and temporary.name.endswith(".nii.gz")

@@ -66,7 +66,7 @@ from mriflow.data.inputs import (
 )
 from mriflow.data.io import save_volume, template_affine
 from mriflow.data.split import SPLITS, assign_splits, check_fractions
-from mriflow.utils.files import FileLock, sha256, write_text_atomic
+from mriflow.utils.files import FileLock, remove_stale_temporaries, sha256, write_text_atomic
 
 SKULL_STRIP_CHOICES = ("auto", "mask", "deepbet", "none")
 # The manifest's own columns (as mriflow.data.dataset.MANIFEST_COLUMNS; not imported, which would pull torch into every worker).
@@ -79,6 +79,7 @@ DATASET_OPTIONS = {"images": "IMAGES", "masks": "--masks", "covariates": "--cova
                    "covariate_columns": "--covariate-columns", "preset": "--preset", "skull_strip_used": "--skull-strip",
                    "n4": "--n4", "register": "registration (--no-register)", "split": "--split", "seed": "--seed"}
 VERSION_PACKAGES = ("mriflow", "torch", "nibabel", "SimpleITK", "nilearn", "numpy", "scipy", "pandas")
+OUTPUT_FOLDERS = ("images", "masks", "labels", "records")  # beside manifest.csv, prepare.json, prepare_report.csv
 LOCK_FILE = ".prepare.lock"
 LOCK_WAIT_SECONDS = 5.0  # a run waits this long for the workers of a killed one to end before it is refused
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -748,7 +749,7 @@ def run_prepare(
     None keeps every column. Raises PrepareError on bad arguments or when no
     subject could be prepared; a bad subject is skipped and reported instead.
     """
-    started = time.perf_counter()
+    started, start_time = time.perf_counter(), time.time()
     try:
         grid = get_grid(preset)
         split = check_fractions(split)
@@ -793,6 +794,8 @@ def run_prepare(
     }
     out.mkdir(parents=True, exist_ok=True)
     with _alone_in(out):  # from here on, the only run reading and writing `out`
+        for leftover in remove_stale_temporaries([out, *(out / name for name in OUTPUT_FOLDERS)], before=start_time):
+            print(f"removed {leftover}: left incomplete by an interrupted run")
         if not force:
             _check_same_dataset(out, parameters)
         recipe = build_recipe(preset, strip, n4, register)

@@ -16,10 +16,11 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 try:
     import fcntl
@@ -27,6 +28,9 @@ except ImportError:  # not POSIX: FileLock always succeeds, a run is then only a
     fcntl = None
 
 TEMPORARY_PREFIX = ".tmp-"
+# A temporary file is named .tmp-<id of the writing process>-<random><suffixes>, so that what a killed
+# writer left can be told from what a live one is writing (remove_stale_temporaries).
+_WRITER = re.compile(rf"^{re.escape(TEMPORARY_PREFIX)}(\d+)-")
 
 
 @contextlib.contextmanager
@@ -43,7 +47,8 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX, suffix="".join(path.suffixes))
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-",
+                                             suffix="".join(path.suffixes))
     except OSError as error:  # e.g. a folder that cannot be written: name the file being written, not a temporary one
         raise OSError(error.errno, error.strerror, str(path)) from None
     os.close(handle)
@@ -80,6 +85,43 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically (see atomic_path)."""
     with atomic_path(path) as temporary:
         temporary.write_text(text)
+
+
+def remove_stale_temporaries(folders: Iterable[str | Path], before: float) -> list[Path]:
+    """Remove the temporary files (TEMPORARY_PREFIX) that killed writes left in `folders`; returns them.
+
+    A file is stale when it was last written before `before` (a time.time(), e.g. the start of the
+    run that calls this) and the process named in it has ended; one without a process id (an older
+    mriflow) is judged by its age alone. A live writer's file is kept, even one from before the start
+    (another run into the same folder); so is one whose id a new process has taken since, until a
+    later run. Process ids are this machine's: call it for folders only this machine writes into.
+    """
+    removed = []
+    for folder in folders:
+        for path in sorted(Path(folder).glob(f"{TEMPORARY_PREFIX}*")):
+            try:
+                if not path.is_file() or path.stat().st_mtime >= before:
+                    continue
+            except OSError:  # removed meanwhile
+                continue
+            writer = _WRITER.match(path.name)
+            if writer is not None and _is_alive(int(writer.group(1))):
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _is_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows: assume alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 class DamagedFileError(ValueError):
