@@ -384,3 +384,21 @@ def test_shipped_models_load_by_name_and_default_is_one_of_them(tmp_path, monkey
     (tmp_path / "4mm").mkdir()  # a folder of the user's with that name wins over the shipped model
     with pytest.raises(FileNotFoundError):
         load_generator("4mm", "cpu")
+
+
+def test_an_exported_model_reads_its_autoencoder_only_from_its_own_folder_unless_trusted(runs, tmp_path):
+    import shutil
+
+    release = export_generator(runs["flow"], tmp_path / "received" / "model")
+    shutil.copytree(release / "autoencoder", tmp_path / "elsewhere")  # the same weights, outside the model
+    meta_file = release / "flow" / "checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    for outside in ("../../../elsewhere", str(tmp_path / "elsewhere")):
+        meta["autoencoder"]["path"] = outside
+        meta_file.write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match="leads outside the model's folder.*--trust-model-paths"):
+            load_generator(release / "flow", "cpu")
+        assert load_generator(release / "flow", "cpu", trust_paths=True).model_checksum  # the user said so
+    meta["autoencoder"]["path"] = "../autoencoder"
+    meta_file.write_text(json.dumps(meta))
+    assert load_generator(release / "flow", "cpu").path == release / "flow"

@@ -221,6 +221,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses its own stream of (seed, i)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--trust-model-paths", action="store_true",
+                   help="let an exported --model read its autoencoder from outside its own folder")
     p.add_argument("--privacy-filter", metavar="DATA",
                    help="prepared dataset: reject and redraw samples closer to a training subject than held-out "
                         "subjects (passed through the model's autoencoder) ever are")
@@ -255,7 +257,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                              "drop --n (one sample per row)")
     result = generate(args.model, args.out, n=8 if args.n is None else args.n, covariates=covariates, solver=args.solver,
                       steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                      device=args.device, privacy_filter=args.privacy_filter, cohort=cohort)
+                      device=args.device, privacy_filter=args.privacy_filter, cohort=cohort,
+                      trust_paths=args.trust_model_paths)
     if _is_main_process():
         print(result.summary() if hasattr(result, "summary") else result)
     return 0

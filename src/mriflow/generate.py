@@ -143,11 +143,12 @@ class Generator:
         return self.decode(latents), nfe
 
 
-def load_generator(model: str | Path = "default", device: str | torch.device = "auto") -> Generator:
+def load_generator(model: str | Path = "default", device: str | torch.device = "auto", trust_paths: bool = False) -> Generator:
     """Load a generator: "default" (the shipped default model), a shipped model's name ("4mm"; see
     `shipped_models`), a generator run folder (its latest checkpoint) or a checkpoint folder. The
     autoencoder it was trained with is loaded from meta["autoencoder"]["path"] and refused unless
-    its weights have the recorded sha256."""
+    its weights have the recorded sha256; an exported model's must lie in its own folder unless `trust_paths`
+    (see `autoencoder_folder`)."""
     device = distributed.resolve_device(device)
     if str(model) == "default":
         model = default_model_dir() / GENERATOR_DIR
@@ -184,7 +185,7 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
         raise ValueError(f"{where}: the schema's covariates {schema.names} differ from the network's "
                          f"{list(velocity_net.config.covariate_names)}")
 
-    autoencoder_dir = autoencoder_folder(meta, directory)
+    autoencoder_dir = autoencoder_folder(meta, directory, trust_paths)
     autoencoder, _ = ckpt.load_autoencoder(autoencoder_dir, device)
     latent_shape = tuple(int(n) for n in meta["latent_shape"])
     image_shape = tuple(int(n) for n in meta["image_shape"])
@@ -216,10 +217,21 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
     )
 
 
-def autoencoder_folder(meta: Mapping[str, Any], directory: Path) -> Path:
-    """The autoencoder checkpoint folder of a generator checkpoint `directory`, checked against its sha256."""
+def autoencoder_folder(meta: Mapping[str, Any], directory: Path, trust_paths: bool = False) -> Path:
+    """The autoencoder checkpoint folder of a generator checkpoint `directory`, checked against its sha256.
+
+    An exported model (one that travels: meta has "exported_from") keeps its autoencoder in its own
+    folder, the one holding flow/ and autoencoder/. A path in it that is absolute or climbs out of that
+    folder is refused unless `trust_paths`, so a model received from someone else cannot make mriflow
+    read files elsewhere. A training run's checkpoint records where its autoencoder is on this machine."""
     record = meta["autoencoder"]
     path = Path(record["path"])
+    if "exported_from" in meta and not trust_paths:
+        home = directory.resolve().parent
+        if path.is_absolute() or not (directory / path).resolve().is_relative_to(home):
+            raise ValueError(f"{directory / ckpt.META_FILE}: the autoencoder path {record['path']!r} leads outside the "
+                             f"model's folder {home}; an exported model keeps its autoencoder beside it (../autoencoder). "
+                             "If you trust where this model came from, pass --trust-model-paths")
     path = ckpt.resolve_checkpoint(path if path.is_absolute() else directory / path)
     actual = ckpt.sha256(path / ckpt.MODEL_FILE)
     if actual != record["model_sha256"]:
@@ -270,6 +282,7 @@ def generate(
     progress: bool = True,
     overwrite: bool = False,
     cohort: Sequence[Mapping[str, Any]] | None = None,
+    trust_paths: bool = False,
 ) -> GenerateResult:
     """Sample `n` volumes into `out`: sample_XXXXX.nii.gz + .json per sample, montage.png and generate.json.
 
@@ -295,7 +308,7 @@ def generate(
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(device)
     try:
-        generator = load_generator(model, context.device)
+        generator = load_generator(model, context.device, trust_paths)
         settings = generator.sampling_settings(solver, steps, guidance)
         rows = [dict(row) for row in cohort] if cohort is not None else [dict(covariates or {})] * n
         names = cohort_names(rows) if cohort is not None else [sample_name(i) for i in range(n)]
