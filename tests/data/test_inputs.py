@@ -92,9 +92,9 @@ def test_id_column_preference_and_column_selection_with_renaming(tmp_path):
 
 def test_bad_covariate_rows_are_reported_and_set_missing(tmp_path):
     csv = tmp_path / "demographics.csv"
-    csv.write_text("subject,age,sex\nsub-a,41.5,F\nb,forty,M\nghost,30,F\na,99,M\n")
+    csv.write_text("subject,age,sex\nsub-a,41.5,F\nb,forty,M\nghost,30,F\na,41.5,F\n")
     table, notes = read_covariates([csv], ["a", "b", "c"])
-    assert table.values["a"] == {"age": 41.5, "sex": "F"}  # first row wins
+    assert table.values["a"] == {"age": 41.5, "sex": "F"}  # a repeated row that agrees: a note
     assert table.values["b"] == {"sex": "M"}  # non-numeric age left missing
     assert "age" not in table.values["c"]
     reasons = {(n.subject, n.reason.split()[0]) for n in notes}
@@ -104,6 +104,26 @@ def test_bad_covariate_rows_are_reported_and_set_missing(tmp_path):
     assert "repeated row" in by_subject["a"]
     assert len(reasons) == 3
     assert not math.isnan(table.values["a"]["age"])
+
+
+def test_repeated_rows_that_disagree_are_refused_naming_the_subject_and_values(tmp_path):
+    csv = tmp_path / "demographics.csv"
+    csv.write_text("subject,age,sex,site\na,41.5,F,x\nb,30,M,y\na,99,F,z\n")
+    with pytest.raises(ValueError, match=r"demographics.csv: subject 'a' has 2 rows that disagree \(age: '41.5', '99'\)"):
+        read_covariates([csv], ["a", "b"], parse_covariate_columns("age,sex"))  # site differs too, but is not used
+    table, _ = read_covariates([csv], ["a", "b"], parse_covariate_columns("sex"))
+    assert table.values["a"] == {"sex": "F"}
+
+
+def test_covariate_files_without_an_age_column_get_a_note_unless_columns_are_named(tmp_path):
+    csv = tmp_path / "volumes.csv"
+    csv.write_text("subject,509,701\na,25000,1100000\n")
+    _, notes = read_covariates([csv], ["a"])
+    assert [n.reason for n in notes if "age" in n.reason] == [
+        "no 'age' column in the covariate file(s) (columns: 509, 701); models conditioned on age need one: name yours "
+        "with --covariate-columns COLUMN:age"]
+    _, notes = read_covariates([csv], ["a"], parse_covariate_columns("509:ventricles"))
+    assert notes == []
 
 
 def test_covariate_column_spec_is_parsed_and_checked():

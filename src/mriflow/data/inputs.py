@@ -244,15 +244,32 @@ def read_covariates(
         skips += _fill_column(values, table, id_column, source, name, path)
 
     for path, table, id_column in tables:
+        _refuse_conflicting_rows(path, table, id_column, [source for source, _ in wanted if source in table.columns])
         seen: set[str] = set()
         for subject in table[id_column]:
             if subject in seen:
-                skips.append(Skip(subject, str(path), f"repeated row for subject {subject!r}; the first row is used"))
+                skips.append(Skip(subject, str(path), f"repeated row for subject {subject!r} (same values); the first row is used"))
             elif subject not in known:
                 skips.append(Skip(subject, str(path), f"covariate row for unknown subject {subject!r} (no image with this id); row ignored"))
             seen.add(subject)
     rows = {str(path): set(table[id_column]) for path, table, id_column in tables}
-    return Covariates([name for _, name in wanted], values, sources, rows), skips
+    names = [name for _, name in wanted]
+    if columns is None and tables and "age" not in names:
+        skips.append(Skip("", ", ".join(str(p) for p, _, _ in tables),
+                          f"no 'age' column in the covariate file(s) (columns: {', '.join(names) or 'none'}); models "
+                          "conditioned on age need one: name yours with --covariate-columns COLUMN:age"))
+    return Covariates(names, values, sources, rows), skips
+
+
+def _refuse_conflicting_rows(path: Path, table: pd.DataFrame, id_column: str, used: Sequence[str]) -> None:
+    """Repeated rows of one subject must agree on every covariate used: which one is right cannot be guessed."""
+    repeated = table[table.duplicated(id_column, keep=False)]
+    for subject, rows in repeated.groupby(id_column, sort=False):
+        differing = [c for c in used if rows[c].str.strip().nunique() > 1]
+        if differing:
+            shown = "; ".join(f"{c}: {', '.join(map(repr, rows[c].str.strip().unique()))}" for c in differing)
+            raise ValueError(f"covariate file {path}: subject {subject!r} has {len(rows)} rows that disagree ({shown}); "
+                             "keep one row per subject and prepare again")
 
 
 def _fill_column(values, table: pd.DataFrame, id_column: str, source: str, name: str, path: Path) -> list[Skip]:
