@@ -107,13 +107,13 @@ def test_two_runs_writing_one_sample_at_once_leave_one_whole_sample_and_one_refu
 
     # Both writers pass the exists-check before either writes: the race of two `generate` runs into one folder.
     both_checked = threading.Barrier(2, timeout=30)
-    save_volume = generate_io.save_volume
+    write_json = generate_io._write_json  # the first of the sample's two files
 
-    def save_after_both_checked(*args, **kwargs):
+    def write_after_both_checked(*args, **kwargs):
         both_checked.wait()
-        return save_volume(*args, **kwargs)
+        return write_json(*args, **kwargs)
 
-    monkeypatch.setattr(generate_io, "save_volume", save_after_both_checked)
+    monkeypatch.setattr(generate_io, "_write_json", write_after_both_checked)
     affine = template_affine(get_grid("4mm"))
     volumes = {0: volume, 1: volume[::-1].copy()}
     outcomes = {}
@@ -132,7 +132,7 @@ def test_two_runs_writing_one_sample_at_once_leave_one_whole_sample_and_one_refu
         thread.join()
     assert sorted(outcomes.values(), key=len)[0] == "written"  # one wins, the other is refused ...
     winner, loser = sorted(outcomes, key=lambda run: outcomes[run] != "written")
-    assert "sample_00000.nii.gz" in outcomes[loser] and "choose another output folder" in outcomes[loser]
+    assert "sample_00000" in outcomes[loser] and "choose another output folder" in outcomes[loser]
     assert "\n" not in outcomes[loser]
     # ... and the sample on disk is the winner's whole: its volume with its sidecar, nothing of the other run.
     np.testing.assert_allclose(np.asarray(nib.load(str(tmp_path / "sample_00000.nii.gz")).dataobj), volumes[winner],

@@ -398,6 +398,8 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         advice = OS_ERROR_ADVICE.get(error.errno)
         return f"{error.filename}: {error.strerror.lower()}" + (f"; {advice}" if advice else "")
+    if _is_image_file_error(error):  # its text names the file, not what to do
+        return f"{error} (damaged, cut short or not NIfTI: restore, regenerate or remove it)"
     return str(error)
 
 
@@ -430,10 +432,17 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(set_threads(args.threads))
             return int(args.func(args) or 0)
-    except USER_ERRORS as error:
-        if os.environ.get("MRIFLOW_DEBUG"):
+    except Exception as error:
+        if os.environ.get("MRIFLOW_DEBUG") or not (isinstance(error, USER_ERRORS) or _is_image_file_error(error)):
             raise
         return _fail(command, error)
+
+
+def _is_image_file_error(error: BaseException) -> bool:
+    """nibabel's "not an image file", from a module that reads a volume with nibabel directly (data.io.load_volume
+    names the file itself). Looked up, not imported: most commands never load nibabel."""
+    images = sys.modules.get("nibabel.filebasedimages")
+    return images is not None and isinstance(error, images.ImageFileError)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,12 @@ def write_sample(
         existing = [str(p) for p in (image_path, sidecar_path) if p.exists()]
         if existing:
             raise FileExistsError(_taken(existing))
-    try:  # without overwrite the names are taken by no-overwrite renames, which the check above cannot replace
-        save_volume(image_path, np.clip(volume, 0.0, 1.0), affine, dtype=np.float32, overwrite=overwrite)
+    # The sidecar first: a run killed in between leaves a sidecar alone, never a volume without its record.
+    # Without overwrite the names are taken by no-overwrite renames, which the check above cannot replace.
+    try:
         record = {**sidecar, "image": image_path.name, "mriflow_version": mriflow.__version__}
         _write_json(sidecar_path, record, overwrite)
+        save_volume(image_path, np.clip(volume, 0.0, 1.0), affine, dtype=np.float32, overwrite=overwrite)
     except FileExistsError as error:  # another run wrote this name after the check (same folder, same moment)
         raise FileExistsError(_taken([error.filename])) from None
     return image_path

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 
 from mriflow.config import Grid
-from mriflow.utils.files import atomic_path
+from mriflow.utils.files import DamagedFileError, atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -25,9 +25,25 @@ def strip_nifti_suffix(name: str) -> str:
 
 
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI as float32 (scale factors applied) and its 4x4 voxel-to-world affine."""
-    image = nib.load(str(path))
-    data = np.asarray(image.dataobj, dtype=np.float32)
+    """Read a 3D NIfTI as float32 (scale factors applied) and its 4x4 voxel-to-world affine.
+
+    A file that cannot be read as NIfTI (cut short, damaged, another format) raises DamagedFileError,
+    and one of complex voxels ValueError, each naming the file; nibabel's and gzip's errors name none
+    or say nothing a user can act on. A missing or unreadable file stays an OSError naming it.
+    """
+    try:
+        image = nib.load(str(path))
+        dtype = image.get_data_dtype()
+        data = np.asarray(image.dataobj, dtype=np.float32) if dtype.kind != "c" else None
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise
+    except Exception as error:  # nibabel, gzip, zlib and numpy each have their own
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DamagedFileError(f"{path}: cannot be read as NIfTI ({message}); it is damaged, cut short or not NIfTI: "
+                               "restore or regenerate it") from None
+    if data is None:  # a cast would have dropped the imaginary part without a word
+        raise ValueError(f"{path}: holds complex voxels ({dtype}); mriflow reads real-valued volumes: save the "
+                         "magnitude image")
     return data, image.affine.astype(np.float64)
 
 

@@ -565,19 +565,25 @@ def load_subject(subject: str, image_path: Path, mask_path: Path | None) -> Subj
 def _read_volume(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        dtype = image.get_data_dtype()
+        if dtype.kind != "c":  # casting would drop the imaginary part without a word
+            data = np.asarray(image.dataobj, dtype=np.float32)
         affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputProblem(f"cannot read {what} {path.name}: {message} (corrupt, truncated or not NIfTI?)") from None
+    if dtype.kind == "c":
+        raise InputProblem(f"{what} {path.name} holds complex voxels ({dtype}); give a real-valued (magnitude) image")
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) is one 3D volume
         data = data[..., 0]
     if data.ndim == 4:
         raise InputProblem(f"{what} {path.name} is 4D with {data.shape[3]} volumes (shape {data.shape}); give one 3D volume per file")
     if data.ndim > 4:
         raise InputProblem(f"{what} {path.name} is {data.ndim}D (shape {data.shape}); a 3D volume is needed")
-    if data.ndim < 3 or min(data.shape) < 2:
-        raise InputProblem(f"{what} {path.name} is 2D (shape {data.shape}); a 3D volume is needed")
+    extent = sum(size > 1 for size in data.shape)  # (48, 56, 1) is a 2D slice
+    if extent < 3:
+        kind = f"{extent}D" if extent else "a single voxel"
+        raise InputProblem(f"{what} {path.name} is {kind} (shape {data.shape}); a 3D volume is needed")
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise InputProblem(f"{what} {path.name} has {bad} NaN/Inf voxels; fix or remove them")
