@@ -233,7 +233,8 @@ def test_anatomy_backbone_saves_loads_and_predicts(tmp_path):
         np.testing.assert_allclose(values, model.eval().features(torch.from_numpy(volumes)).numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(values[0], values[1])
     predictions = backbone.predict(volumes)
-    assert set(predictions) == {"age", "sex_prob", "ventricles_ml", "total_brain_ml"}
+    assert set(predictions) == {"age", "sex_prob", "csf_ml", "ventricles_ml", "grey_matter_ml", "white_matter_ml",
+                                "brainstem_ml", "total_brain_ml"}
     np.testing.assert_allclose(predictions["age"], [40.0, 40.0])  # zero heads -> the stored target mean
     np.testing.assert_allclose(predictions["sex_prob"], [0.5, 0.5])
     measured = tissue_volumes_ml(backbone.segment(volumes), backbone.config.classes, 4.0)

@@ -100,9 +100,15 @@ def test_full_evaluation_writes_report_and_flags_planted_copies(prepared, tmp_pa
     markdown = (out / "report.md").read_text()
     assert "Backbone: intensity-v1" in markdown and "Real vs Generated" in markdown
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4  # bootstrap, diversity, memorization, montage
+    assert page.count("data:image/png;base64,") == 5  # bootstrap, diversity, memorization, morphometry, montage
     assert "src=\"figures" not in page  # self-contained
-    assert {p.name for p in (out / "figures").iterdir()} == {"bootstrap.png", "diversity.png", "memorization.png", "montage.png"}
+    assert {p.name for p in (out / "figures").iterdir()} == {"bootstrap.png", "diversity.png", "memorization.png",
+                                                             "morphometry.png", "montage.png"}
+    # tissue volumes from the shipped 4 mm anatomy network, whatever the feature backbone
+    morphometry = result["morphometry"]
+    assert set(morphometry["regions"]) == {"csf", "ventricles", "grey_matter", "white_matter", "brainstem", "total_brain"}
+    assert all(part["w1_generated"]["value"] >= 0 for part in morphometry["regions"].values())
+    assert "Anatomy: tissue volumes" in markdown
 
 
 def test_broken_fakes_score_worse_than_real_ones(prepared, tmp_path):

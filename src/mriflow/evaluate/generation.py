@@ -61,6 +61,7 @@ from mriflow.evaluate.memorization import (
     smoothing_voxels,
 )
 from mriflow.evaluate.metrics import LOWER_IS_BETTER, median_bandwidth, psnr, set_metrics, ssim
+from mriflow.evaluate.morphometry import morphometry
 
 AFFINE_TOLERANCE = 1e-3
 RANGE_TOLERANCE = 1e-3  # generated intensities this far outside [0, 1] are reported, then clipped
@@ -329,6 +330,28 @@ def conditional_fidelity(backbone: Backbone, generated: Sequence[Path], sidecars
     return result
 
 
+def morphometric_fidelity(backbone: Backbone, generated: Sequence[Path], sidecars: Sequence[dict],
+                          real: Sequence[Path], real_rows: pd.DataFrame, other: Sequence[Path], other_rows: pd.DataFrame,
+                          rounds: int, seed: int) -> dict:
+    """Tissue and region volumes of real, other-real and generated volumes from the anatomy network's segmentation
+    (mriflow.evaluate.morphometry), with each subject's age (true, or requested for generated) for the curves."""
+    predictor, reason = _predictor(backbone, nib.load(str(generated[0])).shape)
+    if predictor is None:
+        return {"skipped": f"no anatomy network to segment the volumes: {reason}"}
+    sets = {"real": (real, real_rows.get("age")), "other": (other, other_rows.get("age")),
+            "generated": (generated, pd.DataFrame(list(sidecars)).get("age"))}
+    volumes, ages = {}, {}
+    for name, (paths, age) in sets.items():
+        predicted = _predict(predictor, paths)
+        volumes[name] = {k[:-3]: v for k, v in predicted.items() if k.endswith("_ml")}
+        ages[name] = (pd.to_numeric(age, errors="coerce").to_numpy(float).tolist() if age is not None
+                      else [math.nan] * len(paths))
+    result = morphometry(volumes["real"], volumes["other"], volumes["generated"], rounds=rounds, seed=seed)
+    result["curves"] = {name: {"age": ages[name], **{k: v.tolist() for k, v in volumes[name].items()}}
+                        for name in ("real", "other", "generated")}
+    return result
+
+
 def _correlation(target: np.ndarray, measured: np.ndarray) -> dict | None:
     """Pearson r between target and measured values where both exist (None below 3 pairs)."""
     keep = np.isfinite(target) & np.isfinite(measured)
@@ -500,6 +523,9 @@ def evaluate_generation(
 
     fidelity = conditional_fidelity(backbone, fake_paths, sidecars, real_paths, real_rows)
     timings["conditional_fidelity"] = time.perf_counter() - started - sum(timings.values())
+    anatomy = morphometric_fidelity(backbone, fake_paths, sidecars, real_paths, real_rows, other_paths, other_rows,
+                                    rounds, seed)
+    timings["morphometry"] = time.perf_counter() - started - sum(timings.values())
 
     result = {
         "mriflow_version": __version__,
@@ -519,6 +545,7 @@ def evaluate_generation(
         "diversity": diversity,
         "memorization": memorization,
         "conditional_fidelity": fidelity,
+        "morphometry": anatomy,
         "warnings": warnings,
     }
     montage = {

@@ -204,6 +204,24 @@ def age_figure(fidelity: dict) -> bytes:
     return _png(figure)
 
 
+def morphometry_figure(morphometry: dict) -> bytes:
+    """Volume against age per region: real subjects at their age, generated volumes at the requested one."""
+    regions = list(morphometry["regions"])
+    figure, axes = plt.subplots(1, len(regions), figsize=(2.6 * len(regions), 2.8), squeeze=False)
+    for axis, region in zip(axes[0], regions):
+        for key, colour, label in (("real", "tab:blue", "real"), ("other", "tab:cyan", "real (other split)"),
+                                   ("generated", "tab:red", "generated")):
+            curve = morphometry["curves"][key]
+            axis.scatter(curve["age"], curve[region], s=8, alpha=0.7, color=colour, label=label)
+        axis.set_title(region.replace("_", " "), fontsize=8)
+        axis.set_xlabel("age (years)", fontsize=7)
+        axis.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("volume (ml, template space)", fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    figure.tight_layout()
+    return _png(figure)
+
+
 def make_figures(result: dict, montage: dict | None = None) -> dict[str, bytes]:
     """name -> PNG bytes, for every picture the result supports."""
     figures = {}
@@ -215,6 +233,8 @@ def make_figures(result: dict, montage: dict | None = None) -> dict[str, bytes]:
         figures["memorization"] = memorization_figure(result["memorization"])
     if result["conditional_fidelity"].get("age"):
         figures["age_fidelity"] = age_figure(result["conditional_fidelity"])
+    if "regions" in result.get("morphometry", {}):
+        figures["morphometry"] = morphometry_figure(result["morphometry"])
     return figures
 
 
@@ -333,6 +353,30 @@ def report_blocks(result: dict, figures: dict[str, bytes]) -> list[tuple]:
                             f"(the predictor's own error)."))
         if "age_fidelity" in figures:
             blocks.append(("image", "age_fidelity", "Predicted vs requested (generated) and true (real) age."))
+
+    morphometry = result.get("morphometry", {})
+    blocks.append(("h2", "Anatomy: tissue volumes"))
+    if "skipped" in morphometry or not morphometry:
+        blocks.append(("p", f"Skipped: {morphometry.get('skipped', 'not measured')}."))
+    else:
+        rows = [[region.replace("_", " "), f"{part['real_mean_ml']:.1f}", f"{part['generated_mean_ml']:.1f}",
+                 f"{part['w1_generated']['value']:.2f} ± {part['w1_generated']['sd']:.2f}",
+                 f"{part['w1_real_vs_real']['value']:.2f} ± {part['w1_real_vs_real']['sd']:.2f}",
+                 f"{part['effect_size_generated']:+.2f}", f"{part['effect_size_real_vs_real']:+.2f}"]
+                for region, part in morphometry["regions"].items()]
+        rows.append(["all regions (Fréchet distance, standardised)", "", "",
+                     f"{morphometry['frechet_generated']['value']:.2f} ± {morphometry['frechet_generated']['sd']:.2f}",
+                     f"{morphometry['frechet_real_vs_real']['value']:.2f} ± {morphometry['frechet_real_vs_real']['sd']:.2f}",
+                     "", ""])
+        blocks.append(("table", ["region", "real mean (ml)", "generated mean (ml)", "W1 real vs generated (ml)",
+                                 "W1 real vs real (ml)", "effect size d, generated", "d, real vs real"], rows))
+        counts = morphometry["counts"]
+        blocks.append(("p", f"Volumes from the anatomy network's segmentation in template space (head-size normalised), "
+                            f"{counts['real']} real, {counts['other']} other real and {counts['generated']} generated volumes; "
+                            f"± the bootstrap sd over {morphometry['settings']['rounds']} resamples. A region whose W1 or d is "
+                            f"well beyond the Real vs Real figures is a region the generator gets wrong."))
+        if "morphometry" in figures:
+            blocks.append(("image", "morphometry", "Tissue volume against age: real at their age, generated at the requested one."))
 
     if "montage" in figures:
         blocks.append(("h2", "Examples"))

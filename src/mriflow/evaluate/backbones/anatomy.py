@@ -40,8 +40,8 @@ class AnatomyBackbone:
 
     features(): the standardised embedding + texture statistics (N, feature_dim), see `AnatomyEncoder`.
     predict(): "age" (years), "sex_prob" (of the last of `sex_categories`), and
-    "ventricles_ml" / "total_brain_ml" = voxel count of the predicted classes x voxel
-    volume of the config's grid. The volumes are in template space: `mriflow prepare`
+    "<class>_ml" for every tissue class and "total_brain_ml" = voxel count of the predicted
+    classes x voxel volume of the config's grid. The volumes are in template space: `mriflow prepare`
     registers affinely to MNI152, so they are head-size normalised, not native volumes.
     Total brain = ventricles + grey + white matter + brainstem (MUSE 701 TotalBrain).
     """
@@ -106,6 +106,5 @@ class AnatomyBackbone:
         return {
             "age": (age * self.config.target_std["age"] + self.config.target_mean["age"]).numpy(),
             "sex_prob": torch.sigmoid(sex_logit).numpy(),
-            "ventricles_ml": volumes_ml["ventricles"],
-            "total_brain_ml": volumes_ml["total_brain"],
+            **{f"{name}_ml": values for name, values in volumes_ml.items() if name != "background"},
         }
