@@ -126,3 +126,22 @@ def test_memorization_text_gives_the_copy_scale_and_says_which_space_cannot_see_
     assert "lie at 0.004 (voxel, median; max 0.005) and 10.9 (feature)" in note and "median 0.019" in note
     assert "In feature space a decoded copy lies beyond" in note and "In voxel space" not in note
     assert _copy_note({**memorization, "decoded_copy_distance": None}) == ""
+
+
+def test_the_report_opens_with_a_verdict_against_the_yardsticks():
+    from mriflow.evaluate.report import verdict
+
+    result = make_result()
+    real_fd = result["columns"]["real_vs_real"]["fd"]
+    result["columns"]["real_vs_generated"]["fd"] = {**real_fd, "mean": real_fd["mean"] + 3 * real_fd["sd"] + 5, "sd": real_fd["sd"]}
+    rows = {row[0]: row for row in verdict(result)}
+    fd = rows["fidelity: FD"]
+    assert fd[3] == "further from real data than real data is from itself"  # beyond two combined sds
+    assert rows["diversity: MS-SSIM between volumes"][3] in ("as diverse as real data", "too alike (less diverse than real data)",
+                                                             "more varied than real data")
+    assert "privacy: near copies of training subjects (voxel space)" in rows
+    same = make_result()
+    same["columns"]["real_vs_generated"] = same["columns"]["real_vs_real"]
+    assert {row[0]: row for row in verdict(same)}["fidelity: FD"][3] == "like real data"
+    markdown = render_markdown(report_blocks(result, {}))
+    assert markdown.index("## Verdict") < markdown.index("## Set metrics")
