@@ -321,6 +321,8 @@ def _add_evaluate(commands) -> None:
                                          "adds the Real vs Reconstruction column and matches the memorization "
                                          "yardstick to its smoothness")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--protocol", help="a fixed evaluation protocol (mriflow-v1): split, backbone, n, bootstrap and "
+                                      "seed as written down, so figures compare across runs and papers")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     _add_threads(p)
     p.set_defaults(func=_run_evaluate_generation)
@@ -338,6 +340,7 @@ def _run_evaluate_reconstruction(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate_generation(args: argparse.Namespace) -> int:
+    from mriflow.evaluate.diversity import DEFAULT_MAX_PAIRS as DEFAULT_PAIRS
     from mriflow.evaluate.generation import evaluate_generation
 
     reconstruct = None
@@ -347,10 +350,25 @@ def _run_evaluate_generation(args: argparse.Namespace) -> int:
         args.autoencoder = str(default_model_dir() / AUTOENCODER_DIR)
     if args.autoencoder:
         reconstruct = _reconstructor(args.autoencoder, args.device)
-    result = evaluate_generation(args.real, args.fake, args.out, split=args.split, other_split=args.other_split,
-                                 backbone=args.backbone, weights=args.weights, weights_sha256=args.weights_sha256,
-                                 n=args.n, bootstrap=args.bootstrap, autoencoder=args.autoencoder,
-                                 reconstruct=reconstruct, seed=args.seed, device=args.device)
+    options = dict(split=args.split, other_split=args.other_split, backbone=args.backbone, n=args.n,
+                   bootstrap=args.bootstrap, seed=args.seed)
+    protocol = None
+    if args.protocol:
+        from mriflow.evaluate.protocols import get_protocol
+
+        protocol = get_protocol(args.protocol)
+        defaults = {"split": "test", "other_split": None, "backbone": "auto", "n": None, "bootstrap": None, "seed": 0}
+        changed = [name for name, value in options.items() if value != defaults[name]]
+        if changed:
+            spelled = {"n": "--num-samples"}
+            raise ValueError(f"--protocol {protocol.name} fixes "
+                             f"{', '.join(spelled.get(c, '--' + c.replace('_', '-')) for c in changed)}; "
+                             "drop them, or drop --protocol")
+        options = {name: getattr(protocol, name) for name in options}
+    result = evaluate_generation(args.real, args.fake, args.out, weights=args.weights, weights_sha256=args.weights_sha256,
+                                 autoencoder=args.autoencoder, reconstruct=reconstruct, device=args.device,
+                                 protocol=protocol.settings() if protocol else None,
+                                 diversity_pairs=protocol.diversity_pairs if protocol else DEFAULT_PAIRS, **options)
     generated = result["columns"]["real_vs_generated"]
     print(f"report: {args.out}/report.html  (Real vs Generated: FD {generated['fd']['mean']:.4g} ± "
           f"{generated['fd']['sd']:.2g}, coverage {generated['coverage']['mean']:.3f})")

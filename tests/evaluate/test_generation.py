@@ -230,3 +230,24 @@ def test_auto_backbone_on_another_grid_falls_back_to_deepbet_and_says_so(prepare
     assert any("fell back to 'deepbet'" in w and "(32, 40, 32)" in w for w in result["warnings"])
     assert "(32, 40, 32)" in result["conditional_fidelity"]["skipped"]
     assert "fell back to 'deepbet'" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_protocol_fixes_the_settings_and_the_report_names_it(prepared, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from mriflow.cli import main
+    from mriflow.evaluate import protocols
+
+    fakes = write_fakes(tmp_path / "fakes", prepared, [f"sub{i:02d}" for i in range(10, 18)])
+    base = ["evaluate", "generation", "--real", str(prepared), "--fake", str(fakes), "--out", str(tmp_path / "out"),
+            "--protocol", "mriflow-v1"]
+    assert main(base + ["--num-samples", "5", "--seed", "3"]) == 2
+    assert "--protocol mriflow-v1 fixes --num-samples, --seed; drop them" in capsys.readouterr().err
+    small = dataclasses.replace(protocols.PROTOCOLS["mriflow-v1"], n=6, bootstrap=2, seed=4, diversity_pairs=5)
+    monkeypatch.setitem(protocols.PROTOCOLS, "mriflow-v1", small)  # the phantom sets hold 8 volumes, fewer than 12
+    assert main(base) == 0
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["settings"]["protocol"]["name"] == "mriflow-v1"
+    assert (saved["settings"]["n"], saved["settings"]["bootstrap_rounds"], saved["settings"]["seed"]) == (6, 2, 4)
+    assert saved["backbone"]["name"].startswith("anatomy")
+    assert "Protocol mriflow-v1:" in (tmp_path / "out" / "report.md").read_text()

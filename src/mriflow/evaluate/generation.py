@@ -377,6 +377,7 @@ def evaluate_generation(
     diversity_pairs: int = DEFAULT_MAX_PAIRS,
     device: str = "cpu",
     progress: bool = True,
+    protocol: dict | None = None,
 ) -> dict:
     """Compare generated volumes in `fake_dir` with the prepared data in `real_dir`; write the report to `out`.
 
@@ -537,7 +538,8 @@ def evaluate_generation(
         "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_sha256,
                      "feature_dim": int(real_features.shape[1])},
         "settings": {"n": sample_size, "bootstrap_rounds": rounds, "seed": seed, "sampling": "without replacement",
-                     "nearest_k": NEAREST_K, "mmd_bandwidth": bandwidth, "diversity_pairs": diversity_pairs},
+                     "nearest_k": NEAREST_K, "mmd_bandwidth": bandwidth, "diversity_pairs": diversity_pairs,
+                     "protocol": protocol},
         "lower_is_better": LOWER_IS_BETTER,
         "columns": columns,
         "column_sets": column_sets,

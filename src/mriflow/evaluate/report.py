@@ -308,6 +308,10 @@ def report_blocks(result: dict, figures: dict[str, bytes]) -> list[tuple]:
                         f"generated: {inputs['fake_dir']} ({inputs['counts']['generated']} volumes); grid {inputs['shape']}."))
     blocks.append(("p", f"Backbone: {backbone['name']} ({backbone['feature_dim']} features); weights SHA-256: {checksum}. "
                         f"Set metrics are comparable only under the same backbone, weights and n."))
+    if settings.get("protocol"):
+        protocol = settings["protocol"]
+        blocks.append(("p", f"Protocol {protocol['name']}: {protocol['description']}. Figures compare with other reports "
+                            f"of protocol {protocol['name']} on the same real data."))
     if backbone["name"].startswith("intensity"):
         blocks.append(("p", "The intensity backbone is a sanity descriptor, not comparable with published FD/KID values."))
     for warning in result.get("warnings", []):
