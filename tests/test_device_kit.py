@@ -100,6 +100,7 @@ def test_the_schedule_is_fitted_to_the_budget():
     assert loop.max_steps == 2700 and loop.warmup_steps == 270 and loop.device == "cuda"
     assert 1 / (1 - loop.ema_decay) == pytest.approx(270)  # the EMA horizon is a tenth of the run
     assert loop.checkpoint_every == loop.montage_every == 2700
+    assert run.fitted_loop(LoopConfig(), 4, True).ema_decay == 0.0  # a few rehearsal steps: no average, not a negative one
 
 
 def test_rehearsal_of_the_2mm_model_jobs_lands_a_model_that_generates(kit, prepared, tmp_path):

@@ -88,7 +88,7 @@ def fitted_loop(loop, steps: int, rehearse: bool):
     return dataclasses.replace(
         loop, max_steps=steps, warmup_steps=max(1, min(loop.warmup_steps, steps // 10)),
         # an EMA horizon (1 / (1 - decay)) of at most a tenth of the run
-        ema_decay=min(loop.ema_decay, 1.0 - 10.0 / steps), log_every=max(1, min(loop.log_every, steps // 20)),
+        ema_decay=min(loop.ema_decay, max(0.0, 1.0 - 10.0 / steps)), log_every=max(1, min(loop.log_every, steps // 20)),
         montage_every=steps, checkpoint_every=steps, **rehearsal_loop(rehearse))
 
 
