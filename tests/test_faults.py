@@ -131,6 +131,28 @@ def test_a_damaged_sidecar_of_a_generated_volume_is_named(tmp_path):
         read_sidecar(Path(tmp_path / "sample_00000.nii.gz"))
 
 
+
+def test_an_error_while_generating_is_the_last_line_not_a_progress_bar_drawn_after_it(tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_generate import save_autoencoder, save_generator
+
+    from mriflow import generate as generation
+
+    model = save_generator(tmp_path / "flow", save_autoencoder(tmp_path / "autoencoder"))
+    write_sample = generation.write_sample
+
+    def taken_at_the_second(out, index, *args, **kwargs):  # another run into the folder was faster there
+        if index == 1:
+            raise FileExistsError(f"{out}/sample_00001.json already exist(s); choose another output folder")
+        return write_sample(out, index, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "write_sample", taken_at_the_second)
+    code = main(["generate", "--model", str(model), "--out", str(tmp_path / "samples"), "--num-samples", "3",
+                 "--solver", "euler", "--steps", "1", "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.rstrip("\n").rsplit("\n", 1)[-1].rsplit("\r", 1)[-1].startswith("mriflow generate: error: ")
+
 # --- runs killed midway -----------------------------------------------------------------------
 
 

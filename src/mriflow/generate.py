@@ -328,40 +328,40 @@ def generate(
         common = {"seed": seed, **settings, "model_id": generator.model_id,
                   "model_checksum": generator.model_checksum, "autoencoder_checksum": generator.autoencoder_checksum,
                   "stage": generator.stage, "device": str(context.device)}
-        bar = tqdm(total=len(indices), unit="sample", desc="generate", dynamic_ncols=True,
-                   disable=not (progress and context.is_main))
         start = time.perf_counter()
         written: dict[int, str] = {}
         attempts: dict[int, int] = {}
         withheld: list[int] = []
         nfe = 0
-        for first in range(0, len(indices), batch_size):
-            pending = indices[first:first + batch_size]
-            while pending:
-                seeds = [sample_seed(seed, i, attempts.get(i, 0)) for i in pending]
-                condition = tuple(torch.stack([conditions[i][part] for i in pending]) for part in (0, 1)) \
-                    if len(generator.schema) else None  # (B, K) values and present flags
-                volumes, nfe = generator.sample(seeds, condition, settings)
-                redraw = []
-                for index, stream, volume in zip(pending, seeds, volumes):
-                    attempt = attempts.get(index, 0)
-                    if reference is not None and reference.is_memorized(volume):
-                        if attempt < max_redraws:
-                            attempts[index] = attempt + 1
-                            redraw.append(index)
-                        else:
-                            withheld.append(index)
-                        continue
-                    sidecar = {"covariates": requested[index], **common, "nfe": nfe, "index": index,
-                               "sample_seed": stream, "attempt": attempt}
-                    if cohort is not None:
-                        sidecar["cohort_row"] = rows[index]
-                    path = write_sample(out, index, volume, generator.affine, sidecar, overwrite=overwrite,
-                                        name=names[index])
-                    written[index] = path.name
-                    bar.update(1)
-                pending = redraw
-        bar.close()
+        # closed on an error too: a bar left open is redrawn at exit, after the error line
+        with tqdm(total=len(indices), unit="sample", desc="generate", dynamic_ncols=True,
+                  disable=not (progress and context.is_main)) as bar:
+            for first in range(0, len(indices), batch_size):
+                pending = indices[first:first + batch_size]
+                while pending:
+                    seeds = [sample_seed(seed, i, attempts.get(i, 0)) for i in pending]
+                    condition = tuple(torch.stack([conditions[i][part] for i in pending]) for part in (0, 1)) \
+                        if len(generator.schema) else None  # (B, K) values and present flags
+                    volumes, nfe = generator.sample(seeds, condition, settings)
+                    redraw = []
+                    for index, stream, volume in zip(pending, seeds, volumes):
+                        attempt = attempts.get(index, 0)
+                        if reference is not None and reference.is_memorized(volume):
+                            if attempt < max_redraws:
+                                attempts[index] = attempt + 1
+                                redraw.append(index)
+                            else:
+                                withheld.append(index)
+                            continue
+                        sidecar = {"covariates": requested[index], **common, "nfe": nfe, "index": index,
+                                   "sample_seed": stream, "attempt": attempt}
+                        if cohort is not None:
+                            sidecar["cohort_row"] = rows[index]
+                        path = write_sample(out, index, volume, generator.affine, sidecar, overwrite=overwrite,
+                                            name=names[index])
+                        written[index] = path.name
+                        bar.update(1)
+                    pending = redraw
         seconds = time.perf_counter() - start
 
         shares = distributed.all_gather_objects({"written": written, "attempts": attempts, "withheld": withheld,
