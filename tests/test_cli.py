@@ -203,3 +203,15 @@ def test_an_age_that_is_not_a_finite_number_is_refused(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "covariate 'age': nan is not a finite number" in error and error.count("\n") == 1
     assert not (tmp_path / "samples").exists()
+
+
+def test_nan_in_prepared_data_is_one_line_naming_the_file_and_lr_is_an_option(tmp_path, capsys):
+    from mriflow.data.io import load_volume, save_volume
+
+    data = write_prepared(tmp_path / "data")
+    image, affine = load_volume(data / "images" / "sub00.nii.gz")
+    image[:] = np.nan
+    save_volume(data / "images" / "sub00.nii.gz", image, affine)
+    code = main(["train", "autoencoder", str(data), "--out", str(tmp_path / "run"), "--max-steps", "2", "--lr", "1e-4"])
+    error = capsys.readouterr().err
+    assert code == 2 and "sub00.nii.gz: holds NaN or infinite values" in error and "Traceback" not in error

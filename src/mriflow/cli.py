@@ -135,6 +135,7 @@ def _add_common_training(p: argparse.ArgumentParser, stage: str) -> None:
                         "default tiny")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's; may change on --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
     _add_threads(p)
 
@@ -148,7 +149,7 @@ def _run_train_autoencoder(args: argparse.Namespace) -> int:
     from mriflow.train.autoencoder import train_autoencoder
 
     result = train_autoencoder(args.data, args.out, kind=args.kind, preset=args.preset, max_steps=args.max_steps,
-                               resume=args.resume, max_minutes=args.max_minutes)
+                               resume=args.resume, max_minutes=args.max_minutes, lr=args.lr)
     return _report_training(result)
 
 
@@ -158,7 +159,7 @@ def _run_train_generator(args: argparse.Namespace) -> int:
     # No --condition: unconditional for a new run, the run's own covariates on --resume.
     condition = [name.strip() for name in args.condition.split(",") if name.strip()] or None
     result = train_generator(args.stage, args.data, args.autoencoder, args.out, condition=condition, preset=args.preset,
-                             max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes)
+                             max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes, lr=args.lr)
     return _report_training(result)
 
 

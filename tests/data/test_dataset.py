@@ -10,7 +10,7 @@ import torch
 
 from mriflow.config import get_grid
 from mriflow.data.dataset import CovariateSchema, PreparedDataset
-from mriflow.data.io import save_volume, template_affine
+from mriflow.data.io import load_volume, save_volume, template_affine
 
 
 def make_prepared(root, rows):
@@ -149,3 +149,14 @@ def test_random_crops_are_windows_of_the_volume_reproducible_from_torch_seed(tmp
         PreparedDataset(root, "train", crop_size=(48, 24, 16))[0]
     with pytest.raises(ValueError, match="three positive sizes"):
         PreparedDataset(root, "train", crop_size=(16, 24))
+
+
+def test_a_volume_with_nan_is_refused_naming_the_file(tmp_path):
+    root = make_prepared(tmp_path, ROWS[:2])
+    image, affine = load_volume(root / "images" / "s2.nii.gz")
+    image[10, 10, 10] = np.nan
+    save_volume(root / "images" / "s2.nii.gz", image, affine)
+    dataset = PreparedDataset(root, "train")
+    assert torch.isfinite(dataset[0]["image"]).all()
+    with pytest.raises(ValueError, match=r"s2.nii.gz: holds NaN or infinite values; prepare this subject again"):
+        dataset[1]

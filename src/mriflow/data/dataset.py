@@ -216,6 +216,10 @@ class PreparedDataset(Dataset):
         row = self.rows.iloc[index]
         image, _ = load_volume(self.root / row["image"])
         mask, _ = load_volume(self.root / row["mask"])
+        for name, volume in (("image", image), ("mask", mask)):
+            if not np.isfinite(volume).all():  # training on it would end in a NaN loss that names no file
+                raise ValueError(f"{self.root / row[name]}: holds NaN or infinite values; prepare this subject again "
+                                 "(mriflow prepare --force) or remove its row from manifest.csv")
         if self.augment:
             image, mask = self._augment(image, mask)
         if self.crop_size is not None:

@@ -227,13 +227,14 @@ def train_autoencoder(
     config: AutoencoderTrainingConfig | None = None,
     stop_at_step: int | None = None,
     max_minutes: float | None = None,
+    lr: float | None = None,
 ) -> dict[str, Any]:
     """Train an autoencoder on the training split of prepared folder `data_dir` into run folder `out`.
 
     The config is the preset (default "tiny"), or `config` when given, with `kind` ("kl" | "vq"),
-    `max_steps` and `max_minutes` (a wall-clock budget; the run stops with a checkpoint) replaced
-    when given. With `resume`, the run's own config is used (only `max_steps` and `max_minutes`
-    may change). Returns {"step", "metrics", "checkpoint"}.
+    `max_steps`, `max_minutes` (a wall-clock budget; the run stops with a checkpoint) and `lr` (the peak
+    learning rate) replaced when given. With `resume`, the run's own config is used (only `max_steps`,
+    `max_minutes` and `lr` may change). Returns {"step", "metrics", "checkpoint"}.
     """
     from mriflow.data.dataset import PreparedDataset, read_preparation
 
@@ -254,6 +255,8 @@ def train_autoencoder(
 
     if max_minutes is not None:
         config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_minutes=max_minutes))
+    if lr is not None:
+        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, lr=lr))
     preparation = read_preparation(data_dir)
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(config.loop.device)

@@ -185,9 +185,11 @@ def train_generator(
     config: Any | None = None,
     stop_at_step: int | None = None,
     max_minutes: float | None = None,
+    lr: float | None = None,
 ) -> dict[str, Any]:
     """Train the latent generator of family `stage_name` (a key of mriflow.families.FAMILIES); the arguments
-    and the result are train_flow's, `config` being that family's training config."""
+    and the result are train_flow's, `config` being that family's training config; `lr` replaces the peak
+    learning rate (also on resume)."""
     data_dir, out = Path(data_dir), Path(out)
     checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned: a newer checkpoint of the run is not used
     schema = None
@@ -218,6 +220,8 @@ def train_generator(
         _check_condition(data_dir, names)
     if max_minutes is not None:
         config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_minutes=max_minutes))
+    if lr is not None:
+        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, lr=lr))
 
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(config.loop.device)

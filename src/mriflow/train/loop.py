@@ -79,8 +79,9 @@ class Stage(Protocol):
     def montage(self, batch: dict, networks: dict[str, nn.Module]) -> dict[str, np.ndarray] | None: ...
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss or gradient became NaN or infinite; the run stopped before using it."""
+class NonFiniteLossError(ValueError):
+    """A loss or gradient became NaN or infinite; the run stopped before using it. A ValueError, so the
+    command line shows its message (what was kept and what to do) as one line."""
 
 
 def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -346,8 +347,8 @@ def _only_phase_requires_grad(phase_parameters: dict[str, list[nn.Parameter]], p
 
 def _non_finite_message(out: Path, step: int, phase: str, value: torch.Tensor, last_saved: Path | None,
                         what: str = "loss") -> str:
-    kept = (f"the last good checkpoint, {last_saved}, is kept; continue from it with --resume after lowering "
-            "loop.lr or loop.grad_clip" if last_saved else "no checkpoint was written yet; lower loop.lr and start again")
+    kept = (f"the last good checkpoint, {last_saved}, is kept; continue from it with --resume and a lower --lr"
+            if last_saved else "no checkpoint was written yet; start again with a lower --lr")
     return f"{out}: the {phase} {what} became {value.detach().float().item()} at step {step + 1}; training stopped; {kept}"
 
 
