@@ -51,3 +51,33 @@ def test_the_readme_torchrun_commands_pass_through_whole():
         words = line.split()
         parsed = get_args_parser().parse_args(words[1:])
         assert parsed.training_script == "mriflow" and parsed.training_script_args == words[words.index("mriflow") + 1:]
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `mriflow ...` command of the README (continuation lines joined, comments dropped), as argument lists."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    blocks = text.split("```")[1::2]  # the fenced code blocks
+    commands = []
+    for line in (line for block in blocks for line in block.splitlines()):
+        line = line.split("  #")[0].strip()
+        if line.startswith("#") or "mriflow" not in line:
+            continue
+        for part in line.split("&&"):
+            words = shlex.split(part.strip(), comments=True)
+            if "mriflow" in words and words[0] in ("mriflow", "torchrun"):
+                commands.append(words[words.index("mriflow") + 1:])
+    return commands
+
+
+def test_every_readme_command_parses_with_the_options_it_shows():
+    from mriflow.cli import build_parser
+
+    commands = readme_commands()
+    assert len(commands) >= 12 and ["generate", "--out", "samples", "--n", "4", "--age", "45", "--sex", "F"] in commands
+    for words in commands:
+        args, unknown = build_parser().parse_known_args(words)
+        assert not unknown, f"mriflow {' '.join(words)}: unknown {unknown}"
+        assert callable(args.func)
