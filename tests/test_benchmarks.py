@@ -93,3 +93,18 @@ def test_the_generation_targets_are_judged_against_real_vs_real():
                       "age MAE (generated vs requested) ≤ the predictor's on real scans": True,
                       "samples flagged as copies (voxel space) ≤ the chance rate": True,
                       "samples flagged as copies (feature space) ≤ the chance rate": False}
+
+
+def test_the_reliability_probes_are_judged_as_a_user_sees_them():
+    from reliability import counts, judged, last_line
+
+    bar_then_error = "\rfeatures:   0%|   | 0/1\r                \rmriflow evaluate generation: error: /d/x.nii.gz: bad\n"
+    assert last_line(bar_then_error) == "mriflow evaluate generation: error: /d/x.nii.gz: bad"
+    assert judged(2, bar_then_error, "/d/x.nii.gz") == "one-line error"
+    assert judged(2, bar_then_error, "/d/y.nii.gz") == "unclear error"  # it must name the file
+    assert judged(1, "Traceback (most recent call last):\n  ...\nKeyError: 'x'\n", None) == "traceback"
+    assert judged(0, "", None) == "ok"
+    records = [{"outcome": o, "data_lost": lost} for o, lost in
+               (("one-line error", []), ("skipped", []), ("recovered", ["f"]), ("traceback", []))]
+    assert counts(records) == {"probes": 4, "one_line_errors": 1, "skipped_with_reason": 1, "recovered": 1,
+                               "tracebacks": 1, "other": 0, "data_lost": 1}
