@@ -1,13 +1,22 @@
-"""Shared fixtures: small procedurally built head phantoms and the location of the shared IXI data."""
+"""Shared fixtures and helpers: head phantoms, small prepared folders and training configs, the shared IXI data."""
 
 from __future__ import annotations
 
 import os
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+
+from mriflow.config import Grid, LoopConfig
+from mriflow.data.io import save_volume, template_affine
+from mriflow.models.autoencoder import AutoencoderConfig
+from mriflow.models.discriminators import DiscriminatorConfig
+from mriflow.train.autoencoder import AutoencoderLossConfig, AutoencoderTrainingConfig
 
 IXI_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi"
 
@@ -62,6 +71,44 @@ def tiny_velocity_net(**overrides):
             if not parameter.any():
                 parameter.normal_(0, 0.05)
     return net
+
+
+# ---- small prepared folders and training configs, shared by the training, generation and CLI tests ----
+
+
+def write_prepared(root, splits=("train",) * 5, shape=(16, 20, 16)):
+    """A prepared folder of small head phantoms (intensities in [0, 1]) with a manifest and prepare.json."""
+    affine = template_affine(Grid("test", 4.0, shape))
+    rows = []
+    for i, split in enumerate(splits):
+        image, labels = head_phantom(shape, seed=i)
+        subject = f"sub{i:02d}"
+        save_volume(root / "images" / f"{subject}.nii.gz", image / image.max(), affine)
+        save_volume(root / "masks" / f"{subject}.nii.gz", (labels > 0).astype(np.uint8), affine, dtype=np.uint8)
+        rows.append({"subject": subject, "image": f"images/{subject}.nii.gz", "mask": f"masks/{subject}.nii.gz",
+                     "labels": "", "split": split, "age": 20 + 7 * i})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    (root / "prepare.json").write_text(json.dumps({"preset": "test", "recipe": ["phantom"]}))
+    return root
+
+
+def tiny_config(max_steps=6, adversarial_start=3, kind="kl", **loop):
+    """A tiny autoencoder training config for phantoms of write_prepared's shape (critics from `adversarial_start`)."""
+    return AutoencoderTrainingConfig(
+        model=AutoencoderConfig(kind=kind, patch_size=2, channels=(8, 16), num_res_blocks=(1, 1),
+                                attention_levels=(False, False), latent_channels=2, norm_num_groups=4, num_embeddings=16),
+        loss=AutoencoderLossConfig(adversarial_start=adversarial_start, feature_matching_weight=0.1,
+                                   critic=DiscriminatorConfig(volume_channels=4, volume_layers=2, slice_channels=4,
+                                                              slice_layers=2, num_slices=2)),
+        loop=LoopConfig(**{"max_steps": max_steps, "batch_size": 2, "warmup_steps": 2, "log_every": 1, "montage_every": 3,
+                           "checkpoint_every": 3, "device": "cpu", **loop}),
+    )
+
+
+def read_log(run):
+    """The rows of a run's log.csv."""
+    with open(run / "log.csv", newline="") as stream:
+        return list(csv.DictReader(stream))
 
 
 @pytest.fixture(autouse=True)

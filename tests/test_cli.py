@@ -18,8 +18,7 @@ import pytest
 from conftest import head_phantom
 from mriflow.cli import _covariate_options, main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.joinpath("train")))
-from test_loop import write_prepared  # noqa: E402
+from conftest import write_prepared
 
 
 def write_scans(folder: Path, names=("s01", "s02", "s03")) -> tuple[Path, Path]:

@@ -24,8 +24,7 @@ import pytest
 
 from mriflow.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.joinpath("train")))
-from test_loop import write_prepared  # noqa: E402
+from conftest import write_prepared
 
 POSIX_KILL = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -26,9 +26,7 @@ from mriflow.generate import Generator, export_generator, generate, load_generat
 from mriflow.generate_io import SIDECAR_KEYS
 from mriflow.models.autoencoder import Autoencoder, AutoencoderConfig
 
-# The prepared-folder helper and the one-thread fixture live with the loop tests.
-sys.path.insert(0, str(Path(__file__).resolve().parent.joinpath("train")))
-from test_loop import write_prepared  # noqa: E402
+from conftest import write_prepared
 
 IMAGE_SHAPE = (16, 20, 16)  # write_prepared's grid, so a prepared phantom folder is on the model's grid
 LATENT_SHAPE = (2, 4, 5, 4)

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ from mriflow.latents import VQ_LOGVAR, LatentDataset, encode_dataset, latent_cac
 from mriflow.train.autoencoder import train_autoencoder
 
 # The prepared-folder and tiny-config helpers live with the loop tests.
-sys.path.insert(0, str(Path(__file__).resolve().parent.joinpath("train")))
-from test_loop import tiny_config, write_prepared  # noqa: E402
+from conftest import tiny_config, write_prepared
 
 
 @pytest.fixture

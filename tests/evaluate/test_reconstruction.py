@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,8 +11,7 @@ from conftest import head_phantom
 from mriflow.evaluate.reconstruction import evaluate_reconstruction, ms_ssim, similarity_settings, ssim, volume_metrics
 
 # The prepared-folder and tiny-config helpers live with the loop tests.
-sys.path.insert(0, str(Path(__file__).resolve().parent.joinpath("..", "train")))
-from test_loop import tiny_config, write_prepared  # noqa: E402
+from conftest import tiny_config, write_prepared
 
 
 def phantom(shape=(40, 48, 40), seed=0):

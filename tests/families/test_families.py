@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,9 +13,7 @@ from mriflow.families.flow import RectifiedFlow
 from mriflow.models.velocity import VelocityNetConfig
 from mriflow.train.loop import LoopConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from test_loop import tiny_config, write_prepared  # noqa: E402
+from conftest import tiny_config, write_prepared
 from toy_family import OneStep, OneStepConfig  # noqa: E402
 
 SHAPE = (16, 20, 16)

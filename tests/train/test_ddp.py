@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from mriflow import checkpoint as ckpt
 from mriflow.config import to_dict
 from mriflow.train.autoencoder import train_autoencoder
-from test_loop import read_log, tiny_config, write_prepared  # noqa: E402
+from conftest import read_log, tiny_config, write_prepared
 
 WORKER = textwrap.dedent(
     """

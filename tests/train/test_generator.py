@@ -20,7 +20,7 @@ from mriflow.families.diffusion import DiffusionSamplingConfig, DiffusionTrainin
 from mriflow.families.flow import FlowSamplingConfig, FlowTrainingConfig
 from mriflow.train.generator import PRESETS, latents_are_current, load_config, train_diffusion, train_flow
 from mriflow.train.loop import LoopConfig
-from test_loop import read_log, tiny_config, write_prepared  # noqa: E402
+from conftest import read_log, tiny_config, write_prepared
 
 SHAPE = (16, 20, 16)  # write_prepared's volumes; the tiny autoencoder makes latents of 2 x 4 x 5 x 4
 

@@ -1,59 +1,18 @@
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import shutil
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
 from torch import nn
 
-from conftest import head_phantom
+from conftest import read_log, tiny_config, write_prepared
 from mriflow import checkpoint as ckpt
-from mriflow.config import Grid
-from mriflow.data.io import save_volume, template_affine
-from mriflow.models.autoencoder import AutoencoderConfig
-from mriflow.models.discriminators import DiscriminatorConfig
-from mriflow.train.autoencoder import AutoencoderLossConfig, AutoencoderTrainingConfig, train_autoencoder
+from mriflow.train.autoencoder import train_autoencoder
 from mriflow.train.loop import LoopConfig, NonFiniteLossError, learning_rate_factor, train, update_ema
-
-
-def write_prepared(root, splits=("train",) * 5, shape=(16, 20, 16)):
-    """A prepared folder of small head phantoms (intensities in [0, 1]) with a manifest and prepare.json."""
-    affine = template_affine(Grid("test", 4.0, shape))
-    rows = []
-    for i, split in enumerate(splits):
-        image, labels = head_phantom(shape, seed=i)
-        subject = f"sub{i:02d}"
-        save_volume(root / "images" / f"{subject}.nii.gz", image / image.max(), affine)
-        save_volume(root / "masks" / f"{subject}.nii.gz", (labels > 0).astype(np.uint8), affine, dtype=np.uint8)
-        rows.append({"subject": subject, "image": f"images/{subject}.nii.gz", "mask": f"masks/{subject}.nii.gz",
-                     "labels": "", "split": split, "age": 20 + 7 * i})
-    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
-    (root / "prepare.json").write_text(json.dumps({"preset": "test", "recipe": ["phantom"]}))
-    return root
-
-
-def tiny_config(max_steps=6, adversarial_start=3, kind="kl", **loop):
-    return AutoencoderTrainingConfig(
-        model=AutoencoderConfig(kind=kind, patch_size=2, channels=(8, 16), num_res_blocks=(1, 1),
-                                attention_levels=(False, False), latent_channels=2, norm_num_groups=4, num_embeddings=16),
-        loss=AutoencoderLossConfig(adversarial_start=adversarial_start, feature_matching_weight=0.1,
-                                   critic=DiscriminatorConfig(volume_channels=4, volume_layers=2, slice_channels=4,
-                                                              slice_layers=2, num_slices=2)),
-        loop=LoopConfig(**{"max_steps": max_steps, "batch_size": 2, "warmup_steps": 2, "log_every": 1, "montage_every": 3,
-                           "checkpoint_every": 3, "device": "cpu", **loop}),
-    )
-
-
-def read_log(run):
-    with open(run / "log.csv", newline="") as stream:
-        return list(csv.DictReader(stream))
 
 
 def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine():
