@@ -369,7 +369,7 @@ def report_blocks(result: dict, figures: dict[str, bytes]) -> list[tuple]:
                             f"{memorization['flagged_feature']} flagged. To be flagged a volume must also be singled out by "
                             f"that subject: its nearest training subject clearly nearer than its second nearest (distance "
                             f"ratio below {_number(voxel['ratio_threshold'])} in voxel space, {_number(feature['ratio_threshold'])} "
-                            f"in feature space, the held-out subjects' {voxel['percentile']:g} % quantile, at most 0.75), so "
+                            f"in feature space, the held-out subjects' {voxel['percentile']:g} % quantile, at most 0.7), so "
                             f"a smooth near-average brain, close to everyone, is not taken for a copy. About "
                             f"{memorization['chance_rate']:.0%} of genuinely new volumes fall below such a threshold by "
                             f"chance.{_copy_note(memorization)}"))
