@@ -26,6 +26,9 @@ from mriflow.cli import main
 
 from conftest import write_prepared
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reliability import kill_after  # noqa: E402  (the probes' own kill, shared with benchmarks/reliability.py)
+
 POSIX_KILL = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -163,22 +166,6 @@ def mriflow(*arguments: str, **options) -> subprocess.Popen:
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
     _, error = process.communicate(timeout=timeout)
     return process.returncode, error
-
-
-def kill_after(process: subprocess.Popen, seconds: float, started: Path | None = None) -> bool:
-    """SIGKILL `process` `seconds` after it writes `started` (or after now); False if it ended before."""
-    since = time.time()
-    while started is not None and not (started.exists() and started.stat().st_mtime >= since):
-        if process.poll() is not None:
-            return False
-        time.sleep(0.01)
-    try:
-        process.wait(timeout=seconds)
-        return False
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGKILL)
-        process.communicate()
-        return True
 
 
 @POSIX_KILL
