@@ -251,3 +251,13 @@ def test_a_protocol_fixes_the_settings_and_the_report_names_it(prepared, tmp_pat
     assert (saved["settings"]["n"], saved["settings"]["bootstrap_rounds"], saved["settings"]["seed"]) == (6, 2, 4)
     assert saved["backbone"]["name"].startswith("anatomy")
     assert "Protocol mriflow-v1:" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_damaged_prepare_json_of_the_real_data_is_named(prepared, tmp_path):
+    import shutil
+
+    real = tmp_path / "real"
+    shutil.copytree(prepared, real)
+    (real / "prepare.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"prepare.json.*restore it, or prepare the dataset again"):
+        evaluate_generation(real, write_fakes(tmp_path / "fakes", real, ["sub10", "sub11"]), tmp_path / "out", **FAST)

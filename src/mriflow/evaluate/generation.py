@@ -24,7 +24,6 @@ feature matrices, so resampling costs no network passes.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from datetime import datetime, timezone
@@ -39,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from mriflow import __version__
-from mriflow.data.dataset import read_manifest
+from mriflow.data.dataset import read_manifest, read_preparation
 from mriflow.data.io import is_nifti, load_volume, strip_nifti_suffix
 from mriflow.utils.files import read_json
 from mriflow.evaluate.bootstrap import DEFAULT_ROUNDS, bootstrap as run_bootstrap, default_sample_size
@@ -99,12 +98,8 @@ def _read(path: Path) -> tuple[np.ndarray, bool]:
 def reference_geometry(real_dir: Path, manifest: pd.DataFrame) -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and affine every volume must have: prepare.json's affine and the first image's shape."""
     first = nib.load(str(real_dir / manifest["image"].iloc[0]))
-    affine = first.affine
-    record = real_dir / "prepare.json"
-    if record.is_file():
-        recorded = json.loads(record.read_text()).get("affine")
-        if recorded is not None:
-            affine = np.asarray(recorded, np.float64)
+    recorded = read_preparation(real_dir).get("affine")  # a damaged prepare.json is named, not a JSON position
+    affine = first.affine if recorded is None else recorded
     return tuple(int(s) for s in first.shape), np.asarray(affine, np.float64)
 
 
