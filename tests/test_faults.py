@@ -135,7 +135,6 @@ def test_a_damaged_sidecar_of_a_generated_volume_is_named(tmp_path):
 
 
 def test_an_error_while_generating_is_the_last_line_not_a_progress_bar_drawn_after_it(tmp_path, capsys, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_generate import save_autoencoder, save_generator
 
     from mriflow import generate as generation
@@ -197,7 +196,6 @@ def test_training_killed_at_random_moments_resumes_to_the_same_final_step(tmp_pa
 
 @POSIX_KILL
 def test_generate_killed_midway_leaves_only_whole_samples_and_a_rerun_is_refused_in_one_line(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_generate import save_autoencoder, save_generator
 
     from mriflow.data.io import load_volume
