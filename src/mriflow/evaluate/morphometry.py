@@ -60,9 +60,8 @@ def morphometry(real: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray],
     def standardised(volumes: Mapping[str, np.ndarray]) -> np.ndarray:
         return (np.stack([np.asarray(volumes[n], np.float64) for n in regions], 1) - mean) / sd
 
-    fd = lambda a, b: frechet_distance(a, b)  # noqa: E731
     return {"regions": per_region,
-            "frechet_generated": _bootstrap(fd, standardised(real), standardised(generated), rounds, rng),
-            "frechet_real_vs_real": _bootstrap(fd, standardised(real), standardised(other), rounds, rng),
+            "frechet_generated": _bootstrap(frechet_distance, standardised(real), standardised(generated), rounds, rng),
+            "frechet_real_vs_real": _bootstrap(frechet_distance, standardised(real), standardised(other), rounds, rng),
             "counts": {"real": len(real[regions[0]]), "other": len(other[regions[0]]), "generated": len(generated[regions[0]])},
             "settings": {"rounds": rounds, "seed": seed, "space": "template (head-size normalised)"}}

@@ -18,6 +18,12 @@ from torch import nn
 from mriflow.config import from_dict, to_dict
 
 
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Refuse a config value outside its choices, naming the field and the valid ones."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 class Family:
     """One generative family. A subclass sets the class attributes and implements `loss` and `sample`.
 

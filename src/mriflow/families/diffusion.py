@@ -6,6 +6,7 @@ configuration and the `Family` that ties them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -13,8 +14,7 @@ import torch
 from torch import nn
 
 from mriflow.config import from_dict
-from mriflow.families.base import Family
-from mriflow.families.flow import check_choice
+from mriflow.families.base import Family, check_choice
 from mriflow.flow.diffusion import BETA_SCHEDULES, METHODS, PREDICTIONS, DiffusionSchedule, diffusion_loss, sample_diffusion
 from mriflow.flow.objective import LOSSES
 from mriflow.models.velocity import VelocityNetConfig
@@ -74,7 +74,7 @@ def diffusion_schedule(config: Mapping[str, Any], where: str = "config") -> Diff
     if "diffusion" not in config:
         raise ValueError(f"{where}: a diffusion checkpoint needs config.diffusion (its noise schedule)")
     section = config["diffusion"]
-    fields = {"num_train_timesteps", "schedule", "beta_start", "beta_end", "prediction"}
+    fields = {f.name for f in dataclasses.fields(DiffusionSchedule)}
     if isinstance(section.get("schedule"), Mapping):
         values = {**section["schedule"], **({"prediction": section["prediction"]} if "prediction" in section else {})}
     else:

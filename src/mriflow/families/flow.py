@@ -13,18 +13,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from mriflow.families.base import Family
+from mriflow.families.base import Family, check_choice
 from mriflow.flow.objective import LOSSES, RectifiedFlowLoss
 from mriflow.flow.path import TIME_DISTRIBUTIONS
 from mriflow.flow.sampling import sample_latents
 from mriflow.flow.solvers import SOLVERS
 from mriflow.models.velocity import VelocityNetConfig
 from mriflow.config import LoopConfig
-
-
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
