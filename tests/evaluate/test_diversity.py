@@ -4,24 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import head_phantom
-from mriflow.config import GRIDS
-from mriflow.evaluate.diversity import msssim_settings, pairwise_ms_ssim, sample_pairs
-
-
-@pytest.mark.parametrize("grid", list(GRIDS))
-def test_settings_are_valid_for_every_preset_grid(grid):
-    shape = GRIDS[grid].shape
-    settings = msssim_settings(shape)
-    assert settings["window"] % 2 == 1
-    assert min(shape) // 2 ** (settings["scales"] - 1) >= settings["window"]
-    assert len(settings["weights"]) == settings["scales"]
-    assert sum(settings["weights"]) == pytest.approx(1.0, abs=1e-5)
-    assert 2 <= settings["scales"] <= 5
-
-
-def test_settings_refuse_tiny_volumes():
-    with pytest.raises(ValueError, match="too small"):
-        msssim_settings((8, 8, 8))
+from mriflow.evaluate.diversity import pairwise_ms_ssim, sample_pairs
+from mriflow.evaluate.metrics import ms_ssim_settings
 
 
 def test_pairs_are_distinct_ordered_and_seeded():
@@ -65,7 +49,7 @@ def test_identical_volumes_have_ms_ssim_one():
     volume = phantom_set(1, 0)[0]
     result = pairwise_ms_ssim([volume, volume.copy(), volume.copy()], max_pairs=3)
     assert result["values"] == pytest.approx([1.0] * 3, abs=1e-6)
-    assert result["settings"] == msssim_settings(volume.shape)
+    assert result["settings"] == ms_ssim_settings(volume.shape)
 
 
 def test_a_diverse_set_scores_lower_and_only_paired_volumes_are_read():

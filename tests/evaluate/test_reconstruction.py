@@ -8,7 +8,7 @@ import torch
 from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
 
 from conftest import head_phantom
-from mriflow.evaluate.reconstruction import evaluate_reconstruction, ms_ssim, similarity_settings, ssim, volume_metrics
+from mriflow.evaluate.reconstruction import evaluate_reconstruction, similarity_settings, ssim, volume_metrics
 
 # The prepared-folder and tiny-config helpers live with the loop tests.
 from conftest import tiny_config, write_prepared
@@ -36,7 +36,7 @@ def test_whole_volume_similarity_matches_monai_metrics():
     expected_ms = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=settings.ms_ssim_window,
                                        kernel_sigma=settings.ms_ssim_sigma, weights=settings.ms_ssim_weights)(y, x).item()
     assert ssim(x, y, settings) == pytest.approx(expected_ssim, rel=1e-5)
-    assert ms_ssim(x, y, settings) == pytest.approx(expected_ms, rel=1e-5)
+    assert volume_metrics(x, y, torch.ones_like(x), settings)["ms_ssim"] == pytest.approx(expected_ms, rel=1e-5)
 
 
 def test_metrics_follow_their_definitions_and_the_mask_restricts_them():

@@ -4,16 +4,11 @@ Lower means more diverse. A generator that collapses to a few modes scores highe
 than the real data; one that adds noise or texture can score lower, so read it next
 to the real set's value, never alone.
 
-The window and number of scales are chosen so that the coarsest scale is at least
-one window wide for the volume size (standard MS-SSIM's 11-voxel window and 5
-scales need volumes of 176+ voxels per side); `msssim_settings` returns them so a
-report can print them.
+The window and number of scales are `metrics.ms_ssim_settings`' for the volume size (the
+one rule every MS-SSIM in mriflow uses); the result carries them so a report can print them.
 
-    >>> settings = msssim_settings((40, 48, 40))
-    >>> settings
-    {'window': 7, 'sigma': 1.0, 'scales': 3, 'weights': [0.0710547..., 0.4529738..., 0.4759714...]}
     >>> result = pairwise_ms_ssim(volumes, max_pairs=50, seed=0)
-    >>> result["mean"], result["sd"], result["pairs"]
+    >>> result["mean"], result["sd"], result["pairs"], result["settings"]
 """
 
 from __future__ import annotations
@@ -24,32 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mriflow.evaluate.metrics import MS_SSIM_WEIGHTS, ms_ssim
+from mriflow.evaluate.metrics import ms_ssim, ms_ssim_settings
 
-# The same window as the reconstruction metrics (evaluate/reconstruction.py), so every MS-SSIM in a
-# report means one thing: 7 voxels with sigma 1.0 keeps the standard 11-voxel / 1.5 ratio (+-3 sigma).
-WINDOW = 7
-SIGMA = 1.0
 DEFAULT_MAX_PAIRS = 50
 PAIRS_PER_BATCH = 4
-
-
-def msssim_settings(shape: Sequence[int]) -> dict:
-    """The most scales (up to 5) for which the coarsest scale still holds the 7-voxel window:
-    min(shape) // 2^(scales-1) >= 7.
-
-    Weights are the first `scales` of Wang et al.'s (0.0448, 0.2856, 0.3001, 0.2363,
-    0.1333), renormalised to sum to 1. Examples: 40x48x40 -> 3 scales; 80x96x80 -> 4;
-    160x192x160 -> 5.
-    """
-    smallest = min(shape)
-    for scales in range(len(MS_SSIM_WEIGHTS), 1, -1):
-        if smallest // 2 ** (scales - 1) >= WINDOW:
-            weights = np.asarray(MS_SSIM_WEIGHTS[:scales])
-            return {"window": WINDOW, "sigma": SIGMA, "scales": scales,
-                    "weights": [float(w) for w in weights / weights.sum()]}
-    raise ValueError(f"volumes of shape {tuple(shape)} are too small for MS-SSIM: need at least "
-                     f"{2 * WINDOW} voxels along every axis for 2 scales")
 
 
 def sample_pairs(count: int, max_pairs: int = DEFAULT_MAX_PAIRS, seed: int = 0) -> np.ndarray:
@@ -87,7 +60,7 @@ def pairwise_ms_ssim(
     """
     pairs = sample_pairs(len(volumes), max_pairs, seed)
     first_volume = np.asarray(volumes[int(pairs[0, 0])], np.float32).squeeze()
-    settings = settings or msssim_settings(first_volume.shape)
+    settings = settings or ms_ssim_settings(first_volume.shape)
     values: list[float] = []
     batches = [pairs[i : i + PAIRS_PER_BATCH] for i in range(0, len(pairs), PAIRS_PER_BATCH)]
     for batch in tqdm(batches, desc=description, disable=not progress, leave=False):

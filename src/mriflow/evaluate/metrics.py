@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.metrics import PSNRMetric, SSIMMetric
-from monai.metrics.regression import compute_ssim_and_cs
+from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
 from scipy.spatial.distance import cdist
 
 # Which way is better, for the report and for the sanity checks.
@@ -26,6 +26,10 @@ LOWER_IS_BETTER = {"fd": True, "kid": True, "mmd": True, "precision": False, "re
                    "coverage": False}
 SET_METRICS = tuple(LOWER_IS_BETTER)
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
+# Every MS-SSIM in a report uses one window: 7 voxels with sigma 1.0 keeps the standard 11-voxel /
+# 1.5 ratio (+-3 sigma) and lets 3 scales fit the 4 mm grid's 40 voxels.
+MS_SSIM_WINDOW = 7
+MS_SSIM_SIGMA = 1.0
 
 
 def _as_matrix(features: np.ndarray, name: str) -> np.ndarray:
@@ -196,34 +200,76 @@ def psnr(volumes_a, volumes_b, data_range: float = 1.0) -> np.ndarray:
     return PSNRMetric(max_val=data_range, reduction="none")(a, b).reshape(-1).numpy().astype(np.float64)
 
 
-def ms_ssim(volumes_a, volumes_b, window: int = 11, sigma: float = 1.5, weights: Sequence[float] = MS_SSIM_WEIGHTS,
-            data_range: float = 1.0) -> np.ndarray:
+def ms_ssim_settings(shape: Sequence[int], window: int = MS_SSIM_WINDOW, sigma: float = MS_SSIM_SIGMA) -> dict:
+    """The scales of every MS-SSIM in mriflow, from the smallest side n = min(shape) and the window w:
+
+        S = the largest S <= 5 with  n // 2^(S-1) >= w  and  n // max(1, S-1)^2 >= w
+
+    The first condition keeps a whole window in the coarsest scale; the second is the size
+    check of MONAI's compute_ms_ssim, which computes it (stricter than the first only at
+    S = 4, for n in 56..62 when w = 7). The weights are the first S of Wang et al.'s,
+    renormalised to sum to 1. With w = 7: 40 x 48 x 40 -> 3 scales, 80 x 96 x 80 -> 4,
+    160 x 192 x 160 -> 5. A volume smaller than the window is refused.
+
+    Returns {"window", "sigma", "scales", "weights"}, the form reports print.
+    """
+    smallest = min(shape)
+    for scales in range(len(MS_SSIM_WEIGHTS), 0, -1):
+        if smallest // 2 ** (scales - 1) >= window and smallest // max(1, scales - 1) ** 2 >= window:
+            weights = np.asarray(MS_SSIM_WEIGHTS[:scales])
+            return {"window": window, "sigma": sigma, "scales": scales,
+                    "weights": [float(w) for w in weights / weights.sum()]}
+    raise ValueError(f"volumes of shape {tuple(shape)} are too small for MS-SSIM with a {window}-voxel window: "
+                     f"need at least {window} voxels along every axis")
+
+
+def ms_ssim(volumes_a, volumes_b, window: int = MS_SSIM_WINDOW, sigma: float = MS_SSIM_SIGMA,
+            weights: Sequence[float] | None = None, data_range: float = 1.0, mask=None) -> np.ndarray:
     """Multi-scale SSIM per pair (B,) (Wang et al. 2003), in 2D or 3D.
 
-    MS-SSIM = prod_{s<S} relu(cs_s)^w_s * relu(ssim_S)^w_S, halving the resolution
-    (2x average pooling, zero-padded on odd sizes) between scales. The per-scale SSIM
-    and contrast-structure terms are MONAI's (Gaussian window, valid region); the
-    pyramid is written here because MONAI's own MS-SSIM size check refuses valid
-    4-scale settings. Numerically equal to pytorch-msssim's ms_ssim.
+    MS-SSIM = prod_{s<S} relu(cs_s)^w_s * relu(ssim_S)^w_S, halving the resolution (2x average
+    pooling) between scales; SSIM terms with a Gaussian window, K1 = 0.01, K2 = 0.03, over the
+    valid (unpadded) region. `weights` default to `ms_ssim_settings(shape, window)`; more
+    scales than that rule allows are refused.
+
+    Without a mask this is MONAI's compute_ms_ssim (MultiScaleSSIMMetric). With a `mask`
+    (B or 1, 1, *spatial) the per-scale means run over the mask's voxels in the valid region
+    instead, the mask average-pooled and thresholded at 0.5 between scales; no library takes a
+    mask, so the per-scale maps come from MONAI's compute_ssim_and_cs and the pyramid is
+    MONAI's (an all-ones mask gives the unmasked value, tested).
     """
     a, b = _as_batch(volumes_a, "volumes_a", allow_2d=True), _as_batch(volumes_b, "volumes_b", allow_2d=True)
     if a.shape != b.shape:
         raise ValueError(f"volumes_a and volumes_b differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
     spatial_dims = a.ndim - 2
-    smallest = min(a.shape[2:]) // 2 ** (len(weights) - 1)
-    if smallest < window:
-        raise ValueError(f"volume of shape {tuple(a.shape[2:])} is too small for {len(weights)} scales with window "
-                         f"{window}; the coarsest scale would be {smallest} voxels (see diversity.msssim_settings)")
-    weights_tensor = torch.tensor(weights, dtype=torch.float64)
+    allowed = ms_ssim_settings(a.shape[2:], window, sigma)
+    weights = allowed["weights"] if weights is None else [float(w) for w in weights]
+    if len(weights) > allowed["scales"]:
+        raise ValueError(f"volume of shape {tuple(a.shape[2:])} is too small for {len(weights)} MS-SSIM scales with "
+                         f"window {window}; ms_ssim_settings allows {allowed['scales']}")
+    if mask is None:
+        values = compute_ms_ssim(a, b, spatial_dims, data_range, kernel_size=window, kernel_sigma=sigma, weights=weights)
+        return values.reshape(-1).double().cpu().numpy()
+    mask = _as_batch(mask, "mask", allow_2d=True).float()
+    pool = F.avg_pool3d if spatial_dims == 3 else F.avg_pool2d
     terms = []
     for scale in range(len(weights)):
         ssim_map, cs_map = compute_ssim_and_cs(a, b, spatial_dims, (window,) * spatial_dims, (sigma,) * spatial_dims,
-                                               data_range=data_range, kernel_type="gaussian", k1=0.01, k2=0.03)
-        if scale < len(weights) - 1:
-            terms.append(torch.relu(cs_map.flatten(1).mean(1)))
-            padding = [size % 2 for size in a.shape[2:]]
-            a = F.avg_pool3d(a, 2, padding=padding) if spatial_dims == 3 else F.avg_pool2d(a, 2, padding=padding)
-            b = F.avg_pool3d(b, 2, padding=padding) if spatial_dims == 3 else F.avg_pool2d(b, 2, padding=padding)
-    terms.append(torch.relu(ssim_map.flatten(1).mean(1)))
-    stacked = torch.stack(terms).double()  # (S, B)
-    return torch.prod(stacked ** weights_tensor[:, None], dim=0).numpy()
+                                               data_range=data_range)
+        last = scale == len(weights) - 1
+        terms.append(torch.relu(valid_region_mean(ssim_map if last else cs_map, mask, window)))
+        if not last:
+            a, b, mask = pool(a, 2), pool(b, 2), (pool(mask, 2) >= 0.5).float()
+    stacked = torch.stack(terms).double().cpu()  # (S, B)
+    return torch.prod(stacked ** torch.tensor(weights, dtype=torch.float64)[:, None], dim=0).numpy()
+
+
+def valid_region_mean(value_map: torch.Tensor, mask: torch.Tensor | None, window: int) -> torch.Tensor:
+    """Per-item mean (B,) of an SSIM-type map over the voxels of `mask` (B or 1, 1, *spatial) that the
+    map covers: the valid region of a convolution with a `window`-wide kernel. NaN where none."""
+    if mask is None:
+        return value_map.flatten(1).mean(1)
+    crop = (window - 1) // 2
+    inside = (mask[(...,) + tuple(slice(crop, size - crop) for size in mask.shape[2:])] > 0.5).float()
+    inside = inside.expand_as(value_map).flatten(1)
+    return (value_map.flatten(1) * inside).sum(1) / inside.sum(1)  # 0 / 0 = NaN for an empty mask

@@ -9,8 +9,8 @@ volume and y its reconstruction clamped to [0, 1] (the data range L = 1)::
 
 Inside the mask, the means run over mask voxels only (the SSIM maps are cropped like the
 valid convolution; the mask is average-pooled and thresholded at 0.5 between MS-SSIM
-scales). The MS-SSIM scales and window are chosen so the coarsest scale is larger than the
-window, and both are written in the outputs: at 4 mm (40 x 48 x 40) 3 scales, at 2 mm 4,
+scales). The MS-SSIM scales and window are metrics.ms_ssim_settings' (the rule every MS-SSIM in
+mriflow uses) and are written in the outputs: at 4 mm (40 x 48 x 40) 3 scales, at 2 mm 4,
 at 1 mm 5, with a 7-voxel window (sigma 1.0); SSIM uses the usual 11-voxel window (sigma 1.5)
 when the volume allows it.
 
@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from monai.metrics.regression import compute_ssim_and_cs
 from tqdm.auto import tqdm
 
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
+from mriflow.evaluate.metrics import ms_ssim, ms_ssim_settings, valid_region_mean
+
 METRICS = ("mse", "nmse", "psnr", "ssim", "ms_ssim")
 
 
@@ -49,44 +49,21 @@ class SimilaritySettings:
 
 
 def similarity_settings(shape: tuple[int, ...]) -> SimilaritySettings:
-    """SSIM / MS-SSIM windows and scales valid for a volume of spatial `shape`.
-
-    MS-SSIM takes the most scales (<= 5) whose coarsest level, min(shape) // 2^(S-1), is larger
-    than the 7-voxel window (and passes MONAI's own check, min(shape) // (S-1)^2 > window - 1);
-    the standard weights are truncated to S scales and renormalised.
-    """
+    """SSIM / MS-SSIM windows and scales valid for a volume of spatial `shape`: SSIM the largest odd
+    window up to 11 that fits, MS-SSIM the scales of `metrics.ms_ssim_settings` (one rule for every
+    MS-SSIM in mriflow)."""
     smallest = min(shape)
     ssim_window = 11 if smallest >= 11 else smallest - (1 - smallest % 2)  # the largest odd window that fits
-    window, scales = (7, 1.0), 1
-    for candidate in range(5, 0, -1):
-        if smallest // 2 ** (candidate - 1) > window[0] - 1 and smallest // max(1, candidate - 1) ** 2 > window[0] - 1:
-            scales = candidate
-            break
-    weights = np.asarray(MS_SSIM_WEIGHTS[:scales])
-    weights = tuple(float(w) for w in weights / weights.sum())
-    return SimilaritySettings(ssim_window, 1.5 * ssim_window / 11, window[0], window[1], scales, weights)
+    multiscale = ms_ssim_settings(shape)
+    return SimilaritySettings(ssim_window, 1.5 * ssim_window / 11, multiscale["window"], multiscale["sigma"],
+                              multiscale["scales"], tuple(multiscale["weights"]))
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, settings: SimilaritySettings, mask: torch.Tensor | None = None) -> float:
     """Mean 3D SSIM of one volume pair (1, 1, D, H, W), over the valid region or the mask voxels in it."""
     window = (settings.ssim_window,) * 3
     ssim_map, _ = compute_ssim_and_cs(y, x, 3, window, (settings.ssim_sigma,) * 3, settings.data_range)
-    return _masked_mean(ssim_map, mask, settings.ssim_window)
-
-
-def ms_ssim(x: torch.Tensor, y: torch.Tensor, settings: SimilaritySettings, mask: torch.Tensor | None = None) -> float:
-    """3D MS-SSIM of one volume pair (1, 1, D, H, W): prod_s relu(cs_s)^w_s, the last scale using relu(ssim)."""
-    window, sigma = (settings.ms_ssim_window,) * 3, (settings.ms_ssim_sigma,) * 3
-    value = 1.0
-    for scale, weight in enumerate(settings.ms_ssim_weights):
-        ssim_map, cs_map = compute_ssim_and_cs(y, x, 3, window, sigma, settings.data_range)
-        last = scale == settings.ms_ssim_scales - 1
-        term = _masked_mean(ssim_map if last else cs_map, mask, settings.ms_ssim_window)
-        value *= max(term, 0.0) ** weight
-        if not last:
-            x, y = F.avg_pool3d(x, 2), F.avg_pool3d(y, 2)
-            mask = None if mask is None else (F.avg_pool3d(mask.float(), 2) >= 0.5).float()
-    return value
+    return valid_region_mean(ssim_map, mask, settings.ssim_window).item()
 
 
 def volume_metrics(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, settings: SimilaritySettings) -> dict[str, float]:
@@ -100,7 +77,8 @@ def volume_metrics(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, setting
         out[f"nmse{suffix}"] = error.sum().item() / max((x[inside] ** 2).sum().item(), 1e-12)
         out[f"psnr{suffix}"] = 10.0 * np.log10(settings.data_range**2 / max(mse, 1e-12))
         out[f"ssim{suffix}"] = ssim(x, y, settings, region)
-        out[f"ms_ssim{suffix}"] = ms_ssim(x, y, settings, region)
+        out[f"ms_ssim{suffix}"] = float(ms_ssim(y, x, settings.ms_ssim_window, settings.ms_ssim_sigma,
+                                                settings.ms_ssim_weights, settings.data_range, region)[0])
     return out
 
 
@@ -169,16 +147,6 @@ def evaluate_reconstruction(
     three_plane_montage({"real": real, "reconstruction": reconstruction, "|difference| x4": difference},
                         out / "montage.png", title=f"{item['subject']} (median SSIM), {split}, step {meta.get('step')}")
     return summary
-
-
-def _masked_mean(value_map: torch.Tensor, mask: torch.Tensor | None, window: int) -> float:
-    if mask is None:
-        return value_map.mean().item()
-    crop = (window - 1) // 2  # the map covers the valid region of a convolution with this window
-    inside = mask[..., crop: mask.shape[-3] - crop, crop: mask.shape[-2] - crop, crop: mask.shape[-1] - crop] > 0.5
-    if not inside.any():
-        return float("nan")
-    return value_map[inside].mean().item()
 
 
 def _markdown(summary: dict[str, Any]) -> str:
