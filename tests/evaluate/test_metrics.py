@@ -53,11 +53,12 @@ def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_shift():
     assert far > near
 
 
-def test_precision_recall_density_coverage_equal_prdc_package():
+@pytest.mark.parametrize("nearest_k, shift, count", [(5, 0.4, 90), (3, 0.0, 150), (10, 1.0, 60)])
+def test_precision_recall_density_coverage_equal_prdc_package(nearest_k, shift, count):
     real = gaussian_features(120, 10, seed=6)
-    fake = gaussian_features(90, 10, shift=0.4, seed=7, scale=0.8)
-    ours = metrics.precision_recall_density_coverage(real, fake, nearest_k=5)
-    reference = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=5)
+    fake = gaussian_features(count, 10, shift=shift, seed=7, scale=0.8)
+    ours = metrics.precision_recall_density_coverage(real, fake, nearest_k=nearest_k)
+    reference = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=nearest_k)
     for name in ("precision", "recall", "density", "coverage"):
         assert ours[name] == pytest.approx(float(reference[name]), abs=1e-12), name
     assert 0 < ours["precision"] < 1 and 0 < ours["coverage"] < 1

@@ -143,7 +143,9 @@ def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, neares
       recall    = share of reals inside some fake ball
       density   = (1 / (k M)) sum_j #{real i : fake j in B(real i)}      (can exceed 1)
       coverage  = share of reals whose ball holds at least one fake
-    Strict inequalities, Euclidean distances, as in the reference `prdc` package.
+    Strict inequalities, Euclidean distances, as in the reference `prdc` package, which the tests
+    check it against; it is not called at run time because it prints on every call (the bootstrap
+    makes hundreds) and pulls in scikit-learn for one distance matrix.
     """
     real, fake = _as_matrix(real, "real"), _as_matrix(fake, "fake")
     if min(len(real), len(fake)) <= nearest_k:
