@@ -125,7 +125,7 @@ def alignment_picture(prepared: Path, path: Path, count: int = 6) -> Path:
     from mriflow.config import get_grid
     from mriflow.data.dataset import read_manifest
     from mriflow.data.io import load_volume
-    from mriflow.data.prepare import from_sitk, grid_reference, mni_template, template_brain_mask
+    from mriflow.data.geometry import from_sitk, grid_reference, mni_template, template_brain_mask
     from mriflow.utils.montage import PLANES, three_plane_slices
 
     record = json.loads((prepared / "prepare.json").read_text())

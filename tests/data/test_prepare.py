@@ -17,22 +17,11 @@ import SimpleITK as sitk
 
 from mriflow.config import get_grid
 from mriflow.data.io import load_volume, template_affine
-from mriflow.data import prepare
-from mriflow.data.prepare import (
-    BiasField,
-    PrepareError,
-    Register,
-    Reorient,
-    SubjectState,
-    correct_bias_field,
-    mni_template,
-    normalize_intensity,
-    register_affine,
-    run_prepare,
-    template_brain_mask,
-    to_sitk,
-    transform_to_ras_matrix,
-)
+from mriflow.data import workers
+from mriflow.data.geometry import mni_template, template_brain_mask, to_sitk, transform_to_ras_matrix
+from mriflow.data.prepare import PrepareError, run_prepare
+from mriflow.data.recipe import BiasField, Register, Reorient, SubjectState, correct_bias_field, normalize_intensity
+from mriflow.data.registration import register_affine
 from conftest import head_phantom
 
 VOXEL_MM = 3.0
@@ -486,10 +475,10 @@ def test_a_second_prepare_into_a_folder_in_use_is_refused_in_one_line(tmp_path, 
     images, labels = make_inputs(tmp_path, ("a",))
     out = tmp_path / "out"
     out.mkdir()
-    monkeypatch.setattr(prepare, "LOCK_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(workers, "LOCK_WAIT_SECONDS", 0.2)
     from mriflow.utils.files import FileLock
 
-    held = FileLock(out / prepare.LOCK_FILE)
+    held = FileLock(out / workers.LOCK_FILE)
     assert held.acquire(shared=True)  # as a run's worker (or one outliving a killed run) holds it
     try:
         with pytest.raises(PrepareError, match=r"--out .*out is in use by another prepare run") as error:

@@ -7,7 +7,14 @@ import os
 
 import pytest
 
-from mriflow.utils.files import atomic_path, permissions, read_json, remove_stale_temporaries, write_text_atomic
+from mriflow.utils.files import (
+    atomic_path,
+    package_versions,
+    permissions,
+    read_json,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 
 
 def test_files_written_atomically_get_0666_less_the_umask(tmp_path, umask_022):
@@ -83,3 +90,13 @@ def test_only_temporary_files_of_ended_writers_from_before_the_start_are_removed
 def test_a_temporary_file_names_its_writer(tmp_path):
     with atomic_path(tmp_path / "volume.nii.gz") as temporary:
         assert temporary.name.startswith(f".tmp-{os.getpid()}-") and temporary.name.endswith(".nii.gz")
+
+
+def test_package_versions_are_the_installed_ones_and_an_absent_package_is_named():
+    import platform
+
+    import numpy
+
+    versions = package_versions(["numpy", "no-such-package-mriflow"])
+    assert versions == {"python": platform.python_version(), "numpy": numpy.__version__,
+                        "no-such-package-mriflow": "not installed"}

@@ -17,8 +17,10 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -152,6 +154,18 @@ def sha256(path: str | Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def package_versions(packages: Iterable[str]) -> dict[str, str]:
+    """The Python version and each package's installed version ("not installed" if absent), for the record
+    of what wrote a file; read from the installed metadata, so nothing is imported."""
+    versions = {"python": sys.version.split()[0]}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
 class FileLock:
