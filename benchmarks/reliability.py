@@ -416,7 +416,7 @@ def killed_generate(probes: Probes, seed: int) -> None:
     before = snapshot(out)
     code, error = run(*arguments)
     damage = lost(before, snapshot(out)) + leftovers(out)
-    for sample in sorted(out.glob("sample_*.nii.gz")):
+    for sample in sorted(out.glob("sample_?????.nii.gz")):
         try:
             load_volume(sample)
             if not sample.with_name(sample.name.replace(".nii.gz", ".json")).is_file():
@@ -439,7 +439,7 @@ def two_at_once(probes: Probes) -> None:
     results = [(process.wait(timeout=300), process.communicate()[1]) for process in (first, second)]
     outcomes = sorted(judged(code, error, str(out)) for code, error in results)
     seeds = {json.loads(p.read_text())["seed"] for p in out.glob("sample_*.json")}
-    whole = len(list(out.glob("sample_*.nii.gz"))) == 6 and len(seeds) == 1
+    whole = len(list(out.glob("sample_?????.nii.gz"))) == 6 and len(seeds) == 1
     refusal = next((last_line(error) for code, error in results if code == 2), "")
     probes.add("two runs at once", "two generate runs into one folder",
                "mriflow generate --out OUT --seed 1 & mriflow generate --out OUT --seed 2",

@@ -278,6 +278,22 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), meta
 
 
+def load_label_decoder(path: str | Path, device: str | torch.device = "cpu"):
+    """(LabelDecoder in eval mode, meta) from a label-stage checkpoint folder or run (`mriflow train labels`).
+    meta["autoencoder"] names the autoencoder whose latents it segments (path and sha256)."""
+    from mriflow.models.label_decoder import LabelDecoder, LabelDecoderConfig
+
+    weights, meta = load_checkpoint(path)
+    directory = Path(meta["path"])
+    if meta.get("stage") != "labels":
+        raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a label decoder "
+                         "(`mriflow train labels`)")
+    model = meta["config"]["model"]
+    model = LabelDecoder(LabelDecoderConfig(autoencoder=dict(model["autoencoder"]), classes=tuple(model["classes"])))
+    load_weights_into(model, weights, "labels.", str(directory / MODEL_FILE))
+    return model.to(device).eval(), meta
+
+
 def _read_meta(file: Path) -> dict[str, Any]:
     with _parsing(file):
         return json.loads(file.read_text())

@@ -127,6 +127,15 @@ def _add_train(commands) -> None:
         _add_common_training(p, stage)
         p.set_defaults(func=_run_train_generator, stage=stage)
 
+    p = stages.add_parser("labels", help="a label decoder: tissue maps for every generated volume, from the same latent")
+    p.add_argument("data", help="prepared dataset folder with label maps (mriflow prepare --masks LABELS)")
+    p.add_argument("--autoencoder", required=True, help="autoencoder run or checkpoint folder (the generator's)")
+    p.add_argument("--regions", metavar="CSV",
+                   help="the label maps' region list (index,name, e.g. DLMUSE's muse_regions.csv) mapping labels to "
+                        "tissue classes by name (default: the DLMUSE map mriflow's anatomy network was trained with)")
+    _add_common_training(p, "labels")
+    p.set_defaults(func=_run_train_labels)
+
 
 def _add_common_training(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, montages, config)")
@@ -160,6 +169,14 @@ def _run_train_generator(args: argparse.Namespace) -> int:
     condition = [name.strip() for name in args.condition.split(",") if name.strip()] or None
     result = train_generator(args.stage, args.data, args.autoencoder, args.out, condition=condition, preset=args.preset,
                              max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes, lr=args.lr)
+    return _report_training(result)
+
+
+def _run_train_labels(args: argparse.Namespace) -> int:
+    from mriflow.train.labels import train_labels
+
+    result = train_labels(args.data, args.autoencoder, args.out, preset=args.preset, max_steps=args.max_steps,
+                          resume=args.resume, regions=args.regions, max_minutes=args.max_minutes, lr=args.lr)
     return _report_training(result)
 
 
@@ -227,6 +244,11 @@ def _add_generate(commands) -> None:
     p.add_argument("--privacy-filter", metavar="DATA",
                    help="prepared dataset: reject and redraw samples closer to a training subject than held-out "
                         "subjects (passed through the model's autoencoder) ever are")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--labels", metavar="RUN",
+                        help="label decoder run (mriflow train labels) of the model's autoencoder: write each sample's "
+                             "tissue map as sample_XXXXX_labels.nii.gz (default: the model's own, when it has one)")
+    labels.add_argument("--no-labels", action="store_true", help="write no label maps, even if the model has a decoder")
     _add_threads(p)
     p.set_defaults(func=_run_generate)
 
@@ -259,7 +281,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     result = generate(args.model, args.out, n=8 if args.n is None else args.n, covariates=covariates, solver=args.solver,
                       steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                       device=args.device, privacy_filter=args.privacy_filter, cohort=cohort,
-                      trust_paths=args.trust_model_paths)
+                      trust_paths=args.trust_model_paths, labels=False if args.no_labels else args.labels)
     if _is_main_process():
         print(result.summary() if hasattr(result, "summary") else result)
     return 0

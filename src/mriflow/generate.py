@@ -47,14 +47,14 @@ from mriflow.data.dataset import CovariateSchema, read_manifest
 from mriflow.data.io import load_volume
 from mriflow.families import FAMILIES, Family
 from mriflow.flow.sampling import sample_seed
-from mriflow.generate_io import batch_montage, sample_name, write_sample
+from mriflow.generate_io import batch_montage, labels_name, sample_name, write_labels, write_sample
 from mriflow.models.conditioning import parse_value, resolve_request
 from mriflow.models.velocity import VelocityNet, VelocityNetConfig
 from mriflow import distributed
 from mriflow.utils.files import remove_stale_temporaries
 
 REQUIRED_META = ("config", "schema", "autoencoder", "latent_shape", "image_shape", "affine")
-GENERATOR_DIR, AUTOENCODER_DIR = "flow", "autoencoder"  # the folders of an exported model
+GENERATOR_DIR, AUTOENCODER_DIR, LABELS_DIR = "flow", "autoencoder", "labels"  # the folders of an exported model
 ID_COLUMNS = ("id", "subject", "sample")  # a cohort column that names its row's sample (the first present)
 MONTAGE_SAMPLES = 8
 AFFINE_TOLERANCE = 1e-3  # mm; a prepared folder this close to the model's affine is on its grid
@@ -93,6 +93,12 @@ class Generator:
     device: torch.device
     path: Path  # the checkpoint folder
     family: Family  # how it samples (mriflow.families), built from the checkpoint's config
+    labels: torch.nn.Module | None = None  # a LabelDecoder of the same autoencoder: each sample's tissue map
+    labels_meta: dict[str, Any] | None = None  # its checkpoint meta (classes, label_map, path, checksum)
+
+    @property
+    def label_classes(self) -> tuple[str, ...]:
+        return tuple(self.labels.classes) if self.labels is not None else ()
 
     @property
     def solvers(self) -> tuple[str, ...]:
@@ -129,6 +135,14 @@ class Generator:
             images = self.autoencoder.decode(latents / self.latent_scale)  # (B, 1, D, H, W)
         return images.clamp(0.0, 1.0)[:, 0].float().cpu().numpy()
 
+    def decode_labels(self, latents: torch.Tensor) -> np.ndarray | None:
+        """Scaled latents (B, C, d, h, w) -> tissue maps (B, D, H, W) uint8 on the CPU (class indices of
+        `label_classes`), or None without a label decoder."""
+        if self.labels is None:
+            return None
+        with torch.no_grad():
+            return self.labels.segment(latents / self.latent_scale).cpu().numpy()
+
     def reconstruct(self, volumes: torch.Tensor) -> torch.Tensor:
         """Real volumes (B, 1, D, H, W) through the autoencoder (decode of the posterior mean) -> the same
         shape in [0, 1] on the CPU: how subjects look after the decoder every sample comes out of
@@ -143,12 +157,14 @@ class Generator:
         return self.decode(latents), nfe
 
 
-def load_generator(model: str | Path = "default", device: str | torch.device = "auto", trust_paths: bool = False) -> Generator:
+def load_generator(model: str | Path = "default", device: str | torch.device = "auto", trust_paths: bool = False,
+                   labels: str | Path | bool | None = None) -> Generator:
     """Load a generator: "default" (the shipped default model), a shipped model's name ("4mm"; see
     `shipped_models`), a generator run folder (its latest checkpoint) or a checkpoint folder. The
     autoencoder it was trained with is loaded from meta["autoencoder"]["path"] and refused unless
     its weights have the recorded sha256; an exported model's must lie in its own folder unless `trust_paths`
-    (see `autoencoder_folder`)."""
+    (see `autoencoder_folder`). `labels`: a label decoder run or checkpoint (`mriflow train labels`) of the same
+    autoencoder; None: the model's own `labels/` folder when it has one (shipped and exported models); False: none."""
     device = distributed.resolve_device(device)
     if str(model) == "default":
         model = default_model_dir() / GENERATOR_DIR
@@ -161,6 +177,8 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
             raise FileNotFoundError(f"--model {model}: no such run or checkpoint folder, and not a shipped model "
                                     f"(shipped: {', '.join(['default', *shipped])})")
         model = shipped[str(model)] / GENERATOR_DIR
+    elif (Path(model) / GENERATOR_DIR / ckpt.META_FILE).is_file():  # an exported model's folder (export_generator)
+        model = Path(model) / GENERATOR_DIR
     weights, meta = ckpt.load_checkpoint(model)
     directory = Path(meta["path"])
     where = directory / ckpt.META_FILE
@@ -197,6 +215,7 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
     if affine.shape != (4, 4):
         raise ValueError(f"{where}: affine must be a 4x4 matrix, got shape {affine.shape}")
 
+    label_decoder, labels_meta = _load_labels(labels, directory, meta, device)
     step = meta.get("step", 0)
     return Generator(
         velocity_net=velocity_net.to(device).eval(),
@@ -214,7 +233,36 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
         device=device,
         path=directory,
         family=FAMILIES[meta["stage"]].from_config(meta["config"], str(where)),
+        labels=label_decoder,
+        labels_meta=labels_meta,
     )
+
+
+def _load_labels(labels: str | Path | bool | None, directory: Path, meta: Mapping[str, Any],
+                 device: torch.device) -> tuple[torch.nn.Module | None, dict[str, Any] | None]:
+    """The label decoder `load_generator` was asked for, refused unless it segments the latents of the generator's
+    own autoencoder (same weights, by SHA-256)."""
+    if labels is False:
+        return None, None
+    if labels is None or labels is True:
+        own = directory.parent / LABELS_DIR
+        if "exported_from" not in meta or not (own / ckpt.META_FILE).is_file():
+            if labels is True:
+                raise FileNotFoundError(f"{directory}: this model has no label decoder ({own} is absent); train one with "
+                                        "`mriflow train labels DATA --autoencoder AE --out RUN` and pass --labels RUN")
+            return None, None
+        labels = own
+    elif not Path(labels).exists():
+        raise FileNotFoundError(f"--labels {labels}: no such label decoder run or checkpoint folder")
+    decoder, labels_meta = ckpt.load_label_decoder(labels, device)
+    label_dir = Path(labels_meta["path"])
+    recorded = labels_meta["autoencoder"]
+    if recorded["model_sha256"] != meta["autoencoder"]["model_sha256"]:
+        raise ValueError(f"{label_dir}: this label decoder was trained on the latents of {recorded['path']} (sha256 "
+                         f"{recorded['model_sha256'][:12]}…), not on the generator's autoencoder (sha256 "
+                         f"{meta['autoencoder']['model_sha256'][:12]}…); train one with --autoencoder set to the generator's")
+    labels_meta = {**labels_meta, "checksum": "sha256:" + ckpt.sha256(label_dir / ckpt.MODEL_FILE)}
+    return decoder, labels_meta
 
 
 def autoencoder_folder(meta: Mapping[str, Any], directory: Path, trust_paths: bool = False) -> Path:
@@ -283,8 +331,13 @@ def generate(
     overwrite: bool = False,
     cohort: Sequence[Mapping[str, Any]] | None = None,
     trust_paths: bool = False,
+    labels: str | Path | bool | None = None,
 ) -> GenerateResult:
     """Sample `n` volumes into `out`: sample_XXXXX.nii.gz + .json per sample, montage.png and generate.json.
+
+    With a label decoder (`labels`: a `mriflow train labels` run; None: the model's own when it has one, as the
+    shipped models do; False: none) each sample also gets sample_XXXXX_labels.nii.gz: its tissue map (uint8 class
+    indices, same grid and affine), decoded from the same latent as the image; the sidecar names it and its classes.
 
     `covariates` ({name: value}; absent ones are unconditional) is checked against the model's
     schema; solver/steps/guidance default to the model's. A `cohort` (one {column: value} per
@@ -308,7 +361,7 @@ def generate(
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(device)
     try:
-        generator = load_generator(model, context.device, trust_paths)
+        generator = load_generator(model, context.device, trust_paths, labels)
         settings = generator.sampling_settings(solver, steps, guidance)
         rows = [dict(row) for row in cohort] if cohort is not None else [dict(covariates or {})] * n
         names = cohort_names(rows) if cohort is not None else [sample_name(i) for i in range(n)]
@@ -319,7 +372,7 @@ def generate(
             for leftover in remove_stale_temporaries([out], before=start_time):
                 print(f"removed {leftover}: left incomplete by an interrupted run")
         if not overwrite:
-            refuse_existing(out, n, names)
+            refuse_existing(out, n, names, with_labels=generator.labels is not None)
         reference = privacy_reference(privacy_filter, generator) if privacy_filter is not None else None
         distributed.barrier()  # every process has checked `out` before any writes to it
         out.mkdir(parents=True, exist_ok=True)
@@ -328,6 +381,9 @@ def generate(
         common = {"seed": seed, **settings, "model_id": generator.model_id,
                   "model_checksum": generator.model_checksum, "autoencoder_checksum": generator.autoencoder_checksum,
                   "stage": generator.stage, "device": str(context.device)}
+        if generator.labels is not None:
+            common["label_classes"] = list(generator.label_classes)
+            common["labels_checksum"] = generator.labels_meta["checksum"]
         start = time.perf_counter()
         written: dict[int, str] = {}
         attempts: dict[int, int] = {}
@@ -342,9 +398,11 @@ def generate(
                     seeds = [sample_seed(seed, i, attempts.get(i, 0)) for i in pending]
                     condition = tuple(torch.stack([conditions[i][part] for i in pending]) for part in (0, 1)) \
                         if len(generator.schema) else None  # (B, K) values and present flags
-                    volumes, nfe = generator.sample(seeds, condition, settings)
+                    latents, nfe = generator.draw_latents(seeds, condition, settings)
+                    volumes = generator.decode(latents)
+                    label_maps = generator.decode_labels(latents)
                     redraw = []
-                    for index, stream, volume in zip(pending, seeds, volumes):
+                    for k, (index, stream, volume) in enumerate(zip(pending, seeds, volumes)):
                         attempt = attempts.get(index, 0)
                         if reference is not None and reference.is_memorized(volume):
                             if attempt < max_redraws:
@@ -357,8 +415,12 @@ def generate(
                                    "sample_seed": stream, "attempt": attempt}
                         if cohort is not None:
                             sidecar["cohort_row"] = rows[index]
+                        if label_maps is not None:
+                            sidecar["labels"] = labels_name(names[index])
                         path = write_sample(out, index, volume, generator.affine, sidecar, overwrite=overwrite,
                                             name=names[index])
+                        if label_maps is not None:
+                            write_labels(out, names[index], label_maps[k], generator.affine, overwrite=overwrite)
                         written[index] = path.name
                         bar.update(1)
                     pending = redraw
@@ -385,6 +447,9 @@ def generate(
             record = {
                 "model": str(generator.path), "model_id": generator.model_id, "model_checksum": generator.model_checksum,
                 "autoencoder_checksum": generator.autoencoder_checksum, "stage": generator.stage,
+                "labels": None if generator.labels is None else {
+                    "model": generator.labels_meta["path"], "checksum": generator.labels_meta["checksum"],
+                    "classes": list(generator.label_classes)},
                 "n": n, "seed": seed, **settings, "nfe": result.nfe,
                 "covariates": "per sample: the cohort's rows (see each sidecar)" if cohort is not None else requested[0],
                 "batch_size": batch_size, "device": str(context.device), "world_size": context.world_size,
@@ -458,9 +523,11 @@ def cohort_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return names
 
 
-def refuse_existing(out: Path, n: int, names: Sequence[str] | None = None) -> None:
-    """Refuse, before anything is written, an output folder that already holds the samples to write or a run record."""
-    names = [f"{name}{suffix}" for name in (names or [sample_name(i) for i in range(n)]) for suffix in (".nii.gz", ".json")]
+def refuse_existing(out: Path, n: int, names: Sequence[str] | None = None, with_labels: bool = False) -> None:
+    """Refuse, before anything is written, an output folder that already holds the samples to write (and their label
+    maps, `with_labels`) or a run record."""
+    suffixes = (".nii.gz", ".json", "_labels.nii.gz") if with_labels else (".nii.gz", ".json")
+    names = [f"{name}{suffix}" for name in (names or [sample_name(i) for i in range(n)]) for suffix in suffixes]
     existing = [name for name in names + ["generate.json", "montage.png"] if (out / name).exists()]
     if existing:
         shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
@@ -535,3 +602,35 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
             shutil.rmtree(target, ignore_errors=True)
         raise
     return out
+
+
+def export_labels(run: str | Path, model_dir: str | Path, weights_dtype: str = "float16") -> Path:
+    """Copy a label decoder run's latest checkpoint into an exported model's folder as `model_dir/labels`, so that
+    `generate` with that model writes label maps by default. The decoder must have been trained on the model's
+    autoencoder: the weights in model_dir/autoencoder or those they were exported from (same SHA-256). Returns
+    the new folder."""
+    weights, meta = ckpt.load_checkpoint(run)
+    directory = Path(meta.pop("path"))
+    if meta.get("stage") != "labels":
+        raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a label decoder (`mriflow train labels`)")
+    model_dir = Path(model_dir)
+    autoencoder = model_dir / AUTOENCODER_DIR
+    if not (autoencoder / ckpt.META_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir}: no {AUTOENCODER_DIR}/ folder; export the generator first (export_generator)")
+    target = model_dir / LABELS_DIR
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; remove it first to replace the label decoder")
+    _, autoencoder_meta = ckpt.load_checkpoint(autoencoder)
+    shipped = ckpt.sha256(autoencoder / ckpt.MODEL_FILE)
+    accepted = {shipped, autoencoder_meta.get("exported_from", {}).get("model_sha256")}
+    if meta["autoencoder"]["model_sha256"] not in accepted:
+        raise ValueError(f"{directory} was trained on the latents of {meta['autoencoder']['path']}, not on {autoencoder} "
+                         "(or the weights it was exported from); train it with that autoencoder")
+    exported = {**meta, "autoencoder": {**meta["autoencoder"], "path": f"../{AUTOENCODER_DIR}", "model_sha256": shipped},
+                "exported_from": {"path": str(directory), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE)}}
+    try:
+        ckpt.save_checkpoint(target, weights, exported, weights_dtype=weights_dtype)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return target

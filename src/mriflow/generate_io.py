@@ -68,6 +68,23 @@ def write_sample(
     return image_path
 
 
+def labels_name(name: str) -> str:
+    """The label map's file name of sample `name` (sample_00003 -> sample_00003_labels.nii.gz)."""
+    return f"{name}_labels.nii.gz"
+
+
+def write_labels(out_dir: str | Path, name: str, labels: np.ndarray, affine: np.ndarray, overwrite: bool = False) -> Path:
+    """Write out_dir/<name>_labels.nii.gz: class indices (D, H, W) as uint8, on the grid and affine of the sample."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3 or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+        raise ValueError(f"{name}: expected (D, H, W) class indices in 0..255, got shape {labels.shape}")
+    path = Path(out_dir) / labels_name(name)
+    try:
+        return save_volume(path, labels, affine, dtype=np.uint8, overwrite=overwrite)
+    except FileExistsError:
+        raise FileExistsError(_taken([str(path)])) from None
+
+
 def _taken(paths: Sequence[str]) -> str:
     return (f"{', '.join(paths)} already exist(s), e.g. written by another run into the same folder; "
             "choose another output folder (existing samples are never overwritten)")

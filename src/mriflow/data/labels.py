@@ -61,3 +61,29 @@ def tissue_volumes_ml(segmentation: torch.Tensor | np.ndarray, classes: Sequence
     volumes = {name: (counts[:, i] * voxel_mm**3 / 1000.0).numpy() for i, name in enumerate(classes)}
     volumes["total_brain"] = sum(volumes[name] for name in BRAIN_CLASSES)
     return volumes
+
+
+def tissue_lookup(label_map: dict) -> np.ndarray:
+    """A lookup table label -> class index (-1: a label the map does not know) from a label map
+    {DLMUSE label: class name or index} (as `muse_tissue_mapping` makes, or an anatomy network's
+    stored `label_map`); label 0 is background."""
+    indices = {int(label): TISSUE_CLASSES.index(c) if isinstance(c, str) else int(c) for label, c in label_map.items()}
+    lookup = np.full(max(indices, default=0) + 1, -1, np.int64)
+    lookup[0] = 0
+    for label, index in indices.items():
+        lookup[label] = index
+    return lookup
+
+
+def tissue_map(labels: np.ndarray, lookup: np.ndarray, where: str = "label map") -> np.ndarray:
+    """A DLMUSE label map (any numeric dtype, rounded) -> tissue class indices (uint8), refusing labels
+    the lookup does not know (naming them and `where`)."""
+    labels = np.rint(np.asarray(labels)).astype(np.int64)
+    known = (labels >= 0) & (labels < len(lookup))
+    unknown = np.unique(labels[~known]).tolist()
+    mapped = np.where(known, lookup[np.clip(labels, 0, len(lookup) - 1)], -1)
+    unknown += np.unique(labels[known & (mapped < 0)]).tolist()
+    if unknown:
+        raise ValueError(f"{where}: labels {sorted(set(unknown))[:10]} are not in the region list; "
+                         "pass the label map's region names (muse_regions.csv)")
+    return mapped.astype(np.uint8)
