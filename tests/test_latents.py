@@ -108,3 +108,20 @@ def test_a_damaged_latent_cache_is_named_and_encoding_again_replaces_it(trained)
         LatentDataset(data, run, "train")
     encode_dataset(data, run, device="cpu")
     assert len(LatentDataset(data, run, "train")) == 3 and len(LatentDataset(data, run, "val")) == 1
+
+
+def test_latents_of_an_exported_autoencoder_are_cached_with_the_data_not_in_the_model(trained, tmp_path):
+    """A shipped or exported autoencoder (a checkpoint folder outside a run) may be read-only or inside the installed
+    package: its cache goes under the data, named by its weights, and its own folder is left as it was."""
+    import shutil
+
+    data, run = trained
+    exported = tmp_path / "model" / "autoencoder"
+    shutil.copytree(ckpt.latest_checkpoint(run), exported)
+    before = sorted(p.name for p in exported.iterdir())
+    cache = latent_cache_dir(data, exported)
+    assert cache.parent == data / "latents" and ckpt.sha256(exported / ckpt.MODEL_FILE)[:12] in cache.name
+    encode_dataset(data, exported, device="cpu")
+    assert (cache / "index.json").is_file()
+    assert sorted(p.name for p in exported.iterdir()) == before
+    assert len(LatentDataset(data, exported, "train")) == 3

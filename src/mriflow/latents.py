@@ -43,14 +43,21 @@ VQ_LOGVAR = -30.0  # the floor of the KL log-variance: exp(-15) ~ 3e-7, i.e. det
 
 
 def latent_cache_dir(data_dir: str | Path, autoencoder_run: str | Path) -> Path:
-    """Where the latents of prepared folder `data_dir` under autoencoder run `autoencoder_run` live."""
+    """Where the latents of prepared folder `data_dir` under autoencoder run `autoencoder_run` live: in the run, or
+    beside the data for an exported or shipped autoencoder (a checkpoint folder outside a run)."""
     data_dir = Path(data_dir)
     record = data_dir / "prepare.json"
     source = record if record.is_file() else data_dir / "manifest.csv"
     if not source.is_file():
         raise FileNotFoundError(f"{data_dir} is not a prepared dataset (no prepare.json or manifest.csv)")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:10]
-    run = ckpt.run_folder(ckpt.resolve_checkpoint(autoencoder_run))
+    checkpoint = ckpt.resolve_checkpoint(autoencoder_run)
+    run = ckpt.run_folder(checkpoint)
+    if run == checkpoint:
+        # a checkpoint folder outside a run: an exported or shipped model, which may be read-only or inside the
+        # installed package; its cache lives with the data instead, named by the weights it was encoded with
+        weights = ckpt.sha256(checkpoint / ckpt.MODEL_FILE)[:12]
+        return data_dir / "latents" / f"autoencoder-{weights}-{digest}"
     return run / "latents" / f"{data_dir.resolve().name}-{digest}"
 
 
