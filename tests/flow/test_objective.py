@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mriflow.flow.objective import RectifiedFlowLoss, make_ema, regression_loss
+from mriflow.flow.objective import RectifiedFlowLoss, regression_loss
 
 
 def test_regression_losses_match_their_formulas():
@@ -68,17 +68,3 @@ def test_flow_loss_trains_a_network():
     loss = objective(lambda x, t, c, p: net(x), torch.ones(4, 1, 3, 3, 3))
     loss.backward()
     assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
-
-
-def test_ema_averages_the_weights():
-    model = nn.Linear(2, 1)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema = make_ema(model, decay=0.9)
-    ema.update_parameters(model)  # the first update copies
-    with torch.no_grad():
-        model.weight.fill_(3.0)
-    ema.update_parameters(model)
-    torch.testing.assert_close(ema.module.weight, torch.full((1, 2), 0.9 * 1.0 + 0.1 * 3.0))
-    with pytest.raises(ValueError):
-        make_ema(model, decay=1.0)

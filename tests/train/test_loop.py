@@ -12,7 +12,7 @@ from torch import nn
 from conftest import read_log, tiny_config, write_prepared
 from mriflow import checkpoint as ckpt
 from mriflow.train.autoencoder import train_autoencoder
-from mriflow.train.loop import LoopConfig, NonFiniteLossError, learning_rate_factor, train, update_ema
+from mriflow.train.loop import LoopConfig, NonFiniteLossError, learning_rate_factor, make_ema, train
 
 
 def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine():
@@ -24,14 +24,23 @@ def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine():
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
 
 
-def test_ema_averages_parameters_and_copies_buffers():
-    network, average = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+def test_ema_starts_as_a_copy_warms_up_its_decay_and_copies_buffers():
+    network = nn.BatchNorm1d(2)
     with torch.no_grad():
-        network.weight.fill_(3.0)
-        network.running_mean.fill_(5.0)
-    update_ema(average, network, decay=0.75)
-    assert torch.allclose(average.weight, torch.full((2,), 0.75 * 1.0 + 0.25 * 3.0))
-    assert torch.equal(average.running_mean, network.running_mean)
+        network.weight.fill_(1.0)
+    ema = make_ema(network, decay=0.9)
+    assert torch.equal(ema.module.weight, network.weight) and not ema.module.weight.requires_grad
+    expected = 1.0
+    for step, value in enumerate([3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0, 17.0, 19.0, 21.0], start=1):
+        with torch.no_grad():
+            network.weight.fill_(value)
+            network.running_mean.fill_(value)
+        ema.update_parameters(network)
+        decay = min(0.9, (1 + step) / (10 + step))  # 2/11 at step 1, 0.9 from step 80 on
+        expected = decay * expected + (1 - decay) * value
+        torch.testing.assert_close(ema.module.weight, torch.full((2,), expected, dtype=torch.float32))
+        assert torch.equal(ema.module.running_mean, network.running_mean)  # buffers copied, not averaged
+    assert decay < 0.9
 
 
 def test_resume_continues_with_the_same_loss_curve_as_an_uninterrupted_run(tmp_path):

@@ -1,4 +1,4 @@
-"""The rectified-flow training objective and the EMA of the weights.
+"""The rectified-flow training objective (the EMA of the weights is the training loop's, train/loop.py).
 
     >>> objective = RectifiedFlowLoss(loss="l2", time_distribution="logit_normal")
     >>> loss = objective(velocity_net, latents, covariates, covariates_present)
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mriflow.flow.path import path_sample, sample_time
 
@@ -77,14 +76,3 @@ class RectifiedFlowLoss:
         x_t, u = path_sample(x0, x1, t)
         v = velocity_net(x_t, t, covariates, covariates_present)
         return regression_loss(v, u, self.loss, self.huber_c).mean()
-
-
-def make_ema(model: nn.Module, decay: float = 0.999) -> AveragedModel:
-    """Exponential moving average of `model`: θ_ema ← decay·θ_ema + (1 − decay)·θ.
-
-    Call `ema.update_parameters(model)` after each optimiser step; buffers are averaged too.
-    The averaged network is `ema.module`.
-    """
-    if not 0.0 < decay < 1.0:
-        raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

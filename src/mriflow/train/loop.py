@@ -30,7 +30,7 @@ log, montage, checkpoint). Everything specific to a stage sits behind a small co
     "slice_critic"}, phases={"generator": [...], "critic": [...]}.
 
 What the loop does for every stage: AdamW with linear warm-up then cosine decay of the
-learning rate, gradient clipping, gradient accumulation, EMA with decay
+learning rate, gradient clipping, gradient accumulation, EMA (torch's AveragedModel) with decay
 min(ema_decay, (1 + step) / (10 + step)), bf16 autocast on CUDA, DDP under `torchrun`
 (DistributedSampler order, gloo on CPU, nccl on CUDA, rank 0 writes), a stop with a clear
 message on a non-finite loss (checkpoints already written stay untouched), CSV + TensorBoard
@@ -44,7 +44,6 @@ tensors, each process's torch/numpy/python/CUDA random states, and the data posi
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -59,6 +58,7 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
@@ -92,13 +92,24 @@ def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, min_ratio
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, network: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * network for floating parameters; buffers are copied."""
-    for average, current in zip(ema.parameters(), network.parameters()):
-        average.lerp_(current.detach(), 1.0 - decay)
-    for average, current in zip(ema.buffers(), network.buffers()):
-        average.copy_(current)
+def make_ema(network: nn.Module, decay: float) -> AveragedModel:
+    """torch's AveragedModel of `network` whose n-th update (after optimizer step n) is
+
+        theta_ema <- d_n theta_ema + (1 - d_n) theta,   d_n = min(decay, (1 + n) / (10 + n))
+
+    so early steps, when the initial weights are far from useful, weigh little. Buffers (batch-norm
+    statistics) are copied, not averaged (use_buffers=False). The average starts as a copy of
+    `network` (n_averaged = 1, so update n is the n-th average). The averaged network is `.module`.
+    """
+
+    @torch.no_grad()
+    def warmed_up_ema(averages: list[torch.Tensor], currents: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        step = int(num_averaged)
+        torch._foreach_lerp_(averages, currents, 1.0 - min(decay, (1 + step) / (10 + step)))
+
+    ema = AveragedModel(network, multi_avg_fn=warmed_up_ema, use_buffers=False)
+    ema.update_parameters(network)  # the first update copies, which is where it starts
+    return ema.eval().requires_grad_(False)
 
 
 def seed_everything(seed: int) -> None:
@@ -148,7 +159,7 @@ def train(
             group["base_lr"] = group.get("lr", config.lr)
         optimizers[phase] = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         phase_parameters[phase] = [p for g in groups for p in g["params"]]
-    ema = {name: copy.deepcopy(unwrap(stage.networks[name])).eval().requires_grad_(False) for name in stage.ema_networks}
+    ema = {name: make_ema(unwrap(stage.networks[name]), config.ema_decay) for name in stage.ema_networks}
 
     # ---- resume ---------------------------------------------------------------------------------
     step, log_rows = 0, []
@@ -226,9 +237,8 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
         for name, average in ema.items():
-            update_ema(average, unwrap(stage.networks[name]), decay)
+            average.update_parameters(unwrap(stage.networks[name]))
         interval_seconds += time.perf_counter() - tick
         interval_steps += 1
 
@@ -383,10 +393,10 @@ def _tensorboard(out: Path, step: int):
 
 
 @torch.no_grad()
-def _write_montage(stage: Stage, batch: dict, ema: dict[str, nn.Module], out: Path, step: int, writer) -> None:
+def _write_montage(stage: Stage, batch: dict, ema: dict[str, AveragedModel], out: Path, step: int, writer) -> None:
     from mriflow.utils.montage import three_plane_montage
 
-    networks = {name: ema.get(name, unwrap(net)) for name, net in stage.networks.items()}
+    networks = {name: ema[name].module if name in ema else unwrap(net) for name, net in stage.networks.items()}
     modes = {name: net.training for name, net in networks.items()}
     for net in networks.values():
         net.eval()
@@ -402,7 +412,7 @@ def _write_montage(stage: Stage, batch: dict, ema: dict[str, nn.Module], out: Pa
         writer.add_image("montage", image, step, dataformats="HWC")
 
 
-def _save(out: Path, stage: Stage, ema: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+def _save(out: Path, stage: Stage, ema: dict[str, AveragedModel], optimizers: dict[str, torch.optim.Optimizer],
           context: Distributed, config: LoopConfig, meta: dict[str, Any], step: int, epoch: int,
           metrics: dict[str, float]) -> Path:
     """Write RUN/checkpoints/step-XXXXXXXX (rank 0) and prune old ones; every process contributes its RNG state."""
@@ -410,13 +420,14 @@ def _save(out: Path, stage: Stage, ema: dict[str, nn.Module], optimizers: dict[s
     directory = out / ckpt.CHECKPOINTS_DIR / f"step-{step:08d}"
     if not context.is_main:
         return directory
-    exported = {name: ema.get(name, unwrap(stage.networks[name])) for name in (stage.ema_networks or stage.networks)}
+    exported = {name: ema[name].module if name in ema else unwrap(stage.networks[name])
+                for name in (stage.ema_networks or stage.networks)}
     weights = {f"{name}.{key}": value for name, net in exported.items() for key, value in net.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     for name, network in stage.networks.items():
         state.update({f"network.{name}.{k}": v for k, v in unwrap(network).state_dict().items()})
-    for name, average in ema.items():
-        state.update({f"ema.{name}.{k}": v for k, v in average.state_dict().items()})
+    for name, average in ema.items():  # the bare module's names, as before AveragedModel; n_averaged is the step
+        state.update({f"ema.{name}.{k}": v for k, v in average.module.state_dict().items()})
     optimizer_groups = {}
     for phase, optimizer in optimizers.items():
         saved = optimizer.state_dict()
@@ -441,7 +452,7 @@ def _save(out: Path, stage: Stage, ema: dict[str, nn.Module], optimizers: dict[s
     return directory
 
 
-def _restore(directory: Path, stage: Stage, ema: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+def _restore(directory: Path, stage: Stage, ema: dict[str, AveragedModel], optimizers: dict[str, torch.optim.Optimizer],
              context: Distributed) -> int:
     """Load networks, EMA, optimizers and this process's random states; returns the checkpoint's step."""
     _, meta = ckpt.load_checkpoint(directory)
@@ -449,7 +460,8 @@ def _restore(directory: Path, stage: Stage, ema: dict[str, nn.Module], optimizer
     for name, network in stage.networks.items():
         ckpt.load_weights_into(unwrap(network), state, f"network.{name}.", str(directory))
     for name, average in ema.items():
-        ckpt.load_weights_into(average, state, f"ema.{name}.", str(directory))
+        ckpt.load_weights_into(average.module, state, f"ema.{name}.", str(directory))
+        average.n_averaged.fill_(int(meta["step"]) + 1)  # 1 for the starting copy, 1 per step
     for phase, optimizer in optimizers.items():
         prefix = f"optimizer.{phase}."
         values: dict[int, dict[str, torch.Tensor]] = {}
