@@ -92,6 +92,31 @@ def write_prepared(root, splits=("train",) * 5, shape=(16, 20, 16)):
     return root
 
 
+# DLMUSE-like labels for the phantom's classes (1 ventricles, 2 grey, 3 white) and their region names
+PHANTOM_MUSE_LABELS = {1: 4, 2: 23, 3: 40}
+PHANTOM_REGIONS = pd.DataFrame({"index": [4, 23, 40, 35], "name": ["Left_Lateral_Ventricle", "Right_Hippocampus",
+                                                                    "Left_Frontal_WM", "BrainStem"]})
+
+
+def write_labelled(root, splits=("train",) * 4 + ("test",), shape=(16, 20, 16)):
+    """write_prepared's phantoms with DLMUSE-like label maps (labels/) and their region list (regions.csv)."""
+    import nibabel as nib
+
+    write_prepared(root, splits=splits, shape=shape)
+    manifest = pd.read_csv(root / "manifest.csv", dtype={"labels": str})
+    for i, subject in enumerate(manifest["subject"]):
+        _, labels = head_phantom(shape, seed=i)
+        muse = np.zeros_like(labels, dtype=np.int16)
+        for phantom_class, label in PHANTOM_MUSE_LABELS.items():
+            muse[labels == phantom_class] = label
+        affine = nib.load(str(root / manifest.loc[i, "image"])).affine
+        save_volume(root / "labels" / f"{subject}.nii.gz", muse, affine, dtype=np.int16)
+        manifest.loc[i, "labels"] = f"labels/{subject}.nii.gz"
+    manifest.to_csv(root / "manifest.csv", index=False)
+    PHANTOM_REGIONS.to_csv(root / "regions.csv", index=False)
+    return root
+
+
 def tiny_config(max_steps=6, adversarial_start=3, kind="kl", **loop):
     """A tiny autoencoder training config for phantoms of write_prepared's shape (critics from `adversarial_start`)."""
     return AutoencoderTrainingConfig(

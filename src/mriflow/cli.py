@@ -350,6 +350,20 @@ def _add_evaluate(commands) -> None:
     _add_threads(p)
     p.set_defaults(func=_run_evaluate_generation)
 
+    p = kinds.add_parser("utility", help="train on synthetic, test on real: segmentation Dice and brain-age MAE with "
+                                         "and without generated image + label pairs")
+    p.add_argument("--real", required=True, help="prepared dataset folder with label maps (train and test splits)")
+    p.add_argument("--synthetic", required=True,
+                   help="folder of generated volumes with label maps (mriflow generate with a label decoder)")
+    p.add_argument("--out", required=True, help="report folder: utility.json, utility.md, utility.png")
+    p.add_argument("--sizes", default="10,30,all", help="numbers N of real training subjects (default 10,30,all)")
+    p.add_argument("--factor", type=int, default=5, help="synthetic pairs per real subject, k (default 5)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of every downstream model (default 300)")
+    p.add_argument("--tasks", default="segmentation,age", help="segmentation, age or both (default both)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_threads(p)
+    p.set_defaults(func=_run_evaluate_utility)
+
 
 def _run_evaluate_reconstruction(args: argparse.Namespace) -> int:
     from mriflow.evaluate.reconstruction import evaluate_reconstruction
@@ -359,6 +373,26 @@ def _run_evaluate_reconstruction(args: argparse.Namespace) -> int:
     print(f"{summary['subjects']} {args.split} subjects: SSIM {metrics['ssim']['mean']:.4f}, "
           f"PSNR {metrics['psnr']['mean']:.2f} dB, MS-SSIM {metrics['ms_ssim']['mean']:.4f} "
           f"(brain: SSIM {metrics['ssim_brain']['mean']:.4f}, PSNR {metrics['psnr_brain']['mean']:.2f} dB)")
+    return 0
+
+
+def _run_evaluate_utility(args: argparse.Namespace) -> int:
+    from mriflow.evaluate.utility import TrainingSettings, evaluate_utility
+
+    sizes = []
+    for token in filter(None, (t.strip() for t in args.sizes.split(","))):
+        if token != "all" and not token.isdigit():
+            raise ValueError(f"--sizes {args.sizes!r}: expected numbers or 'all', e.g. 10,30,all")
+        sizes.append(None if token == "all" else int(token))
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not sizes or not tasks or set(tasks) - {"segmentation", "age"}:
+        raise ValueError(f"--sizes {args.sizes!r} / --tasks {args.tasks!r}: give at least one size, and tasks from "
+                         "segmentation,age")
+    if args.factor < 1 or args.steps < 1:
+        raise ValueError(f"--factor and --steps must be >= 1, got {args.factor} and {args.steps}")
+    result = evaluate_utility(args.real, args.synthetic, args.out, sizes=sizes, factor=args.factor,
+                              settings=TrainingSettings(steps=args.steps, seed=args.seed), tasks=tasks)
+    print(f"{args.out}/utility.md, utility.png, utility.json ({result['seconds']:.0f} s)")
     return 0
 
 

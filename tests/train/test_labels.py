@@ -7,14 +7,13 @@ import json
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from conftest import head_phantom, read_log, tiny_config, write_prepared
+from conftest import PHANTOM_REGIONS, read_log, tiny_config, write_labelled
 from mriflow import checkpoint as ckpt
 from mriflow.config import LoopConfig
-from mriflow.data.io import load_volume, save_volume
+from mriflow.data.io import load_volume
 from mriflow.data.labels import TISSUE_CLASSES, tissue_lookup, tissue_map
 from mriflow.generate import export_generator, export_labels, generate, load_generator
 from mriflow.models.autoencoder import Autoencoder
@@ -25,27 +24,7 @@ from mriflow.models.velocity import VelocityNetConfig
 from mriflow.train.generator import train_flow
 from mriflow.train.labels import LabelTrainingConfig, read_label_map, train_labels
 
-# DLMUSE-like labels for the phantom's classes (1 ventricles, 2 grey, 3 white) and their region names
-PHANTOM_LABELS = {1: 4, 2: 23, 3: 40}
-REGIONS = pd.DataFrame({"index": [4, 23, 40, 35], "name": ["Left_Lateral_Ventricle", "Right_Hippocampus",
-                                                            "Left_Frontal_WM", "BrainStem"]})
-
-
-def write_labelled(root):
-    """write_prepared's phantoms with DLMUSE-like label maps and their region list (regions.csv)."""
-    write_prepared(root, splits=("train",) * 4 + ("test",))
-    manifest = pd.read_csv(root / "manifest.csv", dtype={"labels": str})
-    for i, subject in enumerate(manifest["subject"]):
-        _, labels = head_phantom((16, 20, 16), seed=i)
-        muse = np.zeros_like(labels, dtype=np.int16)
-        for phantom, label in PHANTOM_LABELS.items():
-            muse[labels == phantom] = label
-        affine = nib.load(str(root / manifest.loc[i, "image"])).affine
-        save_volume(root / "labels" / f"{subject}.nii.gz", muse, affine, dtype=np.int16)
-        manifest.loc[i, "labels"] = f"labels/{subject}.nii.gz"
-    manifest.to_csv(root / "manifest.csv", index=False)
-    REGIONS.to_csv(root / "regions.csv", index=False)
-    return root
+REGIONS = PHANTOM_REGIONS
 
 
 @pytest.fixture(scope="module")
