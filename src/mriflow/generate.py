@@ -512,9 +512,9 @@ def cohort_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         return [sample_name(i) for i in range(len(rows))]
     names = [str(row[column]) if row[column] is not None else "" for row in rows]
     for i, name in enumerate(names):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name.endswith((".nii", ".gz", ".json")):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name.endswith((".nii", ".gz", ".json", "_labels")):
             raise ValueError(f"cohort row {i + 1}: {column} {name!r} cannot name a file; use letters, digits, "
-                             "'.', '_' and '-' (and no .nii/.json ending)")
+                             "'.', '_' and '-' (and no .nii/.json/_labels ending: _labels names label maps)")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"cohort: {column} {', '.join(repeated[:5])} appear(s) more than once; ids must be unique")
