@@ -3,9 +3,9 @@
 A lent GPU machine (one H100/H200) gets a copy of the working tree (tracked files, untracked
 files git does not ignore, and the ignored paths a call carries: 64 MiB in all) and no network.
 Its image has torch, numpy, scipy, pandas, scikit-image, safetensors, tqdm, matplotlib, pyyaml,
-tensorboard, einops and torchdiffeq, but not monai or nibabel. This script writes `.device/`:
+tensorboard, einops and torchdiffeq, but not monai, nibabel or dacite. This script writes `.device/`:
 
-    .device/wheels/*.whl      monai and nibabel at the versions installed here (pure-Python wheels)
+    .device/wheels/*.whl      monai, nibabel and dacite at the versions installed here (pure-Python wheels)
     .device/data.npz.xz       the prepared dataset's volumes of the chosen splits: images as uint8
                               (round(255 x), lossless for training: the step 1/255 is 0.002, 20x below
                               the reconstruction error targets), brain masks as packed bits, the manifest
@@ -38,7 +38,7 @@ KIT = ROOT / ".device"
 DATA_FILE = "data.npz.xz"
 RECORD_FILE = "pack.json"
 TRAVEL_LIMIT = 64 * 2**20  # the device tool's limit on what travels
-WHEELS = ("monai", "nibabel")  # what the training imports that the GPU image lacks
+WHEELS = ("monai", "nibabel", "dacite")  # what the training imports that the GPU image lacks
 # manylinux platforms pip may match for Python 3.12 on x86-64 (only needed for compiled wheels)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 

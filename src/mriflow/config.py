@@ -4,10 +4,12 @@ and the YAML presets."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
+import dacite
 import yaml
 
 
@@ -69,23 +71,39 @@ class LoopConfig:
 
 
 T = TypeVar("T")
+_DACITE = dacite.Config(strict=True, cast=[tuple])  # unknown keys refused; YAML/JSON lists become tuples
 
 
-def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass `cls` from a dict, refusing unknown keys with a message that names them."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; valid fields are {', '.join(fields)}")
-    kwargs = {}
+def from_dict(cls: type[T], values: Mapping[str, Any], where: str = "config") -> T:
+    """Build dataclass `cls` (nested dataclasses too) from a dict with dacite, checking every value's type.
+
+    Errors are one line that starts with `where` (a file or "config") and names the key:
+    "<where>.objective: unknown field(s) los; valid fields are loss, ..." or
+    "<where>: wrong value type for field "loop.lr" - should be "float" instead of value "1e-4" ...".
+    """
+    try:
+        return dacite.from_dict(cls, dict(values), _DACITE)
+    except dacite.UnexpectedDataError as error:
+        place, owner = _holder_of(cls, values, error.keys, where)
+        valid = ", ".join(f.name for f in dataclasses.fields(owner))
+        raise ValueError(f"{place}: unknown field(s) {', '.join(sorted(error.keys))}; valid fields are {valid}") from None
+    except dacite.DaciteError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _holder_of(cls: type, values: Mapping[str, Any], keys: set[str], where: str) -> tuple[str, type]:
+    """The dotted place and dataclass of the (nested) dict in `values` that holds `keys`, which
+    dacite's UnexpectedDataError does not name."""
+    hints = typing.get_type_hints(cls)
+    if keys <= set(values) - set(hints):
+        return where, cls
     for name, value in values.items():
-        default = getattr(cls, name, None)
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = from_dict(type(default), value, f"{where}.{name}")
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(hints.get(name)):
+            try:
+                return _holder_of(hints[name], value, keys, f"{where}.{name}")
+            except LookupError:
+                continue
+    raise LookupError(keys)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
