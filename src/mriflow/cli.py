@@ -124,6 +124,11 @@ def _add_train(commands) -> None:
         p.add_argument("--autoencoder", required=True, help="autoencoder run or checkpoint folder")
         p.add_argument("--condition", default="", metavar="NAMES",
                        help="covariates to condition on, e.g. age,sex (manifest columns; default: unconditional)")
+        p.add_argument("--label-condition", action="store_true",
+                       help="condition on each subject's tissue map too, so `generate --label-map` draws a scan with a "
+                            "given anatomy (needs label maps in the prepared data)")
+        p.add_argument("--regions", metavar="CSV",
+                       help="with --label-condition: the label maps' region list (index,name), default DLMUSE's")
         _add_common_training(p, stage)
         p.set_defaults(func=_run_train_generator, stage=stage)
 
@@ -168,7 +173,8 @@ def _run_train_generator(args: argparse.Namespace) -> int:
     # No --condition: unconditional for a new run, the run's own covariates on --resume.
     condition = [name.strip() for name in args.condition.split(",") if name.strip()] or None
     result = train_generator(args.stage, args.data, args.autoencoder, args.out, condition=condition, preset=args.preset,
-                             max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes, lr=args.lr)
+                             max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes, lr=args.lr,
+                             label_condition=args.label_condition, regions=args.regions)
     return _report_training(result)
 
 
@@ -249,6 +255,9 @@ def _add_generate(commands) -> None:
                         help="label decoder run (mriflow train labels) of the model's autoencoder: write each sample's "
                              "tissue map as sample_XXXXX_labels.nii.gz (default: the model's own, when it has one)")
     labels.add_argument("--no-labels", action="store_true", help="write no label maps, even if the model has a decoder")
+    p.add_argument("--label-map", metavar="NIFTI",
+                   help="a label-conditioned model (train flow --label-condition): the anatomy to draw, a label map on "
+                        "the model's grid (tissue classes 0-5 as in sample_XXXXX_labels.nii.gz, or DLMUSE labels)")
     _add_threads(p)
     p.set_defaults(func=_run_generate)
 
@@ -281,7 +290,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     result = generate(args.model, args.out, n=8 if args.n is None else args.n, covariates=covariates, solver=args.solver,
                       steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                       device=args.device, privacy_filter=args.privacy_filter, cohort=cohort,
-                      trust_paths=args.trust_model_paths, labels=False if args.no_labels else args.labels)
+                      trust_paths=args.trust_model_paths, labels=False if args.no_labels else args.labels,
+                      label_map=args.label_map)
     if _is_main_process():
         print(result.summary() if hasattr(result, "summary") else result)
     return 0

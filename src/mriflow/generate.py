@@ -49,7 +49,7 @@ from mriflow.families import FAMILIES, Family
 from mriflow.flow.sampling import sample_seed
 from mriflow.generate_io import batch_montage, labels_name, sample_name, write_labels, write_sample
 from mriflow.models.conditioning import parse_value, resolve_request
-from mriflow.models.velocity import VelocityNet, VelocityNetConfig
+from mriflow.models.velocity import SpatiallyConditioned, VelocityNet, VelocityNetConfig
 from mriflow import distributed
 from mriflow.utils.files import remove_stale_temporaries
 
@@ -123,11 +123,46 @@ class Generator:
             raise ValueError(f"guidance must be a finite number >= 0 (1 = conditional), got {settings['guidance']}")
         return settings
 
+    @property
+    def spatial_condition(self) -> dict[str, Any] | None:
+        """What a label-conditioned model is conditioned on (meta["spatial_condition"]), or None."""
+        return self.meta.get("spatial_condition")
+
+    def label_condition(self, path: str | Path) -> torch.Tensor:
+        """The spatial condition (1, S, d, h, w) of a label map on the model's grid: mriflow's tissue classes
+        (0..5, e.g. a sample's _labels.nii.gz or an edited one) or labels of the model's label map (e.g. DLMUSE),
+        as class fractions per latent voxel."""
+        from mriflow.data.labels import tissue_fractions, tissue_lookup, tissue_map
+
+        record = self.spatial_condition
+        if record is None:
+            raise ValueError(f"--label-map: the model {self.path} is not conditioned on label maps; train one with "
+                             "`mriflow train flow ... --label-condition`")
+        volume, affine = load_volume(path)
+        if tuple(volume.shape) != self.image_shape or not np.allclose(affine, self.affine, atol=AFFINE_TOLERANCE):
+            raise ValueError(f"--label-map {path}: shape {tuple(volume.shape)} / affine differ from the model's grid "
+                             f"{self.image_shape}; give a label map on the model's template grid (a prepared one)")
+        values = np.rint(volume).astype(np.int64)
+        classes = len(record["classes"])
+        if values.min() >= 0 and values.max() < classes:
+            tissue = values.astype(np.uint8)
+        else:
+            tissue = tissue_map(values, tissue_lookup(record["label_map"]), f"--label-map {path}")
+        return tissue_fractions(tissue[None], int(record["factor"]), classes)
+
     def draw_latents(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
-                     settings: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
-        """Scaled latents (B, C, d, h, w), one per seed (see flow.sampling.sample_seed), and the NFE per sample."""
+                     settings: Mapping[str, Any], spatial: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Scaled latents (B, C, d, h, w), one per seed (see flow.sampling.sample_seed), and the NFE per sample.
+        `spatial` (1 or B, S, d, h, w): the condition of a label-conditioned model (see `label_condition`)."""
         shape = (len(sample_seeds), *self.latent_shape)
-        return self.family.sample(self.velocity_net, shape, covariates, settings, self.device, sample_seeds)
+        net = self.velocity_net
+        if self.velocity_net.config.spatial_channels:
+            if spatial is None:
+                raise ValueError(f"the model {self.path} draws scans for a given label map; pass --label-map FILE")
+            net = SpatiallyConditioned(net, spatial.to(self.device).expand(len(sample_seeds), *spatial.shape[1:]))
+        elif spatial is not None:
+            raise ValueError(f"--label-map: the model {self.path} is not conditioned on label maps")
+        return self.family.sample(net, shape, covariates, settings, self.device, sample_seeds)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents (B, C, d, h, w) -> volumes (B, D, H, W) float32 in [0, 1] on the CPU."""
@@ -332,12 +367,15 @@ def generate(
     cohort: Sequence[Mapping[str, Any]] | None = None,
     trust_paths: bool = False,
     labels: str | Path | bool | None = None,
+    label_map: str | Path | None = None,
 ) -> GenerateResult:
     """Sample `n` volumes into `out`: sample_XXXXX.nii.gz + .json per sample, montage.png and generate.json.
 
     With a label decoder (`labels`: a `mriflow train labels` run; None: the model's own when it has one, as the
     shipped models do; False: none) each sample also gets sample_XXXXX_labels.nii.gz: its tissue map (uint8 class
     indices, same grid and affine), decoded from the same latent as the image; the sidecar names it and its classes.
+    With a label-conditioned model (`mriflow train flow --label-condition`), `label_map` (a NIfTI on the model's grid:
+    tissue classes 0..5 or the training label map's labels) is the anatomy every sample is drawn to match.
 
     `covariates` ({name: value}; absent ones are unconditional) is checked against the model's
     schema; solver/steps/guidance default to the model's. A `cohort` (one {column: value} per
@@ -363,6 +401,7 @@ def generate(
     try:
         generator = load_generator(model, context.device, trust_paths, labels)
         settings = generator.sampling_settings(solver, steps, guidance)
+        spatial = generator.label_condition(label_map) if label_map is not None else None
         rows = [dict(row) for row in cohort] if cohort is not None else [dict(covariates or {})] * n
         names = cohort_names(rows) if cohort is not None else [sample_name(i) for i in range(n)]
         requests = [{k: v for k, v in row.items() if k not in ID_COLUMNS} for row in rows]
@@ -381,6 +420,8 @@ def generate(
         common = {"seed": seed, **settings, "model_id": generator.model_id,
                   "model_checksum": generator.model_checksum, "autoencoder_checksum": generator.autoencoder_checksum,
                   "stage": generator.stage, "device": str(context.device)}
+        if label_map is not None:
+            common["label_map"] = {"path": str(Path(label_map).resolve()), "sha256": ckpt.sha256(Path(label_map))}
         if generator.labels is not None:
             common["label_classes"] = list(generator.label_classes)
             common["labels_checksum"] = generator.labels_meta["checksum"]
@@ -398,7 +439,7 @@ def generate(
                     seeds = [sample_seed(seed, i, attempts.get(i, 0)) for i in pending]
                     condition = tuple(torch.stack([conditions[i][part] for i in pending]) for part in (0, 1)) \
                         if len(generator.schema) else None  # (B, K) values and present flags
-                    latents, nfe = generator.draw_latents(seeds, condition, settings)
+                    latents, nfe = generator.draw_latents(seeds, condition, settings, spatial)
                     volumes = generator.decode(latents)
                     label_maps = generator.decode_labels(latents)
                     redraw = []

@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import save_file
 
 from mriflow.data.dataset import CovariateSchema
-from mriflow.models.velocity import MAX_PARAMETERS, VelocityNet, VelocityNetConfig, num_parameters
+from mriflow.flow.guidance import guided_velocity
+from mriflow.models.velocity import MAX_PARAMETERS, SpatiallyConditioned, VelocityNet, VelocityNetConfig, num_parameters
 
 COVARIATES = dict(covariate_names=("age", "sex"), covariate_kinds=("continuous", "categorical"), covariate_categories=(0, 2))
 TINY = dict(channels=(8, 16, 16), attention_levels=(False, True, True), num_res_blocks=1, num_head_channels=8, norm_num_groups=4)
@@ -114,3 +115,31 @@ def test_config_round_trips_through_a_dict_and_rebuilds_the_same_weights():
     assert rebuilt == config
     source = VelocityNet(config)
     VelocityNet(rebuilt).load_state_dict(source.state_dict(), strict=True)
+
+
+def test_a_spatial_condition_is_required_checked_and_bound_for_guidance():
+    torch.manual_seed(0)
+    config = VelocityNetConfig(in_channels=2, channels=(8, 16), attention_levels=(False, False), num_res_blocks=1,
+                               num_head_channels=8, norm_num_groups=4, covariate_names=("age",), covariate_kinds=("continuous",),
+                               covariate_categories=(0,), spatial_channels=3)
+    net = VelocityNet(config).eval()
+    with torch.no_grad():  # MONAI zero-initialises the output convolutions: an untrained net would output zeros
+        for parameter in net.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.05)
+    x, t = torch.randn(2, 2, 4, 6, 4), torch.rand(2)
+    spatial = torch.rand(2, 3, 4, 6, 4)
+    with pytest.raises(ValueError, match="spatial map"):
+        net(x, t)
+    with pytest.raises(ValueError, match=r"\(2, 3, 4, 6, 4\)"):
+        net(x, t, spatial=spatial[:, :2])
+    covariates, present = torch.tensor([[0.5], [-0.5]]), torch.ones(2, 1, dtype=torch.bool)
+    with torch.no_grad():
+        direct = net(x, t, covariates, present, spatial=spatial)
+        bound = SpatiallyConditioned(net, spatial)
+        torch.testing.assert_close(bound(x, t, covariates, present), direct)
+        # guidance evaluates 2B at once: the bound condition is repeated for the unconditional half
+        guided = guided_velocity(bound, covariates, present, scale=2.0)(x, t)
+        uncond = net(x, t, covariates, torch.zeros_like(present), spatial=spatial)
+        torch.testing.assert_close(guided, uncond + 2.0 * (direct - uncond), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(net(x, t, covariates, present, spatial=spatial.flip(0)), direct)

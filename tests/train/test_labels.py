@@ -13,7 +13,7 @@ import torch
 from conftest import PHANTOM_REGIONS, read_log, tiny_config, write_labelled
 from mriflow import checkpoint as ckpt
 from mriflow.config import LoopConfig
-from mriflow.data.io import load_volume
+from mriflow.data.io import load_volume, save_volume
 from mriflow.data.labels import TISSUE_CLASSES, tissue_lookup, tissue_map
 from mriflow.generate import export_generator, export_labels, generate, load_generator
 from mriflow.models.autoencoder import Autoencoder
@@ -137,3 +137,59 @@ def test_a_label_decoder_of_another_autoencoder_is_refused(trained, tmp_path):
         load_generator(root / "flow", "cpu", labels=tmp_path / "labels")
     with pytest.raises(ValueError, match="not on"):
         export_labels(tmp_path / "labels", export_generator(root / "flow", tmp_path / "model"))
+
+
+@pytest.fixture(scope="module")
+def label_conditioned(trained):
+    """A flow conditioned on the tissue maps of the phantoms (tiny, 2 steps)."""
+    root = trained["root"]
+    model = VelocityNetConfig(in_channels=2, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
+                              num_head_channels=8, norm_num_groups=4)
+    flow = FlowTrainingConfig(model=model, loop=LoopConfig(max_steps=2, batch_size=2, device="cpu", checkpoint_every=2,
+                                                           montage_every=1))
+    train_flow(trained["data"], root / "ae", root / "flow-labels", config=flow, label_condition=True,
+               regions=trained["data"] / "regions.csv")
+    return root / "flow-labels"
+
+
+def test_a_label_conditioned_flow_records_its_condition_and_draws_for_a_given_map(trained, label_conditioned, tmp_path):
+    _, meta = ckpt.load_checkpoint(label_conditioned)
+    assert meta["config"]["model"]["spatial_channels"] == len(TISSUE_CLASSES)
+    assert meta["spatial_condition"]["factor"] == 4 and meta["spatial_condition"]["label_map"]["40"] == "white_matter"
+    data = trained["data"]
+    # a prepared subject's DLMUSE map, and the same map as tissue classes (what a _labels file holds)
+    dlmuse = data / "labels" / "sub04.nii.gz"
+    generator = load_generator(label_conditioned, "cpu")
+    fractions = generator.label_condition(dlmuse)
+    assert fractions.shape == (1, len(TISSUE_CLASSES), 4, 5, 4)
+    torch.testing.assert_close(fractions.sum(1), torch.ones(1, 4, 5, 4))
+    volume, affine = load_volume(dlmuse)
+    tissue = tissue_map(volume, tissue_lookup(meta["spatial_condition"]["label_map"]))
+    save_volume(tmp_path / "tissue.nii.gz", tissue, affine, dtype=np.uint8)
+    torch.testing.assert_close(generator.label_condition(tmp_path / "tissue.nii.gz"), fractions)
+
+    a = generate(label_conditioned, tmp_path / "a", n=2, label_map=dlmuse, device="cpu", progress=False, labels=False)
+    b = generate(label_conditioned, tmp_path / "b", n=2, label_map=tmp_path / "tissue.nii.gz", device="cpu",
+                 progress=False, labels=False)
+    for x, y in zip(a.paths, b.paths):  # the same anatomy given two ways: the same scans
+        np.testing.assert_array_equal(load_volume(x)[0], load_volume(y)[0])
+    sidecar = json.loads((tmp_path / "a" / "sample_00000.json").read_text())
+    assert sidecar["label_map"]["path"] == str(dlmuse.resolve())
+    # another anatomy, same seeds: other scans (the condition reaches the network)
+    empty = tmp_path / "empty.nii.gz"
+    save_volume(empty, np.zeros_like(tissue), affine, dtype=np.uint8)
+    c = generate(label_conditioned, tmp_path / "c", n=2, label_map=empty, device="cpu", progress=False, labels=False)
+    assert not np.array_equal(load_volume(a.paths[0])[0], load_volume(c.paths[0])[0])
+
+
+def test_label_maps_are_refused_where_they_do_not_fit(trained, label_conditioned, tmp_path):
+    with pytest.raises(ValueError, match="pass --label-map"):
+        generate(label_conditioned, tmp_path / "a", n=1, device="cpu", progress=False, labels=False)
+    with pytest.raises(ValueError, match="not conditioned on label maps"):
+        generate(trained["root"] / "flow", tmp_path / "b", n=1, device="cpu", progress=False,
+                 label_map=trained["data"] / "labels" / "sub00.nii.gz")
+    small = tmp_path / "small.nii.gz"
+    save_volume(small, np.zeros((8, 8, 8), np.uint8), np.eye(4), dtype=np.uint8)
+    with pytest.raises(ValueError, match="model's grid"):
+        generate(label_conditioned, tmp_path / "c", n=1, device="cpu", progress=False, labels=False, label_map=small)
+    assert not (tmp_path / "c").exists()

@@ -87,3 +87,16 @@ def tissue_map(labels: np.ndarray, lookup: np.ndarray, where: str = "label map")
         raise ValueError(f"{where}: labels {sorted(set(unknown))[:10]} are not in the region list; "
                          "pass the label map's region names (muse_regions.csv)")
     return mapped.astype(np.uint8)
+
+
+def tissue_fractions(tissue: torch.Tensor | np.ndarray, factor: int, classes: int = len(TISSUE_CLASSES)) -> torch.Tensor:
+    """Class fractions of tissue maps (N, D, H, W) on a grid `factor` times coarser: (N, classes, D/f, H/f, W/f),
+    each voxel the share of every class in its f^3 block (the spatial condition of a label-conditioned generator,
+    on the latent grid)."""
+    tissue = torch.as_tensor(np.asarray(tissue) if not isinstance(tissue, torch.Tensor) else tissue).long()
+    if tissue.ndim != 4 or any(n % factor for n in tissue.shape[1:]):
+        raise ValueError(f"tissue maps of shape {tuple(tissue.shape)}: expected (N, D, H, W) with D, H, W multiples of {factor}")
+    if tissue.min() < 0 or tissue.max() >= classes:
+        raise ValueError(f"tissue maps hold classes outside 0..{classes - 1}")
+    one_hot = F.one_hot(tissue, classes).permute(0, 4, 1, 2, 3).float()
+    return F.avg_pool3d(one_hot, factor)

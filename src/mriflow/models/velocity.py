@@ -42,6 +42,8 @@ class VelocityNetConfig:
     covariate_kinds: tuple[str, ...] = ()
     covariate_categories: tuple[int, ...] = ()  # number of categories; 0 for a continuous covariate
     covariate_drop_prob: float = 0.15
+    spatial_channels: int = 0  # channels of a spatial condition on the latent grid (e.g. tissue fractions of a label
+                               # map), concatenated to x: the generator then draws a scan that matches it
 
     def with_schema(self, schema) -> "VelocityNetConfig":
         """This config conditioned on the covariates of a mriflow.data.dataset.CovariateSchema."""
@@ -82,7 +84,7 @@ class VelocityNet(nn.Module):
         embedding_dim = 4 * config.channels[0]  # DiffusionModelUNet's time-embedding width
         self.unet = DiffusionModelUNet(
             spatial_dims=3,
-            in_channels=config.in_channels,
+            in_channels=config.in_channels + config.spatial_channels,
             out_channels=config.in_channels,
             num_res_blocks=config.num_res_blocks,
             channels=tuple(config.channels),
@@ -106,9 +108,16 @@ class VelocityNet(nn.Module):
         t: torch.Tensor,
         covariates: torch.Tensor | None = None,
         covariates_present: torch.Tensor | None = None,
+        spatial: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected x of shape (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
+        if self.config.spatial_channels:
+            expected = (x.shape[0], self.config.spatial_channels, *x.shape[2:])
+            if spatial is None or tuple(spatial.shape) != expected:
+                got = None if spatial is None else tuple(spatial.shape)
+                raise ValueError(f"this network is conditioned on a spatial map: expected spatial of shape {expected}, got {got}")
+            x = torch.cat([x, spatial.to(x.dtype)], 1)
         batch, spatial = x.shape[0], x.shape[2:]
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         t = t.expand(batch) if t.ndim == 0 else t  # (B,)
@@ -129,6 +138,25 @@ class VelocityNet(nn.Module):
         x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))  # F.pad lists the last axis first
         out = self.unet(x, t * self.config.time_scale, class_labels=condition)
         return out[:, :, : spatial[0], : spatial[1], : spatial[2]]
+
+
+class SpatiallyConditioned(nn.Module):
+    """A network with its spatial condition bound: f(x, t, c, present) = net(x, t, c, present, spatial), so every
+    sampler, guidance and loss that calls net(x, t, c, present) works unchanged. `spatial` (B, S, d, h, w) is
+    repeated when x holds a multiple of its batch (classifier-free guidance evaluates 2B at once)."""
+
+    def __init__(self, net: nn.Module, spatial: torch.Tensor):
+        super().__init__()
+        self.net = net
+        self.spatial = spatial
+
+    def forward(self, x, t, covariates=None, covariates_present=None):
+        spatial = self.spatial.to(x.device)
+        if x.shape[0] != spatial.shape[0]:
+            if x.shape[0] % spatial.shape[0]:
+                raise ValueError(f"a batch of {x.shape[0]} latents for {spatial.shape[0]} spatial conditions")
+            spatial = spatial.repeat(x.shape[0] // spatial.shape[0], *([1] * (spatial.ndim - 1)))
+        return self.net(x, t, covariates, covariates_present, spatial=spatial)
 
 
 def num_parameters(module: nn.Module) -> int:

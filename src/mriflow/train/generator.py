@@ -46,11 +46,12 @@ from torch.utils.data import Dataset
 from mriflow import checkpoint as ckpt
 from mriflow.config import from_dict, load_preset, to_dict
 from mriflow.data.dataset import CovariateSchema, covariate_columns, read_manifest, read_preparation
+from mriflow.data.labels import TISSUE_CLASSES, tissue_fractions, tissue_lookup
 from mriflow.families import FAMILIES, Family, get_family
 from mriflow.families.diffusion import DiffusionTrainingConfig
 from mriflow.families.flow import FlowTrainingConfig
 from mriflow.latents import LatentDataset, damaged_splits, encode_dataset, latent_cache_dir, read_cache_index
-from mriflow.models.velocity import VelocityNet, num_parameters
+from mriflow.models.velocity import SpatiallyConditioned, VelocityNet, num_parameters
 from mriflow import distributed
 from mriflow.train import loop
 from mriflow.distributed import Distributed
@@ -79,16 +80,20 @@ class PosteriorSamples(Dataset):
     so a resumed run draws the same latents as an uninterrupted one.
     """
 
-    def __init__(self, latents: LatentDataset):
+    def __init__(self, latents: LatentDataset, spatial: torch.Tensor | None = None):
         self.latents = latents
+        self.spatial = spatial  # (N, S, d, h, w): each subject's spatial condition (label-conditioned models)
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.latents[index]
-        return {"latent": self.latents.sample(item["latent_mean"], item["latent_logvar"]),
-                "covariates": item["covariates"], "covariates_present": item["covariates_present"]}
+        sample = {"latent": self.latents.sample(item["latent_mean"], item["latent_logvar"]),
+                  "covariates": item["covariates"], "covariates_present": item["covariates_present"]}
+        if self.spatial is not None:
+            sample["spatial"] = self.spatial[index]
+        return sample
 
 
 class GeneratorStage:
@@ -110,7 +115,10 @@ class GeneratorStage:
         self.latent_scale = latent_scale
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = self.family.loss(self.networks["velocity"], batch["latent"], batch["covariates"], batch["covariates_present"])
+        net = self.networks["velocity"]
+        if "spatial" in batch:
+            net = SpatiallyConditioned(net, batch["spatial"])
+        loss = self.family.loss(net, batch["latent"], batch["covariates"], batch["covariates_present"])
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
@@ -120,8 +128,11 @@ class GeneratorStage:
         real = batch["latent"][:1].float()  # (1, C, d, h, w), scaled
         covariates = (batch["covariates"][:1], batch["covariates_present"][:1]) if self.config.model.covariate_names else None
         # the seed of sample 0 every time: the montages of a run show the same noise becoming a brain
-        sample, _ = self.family.sample(networks["velocity"], (1, *self.latent_shape), covariates,
-                                       self.family.default_sampling(), real.device)
+        net = networks["velocity"]
+        if "spatial" in batch:  # the real subject's label map: the sample should share its anatomy
+            net = SpatiallyConditioned(net, batch["spatial"][:1].float())
+        sample, _ = self.family.sample(net, (1, *self.latent_shape), covariates, self.family.default_sampling(),
+                                       real.device)
 
         def decode(latent: torch.Tensor) -> np.ndarray:
             return self.autoencoder.decode(latent / self.latent_scale).float().clamp(0, 1)[0, 0].cpu().numpy()
@@ -143,6 +154,8 @@ def train_flow(
     config: FlowTrainingConfig | None = None,
     stop_at_step: int | None = None,
     max_minutes: float | None = None,
+    label_condition: bool = False,
+    regions: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a rectified flow on the latents of `data_dir`'s training split under `autoencoder` into run folder `out`.
 
@@ -153,7 +166,7 @@ def train_flow(
     Returns {"step", "metrics", "checkpoint"}.
     """
     return train_generator("flow", data_dir, autoencoder, out, condition, preset, max_steps, resume, config,
-                           stop_at_step, max_minutes)
+                           stop_at_step, max_minutes, label_condition=label_condition, regions=regions)
 
 
 def train_diffusion(
@@ -186,10 +199,17 @@ def train_generator(
     stop_at_step: int | None = None,
     max_minutes: float | None = None,
     lr: float | None = None,
+    label_condition: bool = False,
+    regions: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the latent generator of family `stage_name` (a key of mriflow.families.FAMILIES); the arguments
     and the result are train_flow's, `config` being that family's training config; `lr` replaces the peak
-    learning rate (also on resume)."""
+    learning rate (also on resume).
+
+    `label_condition`: condition on each subject's tissue map as well (its label map through `regions`, a
+    muse_regions.csv, or the default DLMUSE map; mriflow.train.labels.read_label_map), given to the network as the
+    class fractions of each latent voxel's block (mriflow.data.labels.tissue_fractions), so `generate --label-map`
+    draws a scan with a given anatomy. Recorded in meta["spatial_condition"]."""
     data_dir, out = Path(data_dir), Path(out)
     checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned: a newer checkpoint of the run is not used
     schema = None
@@ -200,6 +220,9 @@ def train_generator(
             raise ValueError(f"{out} holds a {saved.get('stage')!r} run, not a {stage_name} one; "
                              "resume it with its own command, or choose another --out")
         config = _override(from_dict(get_family(stage_name).Config, saved["config"], str(latest)), max_steps)
+        spatial_record = saved.get("spatial_condition")
+        if label_condition and spatial_record is None:
+            raise ValueError(f"{out} was trained without --label-condition; drop it to resume")
         trained_on = list(config.model.covariate_names)
         if condition is not None and list(condition) != trained_on:
             raise ValueError(f"condition {list(condition)} differs from the run's covariates {trained_on} in {out}; "
@@ -218,6 +241,14 @@ def train_generator(
             config = _override(config, max_steps)
         names = list(condition) if condition is not None else list(config.model.covariate_names)
         _check_condition(data_dir, names)
+        spatial_record = None
+        if label_condition:
+            from mriflow.train.labels import read_label_map
+
+            spatial_record = {"kind": "tissue_fractions", "classes": list(TISSUE_CLASSES),
+                              "label_map": read_label_map(regions)}
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                           spatial_channels=len(TISSUE_CLASSES)))
     if max_minutes is not None:
         config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_minutes=max_minutes))
     if lr is not None:
@@ -240,6 +271,14 @@ def train_generator(
                                 schema=schema)
         config = dataclasses.replace(config, model=config.model.with_schema(latents.schema))
         latent_shape = list(latents.index["latent_shape"])
+        spatial = None
+        if spatial_record is not None:
+            from mriflow.train.labels import tissue_targets
+
+            factor = image_shape[0] // latent_shape[1]
+            spatial_record = {**spatial_record, "factor": factor}
+            targets = tissue_targets(data_dir, latents.subjects, tissue_lookup(spatial_record["label_map"]))
+            spatial = tissue_fractions(targets, factor)
 
         loop.seed_everything(config.loop.seed)  # identical initial weights in every process
         stage = GeneratorStage(get_family(stage_name)(config), latent_shape, decoder if context.is_main else None,
@@ -259,7 +298,9 @@ def train_generator(
             "parameters": num_parameters(stage.networks["velocity"]),
             "preparation": preparation,
         }
-        return loop.train(stage, PosteriorSamples(latents), config.loop, out, meta, resume=resume, context=context,
+        if spatial_record is not None:
+            meta["spatial_condition"] = spatial_record
+        return loop.train(stage, PosteriorSamples(latents, spatial), config.loop, out, meta, resume=resume, context=context,
                           stop_at_step=stop_at_step)
     finally:
         if not joined_group:

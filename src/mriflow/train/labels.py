@@ -75,21 +75,26 @@ def read_label_map(regions: str | Path | None) -> dict[str, str]:
     return {str(label): TISSUE_CLASSES[index] for label, index in mapping.items()}
 
 
+def tissue_targets(data_dir: Path, subjects: list[str], lookup: np.ndarray) -> torch.Tensor:
+    """The tissue maps (N, D, H, W) uint8 of `subjects` of a prepared folder: their label maps through `lookup`."""
+    manifest = read_manifest(data_dir).set_index("subject")
+    targets = []
+    for subject in subjects:
+        labels = manifest.loc[subject, "labels"] if "labels" in manifest.columns else None
+        if not isinstance(labels, str) or not labels:
+            raise ValueError(f"{data_dir}/manifest.csv: subject {subject} has no label map; prepare with --masks "
+                             "pointing at label maps (e.g. DLMUSE) to train on labels")
+        volume, _ = load_volume(data_dir / labels)
+        targets.append(torch.from_numpy(tissue_map(volume, lookup, str(data_dir / labels))))
+    return torch.stack(targets)
+
+
 class LabelPairs(Dataset):
     """Items {"latent" (C, d, h, w) unscaled, drawn from the posterior, "target" (D, H, W) class indices}."""
 
     def __init__(self, latents: LatentDataset, data_dir: Path, lookup: np.ndarray):
         self.latents = latents
-        manifest = read_manifest(data_dir).set_index("subject")
-        targets = []
-        for subject in latents.subjects:
-            labels = manifest.loc[subject, "labels"] if "labels" in manifest.columns else None
-            if not isinstance(labels, str) or not labels:
-                raise ValueError(f"{data_dir}/manifest.csv: subject {subject} has no label map; prepare with --masks "
-                                 "pointing at label maps (e.g. DLMUSE) to train the label stage")
-            volume, _ = load_volume(data_dir / labels)
-            targets.append(torch.from_numpy(tissue_map(volume, lookup, str(data_dir / labels))))
-        self.targets = torch.stack(targets)
+        self.targets = tissue_targets(data_dir, latents.subjects, lookup)
 
     def __len__(self) -> int:
         return len(self.latents)
