@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mriflow.config import Grid, LoopConfig
+from mriflow import checkpoint as ckpt
+from mriflow.config import Grid, LoopConfig, to_dict
+from mriflow.data.dataset import Covariate, CovariateSchema
 from mriflow.data.io import save_volume, template_affine
-from mriflow.models.autoencoder import AutoencoderConfig
+from mriflow.models.autoencoder import Autoencoder, AutoencoderConfig
 from mriflow.models.discriminators import DiscriminatorConfig
 from mriflow.train.autoencoder import AutoencoderLossConfig, AutoencoderTrainingConfig
 
@@ -115,6 +117,54 @@ def write_labelled(root, splits=("train",) * 4 + ("test",), shape=(16, 20, 16)):
     manifest.to_csv(root / "manifest.csv", index=False)
     PHANTOM_REGIONS.to_csv(root / "regions.csv", index=False)
     return root
+
+
+# ---- tiny saved models (untrained), shared by the generation and fault tests ----
+
+
+MODEL_IMAGE_SHAPE = (16, 20, 16)  # write_prepared's grid, so a prepared phantom folder is on the model's grid
+MODEL_LATENT_SHAPE = (2, 4, 5, 4)
+MODEL_AFFINE = template_affine(Grid("test", 4.0, MODEL_IMAGE_SHAPE))
+MODEL_SCHEMA = CovariateSchema([Covariate("age", "continuous", mean=50.0, std=15.0, minimum=20.0, maximum=80.0),
+                                Covariate("sex", "categorical", categories=["F", "M"])])
+DIFFUSION_SCHEDULE = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015,
+                      "beta_end": 0.0205, "prediction": "v", "loss": "l2"}
+
+
+def save_tiny_autoencoder(folder: Path) -> Path:
+    """An untrained tiny autoencoder checkpoint for MODEL_IMAGE_SHAPE volumes; returns the checkpoint folder."""
+    config = AutoencoderConfig(kind="kl", patch_size=2, channels=(8, 16), num_res_blocks=(1, 1),
+                               attention_levels=(False, False), latent_channels=2, norm_num_groups=4)
+    torch.manual_seed(1)
+    model = Autoencoder(config)
+    weights = {f"autoencoder.{k}": v for k, v in model.state_dict().items()}
+    meta = {"stage": "autoencoder", "config": {"model": to_dict(config)}, "step": 5, "latent_scale": 0.8,
+            "image_shape": list(MODEL_IMAGE_SHAPE), "latent_shape": list(MODEL_LATENT_SHAPE)}
+    return ckpt.save_checkpoint(folder / "checkpoints" / "step-00000005", weights, meta, train_state=weights)
+
+
+def save_tiny_generator(run: Path, autoencoder: Path, stage: str = "flow", relative: bool = True) -> Path:
+    """A generator run ("flow" or "diffusion") of tiny_velocity_net on `autoencoder`'s latents, to the checkpoint
+    contract of the training stages; returns the run folder."""
+    net = tiny_velocity_net(time_scale=1000.0 if stage == "flow" else 1.0)
+    directory = run / "checkpoints" / "step-00000010"
+    config = {"model": to_dict(net.config)}
+    if stage == "flow":
+        config["objective"] = {"loss": "l2", "time_distribution": "logit_normal"}
+        config["sampling"] = {"solver": "heun", "steps": 2, "guidance": 1.0, "time_shift": 1.0}
+    else:
+        config["diffusion"] = DIFFUSION_SCHEDULE
+        config["sampling"] = {"solver": "ddim", "steps": 3, "guidance": 1.0}
+    meta = {
+        "stage": stage, "config": config, "schema": MODEL_SCHEMA.to_dict(), "step": 10,
+        "autoencoder": {"path": os.path.relpath(autoencoder, directory) if relative else str(autoencoder),
+                        "model_sha256": ckpt.sha256(autoencoder / ckpt.MODEL_FILE), "latent_scale": 0.8, "step": 5},
+        "latent_shape": list(MODEL_LATENT_SHAPE), "image_shape": list(MODEL_IMAGE_SHAPE), "affine": MODEL_AFFINE.tolist(),
+        "grid": "test",
+    }
+    weights = {f"velocity.{k}": v for k, v in net.state_dict().items()}
+    ckpt.save_checkpoint(directory, weights, meta, train_state={f"ema.velocity.{k}": v for k, v in weights.items()})
+    return run
 
 
 def tiny_config(max_steps=6, adversarial_start=3, kind="kl", **loop):

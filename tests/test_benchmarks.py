@@ -108,3 +108,20 @@ def test_the_reliability_probes_are_judged_as_a_user_sees_them():
                (("one-line error", []), ("skipped", []), ("recovered", ["f"]), ("traceback", []))]
     assert counts(records) == {"probes": 4, "one_line_errors": 1, "skipped_with_reason": 1, "recovered": 1,
                                "tracebacks": 1, "other": 0, "data_lost": 1}
+
+
+def test_label_edits_grow_the_ventricles_and_thin_the_cortex_only_where_asked():
+    from label_edits import CSF, GREY, VENTRICLES, WHITE, atrophy_cortex, enlarge_ventricles
+
+    tissue = np.zeros((12, 12, 12), np.uint8)
+    tissue[2:10, 2:10, 2:10] = GREY
+    tissue[4:8, 4:8, 4:8] = WHITE
+    tissue[5:7, 5:7, 5:7] = VENTRICLES
+    grown = enlarge_ventricles(tissue)
+    assert (grown == VENTRICLES).sum() > (tissue == VENTRICLES).sum()
+    changed = grown != tissue
+    assert set(np.unique(tissue[changed])) <= {GREY, WHITE} and (grown[changed] == VENTRICLES).all()
+    thinned = atrophy_cortex(tissue)
+    changed = thinned != tissue
+    assert changed.any() and (tissue[changed] == GREY).all() and (thinned[changed] == CSF).all()
+    assert thinned[3, 3, 3] == GREY and thinned[2, 5, 5] == CSF  # the outer layer only

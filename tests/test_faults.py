@@ -24,7 +24,7 @@ import pytest
 
 from mriflow.cli import main
 
-from conftest import write_prepared
+from conftest import save_tiny_autoencoder, save_tiny_generator, write_prepared
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reliability import kill_after  # noqa: E402  (the probes' own kill, shared with benchmarks/reliability.py)
@@ -135,11 +135,9 @@ def test_a_damaged_sidecar_of_a_generated_volume_is_named(tmp_path):
 
 
 def test_an_error_while_generating_is_the_last_line_not_a_progress_bar_drawn_after_it(tmp_path, capsys, monkeypatch):
-    from test_generate import save_autoencoder, save_generator
-
     from mriflow import generate as generation
 
-    model = save_generator(tmp_path / "flow", save_autoencoder(tmp_path / "autoencoder"))
+    model = save_tiny_generator(tmp_path / "flow", save_tiny_autoencoder(tmp_path / "autoencoder"))
     write_sample = generation.write_sample
 
     def taken_at_the_second(out, index, *args, **kwargs):  # another run into the folder was faster there
@@ -196,11 +194,9 @@ def test_training_killed_at_random_moments_resumes_to_the_same_final_step(tmp_pa
 
 @POSIX_KILL
 def test_generate_killed_midway_leaves_only_whole_samples_and_a_rerun_is_refused_in_one_line(tmp_path):
-    from test_generate import save_autoencoder, save_generator
-
     from mriflow.data.io import load_volume
 
-    model = save_generator(tmp_path / "flow", save_autoencoder(tmp_path / "autoencoder"))
+    model = save_tiny_generator(tmp_path / "flow", save_tiny_autoencoder(tmp_path / "autoencoder"))
     out = tmp_path / "samples"
     command = ["generate", "--model", str(model), "--out", str(out), "--num-samples", "3000", "--batch-size", "1",
                "--solver", "euler", "--steps", "1", "--device", "cpu", "--threads", "1"]

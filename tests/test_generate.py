@@ -14,69 +14,26 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_velocity_net
+from conftest import DIFFUSION_SCHEDULE, MODEL_AFFINE, MODEL_IMAGE_SHAPE, save_tiny_autoencoder, save_tiny_generator, write_prepared
 from mriflow import checkpoint as ckpt
 from mriflow import generate as generation
-from mriflow.config import Grid, get_grid, to_dict
-from mriflow.data.dataset import Covariate, CovariateSchema
+from mriflow.config import get_grid
 from mriflow.data.io import load_volume, template_affine
 from mriflow.flow.sampling import sample_seed
 from mriflow.families.diffusion import diffusion_schedule
 from mriflow.generate import Generator, export_generator, generate, load_generator
 from mriflow.generate_io import SIDECAR_KEYS
-from mriflow.models.autoencoder import Autoencoder, AutoencoderConfig
 
-from conftest import write_prepared
 
-IMAGE_SHAPE = (16, 20, 16)  # write_prepared's grid, so a prepared phantom folder is on the model's grid
-LATENT_SHAPE = (2, 4, 5, 4)
-AFFINE = template_affine(Grid("test", 4.0, IMAGE_SHAPE))
-SCHEMA = CovariateSchema([Covariate("age", "continuous", mean=50.0, std=15.0, minimum=20.0, maximum=80.0),
-                          Covariate("sex", "categorical", categories=["F", "M"])])
 FAST = dict(device="cpu", progress=False)
-DIFFUSION = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0205,
-             "prediction": "v", "loss": "l2"}
-
-
-def save_autoencoder(folder: Path) -> Path:
-    config = AutoencoderConfig(kind="kl", patch_size=2, channels=(8, 16), num_res_blocks=(1, 1),
-                               attention_levels=(False, False), latent_channels=2, norm_num_groups=4)
-    torch.manual_seed(1)
-    model = Autoencoder(config)
-    weights = {f"autoencoder.{k}": v for k, v in model.state_dict().items()}
-    meta = {"stage": "autoencoder", "config": {"model": to_dict(config)}, "step": 5, "latent_scale": 0.8,
-            "image_shape": list(IMAGE_SHAPE), "latent_shape": list(LATENT_SHAPE)}
-    return ckpt.save_checkpoint(folder / "checkpoints" / "step-00000005", weights, meta, train_state=weights)
-
-
-def save_generator(run: Path, autoencoder: Path, stage: str = "flow", relative: bool = True) -> Path:
-    """A generator run to the checkpoint contract of the training stages."""
-    net = tiny_velocity_net(time_scale=1000.0 if stage == "flow" else 1.0)
-    directory = run / "checkpoints" / "step-00000010"
-    config = {"model": to_dict(net.config)}
-    if stage == "flow":
-        config["objective"] = {"loss": "l2", "time_distribution": "logit_normal"}
-        config["sampling"] = {"solver": "heun", "steps": 2, "guidance": 1.0, "time_shift": 1.0}
-    else:
-        config["diffusion"] = DIFFUSION
-        config["sampling"] = {"solver": "ddim", "steps": 3, "guidance": 1.0}
-    meta = {
-        "stage": stage, "config": config, "schema": SCHEMA.to_dict(), "step": 10,
-        "autoencoder": {"path": os.path.relpath(autoencoder, directory) if relative else str(autoencoder),
-                        "model_sha256": ckpt.sha256(autoencoder / ckpt.MODEL_FILE), "latent_scale": 0.8, "step": 5},
-        "latent_shape": list(LATENT_SHAPE), "image_shape": list(IMAGE_SHAPE), "affine": AFFINE.tolist(), "grid": "test",
-    }
-    weights = {f"velocity.{k}": v for k, v in net.state_dict().items()}
-    ckpt.save_checkpoint(directory, weights, meta, train_state={f"ema.velocity.{k}": v for k, v in weights.items()})
-    return run
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
-    autoencoder = save_autoencoder(root / "autoencoder")
-    return {"flow": save_generator(root / "flow", autoencoder),
-            "diffusion": save_generator(root / "diffusion", autoencoder, "diffusion", relative=False)}
+    autoencoder = save_tiny_autoencoder(root / "autoencoder")
+    return {"flow": save_tiny_generator(root / "flow", autoencoder),
+            "diffusion": save_tiny_generator(root / "diffusion", autoencoder, "diffusion", relative=False)}
 
 
 def volumes(out: Path) -> dict[str, np.ndarray]:
@@ -92,9 +49,9 @@ def test_volumes_carry_the_model_geometry_and_a_full_sidecar(runs, tmp_path):
                       steps=2, guidance=1.5, seed=3, **FAST)
     assert [p.name for p in result.paths] == ["sample_00000.nii.gz", "sample_00001.nii.gz"]
     image = nib.load(str(result.paths[1]))
-    assert image.shape == IMAGE_SHAPE
+    assert image.shape == MODEL_IMAGE_SHAPE
     for matrix, code in (image.get_qform(coded=True), image.get_sform(coded=True)):
-        np.testing.assert_allclose(matrix, AFFINE, atol=1e-5)
+        np.testing.assert_allclose(matrix, MODEL_AFFINE, atol=1e-5)
         assert int(code) == 4
     data = np.asarray(image.dataobj)
     assert 0.0 <= data.min() and data.max() <= 1.0 and data.std() > 0
@@ -211,8 +168,8 @@ def test_load_generator_names_what_is_wrong(runs, tmp_path, monkeypatch):
 
 
 def test_diffusion_schedule_is_read_from_either_config_form():
-    flat = diffusion_schedule({"diffusion": DIFFUSION})
-    nested = diffusion_schedule({"diffusion": {"schedule": {k: v for k, v in DIFFUSION.items() if k not in ("prediction", "loss")},
+    flat = diffusion_schedule({"diffusion": DIFFUSION_SCHEDULE})
+    nested = diffusion_schedule({"diffusion": {"schedule": {k: v for k, v in DIFFUSION_SCHEDULE.items() if k not in ("prediction", "loss")},
                                                "prediction": "epsilon"}})
     assert flat.prediction == "v" and nested.prediction == "epsilon"
     torch.testing.assert_close(flat.alphas_cumprod, nested.alphas_cumprod)

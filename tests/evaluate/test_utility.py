@@ -111,3 +111,19 @@ def test_utility_command_refuses_bad_sizes_in_one_line(tmp_path, capsys):
                  str(tmp_path / "r"), "--sizes", "ten"]) != 0
     error = capsys.readouterr().err.strip()
     assert "--sizes" in error and len(error.splitlines()) == 1
+
+
+def test_label_fidelity_compares_a_label_map_with_the_segmentation_of_its_own_image():
+    from conftest import head_phantom
+    from mriflow.evaluate.backbones.anatomy import AnatomyBackbone, anatomy_weights_for
+    from mriflow.evaluate.utility import label_fidelity
+
+    backbone = AnatomyBackbone(anatomy_weights_for((40, 48, 40)))
+    image, _ = head_phantom((40, 48, 40))
+    images = torch.from_numpy(image / image.max()).float()[None, None].repeat(2, 1, 1, 1, 1)
+    own = backbone.segment(images).to(torch.uint8)  # its own segmentation: perfect agreement
+    pairs = Pairs(images, own, np.full(2, np.nan), ["a", "b"])
+    assert np.allclose(label_fidelity(pairs, backbone), 1.0)
+    shifted = Pairs(images, own.roll(6, dims=1), np.full(2, np.nan), ["a", "b"])
+    scores = label_fidelity(shifted, backbone)
+    assert scores.shape == (2, len(TISSUE_CLASSES) - 1) and scores.mean() < 0.9

@@ -246,7 +246,7 @@ def bootstrap(values: np.ndarray, samples: int = 2000, seed: int = 0, level: flo
 
 def label_fidelity(pairs: Pairs, backbone) -> np.ndarray:
     """(N, K - 1) Dice between each pair's label map and the anatomy network's segmentation of its image."""
-    segmentation = backbone.segment(pairs.images[:, 0].numpy())
+    segmentation = backbone.segment(pairs.images)
     return dice_scores(torch.as_tensor(segmentation).long(), pairs.labels.long(), len(TISSUE_CLASSES))
 
 
