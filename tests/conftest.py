@@ -186,6 +186,59 @@ def read_log(run):
         return list(csv.DictReader(stream))
 
 
+# ---- reading montages back: what a PNG shows, not only that it exists ----
+
+
+def montage_panels(path) -> list[list[np.ndarray]]:
+    """The image panels of a montage PNG (three_plane_montage, batch_montage) as grey [0, 1] arrays, one list
+    per row (sagittal, coronal, axial): the outermost large non-white rectangles, each framed by its axes'
+    spines (cropped off), told from the labels' letters by their size."""
+    import matplotlib.image
+    from scipy import ndimage
+
+    picture = matplotlib.image.imread(str(path))[..., :3].mean(-1)
+    components, _ = ndimage.label(picture < 0.999)
+    boxes = [box for box in ndimage.find_objects(components)
+             if (box[0].stop - box[0].start) * (box[1].stop - box[1].start) > 1000]
+
+    def inside(inner, outer):
+        return inner is not outer and all(o.start <= i.start and i.stop <= o.stop for i, o in zip(inner, outer))
+
+    boxes = [box for box in boxes if not any(inside(box, other) for other in boxes)]  # white areas split a panel
+    boxes.sort(key=lambda box: (box[0].start + box[0].stop, box[1].start))  # panels of a row share their centre
+    panels = [picture[box[0].start + 2: box[0].stop - 2, box[1].start + 2: box[1].stop - 2] for box in boxes]
+    if len(panels) % 3:
+        raise AssertionError(f"{path}: {len(panels)} panels, not rows of three")
+    return [panels[i: i + 3] for i in range(0, len(panels), 3)]
+
+
+def brightest_quadrant(panel: np.ndarray) -> str:
+    """Which quarter of a panel is brightest on average: "top left", "top right", "bottom left" or "bottom right"."""
+    half_rows, half_columns = panel.shape[0] // 2, panel.shape[1] // 2
+    quarters = {f"{vertical} {horizontal}": panel[rows, columns].mean()
+                for vertical, rows in (("top", slice(0, half_rows)), ("bottom", slice(half_rows, None)))
+                for horizontal, columns in (("left", slice(0, half_columns)), ("right", slice(half_columns, None)))}
+    return max(quarters, key=quarters.get)
+
+
+def shows_a_centred_head(panel: np.ndarray) -> bool:
+    """The panel of a head phantom: bright in the middle ninth, dark in the four corners."""
+    rows, columns = panel.shape
+    middle = panel[rows // 3: 2 * rows // 3, columns // 3: 2 * columns // 3].mean()
+    corners = np.mean([panel[:rows // 8, :columns // 8].mean(), panel[:rows // 8, -columns // 8:].mean(),
+                       panel[-rows // 8:, :columns // 8].mean(), panel[-rows // 8:, -columns // 8:].mean()])
+    return bool(middle > 0.3 and corners < 0.05)
+
+
+def left_anterior_superior_block(shape=(40, 48, 40)) -> np.ndarray:
+    """A black RAS volume with a white block in the subject's left, anterior, superior octant, through the
+    middle slices: it shows top right in the sagittal view, top left in the coronal and axial views."""
+    volume = np.zeros(shape, np.float32)
+    x, y, z = (n // 2 for n in shape)
+    volume[2: x + 1, y: shape[1] - 2, z: shape[2] - 2] = 1.0  # axis 0 runs left -> right, 1 posterior -> anterior
+    return volume
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Every test runs on one thread: a second thread only fights the other processes on a shared machine."""

@@ -1,11 +1,11 @@
 import json
 
-import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
 
 import mriflow
+from conftest import brightest_quadrant, left_anterior_superior_block, montage_panels, shows_a_centred_head
 from mriflow.config import get_grid
 from mriflow.data.io import template_affine
 from mriflow.generate_io import SIDECAR_KEYS, batch_montage, write_sample
@@ -91,11 +91,12 @@ def test_samples_get_the_permissions_the_umask_allows(tmp_path, volume, umask_02
 
 
 def test_batch_montage(tmp_path, volume):
-    path = batch_montage([volume, volume[::-1], 1 - volume], tmp_path / "montage.png", titles=["a", "b", "c"])
-    picture = matplotlib.image.imread(str(path))
-    height, width = picture.shape[:2]
-    assert height > width  # three rows of three planes, in a 7.5 × 7.8 inch figure
-    assert picture[..., :3].std() > 0.05  # not blank
+    block = left_anterior_superior_block(volume.shape)
+    path = batch_montage([volume, block, 1 - volume], tmp_path / "montage.png", titles=["a", "b", "c"])
+    head, marked, inverted = montage_panels(path)
+    assert all(shows_a_centred_head(panel) for panel in head)
+    assert [brightest_quadrant(panel) for panel in marked] == ["top right", "top left", "top left"]  # as three_plane_montage
+    assert all(not shows_a_centred_head(panel) and panel.mean() > 0.5 for panel in inverted)
     with pytest.raises(ValueError):
         batch_montage([volume[0]], tmp_path / "bad.png")
 

@@ -11,7 +11,7 @@ from conftest import head_phantom
 from mriflow.evaluate.reconstruction import evaluate_reconstruction, similarity_settings, ssim, volume_metrics
 
 # The prepared-folder and tiny-config helpers live with the loop tests.
-from conftest import tiny_config, write_prepared
+from conftest import montage_panels, shows_a_centred_head, tiny_config, write_prepared
 
 
 def phantom(shape=(40, 48, 40), seed=0):
@@ -72,4 +72,5 @@ def test_evaluate_reconstruction_writes_tables_summary_and_montage(tmp_path):
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["subjects"] == 2
     text = (tmp_path / "eval" / "summary.md").read_text()
     assert "MS-SSIM: 2 scales, window 7" in text and "| PSNR (dB) |" in text
-    assert (tmp_path / "eval" / "montage.png").stat().st_size > 1000
+    real, reconstruction, difference = montage_panels(tmp_path / "eval" / "montage.png")  # rows of 3 planes
+    assert all(shows_a_centred_head(panel) for panel in real)

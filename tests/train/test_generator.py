@@ -20,7 +20,7 @@ from mriflow.families.diffusion import DiffusionSamplingConfig, DiffusionTrainin
 from mriflow.families.flow import FlowSamplingConfig, FlowTrainingConfig
 from mriflow.train.generator import PRESETS, latents_are_current, load_config, train_diffusion, train_flow
 from mriflow.train.loop import LoopConfig
-from conftest import read_log, tiny_config, write_prepared
+from conftest import montage_panels, read_log, tiny_config, write_prepared
 
 SHAPE = (16, 20, 16)  # write_prepared's volumes; the tiny autoencoder makes latents of 2 x 4 x 5 x 4
 
@@ -64,7 +64,9 @@ def check_contract(run, stage, data, autoencoder):
     assert all(key.startswith("velocity.") for key in weights)
     ckpt.load_weights_into(net, weights, "velocity.", str(run))
     assert meta["parameters"] == num_parameters(net)
-    assert (run / "montages" / "step-00000003.png").stat().st_size > 1000
+    rows = montage_panels(run / "montages" / "step-00000003.png")
+    assert len(rows) == 2  # the real latent decoded, a sample with its covariates; three planes each
+    assert all(panel.std() > 0.01 for row in rows for panel in row)  # decoded volumes, not blank panels
     return meta, net
 
 

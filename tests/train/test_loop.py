@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import read_log, tiny_config, write_prepared
+from conftest import montage_panels, read_log, shows_a_centred_head, tiny_config, write_prepared
 from mriflow import checkpoint as ckpt
 from mriflow.train.autoencoder import train_autoencoder
 from mriflow.train.loop import LoopConfig, NonFiniteLossError, learning_rate_factor, make_ema, train
@@ -85,7 +85,8 @@ def test_a_run_folder_holds_config_logs_montages_tensorboard_and_checkpoints(tmp
     rows = read_log(run)
     assert list(rows[0])[:3] == ["step", "generator_loss", "l1"] and "volumes_per_second" in rows[0]
     assert float(rows[-1]["codebook_perplexity"]) >= 1.0
-    assert (run / "montages" / "step-00000003.png").stat().st_size > 1000
+    real, reconstruction, difference = montage_panels(run / "montages" / "step-00000003.png")  # rows of 3 planes
+    assert all(shows_a_centred_head(panel) for panel in real)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert result["checkpoint"].endswith("step-00000003")
     _, meta = ckpt.load_checkpoint(run)
