@@ -1,6 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +140,101 @@ def test_leftovers_of_a_killed_checkpoint_write_are_cleared(tmp_path):
     assert sorted(p.name for p in cleared) == [".tmp-step-00000015-abcd", ".tmp-x1y2.csv"]
     assert sorted(p.name for p in folder.iterdir()) == ["step-00000005", "step-00000010"]  # step 10 is put back
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000010"
+
+
+# --- writes cut short: the old checkpoint stays whole and nothing half-written takes its name -----------
+
+
+def save_filled(directory, value, step, **kwargs):
+    return ckpt.save_checkpoint(directory, {"a": torch.full((1000,), float(value))}, {"step": step},
+                                train_state={"s": torch.full((3,), float(value))}, **kwargs)
+
+
+def assert_holds(directory, value):
+    weights, meta = ckpt.load_checkpoint(directory)
+    assert torch.equal(weights["a"], torch.full((1000,), float(value))) and meta["step"] == value
+    assert torch.equal(ckpt.load_train_state(directory)["s"], torch.full((3,), float(value)))
+
+
+def test_a_write_that_dies_after_its_files_are_written_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    directory = tmp_path / "checkpoints" / "step-00000010"
+    save_filled(directory, 10, 10)
+    written, save_file = [], ckpt.save_file
+
+    def dies_after_the_train_state(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        written.append(Path(filename))
+        if Path(filename).name == ckpt.TRAIN_STATE_FILE:
+            raise KeyboardInterrupt  # Ctrl-C with both temporary files on disk
+
+    monkeypatch.setattr(ckpt, "save_file", dies_after_the_train_state)
+    with pytest.raises(KeyboardInterrupt):
+        save_filled(directory, 11, 11)
+    assert [p.name for p in written] == [ckpt.MODEL_FILE, ckpt.TRAIN_STATE_FILE]
+    assert all(p.parent.name.startswith(ckpt.TEMPORARY_PREFIX) for p in written)  # never under the final name
+    assert_holds(directory, 10)
+    assert [p.name for p in directory.parent.iterdir()] == ["step-00000010"]  # the staging folder is gone
+
+
+def test_a_write_that_dies_between_moving_the_old_one_aside_and_renaming_the_new_one_loses_neither(tmp_path, monkeypatch):
+    directory = tmp_path / "checkpoints" / "step-00000010"
+    save_filled(directory, 10, 10)
+    calls, replace = [], os.replace
+
+    def second_rename_fails(source, target):
+        calls.append((Path(source).name, Path(target).name))
+        if len(calls) == 2:
+            raise OSError("no space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(ckpt.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="no space"):
+        save_filled(directory, 11, 11)
+    monkeypatch.undo()
+    assert calls[0] == ("step-00000010", f".old-step-00000010-{os.getpid()}") and not directory.exists()
+    assert ckpt.latest_checkpoint(tmp_path) is None  # nothing half-done is taken for a checkpoint
+    ckpt.remove_partial_checkpoints(tmp_path)  # what a resumed run does first
+    assert_holds(directory, 10)
+    assert [p.name for p in directory.parent.iterdir()] == ["step-00000010"]
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    from mriflow import checkpoint as ckpt
+
+    directory, started = Path(sys.argv[1]) / "checkpoints" / "step-00000001", Path(sys.argv[2])
+    step = 0
+    while True:  # overwrite one checkpoint again and again: nearly all the time is spent inside a write
+        value = torch.full((1_000_000,), float(step))
+        ckpt.save_checkpoint(directory, {"a": value}, {"step": step}, train_state={"s": value})
+        started.touch()
+        step += 1
+""")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+def test_a_process_killed_while_writing_leaves_a_whole_checkpoint_under_the_final_name(tmp_path):
+    leftovers = []
+    for attempt, delay in enumerate((0.05, 0.3, 0.6)):
+        root, started = tmp_path / str(attempt), tmp_path / f"started-{attempt}"
+        process = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(started)], stderr=subprocess.PIPE,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        while not started.exists():
+            assert process.poll() is None, process.stderr.read().decode()
+            time.sleep(0.01)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        folder = root / "checkpoints"
+        leftovers += [p.name for p in folder.iterdir() if p.name.startswith((ckpt.TEMPORARY_PREFIX, ".old-"))]
+        final = folder / "step-00000001"
+        if final.exists():  # the old or the new one, whole: never a half-written file under this name
+            _, meta = ckpt.load_checkpoint(final)
+            assert ckpt.load_train_state(final)["s"].unique().tolist() == [float(meta["step"])]
+        ckpt.remove_partial_checkpoints(root)
+        weights, meta = ckpt.load_checkpoint(final)
+        assert weights["a"].unique().tolist() == [float(meta["step"])] and meta["step"] >= 0
+        assert [p.name for p in folder.iterdir()] == ["step-00000001"]
+    assert leftovers  # at least one kill did land inside a write
