@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -261,3 +263,80 @@ def test_a_damaged_prepare_json_of_the_real_data_is_named(prepared, tmp_path):
     (real / "prepare.json").write_text("{broken")
     with pytest.raises(ValueError, match=r"prepare.json.*restore it, or prepare the dataset again"):
         evaluate_generation(real, write_fakes(tmp_path / "fakes", real, ["sub10", "sub11"]), tmp_path / "out", **FAST)
+
+
+# --- what metrics.json and report.md hold: pinned by a snapshot of their outline ------------------
+
+SNAPSHOT = Path(__file__).parent / "data" / "generation_outline.json"
+
+
+def key_paths(value, prefix=""):
+    """Every key path of a JSON value ("memorization.voxel.threshold"); list items are "[]", merged."""
+    if isinstance(value, dict):
+        return sorted({path for key, item in value.items() for path in key_paths(item, f"{prefix}.{key}" if prefix else key)})
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return sorted({path for item in value for path in key_paths(item, prefix + "[]")})
+    return [prefix]
+
+
+def report_outline(markdown):
+    """The skeleton of report.md: headings, table headers, the first cell of each table row, figures and the
+    opening words of each paragraph; what the numbers are is left to the tests of each measure."""
+    outline = []
+    for line in markdown.splitlines():
+        if line.startswith(("#", "![")):
+            outline.append(line)
+        elif line.startswith("|---"):
+            continue
+        elif line.startswith("| "):
+            outline.append("| " + line[2:].split(" | ")[0])
+        elif line:  # a paragraph: its first words, any with a digit or a path masked
+            outline.append(" ".join("#" if any(c.isdigit() or c == "/" for c in word) else word for word in line.split()[:3]))
+    return outline
+
+
+def everything_case(prepared, folder):
+    """A run that fills every part of the report: a reconstruction column, planted copies, a clipped volume,
+    requested age, sex and ventricle volume (conditional fidelity and tissue volumes by the shipped network)."""
+    val = [f"sub{i:02d}" for i in range(10, 18)]
+    fakes = write_fakes(folder / "fakes", prepared, val + ["sub01", "sub04"],
+                        sidecar=lambda i, s: {"covariates": {"age": 30 + i, "sex": "FM"[i % 2], "ventricles": 20.0 + i}})
+    volume, affine = load_volume(fakes / "sample_000.nii.gz")
+    save_volume(fakes / "sample_000.nii.gz", volume * 1.2, affine)  # over 1: clipped, and a warning
+
+    def reconstruct(volumes: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool3d(volumes, 3, stride=1, padding=1, count_include_pad=False)
+
+    result = evaluate_generation(prepared, fakes, folder / "out", seed=1, reconstruct=reconstruct, autoencoder="runs/ae",
+                                 **FAST)
+    return result, folder / "out"
+
+
+def outline_of(out):
+    return {"metrics_keys": key_paths(json.loads((out / "metrics.json").read_text())),
+            "report": report_outline((out / "report.md").read_text())}
+
+
+def test_metrics_json_keys_and_report_sections_are_the_snapshot_ones(prepared, tmp_path):
+    result, out = everything_case(prepared, tmp_path)
+    if os.environ.get("MRIFLOW_UPDATE_SNAPSHOT"):  # after a change meant to alter the outline; review the diff
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(json.dumps(outline_of(out), indent=1) + "\n")
+    expected, actual = json.loads(SNAPSHOT.read_text()), outline_of(out)
+    advice = f"metrics.json or report.md changed shape; if meant, rerun with MRIFLOW_UPDATE_SNAPSHOT=1 and review {SNAPSHOT.name}"
+    assert actual["metrics_keys"] == expected["metrics_keys"], advice
+    assert actual["report"] == expected["report"], advice
+    # every part was filled, so the outline pins each of them
+    assert all(part in actual["metrics_keys"] for part in ("reconstruction.ssim.mean", "memorization.decoded_copy_distance.voxel",
+                                                           "conditional_fidelity.age.generated.mae", "morphometry.frechet_generated.value"))
+    assert any(w.startswith("1 generated volume(s) had values outside [0, 1]") for w in result["warnings"])
+
+
+def test_the_audit_threshold_is_the_one_the_privacy_filter_uses(prepared, tmp_path):
+    from mriflow.evaluate.memorization import MemorizationReference
+
+    fakes = write_fakes(tmp_path / "fakes", prepared, [f"sub{i:02d}" for i in range(10, 18)])
+    audit = evaluate_generation(prepared, fakes, tmp_path / "out", **FAST)["memorization"]["voxel"]
+    reference = MemorizationReference.from_prepared(prepared)  # what `mriflow generate --privacy-filter` applies
+    assert audit["threshold"] == pytest.approx(reference.threshold, abs=1e-12)
+    assert audit["ratio_threshold"] == pytest.approx(reference.ratio_threshold, abs=1e-12)
