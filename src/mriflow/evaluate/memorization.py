@@ -155,6 +155,13 @@ def threshold_from_heldout(heldout_nearest_distances: np.ndarray, percentile: fl
     return float(np.percentile(distances, percentile, method="lower"))
 
 
+def heldout_thresholds(heldout_to_train: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> tuple[float, float]:
+    """The distance and d1/d2 thresholds from the held-out subjects' distances (H, N) to the training subjects: the
+    one rule of both the audit (find_memorized) and the privacy filter (MemorizationReference)."""
+    return (threshold_from_heldout(nearest(heldout_to_train)[1], percentile),
+            min(threshold_from_heldout(nearest_ratio(heldout_to_train), percentile), MAX_COPY_RATIO))
+
+
 def find_memorized(
     generated: np.ndarray,
     train: np.ndarray,
@@ -182,8 +189,7 @@ def find_memorized(
     index, distance = nearest(to_train)
     ratio, heldout_ratio = nearest_ratio(to_train), nearest_ratio(heldout_to_train)
     heldout_distance = nearest(heldout_to_train)[1]
-    threshold = threshold_from_heldout(heldout_distance, percentile)
-    ratio_threshold = min(threshold_from_heldout(heldout_ratio, percentile), MAX_COPY_RATIO)
+    threshold, ratio_threshold = heldout_thresholds(heldout_to_train, percentile)  # the privacy filter's, too
     return {
         "metric": metric,
         "percentile": percentile,
@@ -245,7 +251,7 @@ class MemorizationReference:
         mask = population_mask(train_masks)
         vectors = np.stack([masked_standardised(v, mask, smoothing) for v in train])
         heldout_vectors = np.stack([masked_standardised(v, mask, smoothing) for v in heldout])
-        threshold, ratio_threshold = _thresholds(correlation_distance(heldout_vectors, vectors), percentile)
+        threshold, ratio_threshold = heldout_thresholds(correlation_distance(heldout_vectors, vectors), percentile)
         return cls(list(map(str, subjects)), vectors, mask, threshold, percentile, smoothing,
                    ratio_threshold=ratio_threshold)
 
@@ -274,7 +280,7 @@ class MemorizationReference:
         transform = heldout_transform if heldout_transform is not None else (lambda volume: volume)
         heldout = np.stack([masked_standardised(transform(load_volume(root / p)[0]), mask, smoothing)
                             for p in heldout_rows["image"]])
-        threshold, ratio_threshold = _thresholds(correlation_distance(heldout, vectors), percentile)
+        threshold, ratio_threshold = heldout_thresholds(correlation_distance(heldout, vectors), percentile)
         return cls(train_rows["subject"].astype(str).tolist(), vectors, mask, threshold, percentile, smoothing,
                    "held-out reconstructions" if heldout_transform is not None else "held-out volumes", ratio_threshold)
 
@@ -292,12 +298,6 @@ class MemorizationReference:
         distances = correlation_distance(masked_standardised(volume, self.mask, self.smoothing)[None], self.vectors)
         index, distance = nearest(distances)
         return self.subjects[int(index[0])], float(distance[0]), float(nearest_ratio(distances)[0])
-
-
-def _thresholds(heldout_to_train: np.ndarray, percentile: float) -> tuple[float, float]:
-    """The distance and d1/d2 thresholds from the held-out subjects' distances to the training subjects."""
-    return (threshold_from_heldout(nearest(heldout_to_train)[1], percentile),
-            min(threshold_from_heldout(nearest_ratio(heldout_to_train), percentile), MAX_COPY_RATIO))
 
 
 def is_memorized(volume: np.ndarray, reference: MemorizationReference) -> bool:
