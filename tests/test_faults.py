@@ -126,7 +126,7 @@ def test_a_malformed_generated_volume_is_one_line_naming_it(real, tmp_path, caps
 
 
 def test_a_damaged_sidecar_of_a_generated_volume_is_named(tmp_path):
-    from mriflow.evaluate.generation import read_sidecar
+    from mriflow.evaluate.sets import read_sidecar
 
     (tmp_path / "sample_00000.json").write_text('{"covariates": {"age": 4')  # a copy cut short
     with pytest.raises(ValueError, match=rf"{tmp_path / 'sample_00000.json'}: damaged or incomplete JSON .*delete it"):

@@ -16,7 +16,9 @@ from mriflow.config import get_grid
 from mriflow.data.io import load_volume, save_volume, template_affine
 from mriflow.evaluate.backbones import AnatomyBackbone
 from mriflow.models.anatomy import AnatomyEncoder, AnatomyEncoderConfig, save_anatomy_encoder
-from mriflow.evaluate.generation import _predictor, check_geometry, evaluate_generation
+from mriflow.evaluate.fidelity import anatomy_predictor
+from mriflow.evaluate.generation import evaluate_generation
+from mriflow.evaluate.sets import check_geometry
 
 GRID = get_grid("4mm")
 SPLITS = {"train": 10, "val": 8, "test": 8}
@@ -183,13 +185,11 @@ def test_requested_volumes_are_compared_with_the_measured_ones(prepared, tmp_pat
     fakes = write_fakes(tmp_path / "fakes", prepared, subjects,  # requested = 3 x measured - 5: r = 1
                         sidecar=lambda i, s: {"covariates": {"age": 40, "ventricles": 3000 * means[s] - 5,
                                                              "total_brain": 1000 + i}})
-    paths = sorted(fakes.glob("*.nii.gz"))
-    from mriflow.evaluate.generation import conditional_fidelity, read_sidecar
+    from mriflow.evaluate.fidelity import conditional_fidelity, predict_anatomy
+    from mriflow.evaluate.sets import load_sets
 
-    manifest = pd.read_csv(prepared / "manifest.csv")
-    real_rows = manifest[manifest["split"] == "test"]
-    fidelity = conditional_fidelity(MeanIntensity(), paths, [read_sidecar(p) for p in paths],
-                                    [prepared / p for p in real_rows["image"]], real_rows)
+    sets = load_sets(prepared, fakes, tmp_path / "out")
+    fidelity = conditional_fidelity(predict_anatomy(MeanIntensity(), sets), sets).record()
     ventricles = fidelity["ventricles_ml"]["requested_vs_measured"]
     assert ventricles["covariate"] == "ventricles" and ventricles["generated"]["count"] == 8
     assert ventricles["generated"]["pearson_r"] == pytest.approx(1.0, abs=1e-9)
@@ -210,7 +210,7 @@ def test_auto_backbone_is_the_shipped_anatomy_network_on_its_grid_only(prepared,
     fakes = write_fakes(tmp_path / "fakes", prepared, [f"sub{i:02d}" for i in range(10, 18)])
     result = evaluate_generation(prepared, fakes, tmp_path / "out", **{**FAST, "backbone": "auto"})
     assert result["backbone"]["name"].startswith("anatomy-") and result["backbone"]["weights_sha256"]
-    predictor, reason = _predictor(None, (16, 20, 16))
+    predictor, reason = anatomy_predictor(None, (16, 20, 16))
     assert predictor is None and "grid" in reason
 
 
@@ -330,6 +330,35 @@ def test_metrics_json_keys_and_report_sections_are_the_snapshot_ones(prepared, t
     assert all(part in actual["metrics_keys"] for part in ("reconstruction.ssim.mean", "memorization.decoded_copy_distance.voxel",
                                                            "conditional_fidelity.age.generated.mae", "morphometry.frechet_generated.value"))
     assert any(w.startswith("1 generated volume(s) had values outside [0, 1]") for w in result["warnings"])
+
+
+class CountingPredictor:
+    """A predictive backbone that counts the volumes it is asked to predict; its "ventricles" are the mean intensity."""
+
+    name, weights_sha256, sex_categories = "counting", None, ("F", "M")
+
+    def __init__(self):
+        self.predicted = 0
+
+    def features(self, volumes):
+        return np.asarray(volumes).reshape(len(volumes), -1)[:, ::997].astype(np.float32)
+
+    def predict(self, volumes):
+        self.predicted += len(volumes)
+        means = np.asarray(volumes).reshape(len(volumes), -1).mean(1).astype(np.float64)
+        return {"age": 100 * means, "sex_prob": means, "ventricles_ml": 1000 * means, "total_brain_ml": 1500 - 100 * means}
+
+
+def test_the_anatomy_predictions_are_made_once_for_conditioning_and_tissue_volumes(prepared, tmp_path):
+    fakes = write_fakes(tmp_path / "fakes", prepared, [f"sub{i:02d}" for i in range(10, 18)],
+                        sidecar=lambda i, s: {"covariates": {"age": 30 + i, "sex": "F"}})
+    predictor = CountingPredictor()
+    result = evaluate_generation(prepared, fakes, tmp_path / "out", **{**FAST, "backbone": predictor})
+    assert predictor.predicted == SPLITS["test"] + SPLITS["val"] + 8  # real, other real and generated, once each
+    fidelity, morphometry = result["conditional_fidelity"], result["morphometry"]
+    for key in ("generated", "real"):  # both read the same predictions
+        assert fidelity["ventricles_ml"][key]["mean"] == pytest.approx(np.mean(morphometry["curves"][key]["ventricles"]))
+    assert morphometry["counts"] == {"real": SPLITS["test"], "other": SPLITS["val"], "generated": 8}
 
 
 def test_the_audit_threshold_is_the_one_the_privacy_filter_uses(prepared, tmp_path):

@@ -1,0 +1,216 @@
+"""What the anatomy network reads in the volumes: conditional fidelity and tissue volumes.
+
+The network (the backbone itself when it predicts, else the shipped anatomy network of the grid)
+runs once over the real, the other real and the generated volumes (:func:`predict_anatomy`); both
+measures read those predictions:
+
+  conditional fidelity    does a generated volume show the age, sex and volumes it was asked for?
+                          (requested vs predicted, next to true vs predicted on real scans)
+  morphometric fidelity   do generated brains have the tissue volumes real brains have?
+                          (mriflow.evaluate.morphometry, next to Real vs Real)
+
+    >>> predictions = predict_anatomy(backbone, sets)
+    >>> conditional_fidelity(predictions, sets).record()["age"]["generated"]["mae"]
+    >>> morphometric_fidelity(predictions, sets, rounds=20, seed=0).record()["frechet_generated"]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from mriflow.evaluate.backbones import Backbone, PredictiveBackbone, get_backbone, shipped_anatomy_weights
+from mriflow.evaluate.morphometry import morphometry
+from mriflow.evaluate.sets import EvaluationSets, read_clipped
+
+VOLUME_COVARIATES = {"ventricles_ml": "ventricles", "total_brain_ml": "total_brain"}  # measurement -> covariate
+BATCH_SIZE = 8
+
+
+def anatomy_predictor(backbone: Backbone | None, shape: tuple[int, ...]) -> tuple[PredictiveBackbone | None, str | None]:
+    """The backbone itself if it predicts, else the shipped anatomy network trained on volumes of `shape`;
+    (None, why not) when there is none."""
+    if isinstance(backbone, PredictiveBackbone):
+        return backbone, None
+    try:
+        shipped = shipped_anatomy_weights()
+    except ValueError as error:
+        return None, str(error)
+    if tuple(shape) not in shipped:
+        grids = ", ".join(str(s) for s in shipped) or "none"
+        return None, (f"no shipped anatomy network was trained on volumes of shape {tuple(shape)} (shipped: {grids}); "
+                      f"pass --backbone anatomy --weights for one trained on this grid (benchmarks/anatomy.py)")
+    return get_backbone("anatomy", weights=shipped[tuple(shape)]), None
+
+
+@dataclass
+class AnatomyPredictions:
+    """The predictor's outputs per set ({"age", "sex_prob", "<region>_ml", ...: (N,)}), or why there are none."""
+
+    predictor: PredictiveBackbone | None
+    unavailable: str | None = None  # the reason there is no predictor
+    real: dict[str, np.ndarray] = field(default_factory=dict)
+    other: dict[str, np.ndarray] = field(default_factory=dict)
+    generated: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def predict_anatomy(backbone: Backbone, sets: EvaluationSets) -> AnatomyPredictions:
+    """Run the anatomy predictor once over the real, other real and generated volumes."""
+    predictor, reason = anatomy_predictor(backbone, sets.shape)
+    if predictor is None:
+        return AnatomyPredictions(None, reason)
+    return AnatomyPredictions(predictor, None, _predict(predictor, sets.real), _predict(predictor, sets.other),
+                              _predict(predictor, sets.generated))
+
+
+def _predict(predictor: PredictiveBackbone, paths: Sequence[Path]) -> dict[str, np.ndarray]:
+    parts: dict[str, list] = {}
+    for start in range(0, len(paths), BATCH_SIZE):
+        volumes = np.stack([read_clipped(p)[0] for p in paths[start : start + BATCH_SIZE]])[:, None]
+        for name, values in predictor.predict(volumes).items():
+            parts.setdefault(name, []).append(np.asarray(values, np.float64))
+    return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+@dataclass
+class ConditionalFidelity:
+    """metrics.json "conditional_fidelity": agreement of requested (generated) and true (real) covariates with the
+    predictions; each part None or absent when not measured."""
+
+    skipped: str | None = None
+    predictor: str | None = None
+    predictor_weights_sha256: str | None = None
+    age: dict | None = None  # {"generated", "real"}: MAE, Pearson r, count, target, predicted
+    sex: dict | None = None  # {"generated", "real"}: accuracy, count
+    volumes: dict[str, dict] = field(default_factory=dict)  # "ventricles_ml" -> {"generated", "real": mean ± sd, ...}
+
+    def record(self) -> dict:
+        if self.skipped is not None:
+            return {"skipped": self.skipped}
+        parts = {"age": self.age, "sex": self.sex}
+        return {"predictor": self.predictor, "predictor_weights_sha256": self.predictor_weights_sha256,
+                **{name: part for name, part in parts.items() if part is not None}, **self.volumes}
+
+
+def conditional_fidelity(predictions: AnatomyPredictions, sets: EvaluationSets) -> ConditionalFidelity:
+    """Does a generated volume show the covariates it was asked for? Measured by an anatomy predictor.
+
+    Age: MAE and Pearson r between requested and predicted age on the generated
+    volumes, next to the same between true and predicted age on the real split (the
+    predictor's own error). Sex: accuracy of the predicted category, likewise.
+    Ventricle and total-brain volumes (measured from the predictor's tissue segmentation, for the
+    anatomy network): mean ± sd in both sets; when the volumes were requested (covariates named
+    as in `VOLUME_COVARIATES`, e.g. prepared with --covariate-columns 509:ventricles,701:total_brain),
+    also the Pearson r between requested and measured, next to the r between the real subjects'
+    covariate and measured. Only r: the covariate is usually a native-space volume (MUSE), the
+    measurement a template-space one, so their units and head-size scaling differ.
+    """
+    requested, real_rows = pd.DataFrame(list(sets.sidecars)), sets.real_rows
+    if requested.empty or not {"age", "sex"} & set(requested.columns):
+        return ConditionalFidelity("the generated volumes carry no age or sex in JSON sidecars (x.nii.gz -> x.json)")
+    if predictions.predictor is None:
+        return ConditionalFidelity(f"no anatomy predictor with age/sex heads: {predictions.unavailable}")
+    predictor, on_generated, on_real = predictions.predictor, predictions.generated, predictions.real
+    result = ConditionalFidelity(None, getattr(predictor, "name", "anatomy"), getattr(predictor, "weights_sha256", None))
+    missing = pd.Series([math.nan] * len(real_rows))
+    if "age" in requested.columns and "age" in on_generated:
+        result.age = {
+            "generated": _age_agreement(_numbers(requested["age"]), on_generated["age"]),
+            "real": _age_agreement(_numbers(real_rows["age"] if "age" in real_rows else missing), on_real["age"]),
+        }
+    if "sex" in requested.columns and "sex_prob" in on_generated:
+        categories = tuple(getattr(predictor, "sex_categories", ("F", "M")))
+        result.sex = {
+            "generated": _sex_agreement(requested["sex"].tolist(), on_generated["sex_prob"], categories),
+            "real": _sex_agreement(real_rows["sex"].tolist(), on_real["sex_prob"], categories) if "sex" in real_rows else None,
+        }
+    for volume, covariate in VOLUME_COVARIATES.items():
+        if volume not in on_generated:
+            continue
+        result.volumes[volume] = {"generated": _mean_sd(on_generated[volume]), "real": _mean_sd(on_real[volume])}
+        if covariate in requested.columns:
+            result.volumes[volume]["requested_vs_measured"] = {
+                "covariate": covariate,
+                "generated": _correlation(_numbers(requested[covariate]), on_generated[volume]),
+                "real": _correlation(_numbers(real_rows[covariate] if covariate in real_rows else missing), on_real[volume])}
+    return result
+
+
+@dataclass
+class MorphometricFidelity:
+    """metrics.json "morphometry": mriflow.evaluate.morphometry's measures and the volume-against-age curves."""
+
+    skipped: str | None = None
+    measures: dict = field(default_factory=dict)  # regions, frechet_*, counts, settings
+    curves: dict = field(default_factory=dict)  # "real" | "other" | "generated" -> {"age": [...], region: [...] ml}
+
+    def record(self) -> dict:
+        return {"skipped": self.skipped} if self.skipped is not None else {**self.measures, "curves": self.curves}
+
+
+def morphometric_fidelity(predictions: AnatomyPredictions, sets: EvaluationSets, rounds: int, seed: int) -> MorphometricFidelity:
+    """Tissue and region volumes of real, other-real and generated volumes from the anatomy network's segmentation
+    (mriflow.evaluate.morphometry), with each subject's age (true, or requested for generated) for the curves."""
+    if predictions.predictor is None:
+        return MorphometricFidelity(f"no anatomy network to segment the volumes: {predictions.unavailable}")
+    ages = {"real": sets.real_rows.get("age"), "other": sets.other_rows.get("age"),
+            "generated": pd.DataFrame(list(sets.sidecars)).get("age")}
+    volumes, curves = {}, {}
+    for name in ("real", "other", "generated"):
+        predicted = getattr(predictions, name)
+        volumes[name] = {k[:-3]: v for k, v in predicted.items() if k.endswith("_ml")}
+        count = len(getattr(sets, name))
+        age = _numbers(ages[name]).tolist() if ages[name] is not None else [math.nan] * count
+        curves[name] = {"age": age, **{k: v.tolist() for k, v in volumes[name].items()}}
+    return MorphometricFidelity(None, morphometry(volumes["real"], volumes["other"], volumes["generated"],
+                                                  rounds=rounds, seed=seed), curves)
+
+
+def _numbers(values: pd.Series) -> np.ndarray:
+    """A column as float64, NaN where a value is not a number."""
+    return pd.to_numeric(values, errors="coerce").to_numpy(float)
+
+
+def _sex_index(value, categories: Sequence[str]) -> float:
+    text = str(value).strip().upper()
+    text = {"FEMALE": "F", "MALE": "M"}.get(text, text)
+    upper = [str(c).upper() for c in categories]
+    return float(upper.index(text)) if text in upper else math.nan
+
+
+def _age_agreement(target: np.ndarray, predicted: np.ndarray) -> dict | None:
+    """MAE and Pearson r between target and predicted ages, over subjects where both exist."""
+    keep = np.isfinite(target) & np.isfinite(predicted)
+    if keep.sum() < 2:
+        return None
+    t, p = target[keep], predicted[keep]
+    r = float(np.corrcoef(t, p)[0, 1]) if t.std() > 0 and p.std() > 0 else math.nan
+    return {"mae": float(np.abs(t - p).mean()), "pearson_r": r, "count": int(keep.sum()),
+            "target": t.tolist(), "predicted": p.tolist()}
+
+
+def _sex_agreement(values: Sequence, probabilities: np.ndarray, categories: Sequence[str]) -> dict | None:
+    """Accuracy of the binary prediction (probability of the last category > 0.5) where the target is known."""
+    target = np.array([_sex_index(v, categories) for v in values])
+    keep = np.isfinite(target)
+    if not keep.any():
+        return None
+    predicted = (probabilities[keep] > 0.5) * float(len(categories) - 1)
+    return {"accuracy": float((predicted == target[keep]).mean()), "count": int(keep.sum())}
+
+
+def _mean_sd(values: np.ndarray) -> dict:
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def _correlation(target: np.ndarray, measured: np.ndarray) -> dict | None:
+    """Pearson r between target and measured values where both exist (None below 3 pairs)."""
+    keep = np.isfinite(target) & np.isfinite(measured)
+    if keep.sum() < 3 or target[keep].std() == 0 or measured[keep].std() == 0:
+        return None
+    return {"pearson_r": float(np.corrcoef(target[keep], measured[keep])[0, 1]), "count": int(keep.sum())}
