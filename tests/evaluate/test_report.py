@@ -10,7 +10,7 @@ from conftest import head_phantom
 from mriflow.evaluate.bootstrap import bootstrap
 from mriflow.evaluate.memorization import find_memorized, flagged_table
 from mriflow.evaluate.metrics import LOWER_IS_BETTER, set_metrics
-from mriflow.evaluate.report import render_markdown, report_blocks, write_report
+from mriflow.evaluate.report import render_markdown, report_sections, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -110,7 +110,7 @@ def test_metrics_json_round_trips_and_rebuilds_the_report(tmp_path):
 def test_intensity_backbone_is_marked_not_comparable():
     result = make_result(with_memorization=False)
     result["backbone"] = {"name": "intensity-v1", "weights_sha256": None, "feature_dim": 1264}
-    markdown = render_markdown(report_blocks(result, {}))
+    markdown = render_markdown(report_sections(result, {}))
     assert "none (this backbone has no weights)" in markdown
     assert "not comparable with published" in markdown
 
@@ -143,5 +143,16 @@ def test_the_report_opens_with_a_verdict_against_the_yardsticks():
     same = make_result()
     same["columns"]["real_vs_generated"] = same["columns"]["real_vs_real"]
     assert {row[0]: row for row in verdict(same)}["fidelity: FD"][3] == "like real data"
-    markdown = render_markdown(report_blocks(result, {}))
+    markdown = render_markdown(report_sections(result, {}))
     assert markdown.index("## Verdict") < markdown.index("## Set metrics")
+
+
+def test_the_html_page_escapes_what_the_inputs_say(tmp_path):
+    result = make_result(with_memorization=False)
+    result["inputs"]["fake_dir"] = 'samples/<img src=x onerror="alert(1)">'  # a folder may be named anything
+    result["warnings"] = ["1 generated volume(s) had values outside [0, 1] and were clipped: <script>alert(2)</script>.nii.gz"]
+    paths = write_report(result, tmp_path)
+    page = paths["html"].read_text()
+    assert "<script>" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in page and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in page
+    assert "<script>alert(2)</script>" in paths["markdown"].read_text()  # the markdown says it as it is
