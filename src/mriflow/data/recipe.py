@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from mriflow.config import get_grid
+from mriflow.config import from_dict, get_grid
 from mriflow.data.geometry import from_sitk, grid_reference, mni_template, template_brain_mask, to_sitk, transform_to_ras_matrix
 from mriflow.data.registration import register_affine
 
@@ -272,19 +272,15 @@ def recipe_to_data(recipe: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def recipe_from_data(data: Sequence[dict[str, Any]]) -> list[Any]:
-    """The steps `data` (as :func:`recipe_to_data` wrote it) describes; JSON lists become the tuples the fields declare."""
+    """The steps `data` (as :func:`recipe_to_data` wrote it) describes, each built by config.from_dict: JSON
+    lists become the tuples the fields declare, and an unknown or mistyped parameter is refused naming it."""
     steps = []
-    for entry in data:
+    for index, entry in enumerate(data):
         entry = dict(entry)
         name = entry.pop("step")
         if name not in STEPS:
             raise ValueError(f"unknown recipe step {name!r}; known steps: {', '.join(STEPS)}")
-        cls = STEPS[name]
-        kinds = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in entry.items():
-            if isinstance(value, list) and key in kinds and "tuple" in str(kinds[key].type):
-                entry[key] = tuple(value)
-        steps.append(cls(**entry))
+        steps.append(from_dict(STEPS[name], entry, f"recipe step {index} ({name})"))
     return steps
 
 
