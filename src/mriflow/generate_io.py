@@ -73,6 +73,11 @@ def labels_name(name: str) -> str:
     return f"{name}_labels.nii.gz"
 
 
+def is_label_map(path: str | Path) -> bool:
+    """Whether a file is a sample's label map (<name>_labels.nii.gz or .nii), not a generated volume."""
+    return Path(path).name.endswith(("_labels.nii.gz", "_labels.nii"))
+
+
 def write_labels(out_dir: str | Path, name: str, labels: np.ndarray, affine: np.ndarray, overwrite: bool = False) -> Path:
     """Write out_dir/<name>_labels.nii.gz: class indices (D, H, W) as uint8, on the grid and affine of the sample."""
     labels = np.asarray(labels)

@@ -22,6 +22,7 @@ import pandas as pd
 
 from mriflow.data.dataset import read_manifest, read_preparation
 from mriflow.data.io import is_nifti, load_volume, strip_nifti_suffix
+from mriflow.generate_io import is_label_map
 from mriflow.utils.files import read_json
 
 AFFINE_TOLERANCE = 1e-3
@@ -145,7 +146,8 @@ def check_geometry(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> No
 def list_volumes(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"--fake {folder}: not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    paths = sorted(p for p in folder.iterdir()
+                   if p.is_file() and is_nifti(p) and not p.name.startswith(".") and not is_label_map(p))
     if not paths:
         raise ValueError(f"--fake {folder}: no NIfTI volumes (*.nii.gz, *.nii) in this folder")
     return paths
