@@ -17,7 +17,7 @@ LAYERS = [
     ("artifacts", ["mriflow.checkpoint", "mriflow.latents", "mriflow.families"]),
     ("training", ["mriflow.train"]),
     ("use", ["mriflow.generate", "mriflow.generate_io", "mriflow.evaluate"]),
-    ("interface", ["mriflow.cli", "mriflow.__main__"]),
+    ("interface", ["mriflow.cli", "mriflow.__main__", "mriflow.app"]),
 ]
 
 

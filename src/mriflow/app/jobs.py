@@ -1,0 +1,211 @@
+"""Generation in the app: one sample per request, queued, with progress counted in network evaluations.
+
+The generator is loaded once (the shipped default model, or --model) and kept. Each request becomes a
+job that a single worker thread runs in turn (the CPU is shared; one job at a time is also what keeps the
+counting of calls per job exact): its sample is written with `write_sample`, exactly as `mriflow generate`
+writes it (float32 NIfTI with the model's affine, JSON sidecar), into a new folder of its own under the
+output folder, `<out>/<YYYYmmdd-HHMMSS>-<job>/sample_00000.nii.gz`, so no existing file is ever touched.
+Progress is the number of velocity-network evaluations so far against the number the solver needs
+(steps x its stages; learnt from the first run of an adaptive solver).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from mriflow.app.paths import inside
+from mriflow.data.io import load_volume
+from mriflow.flow.sampling import sample_seed
+from mriflow.generate import Generator, load_generator, requested_covariates
+from mriflow.generate_io import sample_name, write_sample
+from mriflow.models.conditioning import resolve_request
+
+STAGES_PER_STEP = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "ddim": 1, "ddpm": 1}
+MAX_STEPS = 1000
+MAX_SEED = 2**31 - 1
+LABELS_SUFFIX = "_labels.nii.gz"  # a synthetic label map beside its sample: sample_XXXXX_labels.nii.gz
+
+
+@dataclass
+class Job:
+    id: str
+    request: dict[str, Any]
+    state: str = "queued"  # queued | running | done | error
+    calls: int = 0
+    expected: int | None = None
+    error: str | None = None
+    folder: str | None = None  # relative to the output folder
+    seconds: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+
+    def view(self) -> dict[str, Any]:
+        progress = 1.0 if self.state == "done" else (min(self.calls / self.expected, 0.99) if self.expected else 0.0)
+        return {"id": self.id, "state": self.state, "calls": self.calls, "expected": self.expected,
+                "progress": progress, "error": self.error, "folder": self.folder, "seconds": self.seconds,
+                "request": self.request, "warnings": self.warnings}
+
+
+class GenerationService:
+    """Loads the model once and runs generation jobs on one worker thread."""
+
+    def __init__(self, model: str, out: str | Path, device: str = "cpu", trust_paths: bool = False):
+        self.model = model
+        self.out = Path(out)
+        self.generator: Generator = load_generator(model, device, trust_paths)
+        self.jobs: dict[str, Job] = {}
+        self.learnt: dict[tuple[str, int], int] = {}  # (solver, steps) -> calls, for adaptive solvers
+        self.lock = threading.Lock()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mriflow-generate")
+        self.current: Job | None = None
+        self.generator.velocity_net.register_forward_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        job = self.current
+        if job is not None:
+            job.calls += 1
+
+    # ------------------------------------------------------------------ what the model knows
+
+    def model_info(self) -> dict[str, Any]:
+        g = self.generator
+        covariates = []
+        for c in g.schema.covariates:
+            entry: dict[str, Any] = {"name": c.name, "kind": c.kind}
+            if c.kind == "continuous":
+                entry.update(minimum=_finite(c.minimum), maximum=_finite(c.maximum), mean=_finite(c.mean))
+            else:
+                entry["categories"] = list(c.categories)
+            covariates.append(entry)
+        return {"model": str(self.model), "model_id": g.model_id, "stage": g.stage, "covariates": covariates,
+                "solvers": list(g.solvers), "defaults": g.sampling_settings(), "image_shape": list(g.image_shape),
+                "affine": np.asarray(g.affine).tolist()}
+
+    # ------------------------------------------------------------------ jobs
+
+    def check(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The request as it will run: covariates checked against the schema, sampling settings complete.
+        ValueError names what is wrong."""
+        covariates = {k: v for k, v in dict(request.get("covariates") or {}).items() if v not in (None, "")}
+        seed = request.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+        steps = request.get("steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
+            raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        settings = self.generator.sampling_settings(request.get("solver") or None, steps, request.get("guidance"))
+        values, present = resolve_request(self.generator.schema, covariates)
+        return {"covariates": covariates, "seed": seed, "settings": settings,
+                "requested": requested_covariates(self.generator.schema, covariates, values, present),
+                "condition": (values[None], present[None]) if len(self.generator.schema) else None}
+
+    def submit(self, request: Mapping[str, Any]) -> Job:
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a value outside the training range
+            warnings.simplefilter("always")
+            checked = self.check(request)
+        job = Job(id=secrets.token_hex(6), request={"covariates": checked["requested"], "seed": checked["seed"],
+                                                   **checked["settings"]},
+                  warnings=[str(w.message) for w in caught])
+        settings = checked["settings"]
+        stages = STAGES_PER_STEP.get(settings["solver"])
+        job.expected = self.learnt.get((settings["solver"], settings["steps"]),
+                                       settings["steps"] * stages if stages else None)
+        with self.lock:
+            self.jobs[job.id] = job
+        self.worker.submit(self._run, job, checked)
+        return job
+
+    def _run(self, job: Job, checked: dict[str, Any]) -> None:
+        g, settings = self.generator, checked["settings"]
+        job.state, start = "running", time.perf_counter()
+        self.current = job
+        try:
+            stream = sample_seed(checked["seed"], 0)
+            latents, nfe = g.draw_latents([stream], checked["condition"], settings)
+            volumes = g.decode(latents)
+            # a model with a label decoder (mriflow train labels) also gives the sample's tissue map
+            label_maps = g.decode_labels(latents) if hasattr(g, "decode_labels") else None
+            folder = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{job.id}"
+            sidecar = {"covariates": checked["requested"], "seed": checked["seed"], **settings,
+                       "model_id": g.model_id, "model_checksum": g.model_checksum,
+                       "autoencoder_checksum": g.autoencoder_checksum, "stage": g.stage, "device": str(g.device),
+                       "nfe": nfe, "index": 0, "sample_seed": stream, "attempt": 0, "written_by": "mriflow app"}
+            (self.out / folder).mkdir(parents=True, exist_ok=False)
+            if label_maps is not None:
+                from mriflow.generate_io import labels_name, write_labels
+
+                sidecar.update(labels=labels_name(sample_name(0)), label_classes=list(g.label_classes))
+                write_labels(self.out / folder, sample_name(0), label_maps[0], g.affine)
+            write_sample(self.out / folder, 0, volumes[0], g.affine, sidecar)
+            self.learnt[(settings["solver"], settings["steps"])] = job.calls
+            job.folder, job.state = folder, "done"
+        except Exception as error:  # reported to the page; the worker goes on with the next job
+            job.state, job.error = "error", str(error) or type(error).__name__
+        finally:
+            self.current = None
+            job.seconds = round(time.perf_counter() - start, 3)
+
+    def job(self, job_id: str) -> Job:
+        with self.lock:
+            if job_id not in self.jobs:
+                raise KeyError(f"no job {job_id!r}")
+            return self.jobs[job_id]
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------- what the output folder holds
+
+
+def sample_files(out: Path, folder: str) -> list[dict[str, Any]]:
+    """The samples of one output folder: {name, image, sidecar, labels (or None)}, paths relative to `out`."""
+    root = inside(out, folder)
+    samples = []
+    for image in sorted(root.glob("*.nii.gz")):
+        stem = image.name[:-len(".nii.gz")]
+        if stem.endswith("_labels") or stem == "difference":
+            continue
+        labels = root / f"{stem}{LABELS_SUFFIX}"
+        sidecar = root / f"{stem}.json"
+        relative = lambda p: p.relative_to(out.resolve()).as_posix()  # noqa: E731
+        samples.append({"name": stem, "image": relative(image),
+                        "sidecar": relative(sidecar) if sidecar.is_file() else None,
+                        "labels": relative(labels) if labels.is_file() else None})
+    return samples
+
+
+def outputs(out: Path) -> list[dict[str, Any]]:
+    """Every folder of the output folder that holds samples, newest first."""
+    if not out.is_dir():
+        return []
+    found = []
+    for folder in sorted((p for p in out.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
+        samples = sample_files(out, folder.name)
+        if samples:
+            found.append({"folder": folder.name, "samples": samples})
+    return found
+
+
+def difference(out: Path, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    """B - A of two volumes inside the output folder (float32, A's affine); refused unless on one grid."""
+    first, first_affine = load_volume(inside(out, a))
+    second, second_affine = load_volume(inside(out, b))
+    if first.shape != second.shape or not np.allclose(first_affine, second_affine, atol=1e-3):
+        raise ValueError(f"{a} and {b} are on different grids; a difference needs one grid")
+    return (second - first).astype(np.float32), first_affine

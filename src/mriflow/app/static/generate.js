@@ -1,0 +1,156 @@
+// The generate-and-view page: two requests side by side, linked cursors, a difference view, downloads.
+"use strict";
+(async function () {
+  const $ = (id) => document.getElementById(id);
+  const V = window.mriflowViewer;
+  const state = { A: null, B: null };   // the finished job of each side
+  const config = await (await fetch("/api/config")).json();
+  if (config.turing) $("turing-link").hidden = false;
+  const model = config.generate;
+  $("model-line").textContent = `model ${model.model_id} (${model.stage}), grid ${model.image_shape.join("×")}`;
+
+  // ---- controls from the model's covariate schema
+  for (const solver of model.solvers) $("solver").add(new Option(solver, solver, false, solver === model.defaults.solver));
+  $("steps").value = model.defaults.steps;
+  $("guidance").value = model.defaults.guidance;
+  const presets = { A: {}, B: {} };
+  for (const c of model.covariates) {
+    if (c.name === "age" && c.kind === "continuous") { presets.A.age = Math.max(c.minimum, 30); presets.B.age = Math.min(c.maximum, 80); }
+  }
+  for (const side of ["A", "B"]) {
+    const box = $("covariates-" + side);
+    for (const c of model.covariates) {
+      const label = document.createElement("label");
+      const id = `cov-${side}-${c.name}`;
+      if (c.kind === "continuous") {
+        // the slider spans the training range; the number box beside it takes an exact value
+        const value = presets[side][c.name] ?? c.mean;
+        label.innerHTML = `${c.name} <input type="range" id="${id}" min="${c.minimum}" max="${c.maximum}" step="any" value="${value}">` +
+          `<input type="number" id="${id}-v" min="${c.minimum}" max="${c.maximum}" step="any">` +
+          ` <span class="hint">(trained ${fmt(c.minimum)}–${fmt(c.maximum)})</span>`;
+        box.appendChild(label);
+        const input = $(id), number = $(id + "-v");
+        input.addEventListener("input", () => { number.value = round(c, +input.value); });
+        number.addEventListener("input", () => { input.value = number.value; });
+        number.value = round(c, value);
+      } else {
+        label.innerHTML = `${c.name} <select id="${id}"><option value="">(any)</option>` +
+          c.categories.map((k) => `<option value="${k}">${k}</option>`).join("") + `</select>`;
+        box.appendChild(label);
+      }
+    }
+  }
+  function round(c, x) {  // one decimal for ranges like age, three significant digits for small ones
+    const digits = (c.maximum - c.minimum) >= 10 ? 1 : Math.max(0, 2 - Math.floor(Math.log10(Math.abs(c.maximum - c.minimum) || 1)));
+    return +(+x).toFixed(Math.min(digits, 6));
+  }
+  function fmt(x) { return Math.abs(x) >= 100 ? x.toFixed(0) : (+x).toFixed(1); }
+
+  function request(side) {
+    const covariates = {};
+    for (const c of model.covariates) {
+      const value = $(c.kind === "continuous" ? `cov-${side}-${c.name}-v` : `cov-${side}-${c.name}`).value;
+      if (value !== "") covariates[c.name] = c.kind === "continuous" ? +value : value;
+    }
+    return { covariates, solver: $("solver").value, steps: +$("steps").value, guidance: +$("guidance").value, seed: +$("seed").value };
+  }
+
+  // ---- viewers with linked cursors
+  const viewers = { A: await V.make("canvas-A"), B: await V.make("canvas-B"), D: await V.make("canvas-D") };
+  const names = new Map([[viewers.A, "A"], [viewers.B, "B"], [viewers.D, "B − A"]]);
+  V.link(Object.values(viewers), (nv, d) => { $("location").textContent = names.get(nv) + ": " + d.string; });
+  window.mriflow = { viewers, state, loaded: { A: 0, B: 0, D: 0 } };
+
+  function windowAll() {
+    const low = +$("win-low").value, high = Math.max(+$("win-high").value, low + 0.01);
+    $("win-low-v").textContent = low.toFixed(2); $("win-high-v").textContent = high.toFixed(2);
+    for (const nv of Object.values(viewers)) V.setWindow(nv, low, high);  // the grey layer; the difference keeps its own
+  }
+  $("win-low").addEventListener("input", windowAll);
+  $("win-high").addEventListener("input", windowAll);
+  $("zoom").addEventListener("input", () => {
+    $("zoom-v").textContent = (+$("zoom").value).toFixed(1);
+    for (const nv of Object.values(viewers)) V.setZoom(nv, +$("zoom").value);
+  });
+  for (const button of document.querySelectorAll("button[data-axis]")) {
+    button.addEventListener("click", () => V.scroll(viewers.A, +button.dataset.axis, +button.dataset.delta));
+  }
+
+  // ---- generation jobs, polled for progress
+  async function generate(side) {
+    const status = $("status-" + side), bar = $("progress-" + side);
+    status.classList.remove("error");
+    status.textContent = "queued…"; bar.style.width = "0";
+    const response = await fetch("/api/generate", { method: "POST", headers: { "Content-Type": "application/json" },
+                                                     body: JSON.stringify(request(side)) });
+    let job = await response.json();
+    if (!response.ok) { status.classList.add("error"); status.textContent = job.detail; return; }
+    while (job.state === "queued" || job.state === "running") {
+      await new Promise((r) => setTimeout(r, 200));
+      job = await (await fetch("/api/jobs/" + job.id)).json();
+      bar.style.width = (100 * job.progress).toFixed(0) + "%";
+      status.textContent = job.state === "running"
+        ? `sampling: network evaluation ${job.calls}${job.expected ? " of " + job.expected : ""}` : job.state + "…";
+    }
+    if (job.state === "error") { status.classList.add("error"); status.textContent = "failed: " + job.error; return; }
+    bar.style.width = "100%";
+    state[side] = job;
+    const sample = job.samples[0];
+    const covs = Object.entries(job.request.covariates).map(([k, v]) => `${k} ${v === null ? "any" : (typeof v === "number" ? fmt(v) : v)}`).join(", ");
+    status.textContent = `${covs}; ${job.request.solver}, ${job.request.steps} steps, seed ${job.request.seed}: ${job.seconds.toFixed(1)} s` +
+      (job.warnings.length ? " — note: " + job.warnings.join("; ") : "");
+    await V.load(viewers[side], "/files/" + sample.image, { name: sample.name + ".nii.gz" });
+    V.follow(viewers[side], Object.values(viewers));
+    windowAll();
+    downloads($("downloads-" + side), sample);
+    window.mriflow.loaded[side] += 1;
+    await difference();
+    await listOutputs();
+  }
+
+  function downloads(box, sample) {
+    const links = [[sample.image, "NIfTI"], [sample.sidecar, "sidecar (JSON)"], [sample.labels, "label map"]];
+    box.innerHTML = links.filter(([path]) => path)
+      .map(([path, what]) => `<a href="/files/${path}?download=true" download data-kind="${what}">${what}</a>`).join("");
+  }
+
+  async function difference() {
+    if (!state.A || !state.B) return;
+    const url = `/api/difference/${state.A.folder}/${state.B.folder}/difference.nii.gz`;
+    const a = state.A.samples[0];
+    await V.load(viewers.D, "/files/" + a.image, { name: a.name + ".nii.gz" },
+                 { url: url, name: "difference.nii.gz", colormap: "warm", cal_min: 0.05, cal_max: 0.4,
+                   colormapNegative: "winter", cal_minNeg: -0.4, cal_maxNeg: -0.05 });
+    V.follow(viewers.D, Object.values(viewers));
+    $("status-D").textContent = "B − A over A (warm: B brighter, cool: A brighter; |difference| < 0.05 not shown)";
+    $("downloads-D").innerHTML = `<a href="${url}?download=true" download>difference (NIfTI)</a>`;
+    window.mriflow.loaded.D += 1;
+  }
+
+  async function listOutputs() {
+    const folders = await (await fetch("/api/outputs")).json();
+    if (!folders.length) return;
+    $("outputs").innerHTML = "<table><tr><th>folder</th><th>sample</th><th>files</th></tr>" + folders.slice(0, 30).map((f) =>
+      f.samples.map((s) => `<tr><td>${f.folder}</td><td>${s.name}</td><td>` +
+        [[s.image, "NIfTI"], [s.sidecar, "sidecar"], [s.labels, "labels"]].filter(([p]) => p)
+          .map(([p, w]) => `<a href="/files/${p}?download=true" download>${w}</a>`).join(" ") + "</td></tr>").join("")).join("") + "</table>";
+  }
+
+  let busy = false;
+  async function run(sides) {
+    if (busy) return;
+    busy = true;
+    for (const b of document.querySelectorAll("button[id^=generate]")) b.disabled = true;
+    try { for (const side of sides) await generate(side); }
+    finally { busy = false; for (const b of document.querySelectorAll("button[id^=generate]")) b.disabled = false; }
+  }
+  $("generate-both").addEventListener("click", () => run(["A", "B"]));
+  $("generate-A").addEventListener("click", () => run(["A"]));
+  $("generate-B").addEventListener("click", () => run(["B"]));
+  await listOutputs();
+  document.body.dataset.ready = "1";
+})().catch((error) => {
+  document.body.dataset.ready = "error";
+  const box = document.createElement("div"); box.className = "status error"; box.textContent = String(error);
+  document.querySelector("main").prepend(box);
+});
