@@ -26,10 +26,9 @@ import pandas as pd
 
 from mriflow.evaluate.backbones import Backbone, PredictiveBackbone, get_backbone, shipped_anatomy_weights
 from mriflow.evaluate.morphometry import morphometry
-from mriflow.evaluate.sets import EvaluationSets, read_clipped
+from mriflow.evaluate.sets import BATCH_SIZE, EvaluationSets, read_clipped
 
 VOLUME_COVARIATES = {"ventricles_ml": "ventricles", "total_brain_ml": "total_brain"}  # measurement -> covariate
-BATCH_SIZE = 8
 
 
 def anatomy_predictor(backbone: Backbone | None, shape: tuple[int, ...]) -> tuple[PredictiveBackbone | None, str | None]:

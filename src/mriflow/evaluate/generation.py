@@ -57,11 +57,10 @@ from mriflow.evaluate.fidelity import anatomy_predictor, conditional_fidelity, m
 from mriflow.evaluate.memorization import DEFAULT_SMOOTHING_MM, masked_standardised, population_mask, smoothing_voxels
 from mriflow.evaluate.metrics import LOWER_IS_BETTER, median_bandwidth, psnr, set_metrics, ssim
 from mriflow.evaluate.privacy import privacy_audit
-from mriflow.evaluate.sets import EvaluationSets, VolumeFiles, load_sets, read_clipped
+from mriflow.evaluate.sets import BATCH_SIZE, EvaluationSets, VolumeFiles, load_sets, read_clipped
 
 NEAREST_K = 5
 COPY_EXAMPLES = 12  # training subjects reconstructed to show the distance of a copy after the decoder
-BATCH_SIZE = 8
 MONTAGE_SUBJECTS = 3
 # Reconstruct: (B, 1, D, H, W) tensor in [0, 1] -> same shape; the autoencoder stage supplies it.
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]

@@ -19,12 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mriflow.evaluate.memorization import DEFAULT_SMOOTHING_MM, correlation_distance, find_memorized, flagged_table, masked_standardised
-from mriflow.evaluate.sets import EvaluationSets
+from mriflow.evaluate.sets import BATCH_SIZE, EvaluationSets
 
 if TYPE_CHECKING:
     from mriflow.evaluate.generation import FeatureCache, Reconstructions
-
-BATCH_SIZE = 8
 
 
 @dataclass

@@ -27,6 +27,7 @@ from mriflow.utils.files import read_json
 
 AFFINE_TOLERANCE = 1e-3
 RANGE_TOLERANCE = 1e-3  # generated intensities this far outside [0, 1] are reported, then clipped
+BATCH_SIZE = 8  # volumes per pass of a network (backbone, anatomy predictor, autoencoder)
 
 
 @dataclass
