@@ -182,16 +182,16 @@ def test_privacy_filter_redraws_a_planted_training_copy(runs, tmp_path, monkeypa
     data = write_prepared(tmp_path / "data", splits=("train", "train", "val", "test"))
     copy = load_volume(data / "images" / "sub01.nii.gz")[0]
     planted = sample_seed(0, 1)  # the first draw of sample 1 decodes to a training subject
-    sample = Generator.sample
+    sample = Generator.sample_pairs
 
-    def sample_with_a_copy(self, sample_seeds, covariates, settings):
-        decoded, nfe = sample(self, sample_seeds, covariates, settings)
+    def sample_with_a_copy(self, sample_seeds, covariates, settings, spatial=None):
+        decoded, labels, nfe = sample(self, sample_seeds, covariates, settings, spatial)
         for row, seed in enumerate(sample_seeds):
             if seed == planted:
                 decoded[row] = copy
-        return decoded, nfe
+        return decoded, labels, nfe
 
-    monkeypatch.setattr(Generator, "sample", sample_with_a_copy)
+    monkeypatch.setattr(Generator, "sample_pairs", sample_with_a_copy)
     options = dict(n=3, solver="euler", steps=1, batch_size=3, privacy_filter=data, **FAST)
     result = generate(runs["flow"], tmp_path / "out", **options)
     assert result.redraws == 1 and result.withheld == [] and len(result.paths) == 3

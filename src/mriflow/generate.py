@@ -186,10 +186,18 @@ class Generator:
             return self.autoencoder.reconstruct(volumes.to(self.device)).clamp(0.0, 1.0).float().cpu()
 
     def sample(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
-               settings: Mapping[str, Any]) -> tuple[np.ndarray, int]:
+               settings: Mapping[str, Any], spatial: torch.Tensor | None = None) -> tuple[np.ndarray, int]:
         """Volumes (B, D, H, W) in [0, 1], one per seed, and the NFE per sample."""
-        latents, nfe = self.draw_latents(sample_seeds, covariates, settings)
-        return self.decode(latents), nfe
+        volumes, _, nfe = self.sample_pairs(sample_seeds, covariates, settings, spatial)
+        return volumes, nfe
+
+    def sample_pairs(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
+                     settings: Mapping[str, Any], spatial: torch.Tensor | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """Volumes (B, D, H, W) in [0, 1], their tissue maps (B, D, H, W) uint8 from the same latents (None without
+        a label decoder), and the NFE per sample: what `generate` writes."""
+        latents, nfe = self.draw_latents(sample_seeds, covariates, settings, spatial)
+        return self.decode(latents), self.decode_labels(latents), nfe
 
 
 def load_generator(model: str | Path = "default", device: str | torch.device = "auto", trust_paths: bool = False,
@@ -439,9 +447,7 @@ def generate(
                     seeds = [sample_seed(seed, i, attempts.get(i, 0)) for i in pending]
                     condition = tuple(torch.stack([conditions[i][part] for i in pending]) for part in (0, 1)) \
                         if len(generator.schema) else None  # (B, K) values and present flags
-                    latents, nfe = generator.draw_latents(seeds, condition, settings, spatial)
-                    volumes = generator.decode(latents)
-                    label_maps = generator.decode_labels(latents)
+                    volumes, label_maps, nfe = generator.sample_pairs(seeds, condition, settings, spatial)
                     redraw = []
                     for k, (index, stream, volume) in enumerate(zip(pending, seeds, volumes)):
                         attempt = attempts.get(index, 0)
