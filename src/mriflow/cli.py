@@ -131,6 +131,8 @@ def _add_train(commands) -> None:
                             "given anatomy (needs label maps in the prepared data)")
         p.add_argument("--regions", metavar="CSV",
                        help="with --label-condition: the label maps' region list (index,name), default DLMUSE's")
+        p.add_argument("--backbone", choices=("unet", "dit"),
+                       help="the network: unet (default, MONAI's diffusion U-Net) or dit (a 3D diffusion transformer)")
         _add_common_training(p, stage)
         p.set_defaults(func=_run_train_generator, stage=stage)
 
@@ -176,7 +178,7 @@ def _run_train_generator(args: argparse.Namespace) -> int:
     condition = [name.strip() for name in args.condition.split(",") if name.strip()] or None
     result = train_generator(args.stage, args.data, args.autoencoder, args.out, condition=condition, preset=args.preset,
                              max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes, lr=args.lr,
-                             label_condition=args.label_condition, regions=args.regions)
+                             label_condition=args.label_condition, regions=args.regions, backbone=args.backbone)
     return _report_training(result)
 
 

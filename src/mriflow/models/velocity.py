@@ -25,6 +25,7 @@ from mriflow.models.conditioning import CovariateEmbedding
 
 # fp16 weights of at most this many parameters fit the 16 MB limit on one weight file.
 MAX_PARAMETERS = 8_000_000
+BACKBONES = ("unet", "dit")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class VelocityNetConfig:
     covariate_drop_prob: float = 0.15
     spatial_channels: int = 0  # channels of a spatial condition on the latent grid (e.g. tissue fractions of a label
                                # map), concatenated to x: the generator then draws a scan that matches it
+    backbone: str = "unet"  # "unet" (MONAI DiffusionModelUNet) | "dit" (mriflow.models.dit, a 3D diffusion transformer)
+    dit_patch_size: int = 2  # DiT only: latent patch side; tokens = latent voxels / patch^3
+    dit_hidden: int = 128
+    dit_depth: int = 6
+    dit_heads: int = 4
 
     def with_schema(self, schema) -> "VelocityNetConfig":
         """This config conditioned on the covariates of a mriflow.data.dataset.CovariateSchema."""
@@ -72,15 +78,26 @@ class VelocityNet(nn.Module):
         lengths = {len(config.covariate_names), len(config.covariate_kinds), len(config.covariate_categories)}
         if len(lengths) != 1:
             raise ValueError("covariate_names, covariate_kinds and covariate_categories must have the same length")
-        if len(config.attention_levels) != len(config.channels):
+        if config.backbone == "unet" and len(config.attention_levels) != len(config.channels):
             raise ValueError(
                 f"attention_levels has {len(config.attention_levels)} entries but channels has {len(config.channels)}"
             )
         bad = [c for c in config.channels if c % config.norm_num_groups]
-        if bad:
+        if bad and config.backbone == "unet":
             raise ValueError(f"channels {bad} are not multiples of norm_num_groups={config.norm_num_groups}")
+        if config.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {config.backbone!r}")
         self.config = config
         self.num_covariates = len(config.covariate_names)
+        if config.backbone == "dit":
+            from mriflow.models.dit import DiT
+
+            self.dit = DiT(config.in_channels + config.spatial_channels, config.in_channels, config.dit_patch_size,
+                           config.dit_hidden, config.dit_depth, config.dit_heads)
+            if self.num_covariates:
+                self.conditioning = CovariateEmbedding(config.covariate_kinds, config.covariate_categories,
+                                                       config.dit_hidden, config.covariate_drop_prob)
+            return
         embedding_dim = 4 * config.channels[0]  # DiffusionModelUNet's time-embedding width
         self.unet = DiffusionModelUNet(
             spatial_dims=3,
@@ -133,7 +150,9 @@ class VelocityNet(nn.Module):
                 covariates_present = torch.zeros(batch, self.num_covariates, dtype=torch.bool, device=x.device)
             elif covariates_present is None:
                 covariates_present = torch.ones_like(covariates, dtype=torch.bool)
-            condition = self.conditioning(covariates, covariates_present)  # (B, 4·channels[0])
+            condition = self.conditioning(covariates, covariates_present)  # (B, 4·channels[0] or dit_hidden)
+        if self.config.backbone == "dit":
+            return self.dit(x, t * self.config.time_scale, condition)
         pad = [(-size) % self.multiple for size in spatial]
         x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))  # F.pad lists the last axis first
         out = self.unet(x, t * self.config.time_scale, class_labels=condition)

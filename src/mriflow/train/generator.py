@@ -201,6 +201,7 @@ def train_generator(
     lr: float | None = None,
     label_condition: bool = False,
     regions: str | Path | None = None,
+    backbone: str | None = None,
 ) -> dict[str, Any]:
     """Train the latent generator of family `stage_name` (a key of mriflow.families.FAMILIES); the arguments
     and the result are train_flow's, `config` being that family's training config; `lr` replaces the peak
@@ -209,7 +210,8 @@ def train_generator(
     `label_condition`: condition on each subject's tissue map as well (its label map through `regions`, a
     muse_regions.csv, or the default DLMUSE map; mriflow.train.labels.read_label_map), given to the network as the
     class fractions of each latent voxel's block (mriflow.data.labels.tissue_fractions), so `generate --label-map`
-    draws a scan with a given anatomy. Recorded in meta["spatial_condition"]."""
+    draws a scan with a given anatomy. Recorded in meta["spatial_condition"]. `backbone` ("unet" | "dit") replaces
+    the preset's network (model.backbone; the DiT's size is model.dit_*, by default matched to flow-tiny's U-Net)."""
     data_dir, out = Path(data_dir), Path(out)
     checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned: a newer checkpoint of the run is not used
     schema = None
@@ -241,6 +243,8 @@ def train_generator(
             config = _override(config, max_steps)
         names = list(condition) if condition is not None else list(config.model.covariate_names)
         _check_condition(data_dir, names)
+        if backbone is not None:
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone=backbone))
         spatial_record = None
         if label_condition:
             from mriflow.train.labels import read_label_map
