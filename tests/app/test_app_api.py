@@ -80,6 +80,16 @@ def test_a_request_runs_with_progress_and_writes_a_sample_with_the_model_affine(
     sidecar = client.get(f"/files/{sample['sidecar']}").json()
     assert sidecar["covariates"] == {"age": 30.0, "sex": "F"} and sidecar["seed"] == 3 and sidecar["steps"] == 4
     assert [o["folder"] for o in client.get("/api/outputs").json()] == [job["folder"]]
+    # a label map beside the sample (as a model with a label decoder writes it) is offered, not listed as a sample
+    labels = state.out / job["folder"] / "sample_00000_labels.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), str(labels))
+    try:
+        listed = client.get("/api/outputs").json()[0]["samples"]
+        assert len(listed) == 1 and listed[0]["labels"] == f"{job['folder']}/sample_00000_labels.nii.gz"
+        assert client.get(f"/api/jobs/{job['id']}").json()["samples"][0]["labels"] == listed[0]["labels"]
+        assert client.get(f"/files/{listed[0]['labels']}").status_code == 200
+    finally:
+        labels.unlink()
 
 
 def test_the_same_seed_gives_the_same_volume_and_the_difference_view_is_b_minus_a(generation):

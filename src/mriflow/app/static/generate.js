@@ -102,16 +102,32 @@
     await V.load(viewers[side], "/files/" + sample.image, { name: sample.name + ".nii.gz" });
     V.follow(viewers[side], Object.values(viewers));
     windowAll();
-    downloads($("downloads-" + side), sample);
+    downloads($("downloads-" + side), sample, side);
     window.mriflow.loaded[side] += 1;
     await difference();
     await listOutputs();
   }
 
-  function downloads(box, sample) {
+  function downloads(box, sample, side) {
     const links = [[sample.image, "NIfTI"], [sample.sidecar, "sidecar (JSON)"], [sample.labels, "label map"]];
     box.innerHTML = links.filter(([path]) => path)
-      .map(([path, what]) => `<a href="/files/${path}?download=true" download data-kind="${what}">${what}</a>`).join("");
+      .map(([path, what]) => `<a href="/files/${path}?download=true" download data-kind="${what}">${what}</a>`).join("") +
+      (sample.labels ? `<label><input type="checkbox" id="labels-${side}"> show the label map</label>` : "");
+    if (sample.labels) $("labels-" + side).addEventListener("change", (e) => showLabels(side, sample, e.target.checked));
+  }
+
+  // A sample's synthetic label map (sample_XXXXX_labels.nii.gz: class indices) over its image, one colour per class.
+  async function showLabels(side, sample, on) {
+    let classes = 8;
+    if (on && sample.sidecar) {
+      const record = await (await fetch("/files/" + sample.sidecar)).json();
+      if (Array.isArray(record.label_classes)) classes = record.label_classes.length;
+    }
+    await V.load(viewers[side], "/files/" + sample.image, { name: sample.name + ".nii.gz" }, on ? {
+      url: "/files/" + sample.labels, name: sample.name + "_labels.nii.gz", colormap: "hsv", opacity: 0.45,
+      cal_min: 0.5, cal_max: classes - 0.5 } : null);
+    V.follow(viewers[side], Object.values(viewers));
+    windowAll();
   }
 
   async function difference() {

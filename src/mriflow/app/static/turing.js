@@ -3,9 +3,8 @@
 (async function () {
   const $ = (id) => document.getElementById(id);
   const V = window.mriflowViewer;
-  let session = null, shownAt = 0;
-  const nv = await V.make("canvas-T", null);
-  window.mriflow = { viewer: nv, loaded: 0 };
+  let session = null, shownAt = 0, nv = null;
+  window.mriflow = { viewer: null, loaded: 0 };
 
   async function post(url, body) {
     const response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
@@ -18,6 +17,7 @@
     $("who").textContent = "rater: " + session.rater;
     if (!session.next) { $("rate").hidden = true; $("start").hidden = true; $("done").hidden = false; document.body.dataset.done = "1"; return; }
     $("start").hidden = true; $("rate").hidden = false;
+    if (!nv) nv = window.mriflow.viewer = await V.make("canvas-T", null);  // once visible: NiiVue sizes to its canvas
     $("counter").textContent = `Item ${session.answered + 1} of ${session.total}`;
     for (const input of document.querySelectorAll("#rate input[type=radio]")) input.checked = false;
     $("submit").disabled = true;
@@ -34,9 +34,9 @@
     $("submit").disabled = !(a && c);
   }
   for (const input of document.querySelectorAll("#rate input[type=radio]")) input.addEventListener("change", ready);
-  $("win-low").addEventListener("input", () => V.setWindow(nv, +$("win-low").value, Math.max(+$("win-high").value, +$("win-low").value + 0.01)));
-  $("win-high").addEventListener("input", () => V.setWindow(nv, +$("win-low").value, Math.max(+$("win-high").value, +$("win-low").value + 0.01)));
-  $("zoom").addEventListener("input", () => V.setZoom(nv, +$("zoom").value));
+  $("win-low").addEventListener("input", () => nv && V.setWindow(nv, +$("win-low").value, Math.max(+$("win-high").value, +$("win-low").value + 0.01)));
+  $("win-high").addEventListener("input", () => nv && V.setWindow(nv, +$("win-low").value, Math.max(+$("win-high").value, +$("win-low").value + 0.01)));
+  $("zoom").addEventListener("input", () => nv && V.setZoom(nv, +$("zoom").value));
 
   $("submit").addEventListener("click", async () => {
     $("submit").disabled = true;

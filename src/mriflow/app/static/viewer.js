@@ -1,7 +1,7 @@
 // The three-plane viewer every page uses: NiiVue (served by the app from node_modules, never a CDN).
 "use strict";
 window.mriflowViewer = (function () {
-  const opts = { backColor: [0, 0, 0, 1], crosshairColor: [1, 0.25, 0.25, 1], crosshairWidth: 1,
+  const opts = { backColor: [0, 0, 0, 1], crosshairColor: [1, 0.25, 0.25, 0.9], crosshairWidth: 0.4, crosshairGap: 8,
                  show3Dcrosshair: true, isColorbar: false, multiplanarForceRender: false, dragAndDropEnabled: false,
                  isOrientCube: false, loadingText: "",
                  multiplanarShowRender: 0 /* SHOW_RENDER.NEVER: three planes, no 3D render */ };
