@@ -92,6 +92,28 @@ def test_a_request_runs_with_progress_and_writes_a_sample_with_the_model_affine(
         labels.unlink()
 
 
+def test_a_model_with_a_label_decoder_gets_its_label_map_written_and_offered(generation, monkeypatch):
+    client, state, _ = generation
+    generator = state.service.generator
+    def with_labels(seeds, covariates, settings):  # what a model with a label decoder returns: image and tissue map
+        latents, nfe = generator.draw_latents(seeds, covariates, settings)
+        volumes = generator.decode(latents)
+        return volumes, (volumes > 0.5).astype(np.uint8), nfe
+
+    monkeypatch.setattr(generator, "sample_pairs", with_labels)
+    monkeypatch.setattr(generator, "labels", type("Decoder", (), {"classes": ("background", "tissue")})())
+    job = poll(client, client.post("/api/generate", json={"seed": 11}).json()["id"])
+    assert job["state"] == "done", job["error"]
+    sample = job["samples"][0]
+    assert sample["labels"] == f"{job['folder']}/sample_00000_labels.nii.gz"
+    labels = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(f"/files/{sample['labels']}").content))
+    image = nib.load(str(state.out / sample["image"]))
+    assert np.array_equal(np.asarray(labels.dataobj), (image.get_fdata() > 0.5).astype(np.uint8))
+    assert np.allclose(labels.affine, generator.affine)
+    sidecar = client.get(f"/files/{sample['sidecar']}").json()
+    assert sidecar["labels"] == "sample_00000_labels.nii.gz" and sidecar["label_classes"] == ["background", "tissue"]
+
+
 def test_the_same_seed_gives_the_same_volume_and_the_difference_view_is_b_minus_a(generation):
     client, state, _ = generation
     a = poll(client, client.post("/api/generate", json={"covariates": {"age": 25, "sex": "F"}, "seed": 7}).json()["id"])

@@ -28,7 +28,7 @@ from mriflow.app.paths import inside
 from mriflow.data.io import load_volume
 from mriflow.flow.sampling import sample_seed
 from mriflow.generate import Generator, load_generator, requested_covariates
-from mriflow.generate_io import sample_name, write_sample
+from mriflow.generate_io import labels_name, sample_name, write_labels, write_sample
 from mriflow.models.conditioning import resolve_request
 
 STAGES_PER_STEP = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "ddim": 1, "ddpm": 1}
@@ -132,10 +132,8 @@ class GenerationService:
         self.current = job
         try:
             stream = sample_seed(checked["seed"], 0)
-            latents, nfe = g.draw_latents([stream], checked["condition"], settings)
-            volumes = g.decode(latents)
             # a model with a label decoder (mriflow train labels) also gives the sample's tissue map
-            label_maps = g.decode_labels(latents) if hasattr(g, "decode_labels") else None
+            volumes, label_maps, nfe = g.sample_pairs([stream], checked["condition"], settings)
             folder = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{job.id}"
             sidecar = {"covariates": checked["requested"], "seed": checked["seed"], **settings,
                        "model_id": g.model_id, "model_checksum": g.model_checksum,
@@ -143,8 +141,6 @@ class GenerationService:
                        "nfe": nfe, "index": 0, "sample_seed": stream, "attempt": 0, "written_by": "mriflow app"}
             (self.out / folder).mkdir(parents=True, exist_ok=False)
             if label_maps is not None:
-                from mriflow.generate_io import labels_name, write_labels
-
                 sidecar.update(labels=labels_name(sample_name(0)), label_classes=list(g.label_classes))
                 write_labels(self.out / folder, sample_name(0), label_maps[0], g.affine)
             write_sample(self.out / folder, 0, volumes[0], g.affine, sidecar)
