@@ -11,9 +11,10 @@ flow stage can draw fresh samples every epoch. The latent scale factor
 
     latent_scale = 1 / std(z),  Var(z) = Var(mean) + E[exp(logvar)]   (over all training-split elements)
 
-is written into the autoencoder checkpoint's JSON ("latent_scale") the first time the
-autoencoder encodes data, and reused afterwards so every cache of one autoencoder shares
-one scale. For VQ the cached latent is the continuous pre-quantisation latent and the
+is computed from the cache's own training split and stored in its index.json; an autoencoder
+whose checkpoint already records one (older runs, the shipped models) keeps it. Encoding only
+reads the autoencoder's files: no stage writes into an earlier stage's output. Each generator
+records the scale it was trained with in its own checkpoint, so `generate` never needs a cache. For VQ the cached latent is the continuous pre-quantisation latent and the
 log-variance is the constant VQ_LOGVAR (no noise).
 
     >>> encode_dataset("prepared/", "runs/ae")
@@ -103,11 +104,6 @@ def encode_dataset(
     cache = latent_cache_dir(data_dir, checkpoint_dir)
     available = sorted(read_manifest(data_dir)["split"].dropna().unique())
     splits = list(splits or available)
-    if "latent_scale" not in meta and "train" not in splits:
-        raise ValueError(
-            f"{data_dir}: the autoencoder has no latent scale yet and the 'train' split is not among {splits}; "
-            "encode its training data first (the scale is 1/std of the training latents)"
-        )
     model_sha256 = ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE)
     index: dict[str, Any] = {
         "data": str(Path(data_dir).resolve()),
@@ -150,12 +146,12 @@ def encode_dataset(
             statistics = latent_statistics(tensors["mean"], tensors.get("logvar"))
 
     if "latent_scale" in meta:
-        scale = float(meta["latent_scale"])  # fixed by the first encoding; all caches share it
+        scale = float(meta["latent_scale"])  # recorded in the autoencoder's checkpoint (older runs, shipped models)
+    elif statistics is not None:
+        scale = 1.0 / statistics["std"]  # this cache's training split
     else:
-        scale = 1.0 / statistics["std"]
-        ckpt.update_meta(checkpoint_dir, {"latent_scale": scale, "latent_statistics": statistics,
-                                          "latent_scale_data": index["data"]})
-    index["latent_scale"] = scale
+        scale = previous.get("latent_scale") if index["splits"].get("train") else None
+    index["latent_scale"] = scale  # None: no training split encoded yet, so no scale to train a generator with
     index["latent_statistics"] = statistics
     ckpt.write_text_atomic(cache / "index.json", json.dumps(index, indent=2))
     return cache
@@ -202,6 +198,9 @@ class LatentDataset(Dataset):
             )
         if split not in self.index["splits"]:
             raise ValueError(f"{self.cache}: split {split!r} was not encoded; encoded: {', '.join(self.index['splits'])}")
+        if self.index.get("latent_scale") is None:
+            raise ValueError(f"{self.cache}: no latent scale (the training split was not encoded); run `mriflow encode "
+                             f"{data_dir} --autoencoder {autoencoder_run}` with the train split")
         self.scale = float(self.index["latent_scale"])
         self.kind = self.index["kind"]
         file = self.cache / f"{split}.safetensors"

@@ -51,9 +51,9 @@ def check_contract(run, stage, data, autoencoder):
     weights, meta = ckpt.load_checkpoint(run)
     assert meta["stage"] == stage and meta["preset"] is None  # a given config, no preset
     checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()
-    _, autoencoder_meta = ckpt.load_checkpoint(checkpoint_dir)
+    index = json.loads((latent_cache_dir(data, checkpoint_dir) / "index.json").read_text())
     assert meta["autoencoder"] == {"path": str(checkpoint_dir), "model_sha256": ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE),
-                                   "latent_scale": autoencoder_meta["latent_scale"], "step": 1}
+                                   "latent_scale": index["latent_scale"], "step": 1}
     assert meta["latent_shape"] == [2, 4, 5, 4] and meta["image_shape"] == list(SHAPE)
     # prepare.json of write_prepared has no "affine": it comes from the first volume's header
     assert np.allclose(meta["affine"], template_affine(Grid("test", 4.0, SHAPE)))

@@ -325,7 +325,7 @@ def latents_are_current(data_dir: str | Path, autoencoder: str | Path) -> bool:
     except DamagedFileError:
         return False
     weights = ckpt.resolve_checkpoint(autoencoder) / ckpt.MODEL_FILE
-    return ("train" in index.get("splits", {}) and "latent_scale" in index and not damaged_splits(cache, index)
+    return ("train" in index.get("splits", {}) and index.get("latent_scale") is not None and not damaged_splits(cache, index)
             and index.get("checkpoint", {}).get("model_sha256") == ckpt.sha256(weights))
 
 
