@@ -22,7 +22,7 @@ import numpy as np
 
 from common import DOCUMENT, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.evaluate.generation import evaluate_generation
-from mriflow.flow.sampling import sample_seed
+from mriflow.utils.seeding import sample_seed
 from mriflow.generate import DEFAULT_MODEL, load_generator, shipped_models
 from mriflow.generate_io import write_sample
 from mriflow.models.conditioning import resolve_request

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from common import DOCUMENT, RESULTS, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
-from mriflow.flow.sampling import sample_seed
+from mriflow.utils.seeding import sample_seed
 from mriflow.generate import load_generator
 from mriflow.generate_io import batch_montage
 from mriflow.models.conditioning import resolve_request

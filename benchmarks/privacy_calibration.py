@@ -48,7 +48,7 @@ from mriflow.evaluate.memorization import (
     population_mask,
     smoothing_voxels,
 )
-from mriflow.flow.sampling import sample_seed
+from mriflow.utils.seeding import sample_seed
 from mriflow.generate import load_generator
 from mriflow.models.conditioning import resolve_request
 

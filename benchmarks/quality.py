@@ -29,7 +29,7 @@ from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume
 from mriflow.evaluate.bootstrap import DEFAULT_ROUNDS, bootstrap, default_sample_size
 from mriflow.evaluate.metrics import median_bandwidth, set_metrics
-from mriflow.flow.sampling import sample_seed
+from mriflow.utils.seeding import sample_seed
 from mriflow.models.conditioning import resolve_request
 
 REPORTED = ("fd", "kid", "precision", "recall", "density", "coverage")

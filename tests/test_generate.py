@@ -20,7 +20,7 @@ from mriflow import checkpoint as ckpt
 from mriflow import generate as generation
 from mriflow.config import get_grid
 from mriflow.data.io import load_volume, template_affine
-from mriflow.flow.sampling import sample_seed
+from mriflow.utils.seeding import sample_seed
 from mriflow.families.diffusion import diffusion_schedule
 from mriflow.generate import Generator, export_generator, generate, load_generator
 from mriflow.generate_io import SIDECAR_KEYS

@@ -46,7 +46,7 @@ from mriflow.config import from_dict
 from mriflow.data.dataset import CovariateSchema, read_manifest
 from mriflow.data.io import load_volume
 from mriflow.families import FAMILIES, Family
-from mriflow.flow.sampling import sample_seed
+from mriflow.utils.seeding import sample_seed
 from mriflow.generate_io import batch_montage, labels_name, sample_name, write_labels, write_sample
 from mriflow.models.conditioning import parse_value, resolve_request
 from mriflow.models.velocity import SpatiallyConditioned, VelocityNet, VelocityNetConfig

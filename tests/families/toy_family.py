@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from mriflow.families.base import Family
-from mriflow.flow.sampling import batch_generators, broadcast_covariates, per_sample_normal
+from mriflow.flow.sampling import broadcast_covariates
+from mriflow.utils.seeding import batch_generators, per_sample_normal
 from mriflow.models.velocity import VelocityNetConfig
 from mriflow.config import LoopConfig
 

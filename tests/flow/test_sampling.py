@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mriflow.flow.objective import RectifiedFlowLoss
-from mriflow.flow.sampling import sample_latents, sample_seed
+from mriflow.flow.sampling import sample_latents
 from mriflow.models.velocity import VelocityNet, VelocityNetConfig
 
 SHAPE = (1, 4, 6, 4)  # (C, D, H, W) of one latent
@@ -47,13 +47,6 @@ def test_sample_i_does_not_depend_on_the_batch(solver):
     torch.testing.assert_close(part, whole[2:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alone[0], whole[3], rtol=1e-5, atol=1e-5)
     assert nfe > 0
-
-
-def test_sample_seeds_are_distinct_streams():
-    seeds = {sample_seed(s, i) for s in range(5) for i in range(5)}
-    assert len(seeds) == 25  # (s, i) and (s + 1, i − 1) do not collide as seed + index would
-    with pytest.raises(ValueError):
-        sample_seed(-1, 0)
 
 
 def test_covariates_broadcast_and_guidance_changes_samples():

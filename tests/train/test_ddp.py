@@ -27,6 +27,7 @@ WORKER = textwrap.dedent(
     from mriflow.data.dataset import PreparedDataset
     from mriflow import distributed
     from mriflow.train import loop
+    from mriflow.utils.seeding import seed_everything
     from mriflow.train.autoencoder import AutoencoderStage, AutoencoderTrainingConfig
 
     torch.set_num_threads(1)
@@ -34,7 +35,7 @@ WORKER = textwrap.dedent(
     config = from_dict(AutoencoderTrainingConfig, json.load(open(config_file)))
     context = distributed.setup("cpu")
     assert context.world_size == 2 and torch.distributed.get_backend() == "gloo"
-    loop.seed_everything(config.loop.seed)
+    seed_everything(config.loop.seed)
     stage = AutoencoderStage(config)
     dataset = PreparedDataset(data, "train", augment=config.augment)
     loop.train(stage, dataset, config.loop, out, {"stage": "autoencoder", "config": json.load(open(config_file))},

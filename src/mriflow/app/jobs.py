@@ -26,7 +26,7 @@ import numpy as np
 
 from mriflow.app.paths import inside
 from mriflow.data.io import load_volume
-from mriflow.flow.sampling import sample_seed
+from mriflow.utils.seeding import sample_seed
 from mriflow.generate import Generator, load_generator, requested_covariates
 from mriflow.generate_io import labels_name, sample_name, write_labels, write_sample
 from mriflow.models.conditioning import resolve_request

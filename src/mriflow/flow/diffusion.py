@@ -31,7 +31,8 @@ from torch import nn
 
 from mriflow.flow.guidance import guided_velocity
 from mriflow.flow.objective import regression_loss
-from mriflow.flow.sampling import batch_generators, broadcast_covariates, evaluating, per_sample_normal
+from mriflow.flow.sampling import broadcast_covariates, evaluating
+from mriflow.utils.seeding import batch_generators, per_sample_normal
 
 BETA_SCHEDULES = ("linear_beta", "scaled_linear_beta", "cosine")
 PREDICTIONS = ("epsilon", "v")

@@ -1,7 +1,7 @@
 """Draw latents from a trained velocity network: integrate its ODE from noise to data (mriflow.flow.path).
 
 Reproducibility: sample i of a run with seed s starts from noise drawn with its own
-generator, seeded from (s, i), so it is the same whatever the batch size or the
+generator, seeded from (s, i) (mriflow.utils.seeding), so it is the same whatever the batch size or the
 batch it falls in (pass `first_index` when a run is split into batches, or
 `sample_seeds` when a batch's samples are not consecutive or are redraws), and the
 noise is drawn on the CPU so it is the same on every device.
@@ -15,48 +15,12 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from mriflow.flow.guidance import guided_velocity
 from mriflow.flow.solvers import SOLVERS, solve
-
-
-def sample_seed(seed: int, index: int, attempt: int = 0) -> int:
-    """Seed of sample `index` in a run with base seed `seed`; numpy's SeedSequence keeps
-    the streams of (s, i) and (s + 1, i − 1) unrelated, unlike seed + index. Attempt a > 0
-    (a redraw, e.g. by the privacy filter) is another unrelated stream of the same sample."""
-    if seed < 0 or index < 0 or attempt < 0:
-        raise ValueError(f"seed, sample index and attempt must be >= 0; got seed={seed}, index={index}, attempt={attempt}")
-    entropy = [seed, index] if attempt == 0 else [seed, index, attempt]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
-def sample_generators(seed: int, first_index: int, batch_size: int) -> list[torch.Generator]:
-    """One CPU generator per sample, for samples first_index … first_index + batch_size − 1."""
-    return seeded_generators([sample_seed(seed, first_index + i) for i in range(batch_size)])
-
-
-def seeded_generators(sample_seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample from its own seed (see `sample_seed`)."""
-    return [torch.Generator().manual_seed(int(s)) for s in sample_seeds]
-
-
-def batch_generators(
-    seed: int, first_index: int, batch_size: int, sample_seeds: Sequence[int] | None = None
-) -> list[torch.Generator]:
-    """The generators of a batch: from `sample_seeds` when given, else samples first_index … of `seed`."""
-    if sample_seeds is None:
-        return sample_generators(seed, first_index, batch_size)
-    if len(sample_seeds) != batch_size:
-        raise ValueError(f"got {len(sample_seeds)} sample seeds for a batch of {batch_size}")
-    return seeded_generators(sample_seeds)
-
-
-def per_sample_normal(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
-    """(len(generators), *shape) standard normal on the CPU, row i from generator i."""
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+from mriflow.utils.seeding import batch_generators, per_sample_normal
 
 
 @contextlib.contextmanager

@@ -48,6 +48,7 @@ from mriflow.models.losses import (
 )
 from mriflow import distributed
 from mriflow.train import loop
+from mriflow.utils.seeding import seed_everything
 from mriflow.distributed import unwrap
 from mriflow.train.loop import LoopConfig
 
@@ -265,7 +266,7 @@ def train_autoencoder(
     latent_shape = config.model.latent_shape(image_shape)  # refuses a grid the factor does not divide
 
     perceptual, perceptual_record = _perceptual(config.loss, context.device)
-    loop.seed_everything(config.loop.seed)  # identical initial weights in every process
+    seed_everything(config.loop.seed)  # identical initial weights in every process
     stage = AutoencoderStage(config, perceptual)
     meta = {
         "stage": "autoencoder",

@@ -54,6 +54,7 @@ from mriflow.latents import LatentDataset, damaged_splits, encode_dataset, laten
 from mriflow.models.velocity import SpatiallyConditioned, VelocityNet, num_parameters
 from mriflow import distributed
 from mriflow.train import loop
+from mriflow.utils.seeding import seed_everything
 from mriflow.distributed import Distributed
 from mriflow.utils.files import DamagedFileError
 
@@ -284,7 +285,7 @@ def train_generator(
             targets = tissue_targets(data_dir, latents.subjects, tissue_lookup(spatial_record["label_map"]))
             spatial = tissue_fractions(targets, factor)
 
-        loop.seed_everything(config.loop.seed)  # identical initial weights in every process
+        seed_everything(config.loop.seed)  # identical initial weights in every process
         stage = GeneratorStage(get_family(stage_name)(config), latent_shape, decoder if context.is_main else None,
                                latents.scale)
         meta = {

@@ -39,6 +39,7 @@ from mriflow.latents import LatentDataset
 from mriflow.models.anatomy import read_anatomy_config
 from mriflow.models.label_decoder import LabelDecoder
 from mriflow.train import loop
+from mriflow.utils.seeding import seed_everything
 from mriflow.train.generator import _ensure_latents, _geometry
 
 STAGE = "labels"
@@ -195,7 +196,7 @@ def train_labels(
         _ensure_latents(data_dir, checkpoint_dir, context)
         latents = LatentDataset(data_dir, checkpoint_dir, "train")
         pairs = LabelPairs(latents, data_dir, tissue_lookup(label_map))
-        loop.seed_everything(config.loop.seed)
+        seed_everything(config.loop.seed)
         decoder = LabelDecoder.from_autoencoder(image_decoder, TISSUE_CLASSES)
         stage = LabelStage(decoder, config.dice_weight, image_decoder.to(context.device) if context.is_main else None)
         meta = {

@@ -66,6 +66,7 @@ from mriflow import checkpoint as ckpt
 from mriflow import distributed
 from mriflow.config import LoopConfig
 from mriflow.distributed import Distributed, unwrap
+from mriflow.utils.seeding import item_seed, seed_everything
 
 
 class Stage(Protocol):
@@ -110,12 +111,6 @@ def make_ema(network: nn.Module, decay: float) -> AveragedModel:
     ema = AveragedModel(network, multi_avg_fn=warmed_up_ema, use_buffers=False)
     ema.update_parameters(network)  # the first update copies, which is where it starts
     return ema.eval().requires_grad_(False)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def train(
@@ -313,7 +308,7 @@ class _ResumableSampler(Sampler):
 
 
 class _SeededItems(Dataset):
-    """Item (epoch, index) of `dataset`, with torch's generator seeded by (seed, epoch, index) while it is made."""
+    """Item (epoch, index) of `dataset`, with torch's generator seeded by item_seed(seed, epoch, index) while it is made."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -324,7 +319,7 @@ class _SeededItems(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % 2**63)
+            torch.manual_seed(item_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 
