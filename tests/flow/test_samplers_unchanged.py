@@ -1,0 +1,137 @@
+"""The samplers built on the probability paths draw what the samplers before them drew, bit for bit.
+
+`reference_ddim_sample` and `reference_flow_sample` are the code of flow/diffusion.py and
+flow/sampling.py before the paths (issue 14, architecture v2), copied here unchanged and kept
+frozen; data/samples_before_paths.pt holds what that code drew on the machine that wrote it
+(compared with a tolerance, since another processor may round differently).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mriflow.families.diffusion import Diffusion
+from mriflow.families.flow import FlowTrainingConfig, RectifiedFlow
+from mriflow.models.velocity import VelocityNet, VelocityNetConfig
+from mriflow.utils.seeding import batch_generators, per_sample_normal
+
+FIXTURE = Path(__file__).parent / "data" / "samples_before_paths.pt"
+SHAPE = (3, 1, 4, 6, 4)  # (B, C, D, H, W)
+SEEDS = [11, 12, 13]
+
+
+def tiny_net(time_scale: float) -> VelocityNet:
+    config = VelocityNetConfig(
+        in_channels=1, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
+        norm_num_groups=4, covariate_names=("group",), covariate_kinds=("categorical",), covariate_categories=(2,),
+        time_scale=time_scale,
+    )
+    torch.manual_seed(0)
+    net = VelocityNet(config)
+    with torch.no_grad():  # MONAI zero-initialises the last conv of each block; make them matter
+        for parameter in net.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.05)
+    return net.eval()
+
+
+def covariates():
+    return torch.tensor([[0.0], [1.0], [1.0]]), torch.tensor([[True], [True], [False]])
+
+
+def guided(net, values, present, scale):
+    def predict(x, t):
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([values, values]),
+                   torch.cat([present, torch.zeros_like(present)]))
+        cond, uncond = both.chunk(2)
+        return uncond + scale * (cond - uncond)
+    return predict
+
+
+def reference_ddim_sample(net, alphas_cumprod, prediction, eta, steps, guidance):
+    """flow/diffusion.py's DiffusionSchedule.step and sample_diffusion before the paths."""
+    T = len(alphas_cumprod)
+    padded = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod])
+    spacing = T / steps
+    t_steps = (torch.round(T - torch.arange(steps, dtype=torch.float64) * spacing) - 1).long().tolist() + [-1]
+    generators = batch_generators(0, 0, SHAPE[0], SEEDS)
+    x_next = per_sample_normal(generators, SHAPE[1:])
+    values, present = covariates()
+    predict = guided(net, values, present, guidance)
+    with torch.no_grad():
+        for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+            x_cur = x_next
+            output = predict(x_cur, torch.tensor(float(t_cur)))
+            noise = per_sample_normal(generators, SHAPE[1:]) if eta > 0 and t_next >= 0 else None
+            alpha_cur, alpha_next = (float(a) for a in padded[torch.tensor([t_cur, t_next]) + 1])
+            if prediction == "epsilon":
+                eps_hat = output
+                x_hat = (x_cur - (1 - alpha_cur) ** 0.5 * eps_hat) / alpha_cur**0.5
+            else:
+                x_hat = alpha_cur**0.5 * x_cur - (1 - alpha_cur) ** 0.5 * output
+                eps_hat = (1 - alpha_cur) ** 0.5 * x_cur + alpha_cur**0.5 * output
+            sigma = eta * ((1 - alpha_next) / (1 - alpha_cur) * (1 - alpha_cur / alpha_next)) ** 0.5
+            x_next = alpha_next**0.5 * x_hat + max(1 - alpha_next - sigma**2, 0.0) ** 0.5 * eps_hat
+            if sigma > 0:
+                x_next = x_next + sigma * noise
+    return x_next
+
+
+def reference_flow_sample(net, steps, guidance, time_shift):
+    """flow/sampling.py's sample_latents with Heun before the paths (time_grid, then heun of flow/solvers.py)."""
+    t_steps = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    t_steps = (t_steps / (t_steps + time_shift * (1 - t_steps)) if time_shift != 1.0 else t_steps).to(torch.float32)
+    x_next = per_sample_normal(batch_generators(0, 0, SHAPE[0], SEEDS), SHAPE[1:])
+    values, present = covariates()
+    velocity = guided(net, values, present, guidance)
+    with torch.no_grad():
+        for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+            x_cur = x_next
+            h = t_next - t_cur
+            d_cur = velocity(x_cur, t_cur)
+            x_next = x_cur + h * d_cur
+            d_prime = velocity(x_next, t_next)
+            x_next = x_cur + h * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+DIFFUSION_CASES = [("v", "ddim"), ("epsilon", "ddim"), ("v", "ddpm"), ("epsilon", "ddpm")]
+
+
+def diffusion_family(prediction: str) -> Diffusion:
+    return Diffusion.from_config({"model": {"time_scale": 1.0}, "diffusion": {"prediction": prediction}})
+
+
+@pytest.mark.parametrize("prediction,method", DIFFUSION_CASES)
+def test_diffusion_family_samples_what_the_sampler_before_the_paths_sampled(prediction, method):
+    net = tiny_net(time_scale=1.0)
+    family = diffusion_family(prediction)
+    settings = {"solver": method, "steps": 5, "guidance": 2.0}
+    ours, nfe = family.sample(net, SHAPE, covariates(), settings, "cpu", SEEDS)
+    alphas_cumprod = torch.cumprod(1 - family_betas(family), 0)
+    expected = reference_ddim_sample(net, alphas_cumprod, prediction, 0.0 if method == "ddim" else 1.0, 5, 2.0)
+    assert nfe == 5
+    assert torch.equal(ours, expected)
+    torch.testing.assert_close(ours, torch.load(FIXTURE)[f"diffusion-{prediction}-{method}"], rtol=1e-5, atol=1e-6)
+
+
+def family_betas(family: Diffusion) -> torch.Tensor:
+    """β of the baseline's default schedule, from MONAI as before the paths (scaled linear, 0.0015 to 0.0205)."""
+    from monai.networks.schedulers import NoiseSchedules
+
+    return NoiseSchedules["scaled_linear_beta"](1000, 0.0015, 0.0205).to(torch.float64)
+
+
+@pytest.mark.parametrize("time_shift", [1.0, 3.0])
+def test_flow_family_samples_what_the_sampler_before_the_paths_sampled(time_shift):
+    net = tiny_net(time_scale=1000.0)
+    family = RectifiedFlow(FlowTrainingConfig())
+    settings = {"solver": "heun", "steps": 4, "guidance": 2.0, "time_shift": time_shift}
+    ours, nfe = family.sample(net, SHAPE, covariates(), settings, "cpu", SEEDS)
+    assert nfe == 8
+    assert torch.equal(ours, reference_flow_sample(net, 4, 2.0, time_shift))
+    torch.testing.assert_close(ours, torch.load(FIXTURE)[f"flow-shift-{time_shift}"], rtol=1e-5, atol=1e-6)
