@@ -201,3 +201,46 @@ def test_the_learning_rate_can_be_given_and_changed_on_resume(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "run")[1]["config"]["loop"]["lr"] == 2e-4
     train_autoencoder(data, tmp_path / "run", resume=True, lr=1e-4)
     assert ckpt.load_checkpoint(tmp_path / "run")[1]["config"]["loop"]["lr"] == 1e-4
+
+
+class ValidatedToyStage(ToyStage):
+    """ToyStage with the optional `validate`: scripted figures by call, the first of which the loop minimises."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores, self.seen = list(scores), []
+
+    def validate(self, networks):
+        self.seen.append(networks["a"].training)
+        return {"score": self.scores.pop(0), "other": 1.0}
+
+
+def test_a_validating_stage_is_logged_and_its_best_checkpoint_outlives_pruning_and_a_resume(tmp_path):
+    # checkpoints at steps 2, 4, 6, 8; the best validation (step 4) is kept although keep_checkpoints is 1,
+    # a later tie does not displace it and a NaN never wins
+    stage = ValidatedToyStage([3.0, 1.0, float("nan"), 1.0])
+    result = train(stage, ToyData(), toy_loop(max_steps=8, keep_checkpoints=1), tmp_path, meta={"config": {}},
+                   stop_at_step=6)
+    assert stage.seen == [False] * 3  # validated in eval mode, on the EMA copy
+    assert result["best"]["step"] == 4 and result["best"]["validation"] == {"score": 1.0, "other": 1.0}
+    assert sorted(p.name for p in (tmp_path / ckpt.CHECKPOINTS_DIR).iterdir()) == ["step-00000004", "step-00000006"]
+    resumed = ValidatedToyStage([1.0])
+    result = train(resumed, ToyData(), toy_loop(max_steps=8, keep_checkpoints=1), tmp_path, meta={"config": {}},
+                   resume=True)
+    assert result["best"]["checkpoint"] == str(tmp_path / ckpt.CHECKPOINTS_DIR / "step-00000004")
+    assert sorted(p.name for p in (tmp_path / ckpt.CHECKPOINTS_DIR).iterdir()) == ["step-00000004", "step-00000008"]
+    assert [row["step"] for row in read_log_file(tmp_path / "validation.csv")] == ["2", "4", "6", "8"]
+    _, meta = ckpt.load_checkpoint(tmp_path)
+    assert meta["best"]["step"] == 4
+
+
+def test_a_stage_without_validate_has_no_best(tmp_path):
+    result = train(ToyStage(), ToyData(), toy_loop(), tmp_path, meta={"config": {}})
+    assert result["best"] is None and not (tmp_path / "validation.csv").exists()
+
+
+def read_log_file(path):
+    import csv
+
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))

@@ -24,6 +24,10 @@ log, montage, checkpoint). Everything specific to a stage sits behind a small co
         def montage(self, batch: dict, networks: dict[str, nn.Module]) -> dict[str, ndarray] | None:
             # named 3D volumes to show in three planes (e.g. real, reconstruction), computed with
             # `networks` (EMA copies in eval mode); called on rank 0 only, without gradients
+        def validate(self, networks: dict[str, nn.Module]) -> dict[str, float]:   # optional
+            # figures on held-out data, computed with `networks` (as montage), before every checkpoint;
+            # the first is minimised: the loop logs them (validation.csv) and keeps the best
+            # checkpoint ("best" in its meta and the run's result) however many newer ones follow
 
     A flow stage: networks={"velocity": net}, phases={"velocity": [{"params": net.parameters()}]},
     ema_networks=("velocity",). The autoencoder stage: networks={"autoencoder", "volume_critic",
@@ -36,14 +40,16 @@ min(ema_decay, (1 + step) / (10 + step)), bf16 autocast on CUDA, DDP under `torc
 message on a non-finite loss (checkpoints already written stay untouched), CSV + TensorBoard
 logs, montages, a tqdm bar, and checkpoints that resume exactly: network, EMA and optimizer
 tensors, each process's torch/numpy/python/CUDA random states, and the data position
-(epoch and offset follow from the step). Augmentation randomness is a function of
-(seed, epoch, item), so it is the same with or without data-loading workers or a resume.
+(epoch and offset follow from the step); for a stage that validates, model selection (the best
+checkpoint is kept). Augmentation randomness is a function of (seed, epoch, item), so it is the
+same with or without data-loading workers or a resume.
 
     >>> train(stage, dataset, LoopConfig(max_steps=1000), "runs/ae", meta={"stage": "autoencoder", "config": {...}})
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -78,6 +84,8 @@ class Stage(Protocol):
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None: ...
 
     def montage(self, batch: dict, networks: dict[str, nn.Module]) -> dict[str, np.ndarray] | None: ...
+
+    # optional: def validate(self, networks: dict[str, nn.Module]) -> dict[str, float] (see the module docstring)
 
 
 class NonFiniteLossError(ValueError):
@@ -123,7 +131,8 @@ def train(
     context: Distributed | None = None,
     stop_at_step: int | None = None,
 ) -> dict[str, Any]:
-    """Train `stage` on `dataset` into run folder `out`; returns {"step", "metrics", "checkpoint"}.
+    """Train `stage` on `dataset` into run folder `out`; returns {"step", "metrics", "checkpoint", "best"}
+    ("best": {"step", "checkpoint", "validation"} of the lowest first validation figure; None without `validate`).
 
     `meta` (JSON-serialisable; "config" = the full resolved config) goes into every checkpoint
     and config.yaml. `stop_at_step` ends the run early with a checkpoint, as an interruption
@@ -157,10 +166,11 @@ def train(
     ema = {name: make_ema(unwrap(stage.networks[name]), config.ema_decay) for name in stage.ema_networks}
 
     # ---- resume ---------------------------------------------------------------------------------
-    step, log_rows = 0, []
+    step, log_rows, validation_rows, best = 0, [], [], None
     if resume and (latest := ckpt.latest_checkpoint(out)) is not None:
-        step = _restore(latest, stage, ema, optimizers, context)
+        step, best = _restore(latest, stage, ema, optimizers, context)
         log_rows = _read_log(out / "log.csv", up_to_step=step)
+        validation_rows = _read_log(out / "validation.csv", up_to_step=step)
         if is_main:
             print(f"resuming {out} from {latest.name} (step {step})")
     elif resume and is_main:
@@ -271,15 +281,17 @@ def train(
             if distributed.all_reduce_min(over).item() > 0:
                 final_step = step
 
-        # -- checkpoint (all processes gather their random states; rank 0 writes)
+        # -- checkpoint (all processes gather their random states; rank 0 writes), validated first (rank 0)
         if step % config.checkpoint_every == 0 or step == final_step:
-            last_saved = _save(out, stage, ema, optimizers, context, config, meta, step, epoch, metrics)
+            if is_main and hasattr(stage, "validate"):
+                best = _validate(stage, ema, out, step, validation_rows, best, writer)
+            last_saved = _save(out, stage, ema, optimizers, context, config, meta, step, epoch, metrics, best)
             distributed.barrier()
 
     progress.close()
     if writer is not None:
         writer.close()
-    return {"step": step, "metrics": metrics, "checkpoint": str(last_saved) if last_saved else None}
+    return {"step": step, "metrics": metrics, "checkpoint": str(last_saved) if last_saved else None, "best": best}
 
 
 # ---- the pieces the loop calls ------------------------------------------------------------------
@@ -387,19 +399,26 @@ def _tensorboard(out: Path, step: int):
     return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=step + 1 if step else None)
 
 
-@torch.no_grad()
-def _write_montage(stage: Stage, batch: dict, ema: dict[str, AveragedModel], out: Path, step: int, writer) -> None:
-    from mriflow.utils.montage import three_plane_montage
-
+@contextlib.contextmanager
+def _inference_networks(stage: Stage, ema: dict[str, AveragedModel]) -> Iterator[dict[str, nn.Module]]:
+    """The EMA copies (other networks bare), in eval mode while in use, without gradients."""
     networks = {name: ema[name].module if name in ema else unwrap(net) for name, net in stage.networks.items()}
     modes = {name: net.training for name, net in networks.items()}
     for net in networks.values():
         net.eval()
     try:
-        volumes = stage.montage(batch, networks)
+        with torch.no_grad():
+            yield networks
     finally:
         for name, net in networks.items():
             net.train(modes[name])
+
+
+def _write_montage(stage: Stage, batch: dict, ema: dict[str, AveragedModel], out: Path, step: int, writer) -> None:
+    from mriflow.utils.montage import three_plane_montage
+
+    with _inference_networks(stage, ema) as networks:
+        volumes = stage.montage(batch, networks)
     if not volumes:
         return
     image = three_plane_montage(volumes, out / "montages" / f"step-{step:08d}.png", title=f"step {step}")
@@ -407,10 +426,28 @@ def _write_montage(stage: Stage, batch: dict, ema: dict[str, AveragedModel], out
         writer.add_image("montage", image, step, dataformats="HWC")
 
 
+def _validate(stage: Stage, ema: dict[str, AveragedModel], out: Path, step: int, rows: list[dict[str, Any]],
+              best: dict[str, Any] | None, writer) -> dict[str, Any] | None:
+    """Run `stage.validate`, append its figures to validation.csv (and TensorBoard's val/), and return the best
+    so far: {"step", "checkpoint", "validation"} with the lowest finite first figure (ties keep the earlier step)."""
+    with _inference_networks(stage, ema) as networks:
+        figures = {name: float(value) for name, value in stage.validate(networks).items()}
+    rows.append({"step": step, **figures})
+    _write_log(out / "validation.csv", ["step", *figures], rows)
+    for name, value in figures.items():
+        if writer is not None:
+            writer.add_scalar(f"val/{name}", value, step)
+    score = next(iter(figures.values()))
+    if math.isfinite(score) and (best is None or score < next(iter(best["validation"].values()))):
+        best = {"step": step, "checkpoint": str(out / ckpt.CHECKPOINTS_DIR / f"step-{step:08d}"), "validation": figures}
+    return best
+
+
 def _save(out: Path, stage: Stage, ema: dict[str, AveragedModel], optimizers: dict[str, torch.optim.Optimizer],
           context: Distributed, config: LoopConfig, meta: dict[str, Any], step: int, epoch: int,
-          metrics: dict[str, float]) -> Path:
-    """Write RUN/checkpoints/step-XXXXXXXX (rank 0) and prune old ones; every process contributes its RNG state."""
+          metrics: dict[str, float], best: dict[str, Any] | None = None) -> Path:
+    """Write RUN/checkpoints/step-XXXXXXXX (rank 0) and prune old ones but the best; every process contributes
+    its RNG state."""
     states = distributed.all_gather_objects(_rng_state())
     directory = out / ckpt.CHECKPOINTS_DIR / f"step-{step:08d}"
     if not context.is_main:
@@ -438,18 +475,21 @@ def _save(out: Path, stage: Stage, ema: dict[str, AveragedModel], optimizers: di
         rng_meta.append({"python": rng["python"], "numpy": [rng["numpy"][0], *rng["numpy"][2:]], "cuda": len(rng["cuda"])})
     full_meta = {**meta, "step": step, "epoch": epoch, "world_size": context.world_size,
                  "batch_size": config.batch_size, "grad_accumulation": config.grad_accumulation,
-                 "optimizer": optimizer_groups, "rng": rng_meta, "metrics": metrics}
+                 "optimizer": optimizer_groups, "rng": rng_meta, "metrics": metrics,
+                 **({"best": best} if best is not None else {})}
     ckpt.save_checkpoint(directory, weights, full_meta, train_state=state, weights_dtype=config.weights_dtype)
     complete = sorted((p for p in (out / ckpt.CHECKPOINTS_DIR).glob("step-*") if (p / ckpt.META_FILE).is_file()),
                       key=lambda p: int(p.name.split("-")[1]))
     for old in complete[: -config.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+        if best is None or old.name != Path(best["checkpoint"]).name:
+            shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
 def _restore(directory: Path, stage: Stage, ema: dict[str, AveragedModel], optimizers: dict[str, torch.optim.Optimizer],
-             context: Distributed) -> int:
-    """Load networks, EMA, optimizers and this process's random states; returns the checkpoint's step."""
+             context: Distributed) -> tuple[int, dict[str, Any] | None]:
+    """Load networks, EMA, optimizers and this process's random states; returns the checkpoint's step and its
+    record of the best validated checkpoint (None when the stage does not validate)."""
     _, meta = ckpt.load_checkpoint(directory)
     state = ckpt.load_train_state(directory)
     for name, network in stage.networks.items():
@@ -476,7 +516,7 @@ def _restore(directory: Path, stage: Stage, ema: dict[str, AveragedModel], optim
     elif context.is_main:
         print(f"{directory}: saved with {meta.get('world_size')} process(es), resumed with {context.world_size}; "
               "random streams restart from the seed (the loss curve will differ slightly)")
-    return int(meta["step"])
+    return int(meta["step"]), meta.get("best")
 
 
 def _rng_state() -> dict[str, Any]:
