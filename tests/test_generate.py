@@ -21,7 +21,7 @@ from mriflow import generate as generation
 from mriflow.config import get_grid
 from mriflow.data.io import load_volume, template_affine
 from mriflow.utils.seeding import sample_seed
-from mriflow.families.diffusion import diffusion_schedule
+from mriflow.families.diffusion import diffusion_path
 from mriflow.generate import Generator, export_generator, generate, load_generator
 from mriflow.generate_io import SIDECAR_KEYS
 
@@ -168,14 +168,14 @@ def test_load_generator_names_what_is_wrong(runs, tmp_path, monkeypatch):
         load_generator(runs["flow"].parent / "autoencoder", "cpu")
 
 
-def test_diffusion_schedule_is_read_from_either_config_form():
-    flat = diffusion_schedule({"diffusion": DIFFUSION_SCHEDULE})
-    nested = diffusion_schedule({"diffusion": {"schedule": {k: v for k, v in DIFFUSION_SCHEDULE.items() if k not in ("prediction", "loss")},
+def test_diffusion_path_is_read_from_either_config_form():
+    flat = diffusion_path({"diffusion": DIFFUSION_SCHEDULE})
+    nested = diffusion_path({"diffusion": {"schedule": {k: v for k, v in DIFFUSION_SCHEDULE.items() if k not in ("prediction", "loss")},
                                                "prediction": "epsilon"}})
     assert flat.prediction == "v" and nested.prediction == "epsilon"
     torch.testing.assert_close(flat.alphas_cumprod, nested.alphas_cumprod)
     with pytest.raises(ValueError, match="prediction"):
-        diffusion_schedule({"diffusion": {"num_train_timesteps": 1000}})
+        diffusion_path({"diffusion": {"num_train_timesteps": 1000}})
 
 
 def test_privacy_filter_redraws_a_planted_training_copy(runs, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 A generator checkpoint (``RUN/checkpoints/step-XXXXXXXX/``, see mriflow.checkpoint) holds the
 EMA velocity network under ``velocity.`` and, in checkpoint.json: "stage" ("flow" |
-"diffusion"), "config" ("model": the VelocityNetConfig; "diffusion": the DiffusionSchedule
+"diffusion"), "config" ("model": the VelocityNetConfig; "diffusion": the VPDiffusionPath
 of the baseline; "sampling": default solver, steps, guidance and, for the flow, time_shift),
 "schema" (the covariates), "autoencoder" ({"path", "model_sha256", "latent_scale", "step"};
 a relative path is relative to the checkpoint folder), "latent_shape", "image_shape",

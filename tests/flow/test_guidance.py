@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_velocity_net
-from mriflow.flow.guidance import guided_velocity
+from mriflow.flow.guidance import guided_prediction
 
 
 class CountingNet(nn.Module):
@@ -30,7 +30,7 @@ def test_guidance_formula_with_one_batched_forward():
     assert not torch.allclose(v_cond, v_uncond)
     for scale in (0.0, 1.0, 2.5):
         net.batch_sizes.clear()
-        v = guided_velocity(net, values, present, scale)(x, t)
+        v = guided_prediction(net, values, present, scale)(x, t)
         torch.testing.assert_close(v, v_uncond + scale * (v_cond - v_uncond))
         assert net.batch_sizes == ([3] if scale == 1.0 else [6])  # cond and uncond in one forward
 
@@ -40,7 +40,7 @@ def test_no_covariates_means_no_unconditional_pass():
     x = torch.randn(2, 2, 2)
     values = torch.zeros(2, 1)
     absent = torch.zeros(2, 1, dtype=torch.bool)
-    v = guided_velocity(net, values, absent, 3.0)(x, torch.tensor(0.2))
+    v = guided_prediction(net, values, absent, 3.0)(x, torch.tensor(0.2))
     torch.testing.assert_close(v, x * 1.2)
     assert net.batch_sizes == [2]
 
@@ -55,6 +55,6 @@ def test_guidance_endpoints_on_the_velocity_net(scale, which):
     with torch.no_grad():
         expected = net(x, t, values, present if which == "cond" else torch.zeros_like(present))
         other = net(x, t, values, torch.zeros_like(present) if which == "cond" else present)
-        v = guided_velocity(net, values, present, scale)(x, torch.tensor(0.3))
+        v = guided_prediction(net, values, present, scale)(x, torch.tensor(0.3))
     assert not torch.allclose(expected, other, atol=1e-4)
     torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-5)

@@ -3,15 +3,17 @@ import math
 import pytest
 import torch
 
-from mriflow.flow.path import path_sample, resolution_shift, sample_time, shift_time, time_grid
+from mriflow.flow.path import LinearPath, resolution_shift, sample_time, shift_time, time_grid
+
+PATH = LinearPath()
 
 
 def test_path_endpoints_and_target():
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 2, 4, 4, 4, generator=generator)
     x1 = torch.randn(3, 2, 4, 4, 4, generator=generator)
-    x_start, u = path_sample(x0, x1, torch.zeros(3))
-    x_end, _ = path_sample(x0, x1, torch.ones(3))
+    x_start, u = PATH.sample_xt(x0, x1, torch.zeros(3)), PATH.target(x0, x1, torch.zeros(3))
+    x_end = PATH.sample_xt(x0, x1, torch.ones(3))
     torch.testing.assert_close(x_start, x0)  # t = 0 is noise
     torch.testing.assert_close(x_end, x1)  # t = 1 is data
     torch.testing.assert_close(u, x1 - x0)
@@ -21,11 +23,61 @@ def test_path_is_linear_with_velocity_u():
     generator = torch.Generator().manual_seed(1)
     x0, x1 = torch.randn(2, 5, 3, generator=generator, dtype=torch.float64).unbind(0)
     t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
-    x_t, u = path_sample(x0, x1, t)
+    x_t, u = PATH.sample_xt(x0, x1, t), PATH.target(x0, x1, t)
     torch.testing.assert_close(x_t[2], 0.5 * (x0[2] + x1[2]))
     h = 1e-6
-    x_later, _ = path_sample(x0, x1, t + h)
+    x_later = PATH.sample_xt(x0, x1, t + h)
     torch.testing.assert_close((x_later - x_t) / h, u, rtol=1e-6, atol=1e-6)  # dx_t/dt = u
+
+
+def endpoints_and_point(t):
+    generator = torch.Generator().manual_seed(2)
+    x0, x1 = torch.randn(2, len(t), 2, 3, 4, generator=generator, dtype=torch.float64).unbind(0)
+    return x0, x1, PATH.sample_xt(x0, x1, t)
+
+
+T_INSIDE = torch.tensor([0.01, 0.3, 0.5, 0.8, 0.99], dtype=torch.float64)
+
+
+def test_a_velocity_predicts_both_ends_and_back():
+    x0, x1, x_t = endpoints_and_point(T_INSIDE)
+    u = PATH.target(x0, x1, T_INSIDE)
+    torch.testing.assert_close(PATH.convert(u, x_t, T_INSIDE, "velocity", "data"), x1)
+    torch.testing.assert_close(PATH.convert(u, x_t, T_INSIDE, "velocity", "epsilon"), x0)
+    torch.testing.assert_close(PATH.convert(x1, x_t, T_INSIDE, "data", "velocity"), u)
+    torch.testing.assert_close(PATH.convert(x0, x_t, T_INSIDE, "epsilon", "velocity"), u)
+    torch.testing.assert_close(PATH.convert(x1, x_t, T_INSIDE, "data", "epsilon"), x0)
+    torch.testing.assert_close(PATH.convert(x0, x_t, T_INSIDE, "epsilon", "data"), x1)
+
+
+@pytest.mark.parametrize("via", ["data", "epsilon"])
+def test_a_wrong_velocity_round_trips_through_either_end(via):
+    """Not only the true velocity: any prediction comes back as it was."""
+    x0, x1, x_t = endpoints_and_point(T_INSIDE)
+    guess = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    there = PATH.convert(guess, x_t, T_INSIDE, "velocity", via)
+    assert not torch.allclose(there, x1 if via == "data" else x0)
+    torch.testing.assert_close(PATH.convert(there, x_t, T_INSIDE, via, "velocity"), guess)
+
+
+def test_a_scalar_time_converts_like_one_time_per_sample():
+    x0, x1, _ = endpoints_and_point(torch.full((5,), 0.3, dtype=torch.float64))
+    t = torch.tensor(0.3, dtype=torch.float64)
+    x_t = PATH.sample_xt(x0, x1, t)
+    torch.testing.assert_close(PATH.convert(x1 - x0, x_t, t, "velocity", "data"), x1)
+    assert PATH.convert(x1, x_t, t, "data", "data") is x1
+
+
+def test_unknown_prediction_kinds_are_refused():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="velocity, epsilon, data; got 'v'"):
+        PATH.convert(x, x, torch.zeros(1), "v", "data")
+    with pytest.raises(ValueError, match="got 'x0'"):
+        PATH.convert(x, x, torch.zeros(1), "velocity", "x0")
+
+
+def test_the_path_grid_is_the_shifted_time_grid():
+    assert torch.equal(PATH.time_grid(6, 2.5), time_grid(6, 2.5))
 
 
 def test_uniform_time():

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from mriflow.data.dataset import CovariateSchema
-from mriflow.flow.guidance import guided_velocity
+from mriflow.flow.guidance import guided_prediction
 from mriflow.models.velocity import MAX_PARAMETERS, SpatiallyConditioned, VelocityNet, VelocityNetConfig, num_parameters
 
 COVARIATES = dict(covariate_names=("age", "sex"), covariate_kinds=("continuous", "categorical"), covariate_categories=(0, 2))
@@ -139,7 +139,7 @@ def test_a_spatial_condition_is_required_checked_and_bound_for_guidance():
         bound = SpatiallyConditioned(net, spatial)
         torch.testing.assert_close(bound(x, t, covariates, present), direct)
         # guidance evaluates 2B at once: the bound condition is repeated for the unconditional half
-        guided = guided_velocity(bound, covariates, present, scale=2.0)(x, t)
+        guided = guided_prediction(bound, covariates, present, scale=2.0)(x, t)
         uncond = net(x, t, covariates, torch.zeros_like(present), spatial=spatial)
         torch.testing.assert_close(guided, uncond + 2.0 * (direct - uncond), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(net(x, t, covariates, present, spatial=spatial.flip(0)), direct)

@@ -1,5 +1,7 @@
 """The contract of a generative family: how a latent generator learns and how it samples.
 
+Both go through the family's probability path (`path`, mriflow.flow.path.ProbabilityPath): the
+loss builds x_t and the target with it, the sampler reads the network's output through it.
 Everything else is shared by every family: the network (VelocityNet, whatever its output
 means), the cached latents, the training loop, checkpoints, and what `generate` writes.
 
@@ -32,6 +34,8 @@ class Family:
     Config   its frozen training-config dataclass with fields model (VelocityNetConfig), sampling
              (the default sampler: solver, steps, guidance and any family-specific keys) and loop
     solvers  the sampler names `generate --solver` accepts for it
+    path     (set by __init__) its probability path, shared by `loss` and `sample`: x_t, the target, and what
+             the network's output means (path.prediction) with the conversions to the other kinds
     """
 
     name: ClassVar[str]

@@ -1,7 +1,7 @@
 """The DDPM/DDIM baseline: L = E ‖f(x_t, t, c) − (ε or v)‖ on the same network, sampled by DDIM or DDPM.
 
-The schedule, the loss and the samplers live in mriflow.flow.diffusion; this module is their
-configuration and the `Family` that ties them.
+The path (VPDiffusionPath: β schedule, target, conversions), the loss and the samplers live in
+mriflow.flow.diffusion; this module is their configuration and the `Family` that ties them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 from mriflow.config import from_dict
 from mriflow.families.base import Family, check_choice
-from mriflow.flow.diffusion import BETA_SCHEDULES, METHODS, PREDICTIONS, DiffusionSchedule, diffusion_loss, sample_diffusion
+from mriflow.flow.diffusion import BETA_SCHEDULES, METHODS, PREDICTIONS, VPDiffusionPath, diffusion_loss, sample_diffusion
 from mriflow.flow.objective import LOSSES
 from mriflow.models.velocity import VelocityNetConfig
 from mriflow.config import LoopConfig
@@ -23,7 +23,7 @@ from mriflow.config import LoopConfig
 
 @dataclass(frozen=True)
 class DiffusionObjectiveConfig:
-    """The DiffusionSchedule (β schedule, prediction target) and the regression loss of the baseline."""
+    """The VPDiffusionPath (β schedule, prediction target) and the regression loss of the baseline."""
 
     num_train_timesteps: int = 1000
     schedule: str = "scaled_linear_beta"  # "linear_beta" | "scaled_linear_beta" | "cosine"
@@ -37,8 +37,8 @@ class DiffusionObjectiveConfig:
         check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
         check_choice("diffusion.loss", self.loss, LOSSES)
 
-    def make_schedule(self) -> DiffusionSchedule:
-        return DiffusionSchedule(self.num_train_timesteps, self.schedule, self.beta_start, self.beta_end, self.prediction)
+    def make_path(self) -> VPDiffusionPath:
+        return VPDiffusionPath(self.num_train_timesteps, self.schedule, self.beta_start, self.beta_end, self.prediction)
 
 
 @dataclass(frozen=True)
@@ -68,20 +68,20 @@ class DiffusionTrainingConfig:
                              f"0 … T − 1), got {self.model.time_scale}")
 
 
-def diffusion_schedule(config: Mapping[str, Any], where: str = "config") -> DiffusionSchedule:
-    """The DiffusionSchedule of a diffusion run's config["diffusion"]: either the schedule's fields
+def diffusion_path(config: Mapping[str, Any], where: str = "config") -> VPDiffusionPath:
+    """The VPDiffusionPath of a diffusion run's config["diffusion"]: either the path's fields
     themselves (beside other training fields) or {"schedule": {fields}, "prediction": "v" | "epsilon"}."""
     if "diffusion" not in config:
         raise ValueError(f"{where}: a diffusion checkpoint needs config.diffusion (its noise schedule)")
     section = config["diffusion"]
-    fields = {f.name for f in dataclasses.fields(DiffusionSchedule)}
+    fields = {f.name for f in dataclasses.fields(VPDiffusionPath)}
     if isinstance(section.get("schedule"), Mapping):
         values = {**section["schedule"], **({"prediction": section["prediction"]} if "prediction" in section else {})}
     else:
         values = {k: v for k, v in section.items() if k in fields}
     if "prediction" not in values:  # a wrong guess would decode noise: never default it
         raise ValueError(f"{where}: config.diffusion does not say what the network predicts ('prediction': 'v' or 'epsilon')")
-    return from_dict(DiffusionSchedule, values, f"{where}: config.diffusion")
+    return from_dict(VPDiffusionPath, values, f"{where}: config.diffusion")
 
 
 class Diffusion(Family):
@@ -90,24 +90,24 @@ class Diffusion(Family):
     Config = DiffusionTrainingConfig
     solvers = METHODS
 
-    def __init__(self, config: DiffusionTrainingConfig, schedule: DiffusionSchedule | None = None):
+    def __init__(self, config: DiffusionTrainingConfig, path: VPDiffusionPath | None = None):
         super().__init__(config)
-        self.schedule = schedule or config.diffusion.make_schedule()
+        self.path = path or config.diffusion.make_path()
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any], where: str = "config") -> "Diffusion":
         """Also reads the nested {"schedule": {...}, "prediction": ...} form some checkpoints store."""
-        schedule = diffusion_schedule(values, where)
+        path = diffusion_path(values, where)
         section = dict(values["diffusion"])
         if isinstance(section.get("schedule"), Mapping):
             section = {**section.pop("schedule"), **section}
         config = from_dict(cls.Config, {**values, "diffusion": section}, where)
-        return cls(config, schedule)
+        return cls(config, path)
 
     def loss(self, net, latents, covariates, covariates_present):
-        return diffusion_loss(net, self.schedule, latents, covariates, covariates_present, loss=self.config.diffusion.loss)
+        return diffusion_loss(net, self.path, latents, covariates, covariates_present, loss=self.config.diffusion.loss)
 
     def sample(self, net: nn.Module, shape: Sequence[int], covariates, settings: Mapping[str, Any],
                device: torch.device | str, sample_seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
-        return sample_diffusion(net, self.schedule, shape, covariates, method=settings["solver"], steps=settings["steps"],
+        return sample_diffusion(net, self.path, shape, covariates, method=settings["solver"], steps=settings["steps"],
                                 guidance=settings["guidance"], device=device, sample_seeds=sample_seeds)

@@ -1,7 +1,7 @@
 """Rectified flow (mriflow's generator): L = E ‖v(x_t, t, c) − (x1 − x0)‖, sampled by an ODE solver.
 
-The path, the time convention and the objective live in mriflow.flow (path, objective,
-solvers, sampling); this module is their configuration and the `Family` that ties them.
+The path (LinearPath), the time convention and the objective live in mriflow.flow (path,
+objective, solvers, sampling); this module is their configuration and the `Family` that ties them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 from mriflow.families.base import Family, check_choice
 from mriflow.flow.objective import LOSSES, RectifiedFlowLoss
-from mriflow.flow.path import TIME_DISTRIBUTIONS
+from mriflow.flow.path import TIME_DISTRIBUTIONS, LinearPath
 from mriflow.flow.sampling import sample_latents
 from mriflow.flow.solvers import SOLVERS
 from mriflow.models.velocity import VelocityNetConfig
@@ -72,7 +72,8 @@ class RectifiedFlow(Family):
 
     def __init__(self, config: FlowTrainingConfig):
         super().__init__(config)
-        self.objective = RectifiedFlowLoss(**dataclasses.asdict(config.objective))
+        self.path = LinearPath()
+        self.objective = RectifiedFlowLoss(**dataclasses.asdict(config.objective), path=self.path)
 
     def loss(self, net, latents, covariates, covariates_present):
         return self.objective(net, latents, covariates, covariates_present)
@@ -81,4 +82,4 @@ class RectifiedFlow(Family):
                device: torch.device | str, sample_seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
         return sample_latents(net, shape, covariates, solver=settings["solver"], steps=settings["steps"],
                               guidance=settings["guidance"], device=device,
-                              time_shift=settings.get("time_shift", 1.0), sample_seeds=sample_seeds)
+                              time_shift=settings.get("time_shift", 1.0), sample_seeds=sample_seeds, path=self.path)

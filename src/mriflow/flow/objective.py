@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from mriflow.flow.path import path_sample, sample_time
+from mriflow.flow.path import LinearPath, sample_time
 
 LOSSES = ("l2", "l1", "l1_l2", "pseudo_huber")
 
@@ -42,9 +42,10 @@ def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = 
 
 @dataclass
 class RectifiedFlowLoss:
-    """E_{t, x0, x1} ‖v(x_t, t, c) − u‖ with (x_t, u) = path_sample(x0, x1, t) of mriflow.flow.path.
+    """E_{t, x0, x1} ‖v(x_t, t, c) − u‖ with x_t = path.sample_xt(x0, x1, t), u = path.target(x0, x1, t)
+    on the LinearPath of mriflow.flow.path.
 
-    The fields are the objective's configuration (build with mriflow.config.from_dict).
+    The fields but `path` are the objective's configuration (build with mriflow.config.from_dict).
     `velocity_net(x, t, covariates, covariates_present)` drops covariates itself
     during training (classifier-free guidance), so this class does not.
     """
@@ -55,6 +56,7 @@ class RectifiedFlowLoss:
     time_std: float = 1.0
     time_shift: float = 1.0
     huber_c: float | None = None
+    path: LinearPath = field(default_factory=LinearPath)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -73,6 +75,6 @@ class RectifiedFlowLoss:
             x1.shape[0], self.time_distribution, self.time_mean, self.time_std, self.time_shift, generator, x1.device
         )
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-        x_t, u = path_sample(x0, x1, t)
+        x_t = self.path.sample_xt(x0, x1, t)
         v = velocity_net(x_t, t, covariates, covariates_present)
-        return regression_loss(v, u, self.loss, self.huber_c).mean()
+        return regression_loss(v, self.path.target(x0, x1, t), self.loss, self.huber_c).mean()

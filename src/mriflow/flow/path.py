@@ -1,4 +1,4 @@
-"""The rectified-flow path: how x_t and its target velocity are built, and where t is drawn.
+"""Probability paths from Gaussian noise to data, and where the rectified flow's t is drawn.
 
 Time convention of mriflow (stated here and nowhere else): t = 0 is Gaussian noise,
 t = 1 is data,
@@ -8,15 +8,24 @@ t = 1 is data,
 
 and sampling integrates dx/dt = v(x, t) from t = 0 to t = 1.
 
+A path (`ProbabilityPath`) is one object that the loss and the sampler of a family share: it
+builds x_t from (noise, data), gives the training target of the network, and converts one
+prediction of a point x_t into another (velocity, noise ε, data x̂). `LinearPath` is the
+rectified flow's; the diffusion baseline's discrete variance-preserving path is
+mriflow.flow.diffusion.VPDiffusionPath. Every path here is affine, x_t = α·data + σ·ε, which
+is all the conversions need.
+
+    >>> path = LinearPath()
     >>> t = sample_time(x1.shape[0], "logit_normal", shift=resolution_shift(x1.shape[2:], (10, 12, 10)))
     >>> x0 = torch.randn_like(x1)
-    >>> x_t, u = path_sample(x0, x1, t)
+    >>> x_t, u = path.sample_xt(x0, x1, t), path.target(x0, x1, t)
+    >>> x1_hat = path.convert(velocity_net(x_t, t), x_t, t, "velocity", "data")
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
@@ -28,15 +37,80 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-def path_sample(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Point on the straight path and its velocity: x_t = t·x1 + (1 − t)·x0, u = x1 − x0.
+class ProbabilityPath(Protocol):
+    """What a family's loss and sampler need of its path; x_t = α·data + σ·ε.
 
-    x0 (noise) and x1 (data) are (B, ...); t is (B,) in [0, 1].
+    prediction   what the network outputs, one of the kinds `convert` knows
+    sample_xt    the point x_t between noise ε and data at times t (B,)
+    target       the network's training target at x_t, of kind `prediction`
+    convert      a prediction of one kind at x_t turned into another
     """
-    t = _expand(t, x1)
-    x_t = t * x1 + (1 - t) * x0
-    u = x1 - x0
-    return x_t, u
+
+    prediction: str
+
+    def sample_xt(self, noise: torch.Tensor, data: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def target(self, noise: torch.Tensor, data: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def convert(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, source: str,
+                target: str) -> torch.Tensor: ...
+
+
+def check_kind(kind: str, kinds: Sequence[str], path: str) -> None:
+    if kind not in kinds:
+        raise ValueError(f"{path} converts between {', '.join(kinds)}; got {kind!r}")
+
+
+class LinearPath:
+    """The rectified-flow path x_t = t·x1 + (1 − t)·x0 (α_t = t, σ_t = 1 − t), whose velocity is u = x1 − x0.
+
+    The network predicts the velocity. A velocity u at x_t is also a prediction of both ends:
+
+        x̂1 = x_t + (1 − t)·u,    x̂0 = x_t − t·u,    and back  u = x̂1 − x̂0,
+        from x̂1 alone: x̂0 = (x_t − t·x̂1)/(1 − t);  from x̂0 alone: x̂1 = (x_t − (1 − t)·x̂0)/t.
+
+    "epsilon" names the noise end x0 and "data" the data end x1, as in VPDiffusionPath.
+
+        >>> x1_hat = LinearPath().convert(v, x_t, t, "velocity", "data")
+    """
+
+    prediction = "velocity"
+    kinds = ("velocity", "epsilon", "data")
+
+    def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_t, σ_t) = (t, 1 − t), shaped to broadcast over `like` (B, ...); t is (B,) or 0-dim."""
+        t = _expand(t, like)
+        return t, 1 - t
+
+    def sample_xt(self, noise: torch.Tensor, data: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = t·x1 + (1 − t)·x0; x0 (noise) and x1 (data) are (B, ...), t is (B,) in [0, 1]."""
+        alpha, sigma = self.coefficients(t, data)
+        return alpha * data + sigma * noise
+
+    def target(self, noise: torch.Tensor, data: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """u = dx_t/dt = x1 − x0 (the same at every t)."""
+        return data - noise
+
+    def convert(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, source: str,
+                target: str) -> torch.Tensor:
+        """`prediction` of kind `source` at (x_t, t) as kind `target` (formulas in the class docstring).
+        From the data end at t = 1, or the noise end at t = 0, the other end is not determined (division by 0)."""
+        check_kind(source, self.kinds, "LinearPath")
+        check_kind(target, self.kinds, "LinearPath")
+        if source == target:
+            return prediction
+        alpha, sigma = self.coefficients(t, x_t)
+        if source == "velocity":
+            return x_t + sigma * prediction if target == "data" else x_t - alpha * prediction
+        if source == "data":
+            noise = (x_t - alpha * prediction) / sigma
+            return noise if target == "epsilon" else prediction - noise
+        data = (x_t - sigma * prediction) / alpha  # source == "epsilon"
+        return data if target == "data" else data - prediction
+
+    def time_grid(self, num_steps: int, shift: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The sampling grid from noise to data (see `time_grid`)."""
+        return time_grid(num_steps, shift, dtype)
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:

@@ -18,7 +18,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from mriflow.flow.guidance import guided_velocity
+from mriflow.flow.guidance import guided_prediction
+from mriflow.flow.path import LinearPath
 from mriflow.flow.solvers import SOLVERS, solve
 from mriflow.utils.seeding import batch_generators, per_sample_normal
 
@@ -65,8 +66,9 @@ def sample_latents(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     sample_seeds: Sequence[int] | None = None,
+    path: LinearPath | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Latents (B, C, D, H, W) at the data end of the path and the NFE per sample.
+    """Latents (B, C, D, H, W) at the data end of `path` (a LinearPath when None) and the NFE per sample.
 
     shape is (B, C, D, H, W); covariates is (values, present), each (K,) or (B, K), or
     None for all absent; `velocity_net` must already be on `device`. `sample_seeds`
@@ -77,18 +79,20 @@ def sample_latents(
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
+    path = path or LinearPath()  # its network predicts the velocity, which is what the solvers integrate
     batch_size = shape[0]
     generators = batch_generators(seed, first_index, batch_size, sample_seeds)
     x_init = per_sample_normal(generators, shape[1:]).to(device)  # (B, C, D, H, W)
     values, present = broadcast_covariates(covariates, batch_size, device)
     with evaluating(velocity_net):
         if solver != "dopri5":
-            velocity = guided_velocity(velocity_net, values, present, guidance)
-            return solve(velocity, x_init, solver, steps, time_shift=time_shift, rtol=rtol, atol=atol)
+            velocity = guided_prediction(velocity_net, values, present, guidance)
+            t_steps = path.time_grid(steps, time_shift, dtype=x_init.dtype)
+            return solve(velocity, x_init, solver, t_steps=t_steps, rtol=rtol, atol=atol)
         latents, nfes = [], []
         for i in range(batch_size):
             one = slice(i, i + 1)
-            velocity = guided_velocity(
+            velocity = guided_prediction(
                 velocity_net, None if values is None else values[one], None if present is None else present[one], guidance
             )
             latent, nfe = solve(velocity, x_init[one], "dopri5", rtol=rtol, atol=atol)
