@@ -1,13 +1,14 @@
 """Train mriflow's anatomy network (the `anatomy` evaluation backbone) on a prepared dataset, and measure it.
 
-Supervision: tissue classes made from the DLMUSE label maps under the prepared folder's
-labels/ (mapped by region name, `mriflow.data.labels.muse_tissue_mapping`), age and sex from
-manifest.csv. Trains on the train split (augmentation: left-right flip, intensity
-scale / shift / gamma inside the brain), keeps the epoch with the lowest validation loss,
-and reports on the test split: age MAE, sex accuracy, Dice per tissue class, and the
-segmentation-measured ventricle and total-brain volumes against the prepared label maps
-(template space) and against MUSE's 509 Ventricles / 701 TotalBrain in region_volumes.csv
-(native space; template volumes are scaled back with the determinant of each subject's
+Training is `mriflow.train.anatomy.train_anatomy`, the shared training loop's anatomy stage: tissue classes
+made from the DLMUSE label maps under the prepared folder's labels/ (mapped by region name,
+`mriflow.data.labels.muse_tissue_mapping`), age and sex from manifest.csv, augmentation (left-right flip,
+intensity scale / shift / gamma inside the brain), EMA weights, and model selection on the val split once an
+epoch (the checkpoint of the lowest validation loss). This script turns its options into that run's config,
+exports the selected EMA weights, calibrates them (features, sex read-out) and reports on the test split: age
+MAE, sex accuracy, Dice per tissue class, and the segmentation-measured ventricle and total-brain volumes
+against the prepared label maps (template space) and against MUSE's 509 Ventricles / 701 TotalBrain in
+region_volumes.csv (native space; template volumes are scaled back with the determinant of each subject's
 registration affine from records/<subject>.json).
 
 Writes src/mriflow/weights/anatomy.safetensors (config, label mapping and this record in
@@ -20,14 +21,14 @@ section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
 import math
 import shlex
 import sys
 import tempfile
 import time
-from copy import deepcopy
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,87 +36,32 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
-from tqdm import tqdm
 
-from common import DOCUMENT, RESULTS, ROOT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, RESULTS, ROOT, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.checkpoint import sha256
-from mriflow.data.dataset import read_manifest
-from mriflow.data.io import load_volume
-from mriflow.data.labels import TISSUE_CLASSES, muse_tissue_mapping, tissue_volumes_ml
-from mriflow.evaluate.backbones import AnatomyBackbone, load_state_dict
-from mriflow.models.anatomy import (
-    ANATOMY_METADATA_KEY,
-    ANATOMY_RECORD_KEY,
-    AnatomyEncoder,
-    AnatomyEncoderConfig,
-    save_anatomy_encoder,
+from mriflow.data.dataset import read_manifest, read_preparation
+from mriflow.data.labels import tissue_lookup, tissue_volumes_ml
+from mriflow.evaluate.backbones import AnatomyBackbone
+from mriflow.models.anatomy import AnatomyEncoder, save_anatomy_encoder
+from mriflow.train.anatomy import (
+    AnatomySubjects,
+    anatomy_network,
+    encoder_config,
+    load_anatomy_weights,
+    load_config,
+    train_anatomy,
 )
+from mriflow.train.labels import read_label_map
 
 SECTION = "## anatomy backbone: {grid}"  # one section (and one weights file) per grid
 WEIGHTS = ROOT / "src" / "mriflow" / "weights" / "anatomy.safetensors"
+PRESETS = {"4mm": "tiny", "2mm": "small"}  # the training preset of a grid (options below override its recipe)
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def load_split(data: Path, rows: pd.DataFrame, lookup: np.ndarray, sex_categories: tuple[str, ...]) -> dict:
-    """Images (N, 1, D, H, W), tissue classes (N, 1, D, H, W), age, sex index (NaN when missing)."""
-    images, targets = [], []
-    for row in rows.itertuples():
-        image, _ = load_volume(data / row.image)
-        if not isinstance(row.labels, str) or not row.labels:
-            raise ValueError(f"{data}/manifest.csv: subject {row.subject} has no label map; prepare with labels")
-        labels, _ = load_volume(data / row.labels)
-        labels = np.rint(labels).astype(np.int64)
-        unknown = sorted(set(np.unique(labels)) - {0} - set(np.flatnonzero(lookup >= 0)))
-        if unknown:
-            raise ValueError(f"{data / row.labels}: labels {unknown} are not in the region list; add them to "
-                             f"--regions muse_regions.csv (or mriflow.data.labels.UNNAMED_DLMUSE_LABELS)")
-        images.append(image)
-        targets.append(lookup[labels])
-    age = pd.to_numeric(rows["age"], errors="coerce").to_numpy(float)
-    sex = np.array([float(sex_categories.index(s)) if s in sex_categories else math.nan
-                    for s in rows["sex"].astype(str).str.strip().str.upper()])
-    return {"image": torch.from_numpy(np.stack(images))[:, None].float(), "target": torch.from_numpy(np.stack(targets))[:, None],
-            "age": torch.from_numpy(age), "sex": torch.from_numpy(sex), "subject": rows["subject"].astype(str).tolist()}
-
-
-def augment(image: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-right flip (p = 0.5, axis 0 is left-right in RAS; tissue classes are unsided) and, inside the
-    brain, intensity scale in [0.9, 1.1], shift in [-0.05, 0.05] and gamma in [0.8, 1.25], clipped to [0, 1]."""
-    image, target = image.clone(), target.clone()
-    for i in range(len(image)):
-        flip, scale, shift, gamma = torch.rand(4, generator=generator).tolist()
-        if flip < 0.5:
-            image[i], target[i] = image[i].flip(1), target[i].flip(1)
-        brain = image[i] > 0
-        jittered = (image[i][brain] * (0.9 + 0.2 * scale) + (0.1 * shift - 0.05)).clamp(0, 1)
-        image[i][brain] = jittered.pow(math.exp((gamma - 0.5) * 2 * math.log(1.25)))
-    return image, target
-
-
-def losses(model: AnatomyEncoder, batch: dict, segmentation_loss, age_mean: float, age_std: float,
-           weights: tuple[float, float]) -> dict[str, torch.Tensor]:
-    """Dice + cross-entropy on the tissue classes, + weights[0] x MSE of the standardised age,
-    + weights[1] x binary cross-entropy of sex; subjects without age or sex skip that term."""
-    output = model(batch["image"])
-    result = {"segmentation": segmentation_loss(output["logits"], batch["target"])}
-    age = (batch["age"] - age_mean) / age_std
-    known = torch.isfinite(age)
-    result["age"] = F.mse_loss(output["age"][known], age[known].float()) if known.any() else output["age"].sum() * 0
-    known = torch.isfinite(batch["sex"])
-    result["sex"] = (F.binary_cross_entropy_with_logits(output["sex_auxiliary_logit"][known], batch["sex"][known].float())
-                     if known.any() else output["sex_auxiliary_logit"].sum() * 0)
-    result["total"] = result["segmentation"] + weights[0] * result["age"] + weights[1] * result["sex"]
-    return result
-
-
-def batches(split: dict, size: int, order: torch.Tensor | None = None):
-    order = torch.arange(len(split["image"])) if order is None else order
-    for start in range(0, len(order), size):
-        index = order[start : start + size]
-        yield {k: v[index] for k, v in split.items() if isinstance(v, torch.Tensor)}
+def load_split(subjects: AnatomySubjects) -> dict:
+    """A split as tensors: images (N, 1, D, H, W), tissue classes (N, 1, D, H, W), age, sex index (NaN when missing)."""
+    return {"image": subjects.images[:, None], "target": subjects.targets[:, None].long(), "age": subjects.age.double(),
+            "sex": subjects.sex.double(), "subject": list(subjects.subjects)}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -257,31 +203,6 @@ def calibrate(model: AnatomyEncoder, train: dict, val: dict, test: dict,
                                     "majority_share": float(max(y_all.mean(), 1 - y_all.mean()))}}
 
 
-def load_initial(path: Path, config: AnatomyEncoderConfig, fine_tune: bool) -> tuple[AnatomyEncoder, dict | None]:
-    """A trained network from an anatomy weights file (also one written before the texture features
-    existed: its standardisation and sex read-out are refit by `calibrate`), checked against this data's config.
-    With `fine_tune` (it will be trained further here) it may come from another grid: the network is
-    fully convolutional, so e.g. the 4 mm network starts the 2 mm one."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    stored = json.loads(metadata[ANATOMY_METADATA_KEY])
-    for key in ("grid", "shape", "classes", "target_mean", "target_std", "sex_categories", "label_map"):
-        if fine_tune and key in ("grid", "shape"):
-            continue
-        mine = asdict(config)[key]
-        if json.loads(json.dumps(mine)) != stored.get(key):
-            raise ValueError(f"--init {path}: its {key} {stored.get(key)} differs from this data's {mine}")
-    config.channels, config.embedding_dim = tuple(stored["channels"]), stored["embedding_dim"]
-    model = AnatomyEncoder(config)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) - {"feature_mean", "feature_std", "sex_probe.weight", "sex_probe.bias"} or unexpected:
-        raise ValueError(f"--init {path}: does not fit the network (missing {missing}, unexpected {unexpected})")
-    return model, json.loads(metadata.get(ANATOMY_RECORD_KEY, "null"))
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -301,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(WEIGHTS), help="weights file to write")
     parser.add_argument("--init", type=Path, help="start from this anatomy weights file (with --epochs 0: only "
                         "recalibrate the features and the sex head, keeping the trained network)")
+    parser.add_argument("--run", type=Path, help="keep the training run (checkpoints, logs, montages) in this folder "
+                        "(default: a temporary one)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--document", type=Path, default=DOCUMENT, help="the Markdown file whose section is written")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the result JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -311,94 +237,78 @@ def main(argv: list[str] | None = None) -> int:
     regions_file = regions_dir / "muse_regions.csv"
     if not regions_file.is_file():
         raise FileNotFoundError(f"--regions {regions_dir}: no muse_regions.csv (index,name) there")
-    regions = pd.read_csv(regions_file).set_index("index")["name"].to_dict()
-    mapping = muse_tissue_mapping(regions)
-    lookup = np.full(max(mapping) + 1, -1, np.int64)
-    lookup[0] = 0
-    for label, index in mapping.items():
-        lookup[label] = index
+    label_map = read_label_map(regions_file)
     volumes_file = regions_dir / "region_volumes.csv"
     muse = pd.read_csv(volumes_file, index_col=0) if volumes_file.is_file() else None
 
-    prepared = json.loads((data / "prepare.json").read_text())
-    grid = prepared["grid"]
-    manifest = read_manifest(data)
-    sex_categories = ("F", "M")
-    splits = {name: load_split(data, manifest[manifest["split"] == name], lookup, sex_categories)
-              for name in ("train", "val", "test")}
+    lookup = tissue_lookup(label_map)
+    subjects = {name: AnatomySubjects(data, name, lookup) for name in ("train", "val", "test")}
+    splits = {name: load_split(split) for name, split in subjects.items()}
     train = splits["train"]
-    age_mean, age_std = float(np.nanmean(train["age"])), float(np.nanstd(train["age"]))
-    config = AnatomyEncoderConfig(
-        grid=grid["name"], voxel_mm=float(grid["voxel_mm"]), shape=tuple(grid["shape"]),
-        target_mean={"age": round(age_mean, 3)}, target_std={"age": round(age_std, 3)}, sex_categories=sex_categories,
-        label_map={str(label): TISSUE_CLASSES[index] for label, index in mapping.items()})
-    model, initial_record = load_initial(args.init, config, fine_tune=args.epochs > 0) if args.init else (AnatomyEncoder(config), None)
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"{parameters / 1e6:.2f} M parameters; train {len(train['subject'])}, val {len(splits['val']['subject'])}, "
-          f"test {len(splits['test']['subject'])} subjects; grid {config.grid} {config.shape}", flush=True)
+    grid = read_preparation(data).get("grid", {}).get("name", "")
+    training_config = load_config(PRESETS.get(grid, "tiny"))
+    config = encoder_config(data, label_map, subjects["train"], training_config)
+    age_mean = config.target_mean["age"]
+    print(f"train {len(train['subject'])}, val {len(splits['val']['subject'])}, test {len(splits['test']['subject'])} "
+          f"subjects; grid {config.grid} {config.shape}", flush=True)
 
-    best, history = {"loss": math.inf, "epoch": None}, []
+    history, initial_record = [], None
     if args.epochs > 0:
-        segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True)
-        loss_weights = (args.age_weight, args.sex_weight)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-        steps_per_epoch = math.ceil(len(train["subject"]) / args.batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
-                                                       pct_start=0.1)
-        generator = torch.Generator().manual_seed(args.seed)
-        progress = tqdm(range(args.epochs), desc="anatomy", unit="epoch")
-        for epoch in progress:
-            model.train()
-            totals = []
-            for batch in batches(train, args.batch_size, torch.randperm(len(train["subject"]), generator=generator)):
-                batch["image"], batch["target"] = augment(batch["image"], batch["target"], generator)
-                loss = losses(model, batch, segmentation_loss, age_mean, age_std, loss_weights)
-                optimizer.zero_grad(set_to_none=True)
-                loss["total"].backward()
-                optimizer.step()
-                schedule.step()
-                totals.append(loss["total"].item())
-            model.eval()
-            with torch.no_grad():
-                parts = [losses(model, b, segmentation_loss, age_mean, age_std, loss_weights)
-                         for b in batches(splits["val"], 8)]
-            val = {k: float(np.mean([p[k].item() for p in parts])) for k in parts[0]}
-            minutes = (time.perf_counter() - started) / 60
-            history.append({"epoch": epoch + 1, "train_loss": float(np.mean(totals)), "minutes": round(minutes, 2),
-                            **{f"val_{k}": round(v, 4) for k, v in val.items()}})
-            if val["total"] < best["loss"]:
-                best = {"loss": val["total"], "epoch": epoch + 1, "state": deepcopy(model.state_dict())}
-            progress.set_postfix(train=f"{np.mean(totals):.3f}", val=f"{val['total']:.3f}", best=best["epoch"])
-            tqdm.write(json.dumps(history[-1]))
-            if minutes > args.max_minutes:
-                tqdm.write(f"stopping after epoch {epoch + 1}: {minutes:.1f} min > --max-minutes {args.max_minutes}")
-                break
-        model.load_state_dict(best["state"])
+        per_epoch = len(train["subject"]) // args.batch_size
+        steps = args.epochs * per_epoch
+        training_config = dataclasses.replace(
+            training_config, age_weight=args.age_weight, sex_weight=args.sex_weight,
+            loop=dataclasses.replace(training_config.loop, max_steps=steps, batch_size=args.batch_size, lr=args.lr,
+                                     warmup_steps=max(1, steps // 10), checkpoint_every=per_epoch,
+                                     log_every=max(1, min(training_config.loop.log_every, per_epoch)),
+                                     max_minutes=args.max_minutes, seed=args.seed, device=args.device))
+        with tempfile.TemporaryDirectory(prefix="anatomy-run-") as folder:
+            run = args.run or Path(folder) / "run"
+            result = train_anatomy(data, run, config=training_config, label_map=label_map, init=args.init)
+            if result["best"] is None:
+                raise ValueError(f"{run}: no finite validation loss, so no checkpoint to select; lower --lr")
+            model = anatomy_network(result["best"]["checkpoint"])
+            history = training_history(run, per_epoch)
+        best_epoch = result["best"]["step"] / per_epoch
+        print(f"selected the EMA weights of step {result['best']['step']} (epoch {best_epoch:g}) of {result['step']}: "
+              + json.dumps({k: round(v, 4) for k, v in result["best"]["validation"].items()}), flush=True)
+    else:
+        if args.init is None:
+            raise ValueError("--epochs 0 recalibrates a trained network: give it with --init")
+        model, initial_record = load_anatomy_weights(args.init, config, fine_tune=False)
+    model.eval()
+    parameters = sum(p.numel() for p in model.parameters())
     train_minutes = (time.perf_counter() - started) / 60
     calibration = calibrate(model, train, splits["val"], splits["test"])
     print(json.dumps({k: v for k, v in calibration.items() if k != "features"}), flush=True)
 
     # Measure the saved file through the backbone, as evaluation will load it.
     with tempfile.TemporaryDirectory() as folder:
-        backbone = AnatomyBackbone(save_anatomy_encoder(Path(folder) / "anatomy.safetensors", model.eval()))
+        backbone = AnatomyBackbone(save_anatomy_encoder(Path(folder) / "anatomy.safetensors", model))
         figures = {name: measure(backbone, splits[name], data, muse) for name in ("val", "test")}
     for name in figures:
         age = splits[name]["age"].numpy()
         figures[name]["age_mae_predicting_train_mean_years"] = float(np.nanmean(np.abs(age - age_mean)))
     training_keys = ("epochs_run", "best_epoch", "batch_size", "lr", "loss_weights", "train_minutes")
     if history:  # trained here
-        training = {"epochs_run": len(history), "best_epoch": best["epoch"], "batch_size": args.batch_size, "lr": args.lr,
-                    "loss_weights": {"age": args.age_weight, "sex": args.sex_weight},
+        loop = training_config.loop
+        training = {"epochs_run": round(result["step"] / per_epoch, 2), "best_epoch": round(best_epoch, 2),
+                    "steps": result["step"], "best_step": result["best"]["step"], "batch_size": loop.batch_size,
+                    "lr": loop.lr, "loss_weights": {"age": args.age_weight, "sex": args.sex_weight},
+                    "schedule": f"linear warm-up over {loop.warmup_steps} steps, cosine decay; EMA {loop.ema_decay}; "
+                                f"AdamW weight decay {loop.weight_decay}; selected on the val split every epoch",
+                    "trained_on": trained_on(args.device),
                     "train_minutes": round(train_minutes, 1)}
         commands = [command]
         if args.init:
             training["initialised_from"] = {"weights": str(args.init), "sha256": sha256(args.init),
-                                            "grid": (initial_record or {}).get("grid")}
+                                            "grid": json.loads(json.dumps(_stored_grid(args.init)))}
     else:  # --init --epochs 0: the network is the initial file's; say how that one was trained
         if initial_record is None or any(k not in initial_record for k in training_keys):
             raise ValueError(f"--init {args.init}: its metadata has no training record, so --epochs 0 cannot say how "
                              f"the network was trained; train it here (--epochs N)")
-        training = {k: initial_record[k] for k in training_keys + ("initialised_from",) if k in initial_record}
+        training = {k: initial_record[k] for k in training_keys + ("initialised_from", "steps", "best_step", "schedule",
+                                                                   "trained_on") if k in initial_record}
         commands = initial_record.get("commands", [initial_record.get("command")]) + [command]
     record = {
         "benchmark": "anatomy", "commands": commands, "data": str(data.resolve()), "grid": config.grid,
@@ -410,27 +320,64 @@ def main(argv: list[str] | None = None) -> int:
         "val": figures["val"], "test": figures["test"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out = save_anatomy_encoder(Path(args.out).resolve(), model, record={k: v for k, v in record.items() if k != "val"},
+    if not history and initial_record is not None and "history" in initial_record:
+        history = initial_record["history"]
+    out = save_anatomy_encoder(Path(args.out).resolve(), model,
+                               record={**{k: v for k, v in record.items() if k != "val"}, "history": history},
                                dtype=torch.float16)  # kernels in fp16: the file travels to GPU machines (64 MiB in all)
     out.chmod(0o644)  # safetensors writes 0600; the file ships in the package and must be readable by all
     record.update({"weights": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
                    "weights_sha256": sha256(out), "weights_mb": round(out.stat().st_size / 2**20, 2),
-                   "feature_dim": model.feature_dim, "history": history or _earlier_history(config.grid),
+                   "feature_dim": model.feature_dim, "history": history or _earlier_history(config.grid, args.results),
                    "machine": machine()})
-    path = write_result(f"anatomy-{config.grid}", record)
-    write_section(record, path)
+    path = write_result(f"anatomy-{config.grid}", record, folder=args.results)
+    write_section(record, path, args.document)
     print(json.dumps({k: record[k] for k in ("weights_sha256", "weights_mb", "best_epoch", "train_minutes")}))
     print(json.dumps(record["test"], indent=1))
     return 0
 
 
-def _earlier_history(grid: str) -> list:
+def trained_on(device: str) -> str:
+    if device != "cpu" and torch.cuda.is_available():
+        return f"an {torch.cuda.get_device_name(0)}"
+    return f"the {torch.get_num_threads()}-thread CPU"
+
+
+def training_history(run: Path, per_epoch: int) -> list[dict]:
+    """One row per validation (once an epoch): the epoch, the mean training loss logged since the last one, the
+    validation figures."""
+    def rows(name):
+        with open(run / name, newline="") as stream:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(stream)]
+
+    logged, history, since = rows("log.csv"), [], 0
+    for validation in rows("validation.csv"):
+        step = int(validation.pop("step"))
+        rows_since = [row for row in logged if since < row["step"] <= step]
+        history.append({"epoch": round(step / per_epoch, 2), "step": step,
+                        "train_loss": float(np.mean([row["loss"] for row in rows_since])) if rows_since else None,
+                        "minutes": round(rows_since[-1]["elapsed_seconds"] / 60, 2) if rows_since else None,
+                        **{f"val_{k}": round(v, 4) for k, v in validation.items()}})
+        since = step
+    return history
+
+
+def _stored_grid(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    from mriflow.models.anatomy import ANATOMY_METADATA_KEY
+
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads((handle.metadata() or {})[ANATOMY_METADATA_KEY]).get("grid")
+
+
+def _earlier_history(grid: str, results: Path = RESULTS) -> list:
     """The epoch history of the run that trained this grid's network, kept when --epochs 0 only recalibrates it."""
-    earlier = RESULTS / f"anatomy-{grid}.json"
+    earlier = results / f"anatomy-{grid}.json"
     return json.loads(earlier.read_text()).get("history", []) if earlier.is_file() else []
 
 
-def write_section(record: dict, path: Path) -> None:
+def write_section(record: dict, path: Path, document: Path = DOCUMENT) -> None:
     test = record["test"]
     dice = " | ".join(f"{test['dice'][c]:.3f} ± {test['dice_sd'][c]:.3f}" for c in record["classes"][1:])
     volume_rows = "\n".join(
@@ -439,7 +386,6 @@ def write_section(record: dict, path: Path) -> None:
         f"{v.get('muse_native_mean_ml', math.nan):.1f} | {v.get('pearson_r_vs_muse_native', math.nan):.3f} | "
         f"{v.get('pearson_r_template_vs_muse_native', math.nan):.3f} |"
         for name, v in test["volumes"].items())
-    result = path.relative_to(DOCUMENT.parents[1])
     calibration = record["calibration"]
     crossed = calibration["sex_cross_validated"]
     crossed_text = (f"The read-out's recipe cross-validated over all {crossed['subjects']} subjects with a known sex "
@@ -451,11 +397,14 @@ def write_section(record: dict, path: Path) -> None:
                    f"{100 / test['sex_subjects']:.0f} points). {crossed_text}")
     penalties = ", ".join(f"{t['l2']:g}: {t['val_cross_entropy']:.3f}" for t in calibration["sex_penalties"])
     commands = "\n    ".join(record["commands"])
+    schedule = (f"AdamW, learning rate {record['lr']}: {record['schedule']}; {record['steps']} steps (best: "
+                f"{record['best_step']}) through mriflow.train.anatomy" if "schedule" in record
+                else f"AdamW, one-cycle learning rate {record['lr']}")
     start = record.get("initialised_from")
     initialised = (f" Fine-tuned from the {start['grid']} network (`{start['weights']}`, SHA-256 {start['sha256'][:12]}…): "
                    f"the network is fully convolutional, so the coarser grid's weights are a good start."
                    if start else "")
-    body = f"""mriflow's own evaluation backbone (`--backbone anatomy`, weights shipped as `{record['weights']}`, {record['weights_mb']} MB, SHA-256 `{record['weights_sha256']}`): a compact 3D U-Net of MONAI residual units (channels 8-16-32-64, bottleneck 256, {record['parameters'] / 1e6:.2f} M parameters) with a tissue segmentation head ({', '.join(record['classes'])}), a 256-dimensional average-pooled bottleneck embedding and linear age / sex heads. Trained on the {record['grid']} grid ({' x '.join(map(str, record['shape']))}) of the shared IXI data: {record['subjects']['train']} train subjects, model selection on {record['subjects']['val']} val subjects (lowest validation loss, epoch {record['best_epoch']} of {record['epochs_run']}, {record['train_minutes']} minutes on the 2-core CPU), figures below on the {test['subjects']} **test** subjects.{initialised} Targets: DLMUSE label maps mapped to tissue classes by region name (`mriflow.data.labels.muse_tissue_mapping`; the mapping is stored in the weights' metadata), age and sex from the manifest. Loss: Dice + cross-entropy on the classes + {record['loss_weights']['age']} x MSE of the standardised age + {record['loss_weights']['sex']} x sex cross-entropy; AdamW, one-cycle learning rate {record['lr']}, batch {record['batch_size']}; augmentation: left-right flip, intensity scale / shift / gamma inside the brain.
+    body = f"""mriflow's own evaluation backbone (`--backbone anatomy`, weights shipped as `{record['weights']}`, {record['weights_mb']} MB, SHA-256 `{record['weights_sha256']}`): a compact 3D U-Net of MONAI residual units (channels 8-16-32-64, bottleneck 256, {record['parameters'] / 1e6:.2f} M parameters) with a tissue segmentation head ({', '.join(record['classes'])}), a 256-dimensional average-pooled bottleneck embedding and linear age / sex heads. Trained on the {record['grid']} grid ({' x '.join(map(str, record['shape']))}) of the shared IXI data: {record['subjects']['train']} train subjects, model selection on {record['subjects']['val']} val subjects (lowest validation loss, epoch {record['best_epoch']} of {record['epochs_run']}, {record['train_minutes']} minutes on {record.get('trained_on', 'the 2-core CPU')}), figures below on the {test['subjects']} **test** subjects.{initialised} Targets: DLMUSE label maps mapped to tissue classes by region name (`mriflow.data.labels.muse_tissue_mapping`; the mapping is stored in the weights' metadata), age and sex from the manifest. Loss: Dice + cross-entropy on the classes + {record['loss_weights']['age']} x MSE of the standardised age + {record['loss_weights']['sex']} x sex cross-entropy; {schedule}, batch {record['batch_size']}; augmentation: left-right flip, intensity scale / shift / gamma inside the brain.
 
 After training (`calibrate` in the script):
 - **Features** for FD/KID/PRDC/MMD ({record['feature_dim']} dimensions): {calibration['features']}. The bottleneck alone hardly sees noise or blur (it learned to segment through intensity jitter; see the sanity sections below for what that did to the metrics); the full-resolution levels' statistics do.
@@ -481,8 +430,8 @@ Volumes measured from the predicted segmentation (voxel count x {record['grid']}
 |---|---|---|---|---|---|---|---|
 {volume_rows}
 
-Result: [{result}](../{result})."""
-    replace_section(DOCUMENT, SECTION.format(grid=record["grid"]), body)
+Result: {link(path, document)}."""
+    replace_section(document, SECTION.format(grid=record["grid"]), body)
 
 
 if __name__ == "__main__":
