@@ -142,8 +142,17 @@ def test_generate_two_brains_side_by_side_view_scroll_and_download(browser, tmp_
         page.fill("#cov-B-age-v", "80")  # the number box: beyond the training range (79.4), said on the page
         page.select_option("#cov-A-sex", "F")
         page.select_option("#cov-B-sex", "M")
+        polled = []
+        page.on("response", lambda r: polled.append(r) if "/api/jobs/" in r.url else None)
         page.click("#generate-both")
         page.wait_for_function("window.mriflow.loaded.D >= 1", timeout=GENERATE_TIMEOUT)
+        # progress: the page polled each job until done, its network-evaluation count never going back
+        views = [r.json() for r in polled]
+        for job in {v["id"] for v in views}:
+            steps = [v for v in views if v["id"] == job]
+            assert steps[-1]["state"] == "done" and steps[-1]["progress"] == 1.0
+            assert all(a["calls"] <= b["calls"] and a["progress"] <= b["progress"] for a, b in zip(steps, steps[1:]))
+        assert len({v["id"] for v in views}) == 2
         assert "age 30.0, sex F" in page.text_content("#status-A")
         assert "age 80.0, sex M" in page.text_content("#status-B") and "training range" in page.text_content("#status-B")
         dims = page.evaluate("[window.mriflow.viewers.A.volumes[0].dims, window.mriflow.viewers.B.volumes[0].dims]")

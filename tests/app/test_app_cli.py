@@ -80,3 +80,17 @@ def test_a_real_process_reports_a_missing_model_without_a_traceback(tmp_path, bu
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("mriflow app: error:")
+
+
+def test_niivue_is_found_in_the_folder_or_file_mriflow_niivue_names(tmp_path, monkeypatch):
+    (tmp_path / "dist").mkdir()
+    bundle = tmp_path / "dist" / "niivue.umd.js"
+    bundle.write_text("window.niivue = {};")
+    monkeypatch.setenv("MRIFLOW_NIIVUE", str(tmp_path / "dist"))
+    assert niivue.locate_niivue() == bundle.resolve()
+    monkeypatch.setenv("MRIFLOW_NIIVUE", str(bundle))
+    assert niivue.locate_niivue() == bundle.resolve()
+    monkeypatch.delenv("MRIFLOW_NIIVUE")
+    found = [p for p in niivue.candidates() if p.is_file()]
+    if found:  # after `npm ci` in the repository: the npm-installed bundle, not a copy in the package
+        assert niivue.locate_niivue() == found[0].resolve() and "node_modules" in found[0].parts
