@@ -16,7 +16,8 @@ LAYERS = [
     ("models and math", ["mriflow.models", "mriflow.flow"]),
     ("artifacts", ["mriflow.checkpoint", "mriflow.latents", "mriflow.families"]),
     ("training", ["mriflow.train"]),
-    ("use", ["mriflow.generate", "mriflow.generate_io", "mriflow.evaluate"]),
+    ("use", ["mriflow.generator", "mriflow.export", "mriflow.cohort", "mriflow.generate", "mriflow.generate_io",
+             "mriflow.evaluate"]),
     ("interface", ["mriflow.cli", "mriflow.__main__", "mriflow.app"]),
 ]
 

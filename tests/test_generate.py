@@ -18,6 +18,7 @@ from conftest import (DIFFUSION_SCHEDULE, MODEL_AFFINE, MODEL_IMAGE_SHAPE, monta
                       save_tiny_generator, write_prepared)
 from mriflow import checkpoint as ckpt
 from mriflow import generate as generation
+from mriflow import generator as generator_module
 from mriflow.config import get_grid
 from mriflow.data.io import load_volume, template_affine
 from mriflow.utils.seeding import sample_seed
@@ -136,7 +137,7 @@ def test_exported_model_samples_like_its_run_and_checks_its_autoencoder(runs, tm
     _, meta = ckpt.load_checkpoint(release / "flow")
     assert meta["weights_dtype"] == "float16" and meta["autoencoder"]["path"] == "../autoencoder"
 
-    monkeypatch.setattr(generation, "default_model_dir", lambda: release)
+    monkeypatch.setattr(generator_module, "default_model_dir", lambda: release)
     exported, original = load_generator("default", "cpu"), load_generator(runs["flow"], "cpu")
     assert exported.model_id == original.model_id
     seeds = [sample_seed(0, i) for i in range(2)]
@@ -161,7 +162,7 @@ def test_exported_model_samples_like_its_run_and_checks_its_autoencoder(runs, tm
 
 
 def test_load_generator_names_what_is_wrong(runs, tmp_path, monkeypatch):
-    monkeypatch.setattr(generation, "default_model_dir", lambda: tmp_path / "nothing")
+    monkeypatch.setattr(generator_module, "default_model_dir", lambda: tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="no default model"):
         load_generator()
     with pytest.raises(ValueError, match="'autoencoder' checkpoint, not a generator"):
