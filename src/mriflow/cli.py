@@ -12,6 +12,11 @@
 
 Every command also runs under `torchrun --nproc_per_node N -m mriflow ...` (training and
 generation share the work out across the processes).
+
+Over 400 lines on purpose: one flat parser, a pair `_add_<command>` / `_run_<command>` per command in
+the order of the pipeline, and the one place where user errors become one line (`main`, `_describe`).
+Each `_run_` only parses and calls the library, so the length is the number of options, not logic;
+split in a module per command, `mriflow --help` and its error handling would be read across files.
 """
 
 from __future__ import annotations

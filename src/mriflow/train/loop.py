@@ -1,5 +1,10 @@
 """The one training loop shared by every stage (autoencoder, latent flow, diffusion baseline).
 
+Over 400 lines on purpose: `train` reads top to bottom in one pass (as nanoGPT's train.py), and the
+pieces it calls below it (the resumable sampler, logs, montages, validation, and the save and restore
+of every network, optimizer and random state) are read with it, since exact resume is their
+agreement; a stage's own logic lives in its stage module, not here.
+
 It reads top to bottom: processes and devices, run folder, networks and optimizers, EMA,
 resume, data, then the loop (learning rate, micro-batches x phases, optimizer steps, EMA,
 log, montage, checkpoint). Everything specific to a stage sits behind a small contract:
