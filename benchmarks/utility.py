@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from common import DOCUMENT, ROOT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
@@ -49,7 +50,9 @@ def synthesise(model: str, data: Path, out: Path, count: int, seed: int) -> floa
     train = manifest[manifest["split"] == "train"]
     generator = load_generator(model, "cpu")
     names = list(generator.schema.names)
-    rows = [{name: train.iloc[i % len(train)][name] for name in names} for i in range(count)]
+    # a subject without an age (or sex) leaves that covariate free, as an empty cohort cell does
+    rows = [{name: (None if pd.isna(value := train.iloc[i % len(train)][name]) else value) for name in names}
+            for i in range(count)]
     started = time.perf_counter()
     result = generate(model, out, cohort=rows, seed=seed, batch_size=8, device="cpu")
     if generator.labels is None or not (out / "sample_00000_labels.nii.gz").is_file():

@@ -256,7 +256,7 @@ def test_the_shipped_default_model_generates_on_the_4mm_template_grid(tmp_path):
     """What `mriflow generate --out samples` relies on, on a fresh machine: the model in the package."""
     release = generation.default_model_dir()
     weights = sorted(release.rglob("*.safetensors"))
-    assert {p.parent.name for p in weights} == {"flow", "autoencoder"}
+    assert {p.parent.name for p in weights} == {"flow", "autoencoder", "labels"}
     assert all(p.stat().st_size <= ckpt.MAX_TRAVELLING_BYTES for p in weights)
     generator = load_generator("default", "cpu")
     assert generator.stage == "flow" and set(generator.schema.names) == {"age", "sex"}
@@ -271,6 +271,13 @@ def test_the_shipped_default_model_generates_on_the_4mm_template_grid(tmp_path):
     assert 0.0 <= volume.min() and volume.max() <= 1.0 and volume.std() > 0.05  # a brain, not a constant
     sidecar = json.loads(result.paths[0].with_name("sample_00000.json").read_text())
     assert sidecar["covariates"] == {"age": 45.0, "sex": "F"} and sidecar["model_checksum"] == generator.model_checksum
+    # the shipped model has a label decoder: each sample comes with its tissue map, aligned, with brain in it
+    labels = nib.load(str(result.paths[0].with_name("sample_00000_labels.nii.gz")))
+    np.testing.assert_allclose(labels.get_sform(), image.get_sform())
+    tissue = np.asarray(labels.dataobj)
+    assert sidecar["labels"] == "sample_00000_labels.nii.gz" and tissue.dtype == np.uint8
+    assert set(np.unique(tissue)) >= {0, 3, 4}  # background, grey and white matter at least
+    assert (tissue[volume < 0.02] == 0).mean() > 0.95  # no tissue where the image is empty
 
 
 def test_a_cohort_csv_draws_one_sample_per_row_named_by_its_id(runs, tmp_path):
