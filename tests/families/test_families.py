@@ -58,3 +58,48 @@ def test_a_new_family_is_one_file_and_one_registry_line_and_trains_and_generates
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "onestep" in capsys.readouterr().out
+
+
+class CountingPath:
+    """A family's path, counting the calls its loss and sampler make to it."""
+
+    def __init__(self, path):
+        self.path, self.calls = path, {}
+
+    def __getattr__(self, name):
+        value = getattr(self.path, name)
+        if not callable(value):
+            return value
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return value(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("name,sampled_through", [("flow", {"time_grid"}), ("diffusion", {"sampling_timesteps", "convert"})])
+def test_both_families_learn_and_sample_through_their_path(name, sampled_through):
+    import torch
+
+    from mriflow.flow.diffusion import VPDiffusionPath
+    from mriflow.flow.path import LinearPath
+    from mriflow.models.velocity import VelocityNet
+
+    family = get_family(name).from_config({"model": {"time_scale": 1000.0 if name == "flow" else 1.0},
+                                           **({"diffusion": {"prediction": "epsilon"}} if name == "diffusion" else {})})
+    assert isinstance(family.path, LinearPath if name == "flow" else VPDiffusionPath)
+    counting = CountingPath(family.path)
+    family.path = counting
+    if name == "flow":
+        assert family.objective.path is counting.path  # the objective and the sampler share one path
+        family.objective.path = counting
+    else:
+        assert family.path.prediction == "epsilon"  # read from the checkpoint's config
+    torch.manual_seed(0)
+    net = VelocityNet(VelocityNetConfig(in_channels=1, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
+                                        num_head_channels=8, norm_num_groups=4, time_scale=family.config.model.time_scale))
+    family.loss(net, torch.randn(2, 1, 4, 4, 4), None, None)
+    assert {"sample_xt", "target"} <= set(counting.calls)
+    learned = dict(counting.calls)
+    family.sample(net, (1, 1, 4, 4, 4), None, {"solver": family.solvers[0], "steps": 2, "guidance": 1.0}, "cpu")
+    assert sampled_through <= {call for call, count in counting.calls.items() if count > learned.get(call, 0)}

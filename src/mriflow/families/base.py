@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mriflow.config import from_dict, to_dict
+from mriflow.flow.path import ProbabilityPath
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -34,14 +35,16 @@ class Family:
     Config   its frozen training-config dataclass with fields model (VelocityNetConfig), sampling
              (the default sampler: solver, steps, guidance and any family-specific keys) and loop
     solvers  the sampler names `generate --solver` accepts for it
-    path     (set by __init__) its probability path, shared by `loss` and `sample`: x_t, the target, and what
-             the network's output means (path.prediction) with the conversions to the other kinds
+    path     its probability path (set by __init__), shared by `loss` and `sample`: x_t, the target, and what
+             the network's output means (path.prediction) with the conversions to the other kinds; None for a
+             family that is no path between noise and data (a one-step regressor)
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type]
     solvers: ClassVar[tuple[str, ...]]
+    path: ProbabilityPath | None = None
 
     def __init__(self, config: Any):
         self.config = config
