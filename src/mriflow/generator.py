@@ -131,7 +131,7 @@ class Generator:
 
     def draw_latents(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
                      settings: Mapping[str, Any], spatial: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """Scaled latents (B, C, d, h, w), one per seed (see flow.sampling.sample_seed), and the NFE per sample.
+        """Scaled latents (B, C, d, h, w), one per seed (see utils.seeding.sample_seed), and the NFE per sample.
         `spatial` (1 or B, S, d, h, w): the condition of a label-conditioned model (see `label_condition`)."""
         shape = (len(sample_seeds), *self.latent_shape)
         net = self.velocity_net

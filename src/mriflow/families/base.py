@@ -66,6 +66,6 @@ class Family:
     def sample(self, net: nn.Module, shape: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
                settings: Mapping[str, Any], device: torch.device | str,
                sample_seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
-        """Latents (B, C, d, h, w) from noise, one per seed (mriflow.flow.sampling.sample_seed; None: the
+        """Latents (B, C, d, h, w) from noise, one per seed (mriflow.utils.seeding.sample_seed; None: the
         seeds of samples 0 … B − 1 of seed 0), and the network evaluations per sample."""
         raise NotImplementedError

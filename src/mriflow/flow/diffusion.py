@@ -199,7 +199,7 @@ def sample_diffusion(
     eta: float | None = None,
     sample_seeds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Latents (B, C, D, H, W) and the NFE per sample, with the seeding of mriflow.flow.sampling.
+    """Latents (B, C, D, H, W) and the NFE per sample, with the seeding of mriflow.utils.seeding.
 
     method "ddim" uses η = 0, "ddpm" η = 1, unless `eta` is given. The per-step noise of
     sample i comes from its own generator, so sample i does not depend on the batch;
