@@ -46,6 +46,7 @@ from mriflow.data.io import load_volume
 from mriflow.data.labels import tissue_lookup
 from mriflow.models.anatomy import ANATOMY_METADATA_KEY, ANATOMY_RECORD_KEY, AnatomyEncoder, AnatomyEncoderConfig
 from mriflow.train import loop
+from mriflow.utils.seeding import seed_everything
 from mriflow.train.labels import mean_dice, read_label_map, tissue_targets
 from mriflow.utils.files import sha256
 
@@ -300,7 +301,7 @@ def train_anatomy(
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(config.loop.device)
     try:
-        loop.seed_everything(config.loop.seed)  # identical initial weights in every process
+        seed_everything(config.loop.seed)  # identical initial weights in every process
         if init is not None:
             network, _ = load_anatomy_weights(init, network_config, fine_tune=True)
             initialised_from = {"weights": str(init), "sha256": sha256(init), "grid": _metadata(Path(init))[0]["grid"]}
