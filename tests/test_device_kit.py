@@ -1,4 +1,5 @@
-"""The device kit's rehearsal: pack -> run J1a -> run J1b -> land -> generate, on the CPU, on phantoms.
+"""The device kit's rehearsal: pack -> run J1a -> run J1b -> land -> generate, and pack -> run J2 -> land (the
+anatomy network, calibrated and measured here), on the CPU, on phantoms.
 
 This is the code path a lent GPU runs (benchmarks/device/README.md), with a few steps, so the
 first GPU call works; the GPU only changes the device, the preset's batch size and the step count.
@@ -15,10 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import head_phantom
+from conftest import PHANTOM_MUSE_LABELS, PHANTOM_REGIONS, head_phantom
 from mriflow import checkpoint as ckpt
 from mriflow.config import Grid
 from mriflow.data.io import load_volume, save_volume, template_affine
+from mriflow.data.labels import tissue_lookup, tissue_map
+from mriflow.train.labels import read_label_map
 
 KIT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "device"
 sys.path.insert(0, str(KIT_DIR.parent))
@@ -42,9 +45,14 @@ def prepared(tmp_path_factory):
         subject = f"sub{i:02d}"
         save_volume(root / "images" / f"{subject}.nii.gz", image / image.max(), affine)
         save_volume(root / "masks" / f"{subject}.nii.gz", (labels > 0).astype(np.uint8), affine, dtype=np.uint8)
+        muse = np.zeros(SHAPE, np.int16)  # a DLMUSE-like label map of the phantom's classes
+        for phantom_class, label in PHANTOM_MUSE_LABELS.items():
+            muse[labels == phantom_class] = label
+        save_volume(root / "labels" / f"{subject}.nii.gz", muse, affine, dtype=np.int16)
         rows.append({"subject": subject, "image": f"images/{subject}.nii.gz", "mask": f"masks/{subject}.nii.gz",
-                     "labels": "", "split": split, "age": 20.0 + 9 * i, "sex": "FM"[i % 2]})
+                     "labels": f"labels/{subject}.nii.gz", "split": split, "age": 20.0 + 9 * i, "sex": "FM"[i % 2]})
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    PHANTOM_REGIONS.to_csv(root / "muse_regions.csv", index=False)  # what land.py's --regions folder holds
     (root / "prepare.json").write_text(json.dumps({"preset": "test", "affine": affine.tolist(), "records": [1, 2]}))
     return root
 
@@ -52,7 +60,8 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def kit(prepared, tmp_path_factory):
     folder = tmp_path_factory.mktemp("kit")
-    assert pack.main(["--data", str(prepared), "--kit", str(folder), "--no-wheels"]) == 0
+    assert pack.main(["--data", str(prepared), "--kit", str(folder), "--no-wheels",
+                      "--regions", str(prepared / "muse_regions.csv")]) == 0
     return folder
 
 
@@ -71,6 +80,14 @@ def test_the_packed_data_unpacks_to_the_same_prepared_dataset_less_the_test_spli
         assert np.array_equal(load_volume(prepared / a["mask"])[0], load_volume(unpacked / b["mask"])[0])
         assert np.allclose(affine, affine_copy)
     assert "records" not in json.loads((unpacked / "prepare.json").read_text())
+    # the label maps travel as tissue classes and come back as label maps that give the same classes
+    assert record["data"]["tissue_maps"] and 0 < record["data"]["tissue_bytes"] < record["data"]["bytes"]
+    label_map = pack.label_map(unpacked)
+    assert label_map == read_label_map(prepared / "muse_regions.csv")
+    lookup = tissue_lookup(label_map)
+    for (_, a), (_, b) in zip(original.head(6).iterrows(), copy.iterrows()):
+        assert np.array_equal(tissue_map(load_volume(prepared / a["labels"])[0], lookup),
+                              tissue_map(load_volume(unpacked / b["labels"])[0], lookup))
 
 
 def test_the_travelling_tree_counts_tracked_files_and_the_kit():
@@ -145,6 +162,47 @@ def test_rehearsal_of_the_2mm_model_jobs_lands_a_model_that_generates(kit, prepa
     generator = load_generator(tmp_path / "2mm" / "flow", device="cpu")
     volumes, nfe = generator.sample([0], None, generator.sampling_settings("euler", 1))
     assert volumes.shape == (1, *SHAPE) and nfe == 1 and np.isfinite(volumes).all()
+
+
+def test_rehearsal_of_the_anatomy_job_lands_a_network_measured_here_that_segments(kit, prepared, tmp_path):
+    from mriflow.evaluate.backbones import AnatomyBackbone
+    from mriflow.models.anatomy import read_anatomy_config
+
+    out = tmp_path / "J2"
+    assert run.main(["J2", "--minutes", "5", "--out", str(out), "--kit", str(kit), "--rehearse"]) == 0
+    record = json.loads((out / "result.json").read_text())
+    assert record["status"] == "done", record.get("traceback")
+    assert record["result"]["steps"] == 4 and record["result"]["validation_subjects"] == 2
+    assert 1 <= record["result"]["best_step"] <= 4 and record["result"]["validation"]["dice"] >= 0
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
+        "anatomy.safetensors", "log.csv", "montage.png", "result.json", "validation.csv"]
+    assert run.check_outputs(out) == []
+    config, training = read_anatomy_config(out / "anatomy.safetensors")
+    assert config.label_map == read_label_map(prepared / "muse_regions.csv")  # the DLMUSE map, not the carried classes
+    assert training["best_step"] == record["result"]["best_step"] and "J2" in training["commands"][0]
+
+    # land: refused without the test split's folder; then calibrated and measured here, and only then installed
+    queue, document, results = tmp_path / "queue.yaml", tmp_path / "docs" / "benchmarks.md", tmp_path / "results"
+    shutil.copy(jobqueue.QUEUE, queue)
+    document.parent.mkdir()
+    target = tmp_path / "weights" / "anatomy-2mm.safetensors"
+    places = {"J2": ("anatomy.safetensors", target)}
+    with pytest.raises(ValueError, match="--data"):
+        land.land(out, document=document, results=results, queue=queue, places=places, regions=prepared)
+    assert not target.exists()
+    landed = land.land(out, prepared, document=document, results=results, queue=queue, places=places, regions=prepared)
+    assert landed["test"]["subjects"] == 1 and 0 <= landed["test"]["dice_white_matter"] <= 1
+    text = document.read_text()
+    assert "## anatomy backbone: test" in text and "## device J2" in text and "Test split, measured here" in text
+    assert json.loads((results / "anatomy-test.json").read_text())["commands"][0] == training["commands"][0]
+    backbone = AnatomyBackbone(target)
+    assert backbone.network.feature_std.ne(1).any()  # calibrated here (the device does not calibrate)
+    segmentation = backbone.segment(np.zeros((1, 1, *SHAPE), np.float32))
+    assert segmentation.shape == (1, *SHAPE)
+    _, jobs = jobqueue.load(queue)
+    assert next(job for job in jobs if job["id"] == "J2")["status"] == "done"
+    with pytest.raises(FileExistsError, match="--replace"):
+        land.land(out, prepared, document=document, results=results, queue=queue, places=places, regions=prepared)
 
 
 def test_a_failed_job_comes_back_with_its_error_and_is_not_landed(kit, tmp_path):

@@ -8,6 +8,11 @@ FILES_AT is the device tool's files_at folder (run.py's --out). By job:
   with its test split), the reconstruction is measured here on the test split, which never travels.
 - J1b: flow/ -> src/mriflow/weights/2mm/flow/ (beside the autoencoder it was trained on, whose
   checksum it records).
+- J2: anatomy.safetensors (the selected, uncalibrated network) is calibrated and measured here by
+  `benchmarks/anatomy.py --init FILE --epochs 0` on --data (a 2 mm prepared folder with its label maps
+  and test split, which never travels) and --regions; only then is it written to
+  src/mriflow/weights/anatomy-2mm.safetensors, with benchmarks/results/anatomy-2mm.json and the
+  "## anatomy backbone: 2mm" section.
 - J5: its result JSON -> benchmarks/results/, its sections -> docs/benchmarks.md.
 
 Every job: result.json -> benchmarks/results/device-<job>.json, log.csv beside it, montage ->
@@ -34,11 +39,14 @@ from common import DOCUMENT, RESULTS, link, replace_section  # noqa: E402
 import jobqueue  # noqa: E402
 
 WEIGHTS_2MM = ROOT / "src" / "mriflow" / "weights" / "2mm"
-PLACES = {"J1a": ("autoencoder", WEIGHTS_2MM / "autoencoder"), "J1b": ("flow", WEIGHTS_2MM / "flow")}
+PLACES = {"J1a": ("autoencoder", WEIGHTS_2MM / "autoencoder"), "J1b": ("flow", WEIGHTS_2MM / "flow"),
+          "J2": ("anatomy.safetensors", ROOT / "src" / "mriflow" / "weights" / "anatomy-2mm.safetensors")}
+REGIONS = ROOT.parent / "shared" / "data" / "ixi"  # muse_regions.csv (and region_volumes.csv) of the label maps
 
 
 def land(files: Path, data: Path | None = None, replace: bool = False, document: Path = DOCUMENT,
-         results: Path = RESULTS, queue: Path = jobqueue.QUEUE, places: dict | None = None) -> dict:
+         results: Path = RESULTS, queue: Path = jobqueue.QUEUE, places: dict | None = None,
+         regions: Path = REGIONS) -> dict:
     """Land the job in `files`; returns its record (result.json) with what was measured here."""
     from mriflow import checkpoint as ckpt
 
@@ -49,7 +57,11 @@ def land(files: Path, data: Path | None = None, replace: bool = False, document:
                          "it stays open in the queue")
     places = PLACES if places is None else places
     lines = []
-    if job in places:
+    if job == "J2":
+        record["test"], line = land_anatomy(files / places[job][0], places[job][1], data, regions, replace, document,
+                                            results)
+        lines.append(line)
+    elif job in places:
         name, target = places[job]
         if target.exists() and not replace:
             raise FileExistsError(f"{target} exists; pass --replace to put the new weights there")
@@ -89,6 +101,35 @@ def land(files: Path, data: Path | None = None, replace: bool = False, document:
     return record
 
 
+def land_anatomy(weights: Path, target: Path, data: Path | None, regions: Path, replace: bool, document: Path,
+                 results: Path) -> tuple[dict, str]:
+    """Calibrate and measure the anatomy network `weights` here (benchmarks/anatomy.py --epochs 0: features and sex
+    read-out fitted on the train and val splits, figures on the test split), writing it to `target` only once measured.
+    Returns (test figures, a line for the summary)."""
+    import anatomy as benchmark
+
+    if data is None:
+        raise ValueError("J2: pass --data, a 2 mm prepared folder with label maps and its test split: the anatomy "
+                         "network is calibrated and measured here before it is installed")
+    if target.exists() and not replace:
+        raise FileExistsError(f"{target} exists; pass --replace to put the new weights there")
+    benchmark.main(["--data", str(data), "--regions", str(regions), "--init", str(weights), "--epochs", "0",
+                    "--out", str(target), "--document", str(document), "--results", str(results)])
+    measured = json.loads((results / f"anatomy-{_grid(target)}.json").read_text())["test"]
+    test = {"subjects": measured["subjects"], "age_mae_years": round(measured["age_mae_years"], 2),
+            "sex_accuracy": round(measured["sex_accuracy"], 3),
+            **{f"dice_{name}": round(value, 3) for name, value in measured["dice"].items()}}
+    shown = target.relative_to(ROOT) if target.is_relative_to(ROOT) else target
+    return test, (f"Weights: `{shown}` ({target.stat().st_size / 1e6:.1f} MB, kernels float16), calibrated and "
+                  f"measured here: see its \"## anatomy backbone\" section.")
+
+
+def _grid(weights: Path) -> str:
+    from mriflow.models.anatomy import read_anatomy_config
+
+    return read_anatomy_config(weights)[0].grid
+
+
 def sections(path: Path) -> list[tuple[str, str]]:
     """The '## ' sections of a markdown file, as (header, body)."""
     found, header, body = [], None, []
@@ -115,7 +156,10 @@ def summary_text(record: dict, path: Path, document: Path, lines: list[str]) -> 
     if "validation" in result:
         text.append("Validation split, on the GPU (" + str(result["validation_subjects"]) + " subjects): "
                     + ", ".join(f"{k} {v:.4f}" for k, v in result["validation"].items()) + ".")
-    if "test" in record:
+    if "test" in record and record["job"] == "J2":
+        text.append(f"Test split, measured here ({record['test']['subjects']} subjects): "
+                    + ", ".join(f"{k} {v}" for k, v in record["test"].items() if k != "subjects") + ".")
+    elif "test" in record:
         text.append(f"Test split, measured here ({record['test_subjects']} subjects): "
                     + ", ".join(f"{k} {v}" for k, v in record["test"].items())
                     + f". Montage: `docs/device_{record['job']}_test.png`.")
@@ -126,11 +170,13 @@ def summary_text(record: dict, path: Path, document: Path, lines: list[str]) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", help="what the device job returned (the device tool's files_at)")
-    parser.add_argument("--data", help="J1a: a 2 mm prepared folder with a test split, to measure the reconstruction here")
+    parser.add_argument("--data", help="J1a, J2: a 2 mm prepared folder with a test split (J2: and label maps), to "
+                        "measure the job's network here")
+    parser.add_argument("--regions", default=str(REGIONS), help="J2: folder with the label maps' muse_regions.csv")
     parser.add_argument("--replace", action="store_true", help="replace weights already in place")
     args = parser.parse_args(argv)
     try:
-        record = land(Path(args.files), Path(args.data) if args.data else None, args.replace)
+        record = land(Path(args.files), Path(args.data) if args.data else None, args.replace, regions=Path(args.regions))
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"land: {error}", file=sys.stderr)
         return 2

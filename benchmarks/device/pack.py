@@ -8,14 +8,18 @@ tensorboard, einops and torchdiffeq, but not monai, nibabel or dacite. This scri
     .device/wheels/*.whl      monai, nibabel and dacite at the versions installed here (pure-Python wheels)
     .device/data.npz.xz       the prepared dataset's volumes of the chosen splits: images as uint8
                               (round(255 x), lossless for training: the step 1/255 is 0.002, 20x below
-                              the reconstruction error targets), brain masks as packed bits, the manifest
-                              rows and prepare.json; xz-compressed (about 0.2 MB a 2 mm volume)
+                              the reconstruction error targets), brain masks as packed bits, the label
+                              maps as uint8 tissue classes (mriflow.data.labels; what the anatomy network
+                              and the label decoder learn) with the label map that made them, the manifest
+                              rows and prepare.json; xz-compressed (about 0.2 MB a 2 mm volume, 0.04 MB
+                              a tissue map)
     .device/pack.json         what is inside, with sizes and the sha256 of every file
 
 and then adds up the whole tree that would travel, refusing (exit 2) when it is over the limit.
 `run.py` reads the data back (`unpack`) into an ordinary prepared folder.
 
     python benchmarks/device/pack.py --data data/ixi2                   # train + val splits, wheels
+    python benchmarks/device/pack.py --data data/ixi2 --regions ../shared/data/ixi/muse_regions.csv
     python benchmarks/device/pack.py --data data/ixi2 --splits train --no-wheels
 """
 
@@ -43,10 +47,14 @@ WHEELS = ("monai", "nibabel", "dacite")  # what the training imports that the GP
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
-def pack_data(data_dir: Path, splits: tuple[str, ...], target: Path) -> dict:
-    """Write the volumes of `splits` of prepared folder `data_dir` to `target` (see the module docstring)."""
+def pack_data(data_dir: Path, splits: tuple[str, ...], target: Path, label_map: dict[str, str] | None = None) -> dict:
+    """Write the volumes of `splits` of prepared folder `data_dir` to `target` (see the module docstring). The label
+    maps travel as tissue classes by `label_map` (DLMUSE label -> class; default: the shipped anatomy network's)
+    when every carried subject has one."""
     from mriflow.data.dataset import read_manifest
     from mriflow.data.io import load_volume
+    from mriflow.data.labels import tissue_lookup
+    from mriflow.train.labels import read_label_map, tissue_targets
 
     manifest = read_manifest(data_dir)
     rows = manifest[manifest["split"].isin(splits)].reset_index(drop=True)
@@ -58,6 +66,12 @@ def pack_data(data_dir: Path, splits: tuple[str, ...], target: Path) -> dict:
         mask, _ = load_volume(data_dir / mask_file)
         images.append(np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8))
         masks.append(np.packbits(mask > 0))
+    labelled = "labels" in rows and rows["labels"].map(lambda v: isinstance(v, str) and bool(v)).all()
+    tissue = {}
+    if labelled:
+        label_map = label_map if label_map is not None else read_label_map(None)
+        tissue = {"tissue": tissue_targets(data_dir, rows["subject"].astype(str).tolist(), tissue_lookup(label_map)).numpy(),
+                  "label_map": np.frombuffer(json.dumps(label_map).encode(), np.uint8)}
     preparation_file = data_dir / "prepare.json"
     preparation = json.loads(preparation_file.read_text()) if preparation_file.is_file() else {}
     preparation.pop("records", None)
@@ -65,22 +79,38 @@ def pack_data(data_dir: Path, splits: tuple[str, ...], target: Path) -> dict:
     buffer = io.BytesIO()
     np.savez(buffer, images=np.stack(images), masks=np.stack(masks),
              manifest=np.frombuffer(table.to_csv(index=False).encode(), np.uint8),
-             preparation=np.frombuffer(json.dumps(preparation).encode(), np.uint8))
+             preparation=np.frombuffer(json.dumps(preparation).encode(), np.uint8), **tissue)
     target.write_bytes(lzma.compress(buffer.getvalue(), preset=6))
-    return {"source": str(data_dir.resolve()), "splits": list(splits), "subjects": len(rows),
-            "shape": list(images[0].shape), "bytes": target.stat().st_size}
+    record = {"source": str(data_dir.resolve()), "splits": list(splits), "subjects": len(rows),
+              "shape": list(images[0].shape), "bytes": target.stat().st_size, "tissue_maps": bool(labelled)}
+    if labelled:  # what the tissue maps add, measured alone
+        record["tissue_bytes"] = len(lzma.compress(tissue["tissue"].tobytes(), preset=6))
+    return record
 
 
 def unpack(kit: Path, out: Path) -> Path:
-    """Rebuild a prepared folder (uncompressed .nii volumes, manifest.csv, prepare.json) from `kit`'s data."""
+    """Rebuild a prepared folder (uncompressed .nii volumes, manifest.csv, prepare.json) from `kit`'s data.
+
+    Tissue maps, when carried, come back as label maps (labels/) that hold for every class the smallest DLMUSE
+    label the carried label map gives it, so `tissue_map` with that label map (written as label_map.json; see
+    `label_map`) returns exactly the carried classes, and a network trained on them records the real mapping."""
     import pandas as pd
 
     from mriflow.data.io import save_volume
+    from mriflow.data.labels import TISSUE_CLASSES
 
     with np.load(io.BytesIO(lzma.decompress((kit / DATA_FILE).read_bytes()))) as arrays:
         images, masks = arrays["images"], arrays["masks"]
         table = pd.read_csv(io.BytesIO(arrays["manifest"].tobytes()), dtype={"subject": str})
         preparation = json.loads(arrays["preparation"].tobytes())
+        tissue = arrays["tissue"] if "tissue" in arrays else None
+        label_map = json.loads(arrays["label_map"].tobytes()) if "label_map" in arrays else None
+    if label_map is not None:
+        representative = np.zeros(len(TISSUE_CLASSES), np.int16)  # class index -> a DLMUSE label of it
+        for label, name in sorted(label_map.items(), key=lambda item: -int(item[0])):
+            representative[TISSUE_CLASSES.index(name)] = int(label)
+        (out / "label_map.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "label_map.json").write_text(json.dumps(label_map, indent=1))
     affine = np.asarray(preparation["affine"], dtype=np.float64)
     shape = images.shape[1:]
     rows = []
@@ -89,13 +119,23 @@ def unpack(kit: Path, out: Path) -> Path:
         save_volume(out / "images" / f"{subject}.nii", images[i].astype(np.float32) / 255.0, affine)
         mask = np.unpackbits(masks[i])[: int(np.prod(shape))].reshape(shape)
         save_volume(out / "masks" / f"{subject}.nii", mask, affine, dtype=np.uint8)
-        rows.append({"subject": subject, "image": f"images/{subject}.nii", "mask": f"masks/{subject}.nii", "labels": "",
+        labels = ""
+        if tissue is not None:
+            labels = f"labels/{subject}.nii"
+            save_volume(out / labels, representative[tissue[i]], affine, dtype=np.int16)
+        rows.append({"subject": subject, "image": f"images/{subject}.nii", "mask": f"masks/{subject}.nii", "labels": labels,
                      **{k: v for k, v in row.items() if k != "subject"}})
     columns = ["subject", "image", "mask", "labels", "split"]
     frame = pd.DataFrame(rows)
     frame[columns + [c for c in frame.columns if c not in columns]].to_csv(out / "manifest.csv", index=False)
     (out / "prepare.json").write_text(json.dumps(preparation, indent=1))
     return out
+
+
+def label_map(data: Path) -> dict[str, str] | None:
+    """The label map of an unpacked folder's label maps (None when no tissue maps travelled)."""
+    path = data / "label_map.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def download_wheels(target: Path) -> list[dict]:
@@ -129,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="prepared dataset (mriflow prepare --preset 2mm)")
     parser.add_argument("--splits", default="train,val", help="splits to carry (default train,val; test stays here)")
     parser.add_argument("--kit", default=str(KIT), help="output folder (default .device in the repository root)")
+    parser.add_argument("--regions", help="the label maps' region list (muse_regions.csv: index,name) that makes them "
+                        "tissue classes (default: the shipped anatomy network's label map)")
     parser.add_argument("--no-wheels", action="store_true",
                         help="download no wheels (CPU rehearsal, or those already in the kit are kept)")
     args = parser.parse_args(argv)
@@ -139,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     kit.mkdir(parents=True, exist_ok=True)
+    from mriflow.train.labels import read_label_map
+
     record = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "data": pack_data(data_dir, tuple(args.splits.split(",")), kit / DATA_FILE),
+              "data": pack_data(data_dir, tuple(args.splits.split(",")), kit / DATA_FILE,
+                                None if args.regions is None else read_label_map(args.regions)),
               "wheels": [{"file": w.name} for w in sorted((kit / "wheels").glob("*.whl"))] if args.no_wheels
               else download_wheels(kit / "wheels")}
     from mriflow.utils.files import sha256
@@ -151,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(size for _, size in files)
     record["travelling_bytes"] = total
     (kit / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"packed {record['data']['subjects']} subjects ({record['data']['bytes'] / 2**20:.1f} MiB) and "
+    tissue = (f", tissue maps {record['data']['tissue_bytes'] / 2**20:.1f} MiB of it" if record["data"]["tissue_maps"]
+              else "; no tissue maps (not every subject has a label map)")
+    print(f"packed {record['data']['subjects']} subjects ({record['data']['bytes'] / 2**20:.1f} MiB{tissue}) and "
           f"{len(record['wheels'])} wheels into {kit}")
     print(f"travelling: {total / 2**20:.1f} MiB of {TRAVEL_LIMIT / 2**20:.0f} MiB; largest: "
           + ", ".join(f"{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p} {s / 2**20:.1f}" for p, s in files[:5]))

@@ -17,8 +17,10 @@ estimate was optimistic. `--rehearse` runs the same code path on the CPU with a 
 no wheels (CI does, so the first GPU call works).
 
 Jobs: J1a autoencoder-base at 2 mm; J1b flow-base at 2 mm on the committed 2 mm autoencoder;
-J4 the 1 mm presets' speed and memory and the torchrun/NCCL paths; J5 generation seconds per
-volume of the shipped models on the GPU. J2 and J3 are in queue.yaml, waiting for their code here.
+J2 the anatomy network at 2 mm from scratch (on the carried tissue maps; land.py calibrates and
+measures it on the test split); J4 the 1 mm presets' speed and memory and the torchrun/NCCL paths;
+J5 generation seconds per volume of the shipped models on the GPU. J3 is in queue.yaml, waiting
+for its code here.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Job:
     deadline: float  # time.monotonic() by which everything must be written
     rehearse: bool
     autoencoder: Path
+    command: str = ""  # the run.py command line, for records that travel with the weights
 
     def seconds_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -175,6 +178,73 @@ def flow_job(job: Job) -> dict[str, Any]:
             "steps": result["step"], "final_metrics": result.get("metrics")}
 
 
+def anatomy_job(job: Job) -> dict[str, Any]:
+    """J2: the anatomy network on the 2 mm training split's tissue maps, from scratch (anatomy-small with the 4 mm
+    recipe's learning rate, since nothing is fine-tuned), selected on the carried val split about 20 times in the run.
+    Writes the selected EMA weights in the backbone's format (kernels fp16) with a training record that
+    `benchmarks/anatomy.py --init FILE --epochs 0` (land.py) accepts: the calibration and the test split are here's."""
+    import torch
+
+    from mriflow.data.dataset import read_manifest
+    from mriflow.models.anatomy import save_anatomy_encoder
+    from mriflow.train.anatomy import anatomy_network, load_config, train_anatomy
+    from pack import label_map
+
+    labels = label_map(job.data)
+    if labels is None:
+        raise FileNotFoundError(f"{job.data}: the kit carries no tissue maps; pack a prepared folder with label maps")
+    config = load_config("small")
+    # from scratch: the 4 mm recipe's rate; augmentation on the CPU in 4 loader processes beside the GPU (the
+    # same draws as in one: they are a function of (seed, epoch, item); rehearsal_loop sets 0 on the CPU)
+    config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, lr=load_config("tiny").loop.lr,
+                                                                  num_workers=4))
+    probe = dataclasses.replace(config, loop=probe_loop(config.loop, job.rehearse))
+    started = time.monotonic()
+    train_anatomy(job.data, job.work / "probe", config=probe, label_map=labels, stop_at_step=probe_steps(job.rehearse))
+    rate = steps_per_second(job.work / "probe" / "log.csv", probe.loop.batch_size * probe.loop.grad_accumulation)
+    probe_seconds = time.monotonic() - started
+    seconds = job.seconds_left() - RESERVE_SECONDS * (not job.rehearse)
+    steps = fit_steps(rate, seconds, job.rehearse)
+    loop = fitted_loop(config.loop, steps, job.rehearse)
+    splits = read_manifest(job.data)["split"]
+    per_epoch = max(1, int((splits == "train").sum()) // loop.batch_size)
+    # validate (and checkpoint) once an epoch, at most about 20 times: each costs a pass over the val split
+    loop = dataclasses.replace(loop, checkpoint_every=max(per_epoch, steps // 20), keep_checkpoints=1)
+    config = dataclasses.replace(config, loop=loop)
+    run = job.work / "run"
+    result = train_anatomy(job.data, run, config=config, label_map=labels, max_minutes=max(seconds, 1.0) / 60)
+    best = result["best"]
+    if best is None:
+        raise RuntimeError(f"{run}: no finite validation loss in {result['step']} steps; nothing to select")
+    training_seconds = time.monotonic() - started
+    with open(run / "validation.csv", newline="") as stream:
+        history = [{"epoch": round(int(row["step"]) / per_epoch, 2), "step": int(row["step"]),
+                    **{f"val_{k}": round(float(v), 4) for k, v in row.items() if k != "step"}}
+                   for row in csv.DictReader(stream)]
+    record = {"commands": [job.command],
+              "epochs_run": round(result["step"] / per_epoch, 2), "best_epoch": round(best["step"] / per_epoch, 2),
+              "steps": result["step"], "best_step": best["step"], "batch_size": loop.batch_size, "lr": loop.lr,
+              "loss_weights": {"age": config.age_weight, "sex": config.sex_weight},
+              "schedule": f"linear warm-up over {loop.warmup_steps} steps, cosine decay; EMA {loop.ema_decay}; AdamW "
+                          f"weight decay {loop.weight_decay}; selected on the val split every {loop.checkpoint_every} steps",
+              "trained_on": f"an {device_record()['device']}" if not job.rehearse else "the CPU (rehearsal)",
+              "train_minutes": round(training_seconds / 60, 1), "history": history}
+    save_anatomy_encoder(job.out / "anatomy.safetensors", anatomy_network(best["checkpoint"]), record=record,
+                         dtype=torch.float16)
+    shutil.copy(run / "log.csv", job.out / "log.csv")
+    shutil.copy(run / "validation.csv", job.out / "validation.csv")
+    montages = sorted((run / "montages").glob("*.png"))
+    if montages:
+        shutil.copy(montages[-1], job.out / "montage.png")
+    return {"stage": "anatomy", "preset": "small", "probe": {"steps_per_second": round(rate, 3),
+                                                              "seconds": round(probe_seconds, 1)},
+            "schedule": {"max_steps": steps, "warmup_steps": loop.warmup_steps, "ema_decay": loop.ema_decay,
+                         "lr": loop.lr, "checkpoint_every": loop.checkpoint_every},
+            "steps": result["step"], "best_step": best["step"],
+            "validation": {k: round(v, 4) for k, v in best["validation"].items()},
+            "validation_subjects": int((splits == "val").sum())}
+
+
 class RandomVolumes:
     """`count` items of random inputs of one shape, for throughput and memory where the content does not matter."""
 
@@ -278,8 +348,8 @@ def generation_job(job: Job) -> dict[str, Any]:
     return {"stage": "generate", "models": models, "sections": sections}
 
 
-JOBS: dict[str, Callable[[Job], dict[str, Any]]] = {"J1a": autoencoder_job, "J1b": flow_job, "J4": large_presets_job,
-                                                  "J5": generation_job}
+JOBS: dict[str, Callable[[Job], dict[str, Any]]] = {"J1a": autoencoder_job, "J1b": flow_job, "J2": anatomy_job,
+                                                  "J4": large_presets_job, "J5": generation_job}
 
 
 # ---- outputs --------------------------------------------------------------------------------------
@@ -370,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(folder)
             data = unpack(kit, work / "data") if args.job != "J5" else work
             record["unpack_seconds"] = round(time.monotonic() - begun, 1)
-            job = Job(data, work, out, deadline, args.rehearse, Path(args.autoencoder).resolve())
+            job = Job(data, work, out, deadline, args.rehearse, Path(args.autoencoder).resolve(), record["command"])
             record["result"] = JOBS[args.job](job)
         record["status"] = "done"
     except Exception as error:  # the record comes back either way: say what failed, with its traceback

@@ -158,3 +158,13 @@ def test_a_prepared_folder_without_a_val_split_is_refused(tmp_path):
     data = write_labelled(tmp_path / "data")
     with pytest.raises(ValueError, match="no 'val' split"):
         train_anatomy(data, tmp_path / "run", config=small_config(), regions=data / "regions.csv")
+
+
+def test_data_loading_workers_change_nothing(tmp_path):
+    # augmentation drawn by (seed, epoch, item), so the device job may load with workers
+    data = labelled(tmp_path / "data")
+    for workers in (0, 2):
+        config = small_config(max_steps=4, checkpoint_every=4, log_every=1, montage_every=100, num_workers=workers)
+        train_anatomy(data, tmp_path / f"workers-{workers}", config=config, regions=data / "regions.csv")
+    serial, parallel = read_log(tmp_path / "workers-0"), read_log(tmp_path / "workers-2")
+    assert [row["loss"] for row in serial] == [row["loss"] for row in parallel]
