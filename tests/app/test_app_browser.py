@@ -190,6 +190,12 @@ def test_generate_two_brains_side_by_side_view_scroll_and_download(browser, tmp_
         assert page.evaluate("window.mriflow.viewers.B.volumes[0].cal_max") == pytest.approx(0.6)
         set_range(page, "#zoom", 1.0)
         set_range(page, "#win-high", 1.0)
+        # a label map is offered, and shown over the image, exactly when the sample has one
+        has_labels = (tmp_path / "out" / page.evaluate("window.mriflow.state.B.folder") / "sample_00000_labels.nii.gz").exists()
+        assert page.locator("#downloads-B a[data-kind='label map']").count() == int(has_labels)
+        if has_labels:
+            page.check("#labels-B")
+            page.wait_for_function("window.mriflow.viewers.B.volumes.length === 2")
         page.wait_for_timeout(500)
         page.screenshot(path=str(screenshots / "app_generate.png"), full_page=True)
 
@@ -207,12 +213,13 @@ def test_generate_two_brains_side_by_side_view_scroll_and_download(browser, tmp_
             page.click("#downloads-A a[data-kind='sidecar (JSON)']")
         record = json.loads(Path(sidecar.value.path()).read_text())
         assert record["covariates"] == {"age": 30.0, "sex": "F"}
-        # a label map is offered and shown over the image exactly when the sample has one
-        has_labels = (tmp_path / "out" / page.evaluate("window.mriflow.state.A.folder") / "sample_00000_labels.nii.gz").exists()
-        assert page.locator("#downloads-A a[data-kind='label map']").count() == int(has_labels)
-        if has_labels:
-            page.check("#labels-A")
-            page.wait_for_function("window.mriflow.viewers.A.volumes.length === 2")
+        if has_labels:  # the label map downloads on A's grid
+            with page.expect_download() as labels:
+                page.click("#downloads-A a[data-kind='label map']")
+            assert labels.value.suggested_filename == "sample_00000_labels.nii.gz"
+            labels.value.save_as(tmp_path / "labels.nii.gz")
+            label_map = nib.load(str(tmp_path / "labels.nii.gz"))
+            assert np.allclose(label_map.affine, image.affine) and label_map.shape == image.shape
 
         page.click("nav a[href='/reports']")
         page.wait_for_selector("body[data-ready='1']")
