@@ -295,6 +295,37 @@ def report_outline(markdown):
     return outline
 
 
+def write_label_maps(fakes, shift=0):
+    """Each fake's tissue map as the shipped 4 mm anatomy network segments it (rolled by `shift` voxels)."""
+    from mriflow.evaluate.backbones.anatomy import AnatomyBackbone, anatomy_weights_for
+
+    network = AnatomyBackbone(anatomy_weights_for(GRID.shape))
+    for path in sorted(fakes.glob("sample_???.nii.gz")):
+        volume, affine = load_volume(path)
+        tissue = network.segment(np.clip(volume, 0, 1)[None, None]).numpy()[0].astype(np.uint8)
+        save_volume(path.with_name(path.name.replace(".nii.gz", "_labels.nii.gz")), np.roll(tissue, shift, 1), affine,
+                    dtype=np.uint8)
+
+
+def test_delivered_label_maps_are_scored_against_the_segmentation_of_their_own_images(prepared, tmp_path):
+    subjects = [f"sub{i:02d}" for i in range(10, 18)]
+    exact = write_fakes(tmp_path / "exact", prepared, subjects)
+    write_label_maps(exact)
+    shifted = write_fakes(tmp_path / "shifted", prepared, subjects)
+    write_label_maps(shifted, shift=4)
+    fits = evaluate_generation(prepared, exact, tmp_path / "a", **FAST)["label_fidelity"]
+    off = evaluate_generation(prepared, shifted, tmp_path / "b", **FAST)["label_fidelity"]
+    assert fits["generated"]["count"] == 8 and fits["generated"]["mean_dice"]["mean"] == pytest.approx(1.0)
+    assert off["generated"]["mean_dice"]["mean"] < 0.9
+    assert fits["real"] is None  # these real subjects have no label maps: no yardstick
+    assert "Label maps" in (tmp_path / "a" / "report.md").read_text()
+    (shifted / "sample_002_labels.nii.gz").unlink()
+    partial = evaluate_generation(prepared, shifted, tmp_path / "c", **FAST)["label_fidelity"]
+    assert "sample_002_labels.nii.gz" in partial["skipped"]
+    plain = write_fakes(tmp_path / "plain", prepared, subjects)
+    assert "no label maps" in evaluate_generation(prepared, plain, tmp_path / "d", **FAST)["label_fidelity"]["skipped"]
+
+
 def everything_case(prepared, folder):
     """A run that fills every part of the report: a reconstruction column, planted copies, a clipped volume,
     requested age, sex and ventricle volume (conditional fidelity and tissue volumes by the shipped network)."""
@@ -303,6 +334,7 @@ def everything_case(prepared, folder):
                         sidecar=lambda i, s: {"covariates": {"age": 30 + i, "sex": "FM"[i % 2], "ventricles": 20.0 + i}})
     volume, affine = load_volume(fakes / "sample_000.nii.gz")
     save_volume(fakes / "sample_000.nii.gz", volume * 1.2, affine)  # over 1: clipped, and a warning
+    write_label_maps(fakes)
 
     def reconstruct(volumes: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.avg_pool3d(volumes, 3, stride=1, padding=1, count_include_pad=False)

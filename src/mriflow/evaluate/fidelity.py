@@ -213,3 +213,65 @@ def _correlation(target: np.ndarray, measured: np.ndarray) -> dict | None:
     if keep.sum() < 3 or target[keep].std() == 0 or measured[keep].std() == 0:
         return None
     return {"pearson_r": float(np.corrcoef(target[keep], measured[keep])[0, 1]), "count": int(keep.sum())}
+
+
+@dataclass
+class LabelFidelity:
+    """Dice of label maps against the anatomy network's segmentation of their own images, per foreground class:
+    the generated volumes' delivered maps (sample_XXXXX_labels.nii.gz) and, as the yardstick, the real scans'
+    prepared label maps. (N, K - 1) arrays; `skipped` says why there are none."""
+
+    skipped: str | None = None
+    classes: tuple[str, ...] = ()
+    generated: np.ndarray | None = None
+    real: np.ndarray | None = None
+
+    def record(self) -> dict:
+        if self.skipped is not None:
+            return {"skipped": self.skipped}
+        from mriflow.evaluate.utility import bootstrap
+
+        def summary(scores: np.ndarray) -> dict:
+            return {"mean_dice": bootstrap(scores), "dice": {c: float(scores[:, k].mean()) for k, c in enumerate(self.classes)},
+                    "count": int(len(scores))}
+
+        return {"classes": list(self.classes), "generated": summary(self.generated),
+                "real": summary(self.real) if self.real is not None else None}
+
+
+def label_fidelity(predictions: AnatomyPredictions, sets: EvaluationSets) -> LabelFidelity:
+    """How well the label maps delivered with generated volumes match the volumes, next to real scans."""
+    import torch
+
+    from mriflow.data.io import load_volume
+    from mriflow.data.labels import tissue_lookup, tissue_map
+    from mriflow.evaluate.utility import dice_scores
+    from mriflow.generate_io import labels_name
+
+    label_files = [p.with_name(labels_name(name)) for p, name in zip(sets.generated, sets.generated_names)]
+    if not any(f.is_file() for f in label_files):
+        return LabelFidelity("the generated volumes have no label maps (generate with a label decoder)")
+    missing = [f.name for f in label_files if not f.is_file()]
+    if missing:
+        return LabelFidelity(f"{len(missing)} generated volumes have no label map (e.g. {missing[0]})")
+    predictor = predictions.predictor
+    if predictor is None or not hasattr(predictor, "segment"):
+        return LabelFidelity(predictions.unavailable or "the predictor does not segment")
+    classes = tuple(predictor.config.classes)
+
+    def segmented(paths: Sequence[Path]) -> torch.Tensor:
+        return torch.cat([predictor.segment(np.stack([read_clipped(p)[0] for p in paths[i:i + BATCH_SIZE]])[:, None])
+                          for i in range(0, len(paths), BATCH_SIZE)]).long()
+
+    delivered = torch.from_numpy(np.stack([np.rint(load_volume(f)[0]).astype(np.int64) for f in label_files]))
+    generated = dice_scores(segmented(sets.generated), delivered, len(classes))
+    real = None
+    if "labels" in sets.real_rows and sets.real_rows["labels"].notna().all() and predictor.config.label_map:
+        lookup = tissue_lookup(predictor.config.label_map)
+        try:
+            truth = torch.from_numpy(np.stack([tissue_map(load_volume(sets.real_dir / f)[0], lookup).astype(np.int64)
+                                               for f in sets.real_rows["labels"]]))
+            real = dice_scores(segmented(sets.real), truth, len(classes))
+        except ValueError:  # labels the network's map does not know: no yardstick, the generated figure stands
+            real = None
+    return LabelFidelity(None, classes[1:], generated, real)

@@ -53,7 +53,9 @@ from mriflow.data.io import load_volume, strip_nifti_suffix
 from mriflow.evaluate.backbones import Backbone, anatomy_weights_for, get_backbone
 from mriflow.evaluate.bootstrap import DEFAULT_ROUNDS, bootstrap as run_bootstrap, default_sample_size
 from mriflow.evaluate.diversity import DEFAULT_MAX_PAIRS, pairwise_ms_ssim
-from mriflow.evaluate.fidelity import anatomy_predictor, conditional_fidelity, morphometric_fidelity, predict_anatomy
+from mriflow.evaluate.fidelity import (
+    anatomy_predictor, conditional_fidelity, label_fidelity, morphometric_fidelity, predict_anatomy,
+)
 from mriflow.evaluate.memorization import DEFAULT_SMOOTHING_MM, masked_standardised, population_mask, smoothing_voxels
 from mriflow.evaluate.metrics import LOWER_IS_BETTER, median_bandwidth, psnr, set_metrics, ssim
 from mriflow.evaluate.privacy import privacy_audit
@@ -123,6 +125,8 @@ def evaluate_generation(
     laps.end("conditional_fidelity")
     anatomy = morphometric_fidelity(predictions, sets, metrics.rounds, seed)
     laps.end("morphometry")
+    labels = label_fidelity(predictions, sets)
+    laps.end("label_fidelity")
 
     result = {
         "mriflow_version": __version__,
@@ -144,6 +148,7 @@ def evaluate_generation(
         "memorization": privacy.record(),
         "conditional_fidelity": fidelity.record(),
         "morphometry": anatomy.record(),
+        "label_fidelity": labels.record(),
         "warnings": warnings,
     }
     montage = {

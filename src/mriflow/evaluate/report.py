@@ -300,6 +300,26 @@ def report_sections(result: dict, figures: dict[str, bytes]) -> list[Section]:
         if "morphometry" in figures:
             add(Figure("morphometry", "Tissue volume against age: real at their age, generated at the requested one."))
 
+    labels = result.get("label_fidelity")
+    if labels is not None:  # reports written before label maps existed have no such entry
+        sections.append(Section("Label maps"))
+        if "skipped" in labels:
+            add(f"Skipped: {labels['skipped']}.")
+        else:
+            def row(name: str, part: dict) -> list[str]:
+                mean = part["mean_dice"]
+                return [name, str(part["count"]), f"{mean['mean']:.3f} [{mean['low']:.3f}, {mean['high']:.3f}]",
+                        *(f"{part['dice'][c]:.3f}" for c in labels["classes"])]
+
+            rows = [row("generated: delivered label map", labels["generated"])]
+            if labels["real"] is not None:
+                rows.append(["real: prepared label map", *row("", labels["real"])[1:]])
+            add(Table(["label maps", "volumes", "mean Dice [95 % interval]", *(c.replace("_", " ") for c in labels["classes"])],
+                      rows))
+            add("Dice between each label map and the anatomy network's segmentation of its own image. The real row is "
+                "the yardstick: how well the network agrees with the real scans' own (DLMUSE) maps. A generated figure "
+                "near it says the delivered labels fit the generated images as well as real labels fit real scans.")
+
     if "montage" in figures:
         sections.append(Section("Examples"))
         add(Figure("montage", "Mid axial, coronal and sagittal slices of real and generated volumes."))
