@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence as torch_kl
 
-from mriflow.models.discriminators import DiscriminatorConfig, random_slices, slice_discriminator, take_slices
 from mriflow.models.losses import (
     adaptive_weight,
     discriminator_loss,
@@ -57,21 +56,6 @@ def test_feature_matching_compares_intermediate_features_only():
     real = [torch.ones(1, 2, 3), torch.zeros(1, 1)]
     assert feature_matching_loss(real, [torch.ones(1, 2, 3), torch.ones(1, 1)]).item() == 0.0  # logits ignored
     assert feature_matching_loss(real, [torch.full((1, 2, 3), 3.0), torch.zeros(1, 1)]).item() == pytest.approx(2.0)
-
-
-def test_slices_are_taken_at_the_drawn_positions_and_the_slice_critic_accepts_them():
-    volume = torch.rand(2, 1, 16, 20, 12)
-    generator = torch.Generator().manual_seed(3)
-    for _ in range(6):
-        axis, index = random_slices(volume.shape, 4, (0.25, 0.75), generator)
-        size = volume.shape[2 + axis]
-        assert index.shape == (2, 4) and index.min() >= int(0.25 * size) and index.max() < round(0.75 * size)
-        slices = take_slices(volume, axis, index)
-        assert slices.shape[:2] == (8, 1)
-        expected = volume[1, 0].select(axis, int(index[1, 2]))
-        assert torch.equal(slices[4 + 2, 0], expected)
-    critic = slice_discriminator(DiscriminatorConfig(slice_channels=4, slice_layers=2))
-    assert critic(take_slices(volume, 0, torch.zeros(2, 3, dtype=torch.long)))[-1].shape[0] == 6
 
 
 def test_perceptual_loss_from_a_local_file_checked_by_sha256(tmp_path):
