@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from common import DOCUMENT, RESULTS, ROOT, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.checkpoint import sha256
-from mriflow.data.dataset import read_manifest, read_preparation
+from mriflow.data.dataset import read_preparation
 from mriflow.data.labels import tissue_lookup, tissue_volumes_ml
 from mriflow.evaluate.backbones import AnatomyBackbone
 from mriflow.models.anatomy import AnatomyEncoder, save_anatomy_encoder
