@@ -43,6 +43,10 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
     if str(device) == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # else torch's AssertionError, deep in a .to()
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
+        raise ValueError(f"--device {device}: CUDA is not available on this machine ({build}); "
+                         "use --device cpu, or auto to take a GPU when there is one")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
