@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter
 from conftest import head_phantom
 from mriflow.checkpoint import sha256
 from mriflow.config import get_grid
-from mriflow.data.labels import BRAIN_CLASSES, TISSUE_CLASSES, muse_tissue_mapping, tissue_volumes_ml
+from mriflow.data.labels import TISSUE_CLASSES, tissue_volumes_ml
 from mriflow.evaluate import backbones as backbones_module
 from mriflow.evaluate.backbones import (
     AnatomyBackbone,
@@ -158,46 +158,6 @@ def test_radimagenet_2p5d_features_from_a_local_file(tmp_path):
         expected = network(slices).mean(dim=(2, 3)).mean(0).numpy()
     np.testing.assert_allclose(values[0, :2048], expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(values[0, :2048], values[0, 2048:4096])
-
-
-def test_muse_labels_map_to_tissue_classes_by_name():
-    regions = {1: "CortCSF", 4: "3rdVentricle", 51: "LateralVentricle_R", 49: "InfLatVentricle_R", 81: "Frontal_WM_R",
-               40: "Cerebellum_WM_L", 95: "CorpCall", 61: "VentralDC_R", 35: "BrainStem", 48: "Hippocampus_L",
-               59: "ThalamusProper_R", 182: "PrecentralGyrus_R", 38: "CerebellumExterior_R",
-               509: "Ventricles", 405: "Frontal_WM", 701: "TotalBrain"}
-    mapping = {label: TISSUE_CLASSES[index] for label, index in muse_tissue_mapping(regions).items()}
-    assert mapping == {1: "csf", 4: "ventricles", 51: "ventricles", 49: "ventricles", 81: "white_matter",
-                       40: "white_matter", 95: "white_matter", 61: "white_matter", 35: "brainstem",
-                       48: "grey_matter", 59: "grey_matter", 182: "grey_matter", 38: "grey_matter",
-                       46: "csf", 69: "white_matter"}  # composites (>= 300) skipped; 46 and 69 are unnamed labels
-
-
-def test_muse_mapping_reproduces_muse_composites(ixi_dir):
-    """Summed per class, the single regions give MUSE's own 509 Ventricles, 601 GM, 604 WM and 701 TotalBrain."""
-    import pandas as pd
-
-    regions = pd.read_csv(ixi_dir / "muse_regions.csv").set_index("index")["name"].to_dict()
-    volumes = pd.read_csv(ixi_dir / "region_volumes.csv", index_col=0).iloc[:5]
-    mapping = {label: TISSUE_CLASSES[index] for label, index in muse_tissue_mapping(regions).items()}
-    by_class = {name: sum(volumes[str(label)] for label, c in mapping.items() if c == name and str(label) in volumes)
-                for name in TISSUE_CLASSES[1:]}
-    np.testing.assert_allclose(by_class["ventricles"], volumes["509"])
-    np.testing.assert_allclose(by_class["grey_matter"], volumes["601"])
-    np.testing.assert_allclose(by_class["white_matter"], volumes["604"])
-    np.testing.assert_allclose(sum(by_class[name] for name in BRAIN_CLASSES), volumes["701"])
-
-
-def test_tissue_volumes_are_voxel_counts_times_voxel_volume():
-    segmentation = np.zeros((2, 4, 5, 6), np.int64)
-    segmentation[0, :2, :3, :1] = TISSUE_CLASSES.index("ventricles")  # 6 voxels
-    segmentation[0, 3, :, :] = TISSUE_CLASSES.index("grey_matter")  # 30 voxels
-    segmentation[1] = TISSUE_CLASSES.index("csf")
-    segmentation[1, 0, 0, 0] = TISSUE_CLASSES.index("brainstem")
-    volumes = tissue_volumes_ml(segmentation, TISSUE_CLASSES, voxel_mm=4.0)
-    np.testing.assert_allclose(volumes["ventricles"], [6 * 0.064, 0.0])
-    np.testing.assert_allclose(volumes["total_brain"], [36 * 0.064, 1 * 0.064])
-    np.testing.assert_allclose(volumes["csf"], [0.0, 119 * 0.064])
-    np.testing.assert_allclose(sum(volumes[c] for c in TISSUE_CLASSES), [120 * 0.064] * 2)
 
 
 def fresh_anatomy_weights(path, segment_as: str | None = None, dtype=torch.float32):
