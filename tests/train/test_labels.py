@@ -16,8 +16,6 @@ from mriflow.config import LoopConfig
 from mriflow.data.io import load_volume, save_volume
 from mriflow.data.labels import TISSUE_CLASSES, tissue_lookup, tissue_map
 from mriflow.generate import export_generator, export_labels, generate, load_generator
-from mriflow.models.autoencoder import Autoencoder
-from mriflow.models.label_decoder import LabelDecoder
 from mriflow.train.autoencoder import train_autoencoder
 from mriflow.families.flow import FlowTrainingConfig
 from mriflow.models.velocity import VelocityNetConfig
@@ -58,22 +56,6 @@ def test_region_names_map_the_label_maps_to_tissue_classes(tmp_path):
         tissue_map(np.array([0, 7]), lookup, "sub01.nii.gz")
     with pytest.raises(FileNotFoundError, match="--regions"):
         read_label_map(tmp_path / "absent.csv")
-
-
-def test_the_label_decoder_starts_from_the_image_decoder():
-    """Before training, each class's logits are the image decoder's output (pre-activation), voxel for voxel: the
-    output convolution is copied once per class in the channel order depth-to-space reads."""
-    torch.manual_seed(0)
-    autoencoder = tiny_config().model
-    autoencoder = Autoencoder(autoencoder).eval()
-    decoder = LabelDecoder.from_autoencoder(autoencoder).eval()
-    z = torch.randn(2, 2, 4, 5, 4)
-    with torch.no_grad():
-        image = autoencoder.decode(z) * 2 - 1  # the decoder's raw output
-        logits = decoder(z)
-    assert logits.shape == (2, len(TISSUE_CLASSES), 16, 20, 16)
-    for c in range(len(TISSUE_CLASSES)):
-        torch.testing.assert_close(logits[:, c], image[:, 0], rtol=1e-4, atol=1e-5)
 
 
 def test_the_label_stage_trains_through_the_loop_and_learns_the_label_maps(trained):
