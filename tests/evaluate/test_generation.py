@@ -9,10 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy.ndimage import gaussian_filter
 
-from conftest import head_phantom
-from mriflow.config import get_grid
+from evaluation_helpers import FAST, GRID, SPLITS, write_evaluation_set, write_fakes
 from mriflow.data.io import load_volume, save_volume, template_affine
 from mriflow.evaluate.backbones import AnatomyBackbone
 from mriflow.models.anatomy import AnatomyEncoder, AnatomyEncoderConfig, save_anatomy_encoder
@@ -20,50 +18,10 @@ from mriflow.evaluate.fidelity import anatomy_predictor
 from mriflow.evaluate.generation import evaluate_generation
 from mriflow.evaluate.sets import check_geometry
 
-GRID = get_grid("4mm")
-SPLITS = {"train": 10, "val": 8, "test": 8}
-FAST = {"bootstrap": 3, "diversity_pairs": 4, "progress": False, "backbone": "intensity"}
-
-
-def person(seed):
-    """A phantom subject at 4 mm: shared anatomy, an individual shift and smooth tissue variation."""
-    image, labels = head_phantom(GRID.shape, seed=seed)
-    rng = np.random.default_rng(seed)
-    variation = gaussian_filter(rng.normal(0, 1, GRID.shape), 2.0) * 600
-    image = np.clip(np.where(labels > 0, image + variation, image) / 1400.0, 0, 1)
-    shift = tuple(rng.integers(-2, 3, size=3))
-    image, brain = np.roll(image, shift, axis=(0, 1, 2)), np.roll(labels > 0, shift, axis=(0, 1, 2))
-    image[image < 0.05] = 0  # prepared volumes have a zero background
-    return image.astype(np.float32), brain.astype(np.uint8)
-
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    affine = template_affine(GRID)
-    rows, seed = [], 0
-    for split, count in SPLITS.items():
-        for _ in range(count):
-            image, mask = person(seed)
-            name = f"sub{seed:02d}"
-            save_volume(root / "images" / f"{name}.nii.gz", image, affine)
-            save_volume(root / "masks" / f"{name}.nii.gz", mask, affine, dtype=np.uint8)
-            rows.append({"subject": name, "image": f"images/{name}.nii.gz", "mask": f"masks/{name}.nii.gz", "labels": "",
-                         "split": split, "age": 20 + 3 * seed, "sex": "FM"[seed % 2]})
-            seed += 1
-    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
-    (root / "prepare.json").write_text(json.dumps({"preset": "4mm", "affine": affine.tolist()}))
-    return root
-
-
-def write_fakes(folder, prepared, subjects, transform=lambda v: v, sidecar=None):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, subject in enumerate(subjects):
-        volume, affine = load_volume(prepared / "images" / f"{subject}.nii.gz")
-        save_volume(folder / f"sample_{i:03d}.nii.gz", transform(volume), affine)
-        if sidecar:
-            (folder / f"sample_{i:03d}.json").write_text(json.dumps(sidecar(i, subject)))
-    return folder
+    return write_evaluation_set(tmp_path_factory.mktemp("prepared"))
 
 
 def test_refuses_fakes_with_another_shape_or_affine(prepared, tmp_path):
@@ -166,35 +124,6 @@ def test_reconstruction_column_and_conditional_fidelity(prepared, tmp_path):
     assert (tmp_path / "out" / "figures" / "age_fidelity.png").is_file()
     report = (tmp_path / "out" / "report.md").read_text()
     assert "runs/ae" in report and "passed through the autoencoder" in report
-
-
-def test_requested_volumes_are_compared_with_the_measured_ones(prepared, tmp_path):
-    class MeanIntensity:  # a predictor whose "ventricles" are the mean intensity, in ml
-        name, weights_sha256, sex_categories = "mean-intensity", None, ("F", "M")
-
-        def features(self, volumes):
-            return np.asarray(volumes).reshape(len(volumes), -1)[:, :8]
-
-        def predict(self, volumes):
-            means = np.asarray(volumes).reshape(len(volumes), -1).mean(1).astype(np.float64)
-            return {"age": np.full(len(volumes), 50.0), "sex_prob": np.full(len(volumes), 0.5),
-                    "ventricles_ml": 1000 * means, "total_brain_ml": np.full(len(volumes), 1500.0)}
-
-    subjects = [f"sub{i:02d}" for i in range(10, 18)]
-    means = {s: float(load_volume(prepared / "images" / f"{s}.nii.gz")[0].mean()) for s in subjects}
-    fakes = write_fakes(tmp_path / "fakes", prepared, subjects,  # requested = 3 x measured - 5: r = 1
-                        sidecar=lambda i, s: {"covariates": {"age": 40, "ventricles": 3000 * means[s] - 5,
-                                                             "total_brain": 1000 + i}})
-    from mriflow.evaluate.fidelity import conditional_fidelity, predict_anatomy
-    from mriflow.evaluate.sets import load_sets
-
-    sets = load_sets(prepared, fakes, tmp_path / "out")
-    fidelity = conditional_fidelity(predict_anatomy(MeanIntensity(), sets), sets).record()
-    ventricles = fidelity["ventricles_ml"]["requested_vs_measured"]
-    assert ventricles["covariate"] == "ventricles" and ventricles["generated"]["count"] == 8
-    assert ventricles["generated"]["pearson_r"] == pytest.approx(1.0, abs=1e-9)
-    assert ventricles["real"] is None  # the real subjects carry no "ventricles" column here
-    assert fidelity["total_brain_ml"]["requested_vs_measured"]["generated"] is None  # measured is constant: no r
 
 
 def test_refuses_writing_into_an_input_folder_and_unknown_splits(prepared, tmp_path):
