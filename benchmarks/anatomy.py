@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{run}: no finite validation loss, so no checkpoint to select; lower --lr")
             model = anatomy_network(result["best"]["checkpoint"])
             history = training_history(run, per_epoch)
-        best_epoch = result["best"]["step"] / per_epoch
+        best_epoch = epochs(result["best"]["step"], per_epoch)
         print(f"selected the EMA weights of step {result['best']['step']} (epoch {best_epoch:g}) of {result['step']}: "
               + json.dumps({k: round(v, 4) for k, v in result["best"]["validation"].items()}), flush=True)
     else:
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     training_keys = ("epochs_run", "best_epoch", "batch_size", "lr", "loss_weights", "train_minutes")
     if history:  # trained here
         loop = training_config.loop
-        training = {"epochs_run": round(result["step"] / per_epoch, 2), "best_epoch": round(best_epoch, 2),
+        training = {"epochs_run": epochs(result["step"], per_epoch), "best_epoch": best_epoch,
                     "steps": result["step"], "best_step": result["best"]["step"], "batch_size": loop.batch_size,
                     "lr": loop.lr, "loss_weights": {"age": args.age_weight, "sex": args.sex_weight},
                     "schedule": f"linear warm-up over {loop.warmup_steps} steps, cosine decay; EMA {loop.ema_decay}; "
@@ -337,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def epochs(steps: int, per_epoch: int) -> int | float:
+    """Epochs of `steps` optimizer steps: a whole number when it is one (a wall-clock stop may end mid-epoch)."""
+    return steps // per_epoch if steps % per_epoch == 0 else round(steps / per_epoch, 2)
+
+
 def trained_on(device: str) -> str:
     if device != "cpu" and torch.cuda.is_available():
         return f"an {torch.cuda.get_device_name(0)}"
@@ -354,7 +359,7 @@ def training_history(run: Path, per_epoch: int) -> list[dict]:
     for validation in rows("validation.csv"):
         step = int(validation.pop("step"))
         rows_since = [row for row in logged if since < row["step"] <= step]
-        history.append({"epoch": round(step / per_epoch, 2), "step": step,
+        history.append({"epoch": epochs(step, per_epoch), "step": step,
                         "train_loss": float(np.mean([row["loss"] for row in rows_since])) if rows_since else None,
                         "minutes": round(rows_since[-1]["elapsed_seconds"] / 60, 2) if rows_since else None,
                         **{f"val_{k}": round(v, 4) for k, v in validation.items()}})

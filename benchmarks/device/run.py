@@ -208,8 +208,10 @@ def anatomy_job(job: Job) -> dict[str, Any]:
     loop = fitted_loop(config.loop, steps, job.rehearse)
     splits = read_manifest(job.data)["split"]
     per_epoch = max(1, int((splits == "train").sum()) // loop.batch_size)
-    # validate (and checkpoint) once an epoch, at most about 20 times: each costs a pass over the val split
-    loop = dataclasses.replace(loop, checkpoint_every=max(per_epoch, steps // 20), keep_checkpoints=1)
+    # warm-up a tenth of the run, as the 4 mm recipe from scratch; validate (and checkpoint) once an epoch, at
+    # most about 20 times: each costs a pass over the val split
+    loop = dataclasses.replace(loop, warmup_steps=max(1, steps // 10), checkpoint_every=max(per_epoch, steps // 20),
+                               keep_checkpoints=1)
     config = dataclasses.replace(config, loop=loop)
     run = job.work / "run"
     result = train_anatomy(job.data, run, config=config, label_map=labels, max_minutes=max(seconds, 1.0) / 60)
