@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import ndimage
 
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         for i, subject in enumerate(test.names):
-            covariates = {name: manifest.loc[subject, name] for name in generator.schema.names}
+            covariates = {name: manifest.loc[subject, name] for name in generator.schema.names
+                          if not pd.isna(manifest.loc[subject, name])}  # a missing age stays free
             for name, tissues in maps.items():
                 label_file = folder / f"{subject}-{name.replace(' ', '-')}.nii.gz"
                 save_volume(label_file, tissues[i], generator.affine, dtype=np.uint8)
