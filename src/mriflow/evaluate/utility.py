@@ -43,6 +43,7 @@ from mriflow.data.labels import TISSUE_CLASSES, tissue_lookup, tissue_map
 from mriflow.utils.files import write_text_atomic
 
 REAL, SYNTHETIC_N, SYNTHETIC_KN, MIXED = "real", "synthetic (N)", "synthetic (kN)", "real + synthetic (kN)"
+COLOURS = {REAL: "tab:blue", SYNTHETIC_N: "tab:orange", SYNTHETIC_KN: "tab:green", MIXED: "tab:red"}  # one per condition
 
 
 @dataclass
@@ -385,7 +386,8 @@ def plot_utility(result: dict[str, Any], path: Path) -> Path:
             entries = [result[task][str(n)][name][key] for n in sizes]
             means = np.array([e["mean"] for e in entries])
             errors = np.array([[e["mean"] - e["low"] for e in entries], [e["high"] - e["mean"] for e in entries]])
-            axis.errorbar(sizes, means, yerr=errors, marker="o", capsize=3, label=name.replace("k", str(result["factor"])))
+            axis.errorbar(sizes, means, yerr=errors, marker="o", capsize=3, color=COLOURS.get(name),
+                          label=name.replace("k", str(result["factor"])))
         axis.set_xscale("log")
         axis.set_xticks(sizes)
         axis.set_xticklabels([str(n) for n in sizes])
