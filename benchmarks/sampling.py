@@ -25,7 +25,6 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time

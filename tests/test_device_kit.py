@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 
 from conftest import PHANTOM_MUSE_LABELS, PHANTOM_REGIONS, head_phantom
-from mriflow import checkpoint as ckpt
 from mriflow.config import Grid
 from mriflow.data.io import load_volume, save_volume, template_affine
 from mriflow.data.labels import tissue_lookup, tissue_map

@@ -4,7 +4,6 @@ reports, the Turing test, and refusals (paths out of their folder, bad requests,
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import time
 
@@ -18,7 +17,7 @@ from mriflow.app.server import LOOPBACK_NAMES, AppState, Turing, create_app
 from mriflow.app.store import AnswerStore, clopper_pearson
 from mriflow.app.turing import build_study
 
-from app_helpers import SHAPE, write_study
+from app_helpers import write_study
 
 NIIVUE_STAND_IN = "window.niivue = {};"
 
