@@ -132,6 +132,8 @@ def generate(
         generator = load_generator(model, context.device, trust_paths, labels)
         settings = generator.sampling_settings(solver, steps, guidance)
         spatial = generator.label_condition(label_map) if label_map is not None else None
+        if spatial is None and generator.spatial_condition is not None:  # before anything is written
+            raise ValueError(f"the model {generator.path} draws scans for a given label map; pass --label-map FILE")
         rows = [dict(row) for row in cohort] if cohort is not None else [dict(covariates or {})] * n
         names = cohort_names(rows) if cohort is not None else [sample_name(i) for i in range(n)]
         requests = [{k: v for k, v in row.items() if k not in ID_COLUMNS} for row in rows]

@@ -117,6 +117,8 @@ class Generator:
         if record is None:
             raise ValueError(f"--label-map: the model {self.path} is not conditioned on label maps; train one with "
                              "`mriflow train flow ... --label-condition`")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--label-map {path}: no such file; give a label map on the model's grid (NIfTI)")
         volume, affine = load_volume(path)
         if tuple(volume.shape) != self.image_shape or not np.allclose(affine, self.affine, atol=AFFINE_TOLERANCE):
             raise ValueError(f"--label-map {path}: shape {tuple(volume.shape)} / affine differ from the model's grid "

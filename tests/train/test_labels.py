@@ -167,6 +167,10 @@ def test_a_label_conditioned_flow_records_its_condition_and_draws_for_a_given_ma
 def test_label_maps_are_refused_where_they_do_not_fit(trained, label_conditioned, tmp_path):
     with pytest.raises(ValueError, match="pass --label-map"):
         generate(label_conditioned, tmp_path / "a", n=1, device="cpu", progress=False, labels=False)
+    with pytest.raises(FileNotFoundError, match="--label-map .*absent.nii.gz: no such file"):
+        generate(label_conditioned, tmp_path / "a", n=1, device="cpu", progress=False, labels=False,
+                 label_map=tmp_path / "absent.nii.gz")
+    assert not (tmp_path / "a").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="not conditioned on label maps"):
         generate(trained["root"] / "flow", tmp_path / "b", n=1, device="cpu", progress=False,
                  label_map=trained["data"] / "labels" / "sub00.nii.gz")
