@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
@@ -100,3 +101,25 @@ def test_package_versions_are_the_installed_ones_and_an_absent_package_is_named(
     versions = package_versions(["numpy", "no-such-package-mriflow"])
     assert versions == {"python": platform.python_version(), "numpy": numpy.__version__,
                         "no-such-package-mriflow": "not installed"}
+
+
+def test_a_file_is_hashed_once_while_it_is_unchanged_and_again_once_replaced(tmp_path, monkeypatch):
+    import builtins
+    import hashlib
+
+    from mriflow.utils.files import sha256, write_text_atomic
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 3000)
+    os.utime(path, (time.time() - 60, time.time() - 60))  # written a minute ago
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: opened.append(str(file)) or real_open(file, *a, **k))
+    first = sha256(path)
+    assert first == hashlib.sha256(b"a" * 3000).hexdigest()
+    assert sha256(path) == first and opened.count(str(path)) == 1  # the second call did not read the file
+    write_text_atomic(path, "b" * 3000)  # same size, new inode
+    assert sha256(path) == hashlib.sha256(b"b" * 3000).hexdigest()
+    with open(path, "r+b") as stream:  # changed in place, just now: read again however fine the clock
+        stream.write(b"c")
+    assert sha256(path) == hashlib.sha256(b"c" + b"b" * 2999).hexdigest()

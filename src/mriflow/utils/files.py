@@ -147,12 +147,27 @@ def permissions(mode: int) -> int:
     return mode & ~umask
 
 
+_DIGESTS: dict[tuple, str] = {}  # (real path, device, inode, size, mtime in ns) -> hex digest
+
+
 def sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks.
+
+    Remembered for the process while the file is the same (path, inode, size and modification time unchanged), so
+    a weights file that several steps check (training a generator checks its autoencoder's weights three times) is
+    read once; a file replaced by an atomic write has a new inode and is hashed again. A file modified in the last
+    two seconds is always read (file times are only as fine as the kernel's clock tick, so two writes in one tick
+    could look alike)."""
+    info = os.stat(path)
+    key = (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
+    if time.time() - info.st_mtime > 2.0:
+        _DIGESTS[key] = digest.hexdigest()
     return digest.hexdigest()
 
 
