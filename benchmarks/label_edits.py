@@ -32,9 +32,9 @@ from scipy import ndimage
 from common import DOCUMENT, ROOT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.data.dataset import read_manifest, read_preparation
 from mriflow.data.io import load_volume, save_volume
-from mriflow.data.labels import TISSUE_CLASSES
+from mriflow.data.labels import TISSUE_CLASSES, dice_scores
 from mriflow.evaluate.backbones.anatomy import AnatomyBackbone, anatomy_weights_for
-from mriflow.evaluate.utility import bootstrap, dice_scores, real_pairs
+from mriflow.evaluate.utility import bootstrap, real_pairs
 from mriflow.generate import generate, load_generator
 
 SECTION = "## label-conditioned generation ({grid})"

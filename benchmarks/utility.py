@@ -30,9 +30,9 @@ import torch
 
 from common import DOCUMENT, ROOT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.data.dataset import read_manifest, read_preparation
-from mriflow.data.labels import TISSUE_CLASSES
+from mriflow.data.labels import TISSUE_CLASSES, dice_scores
 from mriflow.evaluate.utility import (
-    MIXED, REAL, SYNTHETIC_N, TrainingSettings, bootstrap, dice_scores, evaluate_utility, real_pairs,
+    MIXED, REAL, SYNTHETIC_N, TrainingSettings, bootstrap, evaluate_utility, real_pairs,
     synthetic_pairs, utility_table,
 )
 from mriflow.generate import generate, load_generator

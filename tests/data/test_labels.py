@@ -159,3 +159,17 @@ def test_tissue_fractions_refuse_shapes_the_factor_does_not_divide_and_unknown_c
         tissue_fractions(torch.full((1, 2, 2, 2), 6), 2)
     with pytest.raises(ValueError, match=r"classes outside 0..2"):
         tissue_fractions(torch.full((1, 2, 2, 2), -1), 2, classes=3)
+
+
+def test_dice_scores_per_subject_and_class():
+    from mriflow.data.labels import dice_scores
+
+    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    target[0, :2] = 1  # 32 voxels of class 1
+    predicted = target.clone()
+    predicted[0, 0] = 0  # half of them missed: 2 * 16 / (16 + 32)
+    predicted[1, 0, 0, 0] = 2  # class 2 predicted where the target has none
+    scores = dice_scores(predicted, target, 3)
+    assert scores.shape == (2, 2)
+    assert scores[0, 0] == pytest.approx(2 * 16 / 48) and scores[0, 1] == 1.0  # class 2 absent from both
+    assert scores[1, 0] == 1.0 and scores[1, 1] == 0.0

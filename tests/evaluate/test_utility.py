@@ -13,22 +13,10 @@ from mriflow.cli import main
 from mriflow.data.io import load_volume, save_volume
 from mriflow.data.labels import TISSUE_CLASSES
 from mriflow.evaluate.utility import (
-    MIXED, REAL, Pairs, TrainingSettings, _batches, bootstrap, dice_scores, evaluate_utility, real_pairs,
+    MIXED, REAL, Pairs, TrainingSettings, _batches, bootstrap, evaluate_utility, real_pairs,
     synthetic_pairs,
 )
 from mriflow.train.labels import read_label_map
-
-
-def test_dice_scores_per_subject_and_class():
-    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
-    target[0, :2] = 1  # 32 voxels of class 1
-    predicted = target.clone()
-    predicted[0, 0] = 0  # half of them missed: 2 * 16 / (16 + 32)
-    predicted[1, 0, 0, 0] = 2  # class 2 predicted where the target has none
-    scores = dice_scores(predicted, target, 3)
-    assert scores.shape == (2, 2)
-    assert scores[0, 0] == pytest.approx(2 * 16 / 48) and scores[0, 1] == 1.0  # class 2 absent from both
-    assert scores[1, 0] == 1.0 and scores[1, 1] == 0.0
 
 
 def test_bootstrap_interval_brackets_the_mean_and_collapses_for_constant_values():

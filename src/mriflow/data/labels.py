@@ -100,3 +100,16 @@ def tissue_fractions(tissue: torch.Tensor | np.ndarray, factor: int, classes: in
         raise ValueError(f"tissue maps hold classes outside 0..{classes - 1}")
     one_hot = F.one_hot(tissue, classes).permute(0, 4, 1, 2, 3).float()
     return F.avg_pool3d(one_hot, factor)
+
+
+def dice_scores(predicted: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, classes: int) -> np.ndarray:
+    """(N, classes - 1) Dice 2|P∩T| / (|P| + |T|) per subject and foreground class of class-index maps (N, D, H, W):
+    MONAI's compute_dice, 1 where both maps lack the class and 0 where only the prediction has it."""
+    from monai.metrics import compute_dice
+
+    def one_hot(maps) -> torch.Tensor:
+        return F.one_hot(torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps).long(),
+                         classes).movedim(-1, 1)
+
+    scores = compute_dice(one_hot(predicted), one_hot(target), include_background=False, ignore_empty=False)
+    return scores.double().cpu().numpy()

@@ -244,8 +244,7 @@ def label_fidelity(predictions: AnatomyPredictions, sets: EvaluationSets) -> Lab
     import torch
 
     from mriflow.data.io import load_volume
-    from mriflow.data.labels import tissue_lookup, tissue_map
-    from mriflow.evaluate.utility import dice_scores
+    from mriflow.data.labels import dice_scores, tissue_lookup, tissue_map
     from mriflow.generate_io import labels_name
 
     label_files = [p.with_name(labels_name(name)) for p, name in zip(sets.generated, sets.generated_names)]

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume
-from mriflow.data.labels import TISSUE_CLASSES, tissue_lookup, tissue_map
+from mriflow.data.labels import TISSUE_CLASSES, dice_scores, tissue_lookup, tissue_map
 from mriflow.utils.files import write_text_atomic
 
 REAL, SYNTHETIC_N, SYNTHETIC_KN, MIXED = "real", "synthetic (N)", "synthetic (kN)", "real + synthetic (kN)"
@@ -213,16 +213,6 @@ def dice_per_subject(model: nn.Module, pairs: Pairs, batch_size: int = 4) -> np.
     """(N, K - 1) Dice of each foreground class for each subject (1 where both maps lack the class)."""
     predicted = torch.cat([model(pairs.images[i:i + batch_size]).argmax(1) for i in range(0, len(pairs), batch_size)])
     return dice_scores(predicted, pairs.labels.long(), len(TISSUE_CLASSES))
-
-
-def dice_scores(predicted: torch.Tensor, target: torch.Tensor, classes: int) -> np.ndarray:
-    """(N, classes - 1) Dice 2|P∩T| / (|P| + |T|) per subject and foreground class (1 where both are empty)."""
-    scores = np.ones((len(target), classes - 1))
-    for c in range(1, classes):
-        p, t = (predicted == c).flatten(1), (target == c).flatten(1)
-        overlap, total = (p & t).sum(1).double(), (p.sum(1) + t.sum(1)).double()
-        scores[:, c - 1] = torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)).numpy()
-    return scores
 
 
 @torch.no_grad()

@@ -43,11 +43,11 @@ from mriflow import distributed
 from mriflow.config import LoopConfig, from_dict, load_preset, to_dict
 from mriflow.data.dataset import read_manifest, read_preparation
 from mriflow.data.io import load_volume
-from mriflow.data.labels import tissue_lookup
+from mriflow.data.labels import dice_scores, tissue_lookup
 from mriflow.models.anatomy import ANATOMY_METADATA_KEY, ANATOMY_RECORD_KEY, AnatomyEncoder, AnatomyEncoderConfig
 from mriflow.train import loop
 from mriflow.utils.seeding import seed_everything
-from mriflow.train.labels import mean_dice, read_label_map, tissue_targets
+from mriflow.train.labels import read_label_map, tissue_targets
 from mriflow.utils.files import sha256
 
 STAGE = "anatomy"
@@ -146,7 +146,7 @@ class AnatomyStage:
         terms["loss"] = (terms["segmentation"] + self.config.age_weight * terms["age"]
                          + self.config.sex_weight * terms["sex"])
         with torch.no_grad():
-            terms["dice"] = mean_dice(logits.argmax(1), batch["target"][:, 0], self.classes)
+            terms["dice"] = torch.tensor(dice_scores(logits.argmax(1), batch["target"][:, 0], self.classes).mean())
         return terms
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

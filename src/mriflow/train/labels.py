@@ -34,7 +34,7 @@ from mriflow import distributed
 from mriflow.config import LoopConfig, from_dict, load_preset, to_dict
 from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume
-from mriflow.data.labels import TISSUE_CLASSES, muse_tissue_mapping, tissue_lookup, tissue_map
+from mriflow.data.labels import TISSUE_CLASSES, dice_scores, muse_tissue_mapping, tissue_lookup, tissue_map
 from mriflow.latents import LatentDataset
 from mriflow.models.anatomy import read_anatomy_config
 from mriflow.models.label_decoder import LabelDecoder
@@ -128,7 +128,7 @@ class LabelStage:
         dice_loss = self.dice(logits, target.unsqueeze(1))
         loss = nn.functional.cross_entropy(logits, target) + self.dice_weight * dice_loss
         with torch.no_grad():
-            dice = mean_dice(logits.argmax(1), target, len(self.classes))
+            dice = torch.tensor(dice_scores(logits.argmax(1), target, len(self.classes)).mean())
         return loss, {"loss": loss.detach(), "dice": dice}
 
     @torch.no_grad()
@@ -140,17 +140,6 @@ class LabelStage:
         if self.autoencoder is not None:
             shown = {"image (decoded)": self.autoencoder.decode(latent).clamp(0, 1)[0, 0].float().cpu().numpy(), **shown}
         return shown
-
-
-def mean_dice(predicted: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
-    """Mean over the foreground classes present in either map of 2|P∩T| / (|P| + |T|), over the whole batch."""
-    scores = []
-    for c in range(1, classes):
-        p, t = predicted == c, target == c
-        total = p.sum() + t.sum()
-        if total > 0:
-            scores.append(2.0 * (p & t).sum() / total)
-    return torch.stack(scores).mean().float() if scores else torch.ones(())
 
 
 def train_labels(
