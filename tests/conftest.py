@@ -67,7 +67,12 @@ def tiny_velocity_net(**overrides):
         covariate_categories=(0, 2),
     )
     torch.manual_seed(0)
-    net = VelocityNet(VelocityNetConfig(**{**config, **overrides})).eval()
+    return wake(VelocityNet(VelocityNetConfig(**{**config, **overrides})).eval())
+
+
+def wake(net):
+    """`net` with its all-zero tensors given small random weights (MONAI and DiT zero-initialise output layers, so an
+    untrained network would output zeros and every condition, sampler and input would look alike)."""
     with torch.no_grad():
         for parameter in net.parameters():
             if not parameter.any():

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import wake
+
 from mriflow.families.diffusion import Diffusion
 from mriflow.families.flow import FlowTrainingConfig, RectifiedFlow
 from mriflow.models.velocity import VelocityNet, VelocityNetConfig
@@ -31,10 +33,7 @@ def tiny_net(time_scale: float) -> VelocityNet:
     )
     torch.manual_seed(0)
     net = VelocityNet(config)
-    with torch.no_grad():  # MONAI zero-initialises the last conv of each block; make them matter
-        for parameter in net.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.05)
+    wake(net)
     return net.eval()
 
 

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from conftest import wake
+
 from mriflow.flow.objective import RectifiedFlowLoss
 from mriflow.flow.sampling import sample_latents
 from mriflow.models.velocity import VelocityNet, VelocityNetConfig
@@ -15,10 +17,7 @@ def tiny_net(num_categories: int = 2, channels=(8, 16)) -> VelocityNet:
     )
     torch.manual_seed(0)
     net = VelocityNet(config)
-    with torch.no_grad():  # MONAI zero-initialises the last conv of each block; make them matter
-        for parameter in net.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.05)
+    wake(net)
     return net
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_config, write_prepared
+from conftest import tiny_config, wake, write_prepared
 from mriflow.config import LoopConfig
 from mriflow.families.flow import FlowTrainingConfig, RectifiedFlow
 from mriflow.models.dit import DiT, position_features
@@ -13,14 +13,6 @@ from mriflow.models.velocity import VelocityNet, VelocityNetConfig, num_paramete
 
 DIT = dict(in_channels=2, backbone="dit", dit_patch_size=2, dit_hidden=32, dit_depth=2, dit_heads=4,
            covariate_names=("age", "sex"), covariate_kinds=("continuous", "categorical"), covariate_categories=(0, 2))
-
-
-def randomised(net):
-    with torch.no_grad():  # the zero-initialised layers get small weights, as if trained
-        for parameter in net.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.05)
-    return net
 
 
 def test_any_latent_size_comes_back_and_the_network_starts_at_zero():
@@ -33,7 +25,7 @@ def test_any_latent_size_comes_back_and_the_network_starts_at_zero():
 
 def test_time_covariates_and_position_reach_the_output():
     torch.manual_seed(0)
-    net = randomised(VelocityNet(VelocityNetConfig(**DIT))).eval()
+    net = wake(VelocityNet(VelocityNetConfig(**DIT))).eval()
     x, t = torch.randn(2, 2, 4, 6, 4), torch.full((2,), 0.3)
     covariates, present = torch.tensor([[0.5, 0.0], [0.5, 0.0]]), torch.ones(2, 2, dtype=torch.bool)
     with torch.no_grad():

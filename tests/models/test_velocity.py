@@ -3,6 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import wake
 from mriflow.data.dataset import CovariateSchema
 from mriflow.flow.guidance import guided_prediction
 from mriflow.models.velocity import MAX_PARAMETERS, SpatiallyConditioned, VelocityNet, VelocityNetConfig, num_parameters
@@ -14,10 +15,7 @@ TINY = dict(channels=(8, 16, 16), attention_levels=(False, True, True), num_res_
 def tiny_net(**overrides) -> VelocityNet:
     torch.manual_seed(0)
     net = VelocityNet(VelocityNetConfig(**{**TINY, **COVARIATES, **overrides}))
-    with torch.no_grad():  # MONAI zero-initialises the last conv of each block; make them matter
-        for parameter in net.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.05)
+    wake(net)
     return net
 
 
@@ -123,10 +121,7 @@ def test_a_spatial_condition_is_required_checked_and_bound_for_guidance():
                                num_head_channels=8, norm_num_groups=4, covariate_names=("age",), covariate_kinds=("continuous",),
                                covariate_categories=(0,), spatial_channels=3)
     net = VelocityNet(config).eval()
-    with torch.no_grad():  # MONAI zero-initialises the output convolutions: an untrained net would output zeros
-        for parameter in net.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.05)
+    wake(net)
     x, t = torch.randn(2, 2, 4, 6, 4), torch.rand(2)
     spatial = torch.rand(2, 3, 4, 6, 4)
     with pytest.raises(ValueError, match="spatial map"):
