@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import json
 import math
-import shlex
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from common import DOCUMENT, RESULTS, ROOT, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, RESULTS, ROOT, command_line, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.checkpoint import sha256
 from mriflow.data.dataset import read_preparation
 from mriflow.data.labels import tissue_lookup, tissue_volumes_ml
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    command = "python benchmarks/anatomy.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
     started = time.perf_counter()
 
     data, regions_dir = Path(args.data), Path(args.regions)

@@ -18,13 +18,12 @@ import argparse
 import csv
 import json
 import resource
-import shlex
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import DOCUMENT, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, command_line, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.evaluate.reconstruction import evaluate_reconstruction
 from mriflow.train.autoencoder import train_autoencoder
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data, run = Path(args.data), Path(args.run)
     legs = [float(v) for v in args.legs.split(",")]
-    command = "python benchmarks/autoencoder.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
     points = []
     minutes = 0.0
     for leg in legs:

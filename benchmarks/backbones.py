@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import DOCUMENT, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, command_line, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow import checkpoint as ckpt
 from mriflow.data.dataset import read_preparation
 from mriflow.evaluate.generation import evaluate_generation
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/backbones.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
     grid = read_preparation(args.data).get("preset", "grid")
     models = dict(item.split("=", 1) for item in args.model)
     results = {label: measure(label, model, args.data, args.out, args.n, args.seed) for label, model in models.items()}

@@ -62,3 +62,12 @@ def machine() -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
     }
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that produced a figure, to record beside it: `python benchmarks/<script> <arguments>`."""
+    import shlex
+    import sys
+
+    arguments = argv or sys.argv[1:]
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *(shlex.quote(a) for a in arguments)])

@@ -13,14 +13,13 @@ benchmarks/results/model-<name>.json and the "## model: <name>" section of docs/
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from statistics import median
 
 import numpy as np
 
-from common import DOCUMENT, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, command_line, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.evaluate.generation import evaluate_generation
 from mriflow.utils.seeding import sample_seed
 from mriflow.generate import DEFAULT_MODEL, load_generator, shipped_models
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--model", default="default", help="a shipped model's name (4mm, 2mm) or 'default'")
     args = parser.parse_args(argv)
-    command = "python benchmarks/default_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
 
     generator = load_generator(args.model, "cpu")
     name = DEFAULT_MODEL if args.model == "default" else args.model

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shlex
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import DOCUMENT, RESULTS, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, RESULTS, command_line, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.utils.seeding import sample_seed
 from mriflow.generate import load_generator
 from mriflow.generate_io import batch_montage
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS), help="folder of the result JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
     document = Path(args.document)
-    command = "python benchmarks/generate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
 
     generator = load_generator(args.model, args.device)
     settings = generator.sampling_settings(args.solver, args.steps)

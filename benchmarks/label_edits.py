@@ -18,7 +18,6 @@ subjects). Writes "## label-conditioned generation (<grid>)" in docs/benchmarks.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from common import DOCUMENT, ROOT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, ROOT, command_line, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.data.dataset import read_manifest, read_preparation
 from mriflow.data.io import load_volume, save_volume
 from mriflow.data.labels import TISSUE_CLASSES, dice_scores
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/label_edits.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
     started = time.perf_counter()
     data = Path(args.data)
     grid = read_preparation(data).get("preset", "grid")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter, map_coordinates
 
-from common import DOCUMENT, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, command_line, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume
 from mriflow.evaluate.backbones import anatomy_weights_for, get_backbone
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/privacy_calibration.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
     started = time.perf_counter()
 
     generator = None if args.model == "none" else load_generator(args.model, "cpu")

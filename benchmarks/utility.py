@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import DOCUMENT, ROOT, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, ROOT, command_line, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.data.dataset import read_manifest, read_preparation
 from mriflow.data.labels import TISSUE_CLASSES, dice_scores
 from mriflow.evaluate.utility import (
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/utility.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
     started = time.perf_counter()
     data, synthetic, out = Path(args.data), Path(args.synthetic), Path(args.out)
     grid = read_preparation(data).get("preset", "grid")
