@@ -88,6 +88,16 @@ def test_train_autoencoder_then_encode_and_evaluate_reconstruction(tmp_path, cap
     assert summary["split"] == "test" and summary["subjects"] == 1
 
 
+def test_stop_at_step_ends_a_session_that_resume_finishes_on_the_same_schedule(tmp_path, capsys):
+    data = write_prepared(tmp_path / "data", splits=("train", "train", "val", "test"))
+    run = tmp_path / "ae"
+    assert main(["train", "autoencoder", str(data), "--out", str(run), "--max-steps", "3", "--stop-at-step", "1"]) == 0
+    first = json.loads((run / "checkpoints" / "step-00000001" / "checkpoint.json").read_text())
+    assert first["step"] == 1 and first["config"]["loop"]["max_steps"] == 3  # the schedule of the whole run
+    assert main(["train", "autoencoder", str(data), "--out", str(run), "--resume"]) == 0
+    assert (run / "checkpoints" / "step-00000003" / "checkpoint.json").is_file()
+
+
 def test_console_command_is_installed():
     result = subprocess.run([sys.executable, "-m", "mriflow", "--help"], capture_output=True, text=True, check=True)
     for command in ("prepare", "train", "encode", "generate", "evaluate"):

@@ -158,6 +158,9 @@ def _add_common_training(p: argparse.ArgumentParser, stage: str) -> None:
                         "default tiny")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
+    p.add_argument("--stop-at-step", type=int, metavar="STEP",
+                   help="stop with a checkpoint at this step of the schedule (--max-steps keeps the learning-rate "
+                        "schedule); --resume continues it, exactly as an uninterrupted run")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's; may change on --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
     _add_threads(p)
@@ -172,7 +175,8 @@ def _run_train_autoencoder(args: argparse.Namespace) -> int:
     from mriflow.train.autoencoder import train_autoencoder
 
     result = train_autoencoder(args.data, args.out, kind=args.kind, preset=args.preset, max_steps=args.max_steps,
-                               resume=args.resume, max_minutes=args.max_minutes, lr=args.lr)
+                               resume=args.resume, max_minutes=args.max_minutes, lr=args.lr,
+                               stop_at_step=args.stop_at_step)
     return _report_training(result)
 
 
@@ -183,6 +187,7 @@ def _run_train_generator(args: argparse.Namespace) -> int:
     condition = [name.strip() for name in args.condition.split(",") if name.strip()] or None
     result = train_generator(args.stage, args.data, args.autoencoder, args.out, condition=condition, preset=args.preset,
                              max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes, lr=args.lr,
+                             stop_at_step=args.stop_at_step,
                              label_condition=args.label_condition, regions=args.regions, backbone=args.backbone)
     return _report_training(result)
 
@@ -191,7 +196,8 @@ def _run_train_labels(args: argparse.Namespace) -> int:
     from mriflow.train.labels import train_labels
 
     result = train_labels(args.data, args.autoencoder, args.out, preset=args.preset, max_steps=args.max_steps,
-                          resume=args.resume, regions=args.regions, max_minutes=args.max_minutes, lr=args.lr)
+                          resume=args.resume, regions=args.regions, max_minutes=args.max_minutes, lr=args.lr,
+                          stop_at_step=args.stop_at_step)
     return _report_training(result)
 
 
