@@ -17,21 +17,16 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from common import DOCUMENT, command_line, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, command_line, link, machine, replace_section, sample_requests, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow import checkpoint as ckpt
 from mriflow.data.dataset import read_preparation
 from mriflow.evaluate.generation import evaluate_generation
 from mriflow.generate import load_generator
-from mriflow.generate_io import write_sample
-from mriflow.models.conditioning import resolve_request
 from mriflow.models.velocity import num_parameters
-from mriflow.utils.seeding import sample_seed
 
 ROWS = ("fd", "precision", "recall", "density", "coverage")
 
@@ -50,20 +45,8 @@ def training_seconds(generator) -> float | None:
 
 def measure(label: str, model: str, data: Path, out: Path, n: int, seed: int) -> dict:
     generator = load_generator(model, "cpu", labels=False)
-    settings = generator.sampling_settings()
-    age = generator.schema["age"]
-    ages = np.linspace(age.minimum + 2, age.maximum - 2, n)
     samples = out / label / "samples"
-    seconds = 0.0
-    for index, requested_age in enumerate(ages):
-        request = {"age": round(float(requested_age), 1), "sex": "FM"[index % 2]}
-        stream = sample_seed(seed, index)
-        started = time.perf_counter()
-        volumes, nfe = generator.sample([stream], resolve_request(generator.schema, request), settings)
-        seconds += time.perf_counter() - started
-        write_sample(samples, index, volumes[0], generator.affine,
-                     {"covariates": request, "seed": seed, "sample_seed": stream, **settings, "nfe": nfe,
-                      "model_id": generator.model_id, "model_checksum": generator.model_checksum})
+    drawn = sample_requests(generator, samples, n, seed)
     result = evaluate_generation(data, samples, out / label / "report", split="test", reconstruct=generator.reconstruct,
                                  autoencoder=generator.meta["autoencoder"]["path"], progress=False)
     config = generator.velocity_net.config
@@ -71,7 +54,7 @@ def measure(label: str, model: str, data: Path, out: Path, n: int, seed: int) ->
         "model": model, "model_id": generator.model_id, "backbone": config.backbone,
         "parameters": num_parameters(generator.velocity_net), "steps": generator.meta.get("step"),
         "batch_size": generator.meta.get("batch_size"), "training_seconds": training_seconds(generator),
-        "seconds_per_volume": seconds / n, "nfe": nfe, "settings": settings,
+        "seconds_per_volume": drawn["seconds_per_volume"], "nfe": drawn["nfe"], "settings": drawn["settings"],
         "columns": {c: {m: {k: v[m][k] for k in ("mean", "sd")} for m in ROWS} for c, v in result["columns"].items()},
         "diversity": {k: result["diversity"][k]["mean"] for k in ("real", "generated")},
         "flagged_voxel": result["memorization"]["flagged_voxel"], "age": result["conditional_fidelity"].get("age"),

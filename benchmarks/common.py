@@ -71,3 +71,32 @@ def command_line(script: str, argv: list[str] | None) -> str:
 
     arguments = argv or sys.argv[1:]
     return " ".join(["python", f"benchmarks/{Path(script).name}", *(shlex.quote(a) for a in arguments)])
+
+
+def sample_requests(generator, out: Path, n: int, seed: int, settings: dict | None = None) -> dict:
+    """Draw `n` samples of a loaded generator into `out` as `generate` writes them, at requests that sweep the
+    training range of age (evenly over [min + 2, max - 2] years) with sex alternating, one volume at a time
+    from the noise stream sample_seed(seed, i); the conditional-fidelity rows of an evaluation then have
+    something to measure. Returns {"ages", "seconds_per_volume", "nfe", "settings"}."""
+    import time
+
+    import numpy as np
+
+    from mriflow.generate_io import write_sample
+    from mriflow.models.conditioning import resolve_request
+    from mriflow.utils.seeding import sample_seed
+
+    settings = settings or generator.sampling_settings()
+    age = generator.schema["age"]
+    ages = np.linspace(age.minimum + 2, age.maximum - 2, n)
+    seconds, nfe = 0.0, 0
+    for index, requested_age in enumerate(ages):
+        request = {"age": round(float(requested_age), 1), "sex": "FM"[index % 2]}
+        stream = sample_seed(seed, index)
+        started = time.perf_counter()
+        volumes, nfe = generator.sample([stream], resolve_request(generator.schema, request), settings)
+        seconds += time.perf_counter() - started
+        write_sample(out, index, volumes[0], generator.affine,
+                     {"covariates": request, "seed": seed, "sample_seed": stream, **settings, "nfe": nfe,
+                      "model_id": generator.model_id, "model_checksum": generator.model_checksum})
+    return {"ages": ages.tolist(), "seconds_per_volume": seconds / n, "nfe": nfe, "settings": settings}

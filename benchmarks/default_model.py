@@ -17,14 +17,10 @@ import sys
 from pathlib import Path
 from statistics import median
 
-import numpy as np
 
-from common import DOCUMENT, command_line, link, machine, replace_section, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DOCUMENT, command_line, link, machine, replace_section, sample_requests, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.evaluate.generation import evaluate_generation
-from mriflow.utils.seeding import sample_seed
 from mriflow.generate import DEFAULT_MODEL, load_generator, shipped_models
-from mriflow.generate_io import write_sample
-from mriflow.models.conditioning import resolve_request
 
 ROWS = ("fd", "kid", "precision", "recall", "density", "coverage")
 
@@ -41,17 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
     generator = load_generator(args.model, "cpu")
     name = DEFAULT_MODEL if args.model == "default" else args.model
-    settings = generator.sampling_settings()
-    age = generator.schema["age"]
-    ages = np.linspace(age.minimum + 2, age.maximum - 2, args.n)  # inside the trained range
     samples = args.out / "samples"
-    for index, requested_age in enumerate(ages):
-        request = {"age": round(float(requested_age), 1), "sex": "FM"[index % 2]}
-        stream = sample_seed(args.seed, index)
-        volumes, nfe = generator.sample([stream], resolve_request(generator.schema, request), settings)
-        write_sample(samples, index, volumes[0], generator.affine,
-                     {"covariates": request, "seed": args.seed, "sample_seed": stream, **settings, "nfe": nfe,
-                      "model_id": generator.model_id, "model_checksum": generator.model_checksum})
+    drawn = sample_requests(generator, samples, args.n, args.seed)
+    settings, ages = drawn["settings"], drawn["ages"]
     result = evaluate_generation(args.data, samples, args.out / "report", split="test",
                                  reconstruct=generator.reconstruct, autoencoder=str(shipped_models()[name] / "autoencoder"),
                                  progress=False)
