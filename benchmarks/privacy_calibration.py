@@ -15,7 +15,9 @@ flags, next to the distance threshold alone (the check before the ratio rule):
 
 Twice: with the raw val volumes as the yardstick, and with the val volumes through the model's
 autoencoder (what `generate --privacy-filter` and `evaluate --autoencoder` use). Voxel space: 1 -
-correlation after 4 mm smoothing in the population brain mask; feature space: the anatomy backbone.
+correlation after 4 mm smoothing in the population brain mask; feature space: the anatomy network's
+tissue maps of the 4 mm-smoothed volume (mriflow.evaluate.privacy.TissueSpace), whose yardstick is the
+raw val volumes in both tables, as in the audit.
 Targets (issue 13): every copy flagged; averages, held-out scans and model samples flagged at most at
 the chance rate, about 1 / (yardstick subjects + 1). Writes benchmarks/results/privacy-calibration-<grid>.json
 and the "## privacy calibration (<grid>)" section of docs/benchmarks.md.
@@ -40,6 +42,7 @@ from common import DOCUMENT, command_line, link, machine, replace_section, write
 from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume
 from mriflow.evaluate.backbones import anatomy_weights_for, get_backbone
+from mriflow.evaluate.privacy import tissue_space_for
 from mriflow.evaluate.memorization import (
     DEFAULT_SMOOTHING_MM,
     find_memorized,
@@ -98,7 +101,7 @@ def volume_sets(data: Path, generator, samples: int, seed: int) -> tuple[dict[st
 
 
 def flags(sets: dict[str, list[np.ndarray]], train: list[np.ndarray], yardstick: list[np.ndarray], mask, smoothing,
-          backbone) -> dict:
+          backbone, affine, raw_yardstick: list[np.ndarray]) -> dict:
     """Per set and space: flagged by the check, and by the distance threshold alone."""
     def vectors(volumes):
         return np.stack([masked_standardised(v, mask, smoothing) for v in volumes])
@@ -106,8 +109,15 @@ def flags(sets: dict[str, list[np.ndarray]], train: list[np.ndarray], yardstick:
     def features(volumes):
         return np.concatenate([backbone.features(np.stack(volumes[s:s + 8])[:, None]) for s in range(0, len(volumes), 8)])
 
-    spaces = {"voxel": (vectors, "correlation"), "feature": (features, "euclidean")}
+    def tissue(volumes):  # the audit's feature space where the grid has an anatomy network (mriflow.evaluate.privacy)
+        return np.concatenate([tissue_space(np.stack(volumes[s:s + 8])) for s in range(0, len(volumes), 8)])
+
+    tissue_space = tissue_space_for(backbone, affine, train[0].shape)
+    spaces = {"voxel": (vectors, "correlation"),
+              "feature": (tissue, "correlation") if tissue_space is not None else (features, "euclidean")}
     reference = {space: (embed(train), embed(yardstick)) for space, (embed, _) in spaces.items()}
+    if tissue_space is not None:  # as the audit: the tissue space's yardstick is always the raw held-out volumes
+        reference["feature"] = (reference["feature"][0], tissue(raw_yardstick))
     out = {}
     for name, volumes in sets.items():
         out[name] = {"count": len(volumes)}
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if generator is not None:
         yardsticks["val through the model's autoencoder"] = [
             generator.reconstruct(torch.from_numpy(v)[None, None])[0, 0].numpy() for v in val]
-    results = {name: flags(sets, train, yardstick, mask, smoothing, backbone) for name, yardstick in yardsticks.items()}
+    results = {name: flags(sets, train, yardstick, mask, smoothing, backbone, affine, val) for name, yardstick in yardsticks.items()}
 
     chance = 1.0 / (len(val) + 1)
     copies = [name for name in sets if name.endswith("copies")]
@@ -168,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"benchmark": "privacy_calibration", "command": command, "data": str(args.data),
               "grid": json.loads((args.data / "prepare.json").read_text()).get("preset"),
               "model": generator.model_id if generator else None,
-              "backbone": backbone.name, "train": len(train), "yardstick_subjects": len(val), "chance_rate": chance,
+              "backbone": backbone.name, "feature_space": tissue_space_for(backbone, affine, train[0].shape).description,
+              "train": len(train), "yardstick_subjects": len(val), "chance_rate": chance,
               "results": results, "checks": checks, "all_passed": all(checks.values()),
               "seconds": round(time.perf_counter() - started, 1), "machine": machine(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -177,13 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for yardstick, table in results.items():
         lines += [f"Yardstick: {yardstick}.", "",
-                  "| set | volumes | flagged, voxel | by distance alone | flagged, feature | by distance alone | median d1/d2 (voxel) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| set | volumes | flagged, voxel | by distance alone | flagged, feature | by distance alone | median d1/d2 (voxel) | median d1/d2 (feature) |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {row['count']} | {row['voxel']['flagged']} | {row['voxel']['flagged_by_distance_alone']} | "
-                  f"{row['feature']['flagged']} | {row['feature']['flagged_by_distance_alone']} | {row['voxel']['median_ratio']:.2f} |"
+                  f"{row['feature']['flagged']} | {row['feature']['flagged_by_distance_alone']} | {row['voxel']['median_ratio']:.2f} | "
+                  f"{row['feature']['median_ratio']:.2f} |"
                   for name, row in table.items()] + [""]
     failed = [name for name, ok in checks.items() if not ok]
-    body = f"""How the copy check (closer to a training subject than new people come AND singled out by it: d1/d2 below the held-out quantile, at most 0.7) and the distance threshold alone treat copies and non-copies, on `{args.data}` ({record['grid']}): {len(train)} training subjects, the {len(val)} val subjects as the yardstick (chance rate about {chance:.0%}), the test split as new people, and {f"{args.samples} samples of model `{generator.model_id}`" if generator else "no model"}. Voxel space: 1 − correlation after {DEFAULT_SMOOTHING_MM:g} mm smoothing; feature space: `{backbone.name}`.
+    tissue_space = tissue_space_for(backbone, affine, train[0].shape)
+    space = tissue_space.description if tissue_space is not None else f"`{backbone.name}` features (Euclidean)"
+    body = f"""How the copy check (closer to a training subject than new people come AND singled out by it: d1/d2 below the held-out quantile, at most 0.7) and the distance threshold alone treat copies and non-copies, on `{args.data}` ({record['grid']}): {len(train)} training subjects, the {len(val)} val subjects as the yardstick (chance rate about {chance:.0%}), the test split as new people, and {f"{args.samples} samples of model `{generator.model_id}`" if generator else "no model"}. Voxel space: 1 − correlation after {DEFAULT_SMOOTHING_MM:g} mm smoothing; feature space: {space}.
 
     {command}
 

@@ -58,7 +58,7 @@ from mriflow.evaluate.fidelity import (
 )
 from mriflow.evaluate.memorization import DEFAULT_SMOOTHING_MM, masked_standardised, population_mask, smoothing_voxels
 from mriflow.evaluate.metrics import LOWER_IS_BETTER, median_bandwidth, psnr, set_metrics, ssim
-from mriflow.evaluate.privacy import privacy_audit
+from mriflow.evaluate.privacy import TissueSpace, privacy_audit, tissue_space_for
 from mriflow.evaluate.sets import BATCH_SIZE, EvaluationSets, VolumeFiles, load_sets, read_clipped
 
 NEAREST_K = 5
@@ -202,6 +202,8 @@ class FeatureCache:
     progress: bool = False
     features: dict[Path, np.ndarray] = field(default_factory=dict)
     vectors: dict[Path, np.ndarray] = field(default_factory=dict)
+    tissue: TissueSpace | None = None  # the privacy audit's feature space where the grid has an anatomy network
+    tissue_vectors: dict[Path, np.ndarray] = field(default_factory=dict)
     clipped: set[Path] = field(default_factory=set)  # files with values outside [0, 1]
 
     def add(self, paths: Sequence[Path], description: str) -> None:
@@ -219,12 +221,19 @@ class FeatureCache:
             rows = self.backbone.features(np.stack(volumes)[:, None])  # (B, F)
             for path, row in zip(batch, rows):
                 self.features[path] = row
+            if self.tissue is not None and self.mask is not None:
+                for path, row in zip(batch, self.tissue(np.stack(volumes))):
+                    self.tissue_vectors[path] = row
 
     def matrix(self, paths: Sequence[Path]) -> np.ndarray:
         return np.stack([self.features[p] for p in paths])
 
     def vector_matrix(self, paths: Sequence[Path]) -> np.ndarray:
         return np.stack([self.vectors[p] for p in paths])
+
+    def privacy_matrix(self, paths: Sequence[Path]) -> np.ndarray:
+        """The privacy audit's feature rows: tissue vectors where there is a tissue space, else backbone features."""
+        return np.stack([self.tissue_vectors[p] for p in paths]) if self.tissue is not None else self.matrix(paths)
 
     def clipped_warnings(self, generated: Sequence[Path]) -> list[str]:
         clipped = [p.name for p in generated if p in self.clipped]
@@ -235,7 +244,8 @@ class FeatureCache:
 def compute_features(sets: EvaluationSets, backbone: Backbone, progress: bool) -> FeatureCache:
     """Features of every volume of every set; voxel vectors too when a privacy audit is possible."""
     mask = population_mask(load_volume(sets.real_dir / p)[0] for p in sets.train_rows["mask"]) if sets.audit_possible else None
-    cache = FeatureCache(backbone, mask, smoothing_voxels(sets.affine, DEFAULT_SMOOTHING_MM), progress)
+    tissue = tissue_space_for(backbone, sets.affine, sets.shape) if mask is not None else None
+    cache = FeatureCache(backbone, mask, smoothing_voxels(sets.affine, DEFAULT_SMOOTHING_MM), progress, tissue=tissue)
     for paths, description in ((sets.real, f"real {sets.split}"), (sets.other, f"real {sets.other_split}"),
                                (sets.generated, "generated"), (sets.train, "train"), (sets.heldout, "held-out")):
         cache.add(paths, description)
