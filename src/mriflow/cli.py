@@ -369,6 +369,9 @@ def _add_evaluate(commands) -> None:
                                          "adds the Real vs Reconstruction column and matches the memorization "
                                          "yardstick to its smoothness")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--also-backbone", action="append", default=[], metavar="NAME[=WEIGHTS]",
+                   help="another feature network whose FD is added as a row (e.g. radimagenet-resnet50=weights.pt, "
+                        "medicalnet-resnet10=resnet_10.pth, deepbet); repeatable, local weights only")
     p.add_argument("--protocol", help="a fixed evaluation protocol (mriflow-v1): split, backbone, n, bootstrap and "
                                       "seed as written down, so figures compare across runs and papers")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
@@ -424,6 +427,7 @@ def _run_evaluate_utility(args: argparse.Namespace) -> int:
 def _run_evaluate_generation(args: argparse.Namespace) -> int:
     from mriflow.evaluate.diversity import DEFAULT_MAX_PAIRS as DEFAULT_PAIRS
     from mriflow.evaluate.generation import evaluate_generation
+    from mriflow.evaluate.other_networks import parse_other_backbone
 
     reconstruct = None
     if args.autoencoder == "default":
@@ -450,7 +454,8 @@ def _run_evaluate_generation(args: argparse.Namespace) -> int:
     result = evaluate_generation(args.real, args.fake, args.out, weights=args.weights, weights_sha256=args.weights_sha256,
                                  autoencoder=args.autoencoder, reconstruct=reconstruct, device=args.device,
                                  protocol=protocol.settings() if protocol else None,
-                                 diversity_pairs=protocol.diversity_pairs if protocol else DEFAULT_PAIRS, **options)
+                                 diversity_pairs=protocol.diversity_pairs if protocol else DEFAULT_PAIRS,
+                                 also_backbones=[parse_other_backbone(text) for text in args.also_backbone], **options)
     generated = result["columns"]["real_vs_generated"]
     print(f"report: {args.out}/report.html  (Real vs Generated: FD {generated['fd']['mean']:.4g} ± "
           f"{generated['fd']['sd']:.2g}, coverage {generated['coverage']['mean']:.3f})")

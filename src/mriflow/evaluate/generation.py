@@ -58,6 +58,7 @@ from mriflow.evaluate.fidelity import (
 )
 from mriflow.evaluate.memorization import DEFAULT_SMOOTHING_MM, masked_standardised, population_mask, smoothing_voxels
 from mriflow.evaluate.metrics import LOWER_IS_BETTER, median_bandwidth, psnr, set_metrics, ssim
+from mriflow.evaluate.other_networks import other_network_distances
 from mriflow.evaluate.privacy import TissueSpace, privacy_audit, tissue_space_for
 from mriflow.evaluate.sets import BATCH_SIZE, EvaluationSets, VolumeFiles, load_sets, read_clipped
 
@@ -86,6 +87,7 @@ def evaluate_generation(
     device: str = "cpu",
     progress: bool = True,
     protocol: dict | None = None,
+    also_backbones: Sequence[tuple[str, str | None]] = (),
 ) -> dict:
     """Compare generated volumes in `fake_dir` with the prepared data in `real_dir`; write the report to `out`.
 
@@ -100,6 +102,8 @@ def evaluate_generation(
         autoencoder: a label for the report (e.g. the run folder reconstruct came from).
         reconstruct: (B, 1, D, H, W) -> (B, 1, D, H, W) in [0, 1]; adds the Real vs
             Reconstruction column.
+        also_backbones: (name, weights or None) of other feature networks whose FD (Real vs Real, Real vs
+            Generated, same bootstrap) is added as extra rows (evaluate/other_networks.py).
     Returns the result written to out/metrics.json.
     """
     from mriflow.evaluate.report import write_report
@@ -116,8 +120,12 @@ def evaluate_generation(
         laps.end("reconstruction")
     metrics = distribution_metrics(sets, features, reconstructions, n, bootstrap, seed, progress)
     laps.end("bootstrap")
+    others = other_network_distances(sets, also_backbones, metrics.sample_size, metrics.rounds, seed, device)
+    laps.end("other_networks")
     diversity = measure_diversity(sets, diversity_pairs, seed, progress)
     laps.end("diversity")
+    consistency = inter_slice_consistency(sets, reconstructions, metrics.sample_size, metrics.rounds, seed)
+    laps.end("slice_consistency")
     privacy = privacy_audit(sets, features, reconstructions)
     laps.end("memorization")
     predictions = predict_anatomy(backbone, sets)  # shared by the two measures below
@@ -143,8 +151,10 @@ def evaluate_generation(
         "lower_is_better": LOWER_IS_BETTER,
         "columns": metrics.columns,
         "column_sets": metrics.column_sets,
+        "other_networks": others.record(),
         "reconstruction": reconstructions.summary if reconstructions else None,
         "diversity": diversity.record(),
+        "slice_consistency": consistency.record(),
         "memorization": privacy.record(),
         "conditional_fidelity": fidelity.record(),
         "morphometry": anatomy.record(),

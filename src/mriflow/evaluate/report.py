@@ -193,6 +193,12 @@ def report_sections(result: dict, figures: dict[str, bytes]) -> list[Section]:
         f"k = {settings['nearest_k']}. Real vs Real is the floor sampling noise gives at this n.")
     if "bootstrap" in figures:
         add(Figure("bootstrap", "Bootstrap distributions of each metric, per column."))
+    if result.get("other_networks"):
+        sections.append(Section("Fréchet distance with other networks"))
+        add(Table(["network", "weights SHA-256", "Real vs Real", "Real vs Generated"],
+                  [[name, (row["weights_sha256"] or "none")[:12], _mean_sd(row["real_vs_real"]),
+                    _mean_sd(row["real_vs_generated"])] for name, row in result["other_networks"].items()]))
+        add("The same bootstrap as the set metrics; an FD compares only with one of the same network and weights.")
     if result.get("reconstruction"):
         recon = result["reconstruction"]
         sections.append(Section("Reconstruction"))
