@@ -4,6 +4,7 @@
     mriflow train autoencoder DATA --out RUN [--kind kl|vq] [--preset tiny|small|base|large] ...
     mriflow train flow DATA --autoencoder RUN --out RUN2 [--condition age,sex] ...
     mriflow train diffusion DATA --autoencoder RUN --out RUN3 [--condition age,sex] ...
+    mriflow train gan DATA --autoencoder RUN --out RUN5 [--condition age,sex] ...    (R3GAN losses, one-step sampling)
     mriflow encode DATA --autoencoder RUN
     mriflow generate [--model RUN|default] --out DIR [--n N] [--age A] [--sex F|M] [--solver heun] ...
     mriflow evaluate reconstruction DATA --autoencoder RUN [--split val] [--out DIR]
@@ -253,7 +254,7 @@ def _add_generate(commands) -> None:
     p.add_argument("--covariates", metavar="CSV",
                    help="a synthetic cohort: one sample per row, columns = the model's covariates (empty = absent) "
                         "and optionally id/subject naming the files; the row goes into the sidecar (replaces --n)")
-    p.add_argument("--solver", help="flow: euler, heun, midpoint, rk4, dopri5; diffusion: ddim, ddpm "
+    p.add_argument("--solver", help="flow: euler, heun, midpoint, rk4, dopri5; diffusion: ddim, ddpm; gan: generator "
                                     "(default: the model's)")
     p.add_argument("--steps", type=int, help="solver steps (default: the model's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (1 = conditional; default: the model's)")

@@ -100,6 +100,7 @@ class Generator:
             raise ValueError(f"steps must be >= 1, got {settings['steps']}")
         if not math.isfinite(settings["guidance"]) or settings["guidance"] < 0:
             raise ValueError(f"guidance must be a finite number >= 0 (1 = conditional), got {settings['guidance']}")
+        self.family.check_sampling(settings)  # e.g. a GAN refuses guidance
         return settings
 
     @property

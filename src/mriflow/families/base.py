@@ -8,6 +8,10 @@ means), the cached latents, the training loop, checkpoints, and what `generate` 
     family = FAMILIES["flow"](config)                    # config: the family's training config
     loss = family.loss(net, latents, covariates, present)                # one scalar to minimise
     latents, nfe = family.sample(net, shape, covariates, settings, device, sample_seeds)
+
+A family that trains more than the generator (the GAN's critic) brings those networks with
+`extra_networks` and their losses with `phase_loss`: each is a training phase with its own optimizer,
+saved with the training state but never with the inference weights (the generator's EMA copy alone).
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ class Family:
     solvers  the sampler names `generate --solver` accepts for it
     path     its probability path (set by __init__), shared by `loss` and `sample`: x_t, the target, and what
              the network's output means (path.prediction) with the conversions to the other kinds; None for a
-             family that is no path between noise and data (a one-step regressor)
+             family that is no path between noise and data (a one-step regressor, a GAN)
+    metric_names  the columns of its training log, the first shown in the progress bar (default: "loss")
+    label_conditioning  whether `train --label-condition` can train it (False: refused before anything is made)
     """
 
     name: ClassVar[str]
@@ -45,6 +51,8 @@ class Family:
     Config: ClassVar[type]
     solvers: ClassVar[tuple[str, ...]]
     path: ProbabilityPath | None = None
+    metric_names: ClassVar[tuple[str, ...]] = ("loss",)
+    label_conditioning: ClassVar[bool] = True
 
     def __init__(self, config: Any):
         self.config = config
@@ -69,3 +77,31 @@ class Family:
         """Latents (B, C, d, h, w) from noise, one per seed (mriflow.utils.seeding.sample_seed; None: the
         seeds of samples 0 … B − 1 of seed 0), and the network evaluations per sample."""
         raise NotImplementedError
+
+    def check_sampling(self, settings: Mapping[str, Any]) -> None:
+        """Refuse sampler settings the family has no use for (e.g. guidance without classifier-free training), in one
+        line naming the option; `generate` calls it before anything is written. Default: accept."""
+
+    # ---- optional: networks trained beside the generator (default: none) ----
+
+    def init_generator(self, net: nn.Module) -> None:
+        """Change the freshly built generator's initial weights in place, before training (default: as built)."""
+
+    def extra_networks(self, latent_shape: Sequence[int]) -> dict[str, nn.Module]:
+        """Networks trained beside the generator, by name (a GAN's {"critic": ...}), for latents (C, d, h, w).
+
+        Each is a training phase of its own, run after the generator's phase ("velocity") on every batch with one
+        optimizer (the loop's learning rate and betas) and its loss from `phase_loss`. Checkpoints keep them in
+        train_state.safetensors (network, optimizer), so a resumed run continues exactly; model.safetensors holds
+        the generator's EMA weights alone, which is all `generate` loads. Default: none."""
+        return {}
+
+    def phase_loss(self, phase: str, networks: Mapping[str, nn.Module], latents: torch.Tensor,
+                   covariates: torch.Tensor | None, covariates_present: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The loss of training phase `phase` and its metrics to log (names from `metric_names`), or None to skip the
+        phase at this step. Phase "velocity" trains the generator networks["velocity"], any other phase the network
+        of `extra_networks` by that name; `networks` are the training networks (DDP-wrapped under torchrun;
+        mriflow.distributed.unwrap gives the bare module). Default: `loss`, logged as "loss"."""
+        loss = self.loss(networks["velocity"], latents, covariates, covariates_present)
+        return loss, {"loss": loss.detach()}

@@ -1,12 +1,16 @@
-"""Stages 2 and 3: the latent generators, rectified flow and its DDPM/DDIM baseline.
+"""Stages 2 and 3: the latent generators, rectified flow and its baselines (DDPM/DDIM, a GAN).
 
-Both train the same VelocityNet on scaled latents z = (mean + exp(logvar / 2)·ε)·latent_scale,
+All train the same VelocityNet on scaled latents z = (mean + exp(logvar / 2)·ε)·latent_scale,
 drawn afresh from the cached posterior q(z|x) each time a subject is read, with every covariate
 dropped to its null embedding with probability model.covariate_drop_prob (so one network also
 learns the unconditional model that classifier-free guidance needs). Only the objective differs:
 
     flow       L = E_{t, x0, z} ‖v(x_t, t, c) − (z − x0)‖       mriflow.flow.objective.RectifiedFlowLoss
     diffusion  L = E_{t, ε, z} ‖f(x_t, t, c) − (ε or v)‖        mriflow.flow.diffusion.diffusion_loss
+    gan        G(ε, c) = f(ε, 0, c) against a critic D(z, c)      mriflow.families.gan (R3GAN losses, R1/R2)
+
+(the GAN drops covariates itself, the same for G and its critic, and trains the critic as a second
+phase: Family.extra_networks; the critic is kept in train_state.safetensors, never in model.safetensors)
 
 so a flow preset and the diffusion preset of the same name share network and optimisation,
 and the benchmark compares the two at equal budgets. The latents are encoded on first use
@@ -14,11 +18,12 @@ and the benchmark compares the two at equal budgets. The latents are encoded on 
 
     >>> train_flow("prepared/", "runs/ae", "runs/flow", condition=["age", "sex"], preset="tiny")
     >>> train_diffusion("prepared/", "runs/ae", "runs/diffusion", condition=["age", "sex"], preset="tiny")
+    >>> train_generator("gan", "prepared/", "runs/ae", "runs/gan", condition=["age", "sex"], preset="tiny")
     >>> train_flow("prepared/", "runs/ae", "runs/flow", resume=True)   # continue the latest checkpoint
 
 Checkpoint meta, what mriflow.generate reads (EMA weights under "velocity." in model.safetensors):
 
-    stage          "flow" | "diffusion";  preset: the preset name, or None for a given config
+    stage          "flow" | "diffusion" | "gan" (a key of FAMILIES);  preset: the preset name, or None for a given config
     config         the full training config; "model" rebuilds the network:
                    VelocityNet(from_dict(VelocityNetConfig, meta["config"]["model"])); "objective" (flow)
                    or "diffusion" (schedule, prediction); "sampling": the default sampler settings
@@ -62,9 +67,9 @@ PRESETS = ("tiny", "small", "base", "large")
 STAGES = tuple(FAMILIES)
 
 
-def load_config(stage: str, preset: str = "tiny", max_steps: int | None = None) -> FlowTrainingConfig | DiffusionTrainingConfig:
-    """The preset `<stage>-<preset>.yaml` of a generative family ("flow", "diffusion", ...), with the step
-    count replaced when given."""
+def load_config(stage: str, preset: str = "tiny", max_steps: int | None = None) -> Any:
+    """The training config (Family.Config) of preset `<stage>-<preset>.yaml` of a generative family ("flow",
+    "diffusion", "gan", ...), with the step count replaced when given."""
     config_class = get_family(stage).Config
     config = from_dict(config_class, load_preset(stage, preset), f"{stage}-{preset}.yaml")
     return _override(config, max_steps)
@@ -98,29 +103,32 @@ class PosteriorSamples(Dataset):
 
 
 class GeneratorStage:
-    """A latent generator of any family as a `loop.Stage`: one network "velocity", its one phase and EMA
-    copy, the family's loss, and a montage that decodes a real latent beside a sample with its covariates."""
+    """A latent generator of any family as a `loop.Stage`: the network "velocity" with its EMA copy (the inference
+    weights), any networks the family trains beside it (Family.extra_networks, e.g. a GAN's critic), one phase each
+    in that order, the family's phase losses, and a montage that decodes a real latent beside a sample with its
+    covariates."""
 
     ema_networks = ("velocity",)
-    metric_names = ("loss",)
 
     def __init__(self, family: Family, latent_shape: Sequence[int], autoencoder: nn.Module | None = None,
                  latent_scale: float = 1.0):
         self.family = family
         self.config = family.config
         velocity_net = VelocityNet(self.config.model)
-        self.networks: dict[str, nn.Module] = {"velocity": velocity_net}
-        self.phases: dict[str, list[dict[str, Any]]] = {"velocity": [{"params": list(velocity_net.parameters())}]}
+        family.init_generator(velocity_net)
+        self.networks: dict[str, nn.Module] = {"velocity": velocity_net, **family.extra_networks(latent_shape)}
+        self.phases: dict[str, list[dict[str, Any]]] = {name: [{"params": list(net.parameters())}]
+                                                        for name, net in self.networks.items()}
+        self.metric_names = family.metric_names
         self.latent_shape = tuple(latent_shape)
         self.autoencoder = autoencoder  # frozen, for montages only (None: no montage)
         self.latent_scale = latent_scale
 
-    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        net = self.networks["velocity"]
+    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        networks = dict(self.networks)  # the loop's (DDP-wrapped under torchrun)
         if "spatial" in batch:
-            net = SpatiallyConditioned(net, batch["spatial"])
-        loss = self.family.loss(net, batch["latent"], batch["covariates"], batch["covariates_present"])
-        return loss, {"loss": loss.detach()}
+            networks["velocity"] = SpatiallyConditioned(networks["velocity"], batch["spatial"])
+        return self.family.phase_loss(phase, networks, batch["latent"], batch["covariates"], batch["covariates_present"])
 
     @torch.no_grad()
     def montage(self, batch: dict, networks: dict[str, nn.Module]) -> dict[str, np.ndarray] | None:
@@ -214,6 +222,9 @@ def train_generator(
     draws a scan with a given anatomy. Recorded in meta["spatial_condition"]. `backbone` ("unet" | "dit") replaces
     the preset's network (model.backbone; the DiT's size is model.dit_*, by default matched to flow-tiny's U-Net)."""
     data_dir, out = Path(data_dir), Path(out)
+    if label_condition and not get_family(stage_name).label_conditioning:
+        raise ValueError(f"--label-condition: the {stage_name} family cannot learn a label-conditioned model; "
+                         "drop --label-condition, or train flow or diffusion")
     checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned: a newer checkpoint of the run is not used
     schema = None
     latest = ckpt.latest_checkpoint(out) if resume else None
