@@ -3,6 +3,7 @@ through `mriflow train gan` and `mriflow generate` (critic kept out of the infer
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -108,6 +109,12 @@ def test_the_critic_judges_latents_against_their_covariates_and_their_group():
 
 
 def test_the_gan_config_keeps_covariate_dropout_to_itself_and_samples_in_one_step():
+    from mriflow.train.generator import load_config
+
+    for preset in ("tiny", "small"):  # the generator is the flow preset's network: matched parameters
+        gan, flow = load_config("gan", preset), load_config("flow", preset)
+        assert dataclasses.replace(gan.model, covariate_drop_prob=flow.model.covariate_drop_prob) == flow.model
+        assert gan.model.covariate_drop_prob == 0 and gan.loop.betas == (0.0, 0.99) and gan.loop.batch_size == 8
     with pytest.raises(ValueError, match="model.covariate_drop_prob must be 0 for a GAN"):
         from_dict(GanTrainingConfig, {"model": {"covariate_drop_prob": 0.15}})
     with pytest.raises(ValueError, match="sampling.steps and sampling.guidance must be 1"):
