@@ -13,7 +13,8 @@ The table has up to three columns, each comparing the real evaluation split
 Rows are set metrics on backbone features (FD, KID, MMD, precision, recall, density,
 coverage; bootstrap mean ± sd at one common n), then within-set diversity
 (MS-SSIM), memorization against the training split and, when an anatomy
-predictor is available, conditional fidelity and tissue volumes.
+predictor is available, conditional fidelity and tissue volumes; and inter-slice consistency, the
+known weakness of 2D (slice-by-slice) models, per set next to the real splits.
 
 :func:`evaluate_generation` is a sequence of steps, each a function returning a dataclass:
 
@@ -23,6 +24,7 @@ predictor is available, conditional fidelity and tissue volumes.
     reconstruct_sets         the autoencoder's reconstructions (with `reconstruct`)
     distribution_metrics     the set metrics per column, bootstrapped
     measure_diversity        MS-SSIM within the real and the generated set
+    inter_slice_consistency  roughness across axial slices against in-plane, per set  (evaluate/consistency.py)
     privacy_audit            near copies of training subjects                      (evaluate/privacy.py)
     predict_anatomy          the anatomy network's predictions, once per volume    (evaluate/fidelity.py)
     conditional_fidelity     requested against predicted covariates                (evaluate/fidelity.py)
@@ -52,6 +54,7 @@ from mriflow import __version__
 from mriflow.data.io import load_volume, strip_nifti_suffix
 from mriflow.evaluate.backbones import Backbone, anatomy_weights_for, get_backbone
 from mriflow.evaluate.bootstrap import DEFAULT_ROUNDS, bootstrap as run_bootstrap, default_sample_size
+from mriflow.evaluate.consistency import inter_slice_consistency
 from mriflow.evaluate.diversity import DEFAULT_MAX_PAIRS, pairwise_ms_ssim
 from mriflow.evaluate.fidelity import (
     anatomy_predictor, conditional_fidelity, label_fidelity, morphometric_fidelity, predict_anatomy,
