@@ -5,6 +5,7 @@
     mriflow train flow DATA --autoencoder RUN --out RUN2 [--condition age,sex] ...
     mriflow train diffusion DATA --autoencoder RUN --out RUN3 [--condition age,sex] ...
     mriflow train gan DATA --autoencoder RUN --out RUN5 [--condition age,sex] ...    (R3GAN losses, one-step sampling)
+    mriflow train slices DATA --out RUN4 [--condition age,sex] ...      (2D, image space: no autoencoder)
     mriflow encode DATA --autoencoder RUN
     mriflow generate [--model RUN|default] --out DIR [--n N] [--age A] [--sex F|M] [--solver heun] ...
     mriflow evaluate reconstruction DATA --autoencoder RUN [--split val] [--out DIR]
@@ -129,6 +130,12 @@ def _add_train(commands) -> None:
     for stage, family in FAMILIES.items():
         p = stages.add_parser(stage, help=family.summary)
         p.add_argument("data", help="prepared dataset folder (mriflow prepare)")
+        if family.space == "image":  # the slice model: image slices, no autoencoder
+            p.add_argument("--condition", default="", metavar="NAMES",
+                           help="covariates to condition on, e.g. age,sex (manifest columns; default: unconditional)")
+            _add_common_training(p, stage)
+            p.set_defaults(func=_run_train_slices, stage=stage)
+            continue
         p.add_argument("--autoencoder", required=True, help="autoencoder run or checkpoint folder")
         p.add_argument("--condition", default="", metavar="NAMES",
                        help="covariates to condition on, e.g. age,sex (manifest columns; default: unconditional)")
@@ -190,6 +197,15 @@ def _run_train_generator(args: argparse.Namespace) -> int:
                              max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes, lr=args.lr,
                              stop_at_step=args.stop_at_step,
                              label_condition=args.label_condition, regions=args.regions, backbone=args.backbone)
+    return _report_training(result)
+
+
+def _run_train_slices(args: argparse.Namespace) -> int:
+    from mriflow.train.slices import train_slices
+
+    condition = [name.strip() for name in args.condition.split(",") if name.strip()] or None
+    result = train_slices(args.data, args.out, condition=condition, preset=args.preset, max_steps=args.max_steps,
+                          resume=args.resume, max_minutes=args.max_minutes, lr=args.lr)
     return _report_training(result)
 
 

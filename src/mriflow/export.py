@@ -21,32 +21,36 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
 
     Only model.safetensors and checkpoint.json travel (no train_state), weights cast to
     `weights_dtype`; the generator's meta["autoencoder"] then points at "../autoencoder"
-    with the new sha256. Every file must stay <= 16 MB, else nothing is left behind.
+    with the new sha256. An image-space generator (the slice model) has no autoencoder: out/flow alone.
+    Every file must stay <= 16 MB, else nothing is left behind.
     This is how the shipped models (mriflow/weights/<name>) are made. Returns `out`.
     """
     weights, meta = ckpt.load_checkpoint(run)
     directory = Path(meta.pop("path"))
     if meta.get("stage") not in FAMILIES:
-        raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator (flow or diffusion)")
-    autoencoder_dir = autoencoder_folder(meta, directory)
+        raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator ({', '.join(FAMILIES)})")
+    image_space = FAMILIES[meta["stage"]].space == "image"
+    autoencoder_dir = None if image_space else autoencoder_folder(meta, directory)
     out = Path(out)
-    targets = [out / GENERATOR_DIR, out / AUTOENCODER_DIR]
+    targets = [out / GENERATOR_DIR] + ([] if image_space else [out / AUTOENCODER_DIR])
     existing = [str(t) for t in targets if t.exists()]
     if existing:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); export into an empty folder")
 
     try:
-        autoencoder_weights, autoencoder_meta = ckpt.load_checkpoint(autoencoder_dir)
-        autoencoder_meta.pop("path")
-        autoencoder_meta["exported_from"] = {"path": str(autoencoder_dir), "model_sha256": meta["autoencoder"]["model_sha256"]}
-        ckpt.save_checkpoint(targets[1], autoencoder_weights, autoencoder_meta, weights_dtype=weights_dtype)
         exported = {
             **meta,
             "model_id": meta.get("model_id") or f"{ckpt.run_folder(directory).name}-step{meta.get('step', 0)}",
-            "autoencoder": {**meta["autoencoder"], "path": f"../{AUTOENCODER_DIR}",
-                            "model_sha256": ckpt.sha256(targets[1] / ckpt.MODEL_FILE)},
             "exported_from": {"path": str(directory), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE)},
         }
+        if not image_space:
+            autoencoder_weights, autoencoder_meta = ckpt.load_checkpoint(autoencoder_dir)
+            autoencoder_meta.pop("path")
+            autoencoder_meta["exported_from"] = {"path": str(autoencoder_dir),
+                                                 "model_sha256": meta["autoencoder"]["model_sha256"]}
+            ckpt.save_checkpoint(targets[1], autoencoder_weights, autoencoder_meta, weights_dtype=weights_dtype)
+            exported["autoencoder"] = {**meta["autoencoder"], "path": f"../{AUTOENCODER_DIR}",
+                                       "model_sha256": ckpt.sha256(targets[1] / ckpt.MODEL_FILE)}
         ckpt.save_checkpoint(targets[0], weights, exported, weights_dtype=weights_dtype)
         too_large = [f"{f} ({f.stat().st_size / 1e6:.1f} MB)" for t in targets for f in sorted(t.iterdir())
                      if f.stat().st_size > ckpt.MAX_TRAVELLING_BYTES]

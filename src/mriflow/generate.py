@@ -1,4 +1,4 @@
-"""Generation: a trained generator (latent flow or diffusion baseline + its autoencoder) -> NIfTI volumes.
+"""Generation: a trained generator (a latent family + its autoencoder, or the image-space slice model) -> NIfTI volumes.
 
 `generate` samples a generator (loaded by mriflow.generator) into files: each volume in template
 space with its sidecar, a montage and a run record. Sample i of a run with seed s starts from
@@ -115,8 +115,9 @@ def generate(
     With `privacy_filter` (a prepared folder on the model's grid), a sample that is a near copy
     of one of its training subjects is redrawn from its next seed stream, at most `max_redraws`
     times; one still memorized then is withheld (not written) and reported. "Near copy": closer
-    to a training subject than the held-out subjects, passed through the model's autoencoder,
-    come (evaluate/memorization.py).
+    to a training subject than the held-out subjects, passed through the model's autoencoder (as they are for an
+    image-space model, which has none), come (evaluate/memorization.py). An image-space model (the slice model)
+    writes no label maps and records "space": "image" and autoencoder_checksum null.
     """
     if cohort is not None:
         if covariates:
@@ -151,7 +152,7 @@ def generate(
         indices = list(range(context.rank, n, context.world_size))
         common = {"seed": seed, **settings, "model_id": generator.model_id,
                   "model_checksum": generator.model_checksum, "autoencoder_checksum": generator.autoencoder_checksum,
-                  "stage": generator.stage, "device": str(context.device)}
+                  "stage": generator.stage, "space": generator.space, "device": str(context.device)}
         if label_map is not None:
             common["label_map"] = {"path": str(Path(label_map).resolve()), "sha256": ckpt.sha256(Path(label_map))}
         if generator.labels is not None:
@@ -218,7 +219,7 @@ def generate(
             record = {
                 "model": str(generator.path), "model_id": generator.model_id, "model_checksum": generator.model_checksum,
                 "autoencoder_checksum": generator.autoencoder_checksum, "stage": generator.stage,
-                "labels": None if generator.labels is None else {
+                "space": generator.space, "labels": None if generator.labels is None else {
                     "model": generator.labels_meta["path"], "checksum": generator.labels_meta["checksum"],
                     "classes": list(generator.label_classes)},
                 "n": n, "seed": seed, **settings, "nfe": result.nfe,
@@ -288,4 +289,5 @@ def privacy_reference(data_dir: str | Path, generator: Generator):
     def reconstructed(volume: np.ndarray) -> np.ndarray:
         return generator.reconstruct(torch.from_numpy(np.asarray(volume, np.float32))[None, None])[0, 0].numpy()
 
-    return MemorizationReference.from_prepared(data_dir, heldout_transform=reconstructed)
+    # an image-space generator (the slice model) has no decoder to match: the held-out volumes as they are
+    return MemorizationReference.from_prepared(data_dir, heldout_transform=None if generator.autoencoder is None else reconstructed)

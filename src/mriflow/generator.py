@@ -11,6 +11,10 @@ a relative path is relative to the checkpoint folder), "latent_shape", "image_sh
 
     volume = clamp(decode(z / latent_scale), 0, 1)
 
+An image-space generator (the slice model, mriflow.families.slices; meta "space": "image") has no
+autoencoder: it samples intensities in [−1, 1] itself, "decoded" as clamp((x + 1) / 2, 0, 1); it has no
+latents for a label decoder and nothing to reconstruct (its `autoencoder` and `autoencoder_checksum` are None).
+
     >>> generator = load_generator()        # the shipped default model (mriflow/weights/<DEFAULT_MODEL>)
     >>> volumes, nfe = generator.sample([sample_seed(0, i) for i in range(4)], None, generator.sampling_settings())
 """
@@ -35,6 +39,7 @@ from mriflow.families import FAMILIES, Family
 from mriflow.models.velocity import SpatiallyConditioned, VelocityNet, VelocityNetConfig
 
 REQUIRED_META = ("config", "schema", "autoencoder", "latent_shape", "image_shape", "affine")
+IMAGE_SPACE_META = ("config", "schema", "image_shape", "affine")  # what an image-space generator's meta needs
 GENERATOR_DIR, AUTOENCODER_DIR, LABELS_DIR = "flow", "autoencoder", "labels"  # the folders of an exported model
 AFFINE_TOLERANCE = 1e-3  # mm; a prepared folder this close to the model's affine is on its grid
 
@@ -58,16 +63,16 @@ class Generator:
     """A loaded generator: velocity network, autoencoder, and what its checkpoint says about them."""
 
     velocity_net: VelocityNet
-    autoencoder: torch.nn.Module
+    autoencoder: torch.nn.Module | None  # None: an image-space generator (the slice model)
     meta: dict[str, Any]
     schema: CovariateSchema
     affine: np.ndarray  # (4, 4) template-space affine of every generated volume
     stage: str  # "flow" | "diffusion"
     model_id: str
     model_checksum: str  # "sha256:<hex>" of the generator's model.safetensors
-    autoencoder_checksum: str
+    autoencoder_checksum: str | None
     latent_scale: float
-    latent_shape: tuple[int, ...]  # (C, d, h, w)
+    latent_shape: tuple[int, ...]  # (C, d, h, w); an image-space generator's (1, D, H, W)
     image_shape: tuple[int, int, int]  # (D, H, W)
     device: torch.device
     path: Path  # the checkpoint folder
@@ -82,6 +87,11 @@ class Generator:
     @property
     def solvers(self) -> tuple[str, ...]:
         return self.family.solvers
+
+    @property
+    def space(self) -> str:
+        """"latent" (decoded by the autoencoder) or "image" (the slice model: no autoencoder)."""
+        return self.family.space
 
     def sampling_settings(self, solver: str | None = None, steps: int | None = None,
                           guidance: float | None = None) -> dict[str, Any]:
@@ -138,7 +148,7 @@ class Generator:
         `spatial` (1 or B, S, d, h, w): the condition of a label-conditioned model (see `label_condition`)."""
         shape = (len(sample_seeds), *self.latent_shape)
         net = self.velocity_net
-        if self.velocity_net.config.spatial_channels:
+        if self.velocity_net.config.spatial_channels and self.space == "latent":  # the slice model's is its position
             if spatial is None:
                 raise ValueError(f"the model {self.path} draws scans for a given label map; pass --label-map FILE")
             net = SpatiallyConditioned(net, spatial.to(self.device).expand(len(sample_seeds), *spatial.shape[1:]))
@@ -147,7 +157,10 @@ class Generator:
         return self.family.sample(net, shape, covariates, settings, self.device, sample_seeds)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Scaled latents (B, C, d, h, w) -> volumes (B, D, H, W) float32 in [0, 1] on the CPU."""
+        """Scaled latents (B, C, d, h, w) -> volumes (B, D, H, W) float32 in [0, 1] on the CPU; an image-space
+        generator's samples (B, 1, D, H, W) in [−1, 1] are mapped to [0, 1]."""
+        if self.autoencoder is None:
+            return ((latents + 1.0) / 2.0).clamp(0.0, 1.0)[:, 0].float().cpu().numpy()
         with torch.no_grad():
             images = self.autoencoder.decode(latents / self.latent_scale)  # (B, 1, D, H, W)
         return images.clamp(0.0, 1.0)[:, 0].float().cpu().numpy()
@@ -163,7 +176,10 @@ class Generator:
     def reconstruct(self, volumes: torch.Tensor) -> torch.Tensor:
         """Real volumes (B, 1, D, H, W) through the autoencoder (decode of the posterior mean) -> the same
         shape in [0, 1] on the CPU: how subjects look after the decoder every sample comes out of
-        (the `reconstruct` that evaluate_generation takes)."""
+        (the `reconstruct` that evaluate_generation takes). An image-space generator has none: ValueError."""
+        if self.autoencoder is None:
+            raise ValueError(f"the {self.stage} model {self.path} works in image space and has no autoencoder: there is "
+                             "nothing to reconstruct (evaluate it without --autoencoder)")
         with torch.no_grad():
             return self.autoencoder.reconstruct(volumes.to(self.device)).clamp(0.0, 1.0).float().cpu()
 
@@ -210,7 +226,9 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
     if meta.get("stage") not in FAMILIES:
         raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator "
                          f"({' or '.join(FAMILIES)}); pass the run folder of `mriflow train {'` or `mriflow train '.join(FAMILIES)}`")
-    missing = [key for key in REQUIRED_META if key not in meta]
+    family_class = FAMILIES[meta["stage"]]
+    image_space = family_class.space == "image"
+    missing = [key for key in (IMAGE_SPACE_META if image_space else REQUIRED_META) if key not in meta]
     if missing or "model" not in meta["config"]:
         raise ValueError(f"{where}: lacks {', '.join(missing or ['config.model'])}; it was not written by a generator "
                          "training run of this mriflow version")
@@ -228,14 +246,18 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
         raise ValueError(f"{where}: the schema's covariates {schema.names} differ from the network's "
                          f"{list(velocity_net.config.covariate_names)}")
 
-    autoencoder_dir = autoencoder_folder(meta, directory, trust_paths)
-    autoencoder, _ = ckpt.load_autoencoder(autoencoder_dir, device)
-    latent_shape = tuple(int(n) for n in meta["latent_shape"])
     image_shape = tuple(int(n) for n in meta["image_shape"])
-    if tuple(autoencoder.config.latent_shape(image_shape)) != latent_shape or latent_shape[0] != velocity_net.config.in_channels:
-        raise ValueError(f"{where}: latent_shape {list(latent_shape)} does not match the autoencoder at {autoencoder_dir} "
-                         f"({list(autoencoder.config.latent_shape(image_shape))} for images {list(image_shape)}) or the "
-                         f"network's {velocity_net.config.in_channels} input channels")
+    if image_space:  # the slice model samples the image itself
+        autoencoder, latent_shape = None, (velocity_net.config.in_channels, *image_shape)
+    else:
+        autoencoder_dir = autoencoder_folder(meta, directory, trust_paths)
+        autoencoder, _ = ckpt.load_autoencoder(autoencoder_dir, device)
+        latent_shape = tuple(int(n) for n in meta["latent_shape"])
+        expected = tuple(autoencoder.config.latent_shape(image_shape))
+        if expected != latent_shape or latent_shape[0] != velocity_net.config.in_channels:
+            raise ValueError(f"{where}: latent_shape {list(latent_shape)} does not match the autoencoder at {autoencoder_dir} "
+                             f"({list(expected)} for images {list(image_shape)}) or the network's "
+                             f"{velocity_net.config.in_channels} input channels")
     affine = np.asarray(meta["affine"], dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"{where}: affine must be a 4x4 matrix, got shape {affine.shape}")
@@ -251,13 +273,13 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
         stage=meta["stage"],
         model_id=meta.get("model_id") or f"{ckpt.run_folder(directory).name}-step{step}",
         model_checksum="sha256:" + ckpt.sha256(directory / ckpt.MODEL_FILE),
-        autoencoder_checksum="sha256:" + meta["autoencoder"]["model_sha256"],
-        latent_scale=float(meta["autoencoder"]["latent_scale"]),
+        autoencoder_checksum=None if image_space else "sha256:" + meta["autoencoder"]["model_sha256"],
+        latent_scale=1.0 if image_space else float(meta["autoencoder"]["latent_scale"]),
         latent_shape=latent_shape,
         image_shape=image_shape,
         device=device,
         path=directory,
-        family=FAMILIES[meta["stage"]].from_config(meta["config"], str(where)),
+        family=family_class.from_config(meta["config"], str(where)),
         labels=label_decoder,
         labels_meta=labels_meta,
     )
@@ -266,9 +288,14 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
 def _load_labels(labels: str | Path | bool | None, directory: Path, meta: Mapping[str, Any],
                  device: torch.device) -> tuple[torch.nn.Module | None, dict[str, Any] | None]:
     """The label decoder `load_generator` was asked for, refused unless it segments the latents of the generator's
-    own autoencoder (same weights, by SHA-256)."""
+    own autoencoder (same weights, by SHA-256). An image-space generator has no latents to decode labels from."""
     if labels is False:
         return None, None
+    if "autoencoder" not in meta:
+        if labels is None:
+            return None, None
+        raise ValueError(f"--labels: the {meta['stage']} model {directory} works in image space; a label decoder "
+                         "reads an autoencoder's latents, which it has none of (drop --labels)")
     if labels is None or labels is True:
         own = directory.parent / LABELS_DIR
         if "exported_from" not in meta or not (own / ckpt.META_FILE).is_file():

@@ -9,6 +9,7 @@ returns them from `extra_networks` and their losses from `phase_loss` (families/
 
     flow       rectified flow, ODE solvers (families/flow.py)
     diffusion  DDPM/DDIM baseline (families/diffusion.py)
+    slices     2D flow over axial image slices, no autoencoder: space "image" (families/slices.py)
     gan        R3GAN-style GAN, one network evaluation (families/gan.py)
 
     >>> family = get_family("flow").from_config(meta["config"])
@@ -20,11 +21,13 @@ from __future__ import annotations
 from mriflow.families.base import Family
 from mriflow.families.diffusion import Diffusion
 from mriflow.families.flow import RectifiedFlow
+from mriflow.families.slices import SliceFlow
 from mriflow.families.gan import GAN
 
 FAMILIES: dict[str, type[Family]] = {
     RectifiedFlow.name: RectifiedFlow,
     Diffusion.name: Diffusion,
+    SliceFlow.name: SliceFlow,
     GAN.name: GAN,
 }
 

@@ -44,6 +44,9 @@ class Family:
              family that is no path between noise and data (a one-step regressor, a GAN)
     metric_names  the columns of its training log, the first shown in the progress bar (default: "loss")
     label_conditioning  whether `train --label-condition` can train it (False: refused before anything is made)
+    space    "latent": it samples the autoencoder's latents, which `generate` decodes (every family but one);
+             "image": it samples image intensities in [-1, 1] itself and has no autoencoder (the slice model,
+             trained by mriflow.train.slices)
     """
 
     name: ClassVar[str]
@@ -53,6 +56,7 @@ class Family:
     path: ProbabilityPath | None = None
     metric_names: ClassVar[tuple[str, ...]] = ("loss",)
     label_conditioning: ClassVar[bool] = True
+    space: ClassVar[str] = "latent"  # "latent" | "image"
 
     def __init__(self, config: Any):
         self.config = config

@@ -1,10 +1,11 @@
-"""The 3D network of the latent generators: v(x, t, c) for the flow, ε or v for the diffusion baseline.
+"""The network of the generators: v(x, t, c) for the flow, ε or v for the diffusion baseline.
 
 MONAI's DiffusionModelUNet (ResNet blocks, self-attention at the coarse levels,
 sinusoidal time embedding) with the covariate embedding added to its time
 embedding. One class serves both stages; only `time_scale` differs (the flow's
 t ∈ [0, 1] is multiplied by 1000 so its sinusoidal features span the same range
-as the diffusion timesteps 0…999).
+as the diffusion timesteps 0…999). `spatial_dims` is 3 for the latent generators and 2 for the
+slice model (mriflow.families.slices: axial image slices, the slice position as a spatial channel).
 
     >>> config = VelocityNetConfig(in_channels=4).with_schema(schema)
     >>> velocity_net = VelocityNet(config)
@@ -50,6 +51,7 @@ class VelocityNetConfig:
     dit_hidden: int = 128
     dit_depth: int = 6
     dit_heads: int = 4
+    spatial_dims: int = 3  # 3: volumes (B, C, D, H, W); 2: slices (B, C, H, W) (the U-Net only; the slice model)
 
     def with_schema(self, schema) -> "VelocityNetConfig":
         """This config conditioned on the covariates of a mriflow.data.dataset.CovariateSchema."""
@@ -62,9 +64,10 @@ class VelocityNetConfig:
 
 
 class VelocityNet(nn.Module):
-    """f(x (B, C, D, H, W), t (B,) or scalar, covariates (B, K), covariates_present (B, K)) -> (B, C, D, H, W).
+    """f(x (B, C, D, H, W), t (B,) or scalar, covariates (B, K), covariates_present (B, K)) -> (B, C, D, H, W);
+    x (B, C, H, W) with spatial_dims = 2.
 
-    Any spatial size works: the input is zero-padded at the far end of each axis to a
+    Any spatial size works: the input is zero-padded at the far end of each spatial axis to a
     multiple of 2^(levels − 1), and the output is cropped back. With covariates None
     (or K = 0) every covariate is absent.
     """
@@ -87,6 +90,9 @@ class VelocityNet(nn.Module):
             raise ValueError(f"channels {bad} are not multiples of norm_num_groups={config.norm_num_groups}")
         if config.backbone not in BACKBONES:
             raise ValueError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {config.backbone!r}")
+        if config.spatial_dims not in (2, 3) or (config.spatial_dims == 2 and config.backbone != "unet"):
+            raise ValueError(f"model.spatial_dims must be 3, or 2 with the unet backbone; got {config.spatial_dims} "
+                             f"with {config.backbone!r}")
         self.config = config
         self.num_covariates = len(config.covariate_names)
         if config.backbone == "dit":
@@ -100,7 +106,7 @@ class VelocityNet(nn.Module):
             return
         embedding_dim = 4 * config.channels[0]  # DiffusionModelUNet's time-embedding width
         self.unet = DiffusionModelUNet(
-            spatial_dims=3,
+            spatial_dims=config.spatial_dims,
             in_channels=config.in_channels + config.spatial_channels,
             out_channels=config.in_channels,
             num_res_blocks=config.num_res_blocks,
@@ -127,8 +133,9 @@ class VelocityNet(nn.Module):
         covariates_present: torch.Tensor | None = None,
         spatial: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected x of shape (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
+        if x.ndim != 2 + self.config.spatial_dims or x.shape[1] != self.config.in_channels:
+            axes = "D, H, W" if self.config.spatial_dims == 3 else "H, W"
+            raise ValueError(f"expected x of shape (B, {self.config.in_channels}, {axes}), got {tuple(x.shape)}")
         if self.config.spatial_channels:
             expected = (x.shape[0], self.config.spatial_channels, *x.shape[2:])
             if spatial is None or tuple(spatial.shape) != expected:
@@ -154,9 +161,9 @@ class VelocityNet(nn.Module):
         if self.config.backbone == "dit":
             return self.dit(x, t * self.config.time_scale, condition)
         pad = [(-size) % self.multiple for size in spatial]
-        x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))  # F.pad lists the last axis first
+        x = F.pad(x, [side for amount in reversed(pad) for side in (0, amount)])  # F.pad lists the last axis first
         out = self.unet(x, t * self.config.time_scale, class_labels=condition)
-        return out[:, :, : spatial[0], : spatial[1], : spatial[2]]
+        return out[(slice(None), slice(None), *(slice(0, size) for size in spatial))]
 
 
 class SpatiallyConditioned(nn.Module):

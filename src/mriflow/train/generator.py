@@ -225,6 +225,9 @@ def train_generator(
     if label_condition and not get_family(stage_name).label_conditioning:
         raise ValueError(f"--label-condition: the {stage_name} family cannot learn a label-conditioned model; "
                          "drop --label-condition, or train flow or diffusion")
+    if get_family(stage_name).space != "latent":
+        raise ValueError(f"the {stage_name} family works in image space, without an autoencoder; train it with "
+                         f"`mriflow train {stage_name} DATA --out RUN` (mriflow.train.slices.train_slices)")
     checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned: a newer checkpoint of the run is not used
     schema = None
     latest = ckpt.latest_checkpoint(out) if resume else None
