@@ -224,3 +224,24 @@ def test_nan_in_prepared_data_is_one_line_naming_the_file_and_lr_is_an_option(tm
     code = main(["train", "autoencoder", str(data), "--out", str(tmp_path / "run"), "--max-steps", "2", "--lr", "1e-4"])
     error = capsys.readouterr().err
     assert code == 2 and "sub00.nii.gz: holds NaN or infinite values" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("stage, module, function", [("autoencoder", "autoencoder", "train_autoencoder"),
+                                                     ("flow", "generator", "train_generator"),
+                                                     ("gan", "generator", "train_generator"),
+                                                     ("labels", "labels", "train_labels"),
+                                                     ("slices", "slices", "train_slices")])
+def test_every_training_command_passes_stop_at_step_on(stage, module, function, monkeypatch, tmp_path):
+    import importlib
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        return {"step": 3, "metrics": {}, "checkpoint": str(tmp_path / "checkpoint")}
+
+    monkeypatch.setattr(importlib.import_module(f"mriflow.train.{module}"), function, fake)
+    needs_autoencoder = ["--autoencoder", str(tmp_path)] if stage in ("flow", "gan", "labels") else []
+    assert main(["train", stage, str(tmp_path), "--out", str(tmp_path / "run"), *needs_autoencoder,
+                 "--stop-at-step", "3"]) == 0
+    assert seen["stop_at_step"] == 3

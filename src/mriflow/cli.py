@@ -205,7 +205,7 @@ def _run_train_slices(args: argparse.Namespace) -> int:
 
     condition = [name.strip() for name in args.condition.split(",") if name.strip()] or None
     result = train_slices(args.data, args.out, condition=condition, preset=args.preset, max_steps=args.max_steps,
-                          resume=args.resume, max_minutes=args.max_minutes, lr=args.lr)
+                          resume=args.resume, max_minutes=args.max_minutes, lr=args.lr, stop_at_step=args.stop_at_step)
     return _report_training(result)
 
 
