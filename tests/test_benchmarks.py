@@ -125,3 +125,39 @@ def test_label_edits_grow_the_ventricles_and_thin_the_cortex_only_where_asked():
     changed = thinned != tissue
     assert changed.any() and (tissue[changed] == GREY).all() and (thinned[changed] == CSF).all()
     assert thinned[3, 3, 3] == GREY and thinned[2, 5, 5] == CSF  # the outer layer only
+
+
+def test_the_family_comparison_trains_each_family_by_its_command_in_resumed_legs(tmp_path):
+    from families import FAMILY_COMMANDS, train_command
+
+    run = tmp_path / "run"
+    first = train_command("flow-dit", Path("data"), Path("ae"), run, 4000, 1000, 1, "age,sex")
+    assert first[first.index("train") + 1:first.index("train") + 3] == ["flow", "data"]
+    assert first[first.index("--autoencoder") + 1] == "ae" and first[first.index("--backbone") + 1] == "dit"
+    assert first[first.index("--stop-at-step") + 1] == "1000" and first[first.index("--max-steps") + 1] == "4000"
+    assert "--resume" not in first
+    (run / "checkpoints").mkdir(parents=True)  # after the first leg the same schedule is resumed
+    assert train_command("flow-dit", Path("data"), Path("ae"), run, 4000, 2000, 1, "age,sex")[-1] == "--resume"
+    slices = train_command("slices", Path("data"), Path("ae"), tmp_path / "other", 4000, 1000, 1, "age,sex")
+    assert "--autoencoder" not in slices  # the image-space family has none
+    assert set(FAMILY_COMMANDS) == {"flow", "flow-dit", "diffusion", "gan", "slices"}
+
+
+def test_the_family_table_reads_time_to_best_from_the_legs_and_figures_from_the_last():
+    from families import table
+
+    def leg(step, minutes, fd):
+        column = {m: {"mean": fd if m == "fd" else 0.5, "sd": 1.0} for m in ("fd", "precision", "recall", "density", "coverage")}
+        return {"step": step, "training_seconds": 60 * minutes, "training_peak_mib": 900 + step / 100, "parameters": 2e6,
+                "batch_size": 8, "nfe": 16, "seconds_per_volume": 1.0, "columns": {"real_vs_generated": column},
+                "diversity": {"real": 0.84, "generated": 0.9}, "flagged": {"voxel": 1, "feature": 0},
+                "closest_record": {"share_closer_to_training": 0.9, "expected_without_memorization": 0.8},
+                "morphometry": {"frechet_generated": None}, "age": None, "consistency": {}}
+
+    record = {"what": "a family", "sampling_peak_mib": 700, "legs": [leg(1000, 5, 200.0), leg(2000, 10, 150.0),
+                                                                        leg(4000, 20, 160.0)]}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1].strip(" |") for line in table({"x": record}, 32)[2:]}
+    assert rows["time to best FD (step)"] == "10 min (2000)"  # the best leg, not the last
+    assert rows["fd"].startswith("160 ") and rows["training wall time"] == "20 min"
+    assert rows["peak memory, training / sampling"] == "940 / 700 MiB"
+    assert rows["inter-slice consistency"] == "not measured" and rows["tissue volumes, Fréchet distance"] == "n/a"
