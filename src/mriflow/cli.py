@@ -270,7 +270,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--covariates", metavar="CSV",
                    help="a synthetic cohort: one sample per row, columns = the model's covariates (empty = absent) "
                         "and optionally id/subject naming the files; the row goes into the sidecar (replaces --n)")
-    p.add_argument("--solver", help="flow: euler, heun, midpoint, rk4, dopri5; diffusion: ddim, ddpm; gan: generator "
+    p.add_argument("--solver", help="flow: euler, heun, midpoint, rk4, dopri5; diffusion: ddim, ddpm; gan: generator; "
+                                    "slices: euler, heun, midpoint, rk4 "
                                     "(default: the model's)")
     p.add_argument("--steps", type=int, help="solver steps (default: the model's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (1 = conditional; default: the model's)")
