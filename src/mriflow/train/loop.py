@@ -36,7 +36,8 @@ log, montage, checkpoint). Everything specific to a stage sits behind a small co
 
     A flow stage: networks={"velocity": net}, phases={"velocity": [{"params": net.parameters()}]},
     ema_networks=("velocity",). The autoencoder stage: networks={"autoencoder", "volume_critic",
-    "slice_critic"}, phases={"generator": [...], "critic": [...]}.
+    "slice_critic"}, phases={"generator": [...], "critic": [...]}. The GAN family's stage: networks={"velocity",
+    "critic"}, one phase each, only "velocity" averaged (the critic lives in train_state only).
 
 What the loop does for every stage: AdamW with linear warm-up then cosine decay of the
 learning rate, gradient clipping, gradient accumulation, EMA (torch's AveragedModel) with decay
