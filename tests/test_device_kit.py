@@ -216,7 +216,7 @@ def test_a_failed_job_comes_back_with_its_error_and_is_not_landed(kit, tmp_path)
 
 def test_the_queue_says_which_job_is_next_and_how_to_run_it():
     _, jobs = jobqueue.load()
-    assert [job["id"] for job in jobs] == ["J1a", "J1b", "J2", "J3", "J4", "J5"]
+    assert [job["id"] for job in jobs] == ["J1a", "J1b", "J2", "J3", "J4", "J5", "J6"]
     job = jobqueue.next_job(jobs)
     call = jobqueue.device_call(job)
     assert f"run.py {job['id']} --minutes {job['minutes']}" in call["command"] and call["carry"] == [".device"]
