@@ -229,35 +229,16 @@ def train_generator(
         raise ValueError(f"the {stage_name} family works in image space, without an autoencoder; train it with "
                          f"`mriflow train {stage_name} DATA --out RUN` (mriflow.train.slices.train_slices)")
     checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned: a newer checkpoint of the run is not used
-    schema = None
-    latest = ckpt.latest_checkpoint(out) if resume else None
-    if latest is not None:
-        _, saved = ckpt.load_checkpoint(latest)
-        if saved.get("stage") != stage_name:
-            raise ValueError(f"{out} holds a {saved.get('stage')!r} run, not a {stage_name} one; "
-                             "resume it with its own command, or choose another --out")
-        config = _override(from_dict(get_family(stage_name).Config, saved["config"], str(latest)), max_steps)
+    config, names, schema, preset, saved = run_config(stage_name, get_family(stage_name).Config, data_dir, out, resume,
+                                                      condition, preset, max_steps, config, max_minutes, lr)
+    if saved is not None:
         spatial_record = saved.get("spatial_condition")
         if label_condition and spatial_record is None:
             raise ValueError(f"{out} was trained without --label-condition; drop it to resume")
-        trained_on = list(config.model.covariate_names)
-        if condition is not None and list(condition) != trained_on:
-            raise ValueError(f"condition {list(condition)} differs from the run's covariates {trained_on} in {out}; "
-                             "drop --condition to resume")
         if saved["autoencoder"]["model_sha256"] != ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE):
             raise ValueError(f"{out} was trained on the latents of {saved['autoencoder']['path']}, but {checkpoint_dir} "
                              "holds other weights; pass that autoencoder checkpoint folder to resume")
-        schema = CovariateSchema.from_dict(saved["schema"])
-        names = trained_on
-        preset = saved.get("preset")
     else:
-        if config is None:
-            config = load_config(stage_name, preset or "tiny", max_steps)
-            preset = preset or "tiny"
-        else:
-            config = _override(config, max_steps)
-        names = list(condition) if condition is not None else list(config.model.covariate_names)
-        _check_condition(data_dir, names)
         if backbone is not None:
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone=backbone))
         spatial_record = None
@@ -268,11 +249,6 @@ def train_generator(
                               "label_map": read_label_map(regions)}
             config = dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                            spatial_channels=len(TISSUE_CLASSES)))
-    if max_minutes is not None:
-        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_minutes=max_minutes))
-    if lr is not None:
-        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, lr=lr))
-
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(config.loop.device)
     try:
@@ -327,6 +303,42 @@ def train_generator(
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+
+def run_config(stage: str, config_class: type, data_dir: Path, out: Path, resume: bool, condition: Sequence[str] | None,
+               preset: str | None, max_steps: int | None, config: Any | None, max_minutes: float | None,
+               lr: float | None) -> tuple[Any, list[str], CovariateSchema | None, str | None, dict | None]:
+    """The config of a generator run (latent or image space) and what a resume keeps: (config, covariate names, the
+    run's schema or None, preset, the resumed checkpoint's meta or None). Resuming takes the run's own config and
+    schema and refuses another stage or other covariates; a new run takes `config` or the preset (default "tiny") and
+    checks the covariates against the manifest. `max_steps`, `max_minutes` and `lr` replace the loop's in both."""
+    latest = ckpt.latest_checkpoint(out) if resume else None
+    saved, schema = None, None
+    if latest is not None:
+        _, saved = ckpt.load_checkpoint(latest)
+        if saved.get("stage") != stage:
+            raise ValueError(f"{out} holds a {saved.get('stage')!r} run, not a {stage} one; "
+                             "resume it with its own command, or choose another --out")
+        config = _override(from_dict(config_class, saved["config"], str(latest)), max_steps)
+        names = list(config.model.covariate_names)
+        if condition is not None and list(condition) != names:
+            raise ValueError(f"condition {list(condition)} differs from the run's covariates {names} in {out}; "
+                             "drop --condition to resume")
+        schema = CovariateSchema.from_dict(saved["schema"])
+        preset = saved.get("preset")
+    else:
+        if config is None:
+            preset = preset or "tiny"
+            config = load_config(stage, preset, max_steps)
+        else:
+            config = _override(config, max_steps)
+        names = list(condition) if condition is not None else list(config.model.covariate_names)
+        _check_condition(data_dir, names)
+    if max_minutes is not None:
+        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_minutes=max_minutes))
+    if lr is not None:
+        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, lr=lr))
+    return config, names, schema, preset, saved
 
 
 def latents_are_current(data_dir: str | Path, autoencoder: str | Path) -> bool:

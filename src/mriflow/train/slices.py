@@ -28,14 +28,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mriflow import checkpoint as ckpt
 from mriflow import distributed
-from mriflow.config import from_dict, to_dict
-from mriflow.data.dataset import CovariateSchema, PreparedDataset
+from mriflow.config import to_dict
+from mriflow.data.dataset import PreparedDataset
 from mriflow.families.slices import SliceFlow, SliceTrainingConfig, image_to_model, model_to_image, slice_positions
 from mriflow.models.velocity import VelocityNet, num_parameters
 from mriflow.train import loop
-from mriflow.train.generator import _check_condition, _geometry, _override, load_config
+from mriflow.train.generator import _geometry, run_config
 from mriflow.utils.seeding import seed_everything
 
 STAGE = SliceFlow.name
@@ -118,32 +117,8 @@ def train_slices(
     config and covariate schema are used. Returns {"step", "metrics", "checkpoint", "best"} as mriflow.train.loop.
     """
     data_dir, out = Path(data_dir), Path(out)
-    schema = None
-    latest = ckpt.latest_checkpoint(out) if resume else None
-    if latest is not None:
-        _, saved = ckpt.load_checkpoint(latest)
-        if saved.get("stage") != STAGE:
-            raise ValueError(f"{out} holds a {saved.get('stage')!r} run, not a {STAGE} one; "
-                             "resume it with its own command, or choose another --out")
-        config = _override(from_dict(SliceTrainingConfig, saved["config"], str(latest)), max_steps)
-        names = list(config.model.covariate_names)
-        if condition is not None and list(condition) != names:
-            raise ValueError(f"condition {list(condition)} differs from the run's covariates {names} in {out}; "
-                             "drop --condition to resume")
-        schema = CovariateSchema.from_dict(saved["schema"])
-        preset = saved.get("preset")
-    else:
-        if config is None:
-            preset = preset or "tiny"
-            config = load_config(STAGE, preset, max_steps)
-        else:
-            config = _override(config, max_steps)
-        names = list(condition) if condition is not None else list(config.model.covariate_names)
-        _check_condition(data_dir, names)
-    if max_minutes is not None:
-        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_minutes=max_minutes))
-    if lr is not None:
-        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, lr=lr))
+    config, names, schema, preset, _ = run_config(STAGE, SliceTrainingConfig, data_dir, out, resume, condition, preset,
+                                                  max_steps, config, max_minutes, lr)
 
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(config.loop.device)
