@@ -271,3 +271,12 @@ def ixi_dir() -> Path:
     if not (IXI_DIR / "T1").is_dir():
         pytest.skip(f"shared IXI data not found at {IXI_DIR}")
     return IXI_DIR
+
+
+def write_prepared_with_sex(root: Path, shape=(16, 20, 16)) -> Path:
+    """write_prepared with 6 training subjects (6 ages: a continuous covariate) and 1 validation one, and a sex column."""
+    data = write_prepared(root, splits=("train",) * 6 + ("val",), shape=shape)
+    manifest = pd.read_csv(data / "manifest.csv")
+    manifest["sex"] = ["F", "M", "F", "M", "M", "F", "F"]
+    manifest.to_csv(data / "manifest.csv", index=False)
+    return data

@@ -6,7 +6,6 @@ import json
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -19,7 +18,7 @@ from mriflow.families.slices import SliceFlow, SliceTrainingConfig, slice_positi
 from mriflow.models.velocity import VelocityNet, VelocityNetConfig
 from mriflow.utils.seeding import sample_seed
 
-from conftest import montage_panels, read_log, wake, write_prepared
+from conftest import montage_panels, read_log, wake, write_prepared_with_sex
 
 SHAPE = (16, 20, 16)  # write_prepared's volumes: 16 axial slices of 16 x 20
 NET = dict(in_channels=1, spatial_dims=2, spatial_channels=1, channels=(8, 16), attention_levels=(False, True),
@@ -110,10 +109,7 @@ def test_a_tiny_slice_model_learns_to_draw_the_intensity_profile_along_the_slice
 
 @pytest.fixture
 def prepared(tmp_path):
-    data = write_prepared(tmp_path / "data", splits=("train",) * 6 + ("val",), shape=SHAPE)  # 6 ages: continuous
-    manifest = pd.read_csv(data / "manifest.csv")
-    manifest["sex"] = ["F", "M", "F", "M", "M", "F", "F"]
-    manifest.to_csv(data / "manifest.csv", index=False)
+    data = write_prepared_with_sex(tmp_path / "data", shape=SHAPE)
     return data
 
 

@@ -4,7 +4,6 @@ import dataclasses
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -20,7 +19,7 @@ from mriflow.families.diffusion import DiffusionSamplingConfig, DiffusionTrainin
 from mriflow.families.flow import FlowSamplingConfig, FlowTrainingConfig
 from mriflow.train.generator import PRESETS, latents_are_current, load_config, train_diffusion, train_flow
 from mriflow.train.loop import LoopConfig
-from conftest import montage_panels, read_log, tiny_config, write_prepared
+from conftest import montage_panels, read_log, tiny_config, write_prepared_with_sex
 
 SHAPE = (16, 20, 16)  # write_prepared's volumes; the tiny autoencoder makes latents of 2 x 4 x 5 x 4
 
@@ -28,10 +27,7 @@ SHAPE = (16, 20, 16)  # write_prepared's volumes; the tiny autoencoder makes lat
 @pytest.fixture
 def prepared(tmp_path):
     """A prepared folder (6 training subjects with age and sex, 1 validation) and a 1-step autoencoder of it."""
-    data = write_prepared(tmp_path / "data", splits=("train",) * 6 + ("val",), shape=SHAPE)  # 6 ages: continuous
-    manifest = pd.read_csv(data / "manifest.csv")
-    manifest["sex"] = ["F", "M", "F", "M", "M", "F", "F"]
-    manifest.to_csv(data / "manifest.csv", index=False)
+    data = write_prepared_with_sex(tmp_path / "data", shape=SHAPE)
     train_autoencoder(data, tmp_path / "ae", config=tiny_config(max_steps=1, adversarial_start=100))
     return data, tmp_path / "ae"
 
