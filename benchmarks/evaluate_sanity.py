@@ -7,11 +7,16 @@ volumes, in a temporary folder (the prepared data is never changed):
   blurred         Gaussian blur, sigma 1.5 voxels
   noised          additive Gaussian noise, sd 0.1, clipped to [0, 1]
   shuffled slices axial slices in a random order
-  planted copies  the real val volumes plus copies of 5 training subjects
+  planted copies  the real val volumes plus, from the training split, exact copies of 5 subjects,
+                  deformed copies of 5 others (smooth random displacement, sd 2 mm over 8 mm) and
+                  5 averages of 5 subjects each (a smooth, near-mean brain: not a copy)
 
 and runs `evaluate_generation` (test split as the real reference) on each. Checks
 that every broken set is worse than "real val" on every set metric in the direction
-the metric promises, and that the planted copies are flagged by memorization.
+the metric promises, and that the privacy audit flags every exact and deformed copy and
+no average and no held-out (val) scan, in voxel space and in the report's feature space
+(the anatomy network's tissue maps where the grid has one; see benchmarks/privacy_calibration.py
+for the full confusion table with noisy and blurred copies and a model's samples).
 Writes benchmarks/results/evaluate-sanity-<grid>-<backbone>.json and the "## evaluation sanity: <backbone>"
 section of docs/benchmarks.md.
 
@@ -39,6 +44,7 @@ from mriflow.evaluate.generation import evaluate_generation
 from mriflow.evaluate.metrics import LOWER_IS_BETTER
 
 from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from privacy_calibration import AVERAGED, DEFORMATION_MM, deformed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## evaluation sanity: {backbone} ({grid})"  # one section (and one result file) per backbone and grid
@@ -60,11 +66,30 @@ def shuffled(volume, rng):
 BROKEN = {"blurred": blurred, "noised": noised, "shuffled slices": shuffled}
 
 
-def write_set(folder: Path, sources: list[Path], transform=None, seed: int = 0) -> None:
+def planted_set(data: Path, val: list[Path], train_images: list[str], seed: int) -> tuple[list[np.ndarray], dict[str, list[int]]]:
+    """The val volumes, then PLANTED exact copies, PLANTED deformed copies (other subjects) and PLANTED averages of
+    AVERAGED training subjects; returns the volumes and the indices of each kind."""
+    rng = np.random.default_rng(seed)
+    load = lambda name: load_volume(data / name)[0]  # noqa: E731
+    volumes = [load_volume(path)[0] for path in val]
+    voxel_mm = float(np.sqrt((load_volume(val[0])[1][:3, :3] ** 2).sum(axis=0)).mean())
+    chosen = rng.choice(len(train_images), 2 * PLANTED, replace=False)
+    kinds = {"held-out scans": list(range(len(volumes)))}
+    for kind, make in (("exact copies", lambda i: load(train_images[i])),
+                       ("deformed copies", lambda i: deformed(load(train_images[i]), rng, DEFORMATION_MM / voxel_mm, 8.0 / voxel_mm)),
+                       ("averages of 5", lambda i: np.mean([load(train_images[j]) for j in
+                                                            rng.choice(len(train_images), AVERAGED, replace=False)], axis=0))):
+        sources = chosen[:PLANTED] if kind == "exact copies" else chosen[PLANTED:] if kind == "deformed copies" else range(PLANTED)
+        kinds[kind] = [len(volumes) + k for k in range(PLANTED)]
+        volumes += [np.asarray(make(i), np.float32) for i in sources]
+    return volumes, kinds
+
+
+def write_set(folder: Path, sources: list[Path] | list[np.ndarray], transform=None, seed: int = 0, affine=None) -> None:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     for i, source in enumerate(sources):
-        volume, affine = load_volume(source)
+        volume, affine = (source, affine) if isinstance(source, np.ndarray) else load_volume(source)
         if transform is not None:
             volume = transform(volume, rng)
         save_volume(folder / f"sample_{i:03d}.nii.gz", np.asarray(volume, np.float32), affine)
@@ -99,19 +124,19 @@ def main(argv=None) -> int:
     manifest = read_manifest(args.data)
     other = [args.data / p for p in manifest.loc[manifest["split"] == args.other_split, "image"]]
     train = manifest[manifest["split"] == "train"]
-    planted_rows = train.iloc[np.linspace(0, len(train) - 1, PLANTED).astype(int)]
     grid = json.loads((args.data / "prepare.json").read_text()).get("preset", "unknown")
 
     work = Path(tempfile.mkdtemp(prefix="mriflow-evaluate-sanity-")) if args.keep is None else args.keep
     work.mkdir(parents=True, exist_ok=args.keep is None)
     sets = {"real val": (other, None)}
     sets.update({name: (other, transform) for name, transform in BROKEN.items()})
-    sets["planted copies"] = (other + [args.data / p for p in planted_rows["image"]], None)
+    planted, kinds = planted_set(args.data, other, list(train["image"]), seed=len(sets))
+    sets["planted copies"] = (planted, None)
     summaries, started = {}, time.perf_counter()
     try:
         for index, (name, (sources, transform)) in enumerate(sets.items()):
             slug = name.replace(" ", "-")
-            write_set(work / "sets" / slug, sources, transform, seed=index)
+            write_set(work / "sets" / slug, sources, transform, seed=index, affine=load_volume(other[0])[1])
             result = evaluate_generation(args.data, work / "sets" / slug, work / "reports" / slug, split=args.split,
                                          other_split=args.other_split, backbone=args.backbone, seed=0)
             summaries[name] = summarise(result)
@@ -127,10 +152,18 @@ def main(argv=None) -> int:
         for metric, lower in LOWER_IS_BETTER.items():
             value = summaries[name]["metrics"][metric]["mean"]
             checks[f"{name}: {metric}"] = bool(value > clean[metric]["mean"]) if lower else bool(value < clean[metric]["mean"])
-    planted_names = {f"sample_{len(other) + i:03d}" for i in range(PLANTED)}
-    flagged = set(summaries["planted copies"]["flagged_voxel"])
-    checks["planted copies flagged (voxel space)"] = planted_names <= flagged
-    checks["no clean volume flagged (voxel space)"] = not summaries["real val"]["flagged_voxel"]
+    names = {kind: {f"sample_{i:03d}" for i in indices} for kind, indices in kinds.items()}
+    planted_flags = {}
+    for space in ("voxel", "feature"):
+        flagged = set(summaries["planted copies"][f"flagged_{space}"])
+        planted_flags[space] = {kind: sorted(members & flagged) for kind, members in names.items()}
+        for kind in ("exact copies", "deformed copies"):
+            checks[f"{kind} flagged ({space} space)"] = names[kind] <= flagged
+        for kind in ("averages of 5", "held-out scans"):
+            checks[f"no {kind[:-1] if kind.endswith('s') else kind} flagged ({space} space)"] = not (names[kind] & flagged)
+        checks[f"no clean volume flagged ({space} space)"] = not summaries["real val"][f"flagged_{space}"]
+    summaries["planted copies"]["kinds"] = {kind: sorted(members) for kind, members in names.items()}
+    summaries["planted copies"]["flagged_by_kind"] = planted_flags
 
     record = {"benchmark": "evaluate_sanity", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "data": str(args.data), "grid": grid, "backbone": backbone, "settings": settings,
@@ -156,14 +189,14 @@ def main(argv=None) -> int:
 built from the real {args.other_split} volumes of `{args.data}` ({grid}); backbone `{backbone['name']}`. \
 Every column is "Real vs <set>"; the first row is what real data scores (the same sets as the report's Real vs Real \
 column), the broken rows must be worse on every metric (arrows: the better direction); MS-SSIM is the diversity of the set. Real MS-SSIM (diversity of the {args.split} split): {summaries['real val']['msssim_real']:.3f}. \
-The planted set adds exact copies of {PLANTED} training subjects ({', '.join(sorted(planted_names))}).
+The planted set adds to the {len(other)} real {args.other_split} volumes (held-out scans) {PLANTED} exact copies of training subjects, {PLANTED} deformed copies of others (smooth displacement, sd {DEFORMATION_MM:g} mm over 8 mm) and {PLANTED} averages of {AVERAGED} training subjects each; its "flagged" column counts all of them.
 
     python benchmarks/evaluate_sanity.py --data {args.data} --backbone {args.backbone}
 
 {chr(10).join(lines)}
 
 Checks: {sum(checks.values())} of {len(checks)} passed{'' if not failed else ' (failed: ' + ', '.join(failed) + ')'}; \
-planted copies flagged in voxel space: {', '.join(sorted(planted_names & flagged)) or 'none'}. Run time {elapsed:.0f} s. \
+flagged in the planted set, by kind (voxel / feature space): {'; '.join(f"{kind} {len(planted_flags['voxel'][kind])} / {len(planted_flags['feature'][kind])} of {len(names[kind])}" for kind in names)}. Run time {elapsed:.0f} s. \
 Result: [{target.relative_to(ROOT)}]({Path('..') / target.relative_to(ROOT)})."""
         replace_section(ROOT / "docs" / "benchmarks.md", SECTION.format(backbone=args.backbone, grid=grid), body)
     return 0 if record["all_passed"] else 1
