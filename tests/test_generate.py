@@ -280,6 +280,35 @@ def test_the_shipped_default_model_generates_on_the_4mm_template_grid(tmp_path):
     assert (tissue[volume < 0.02] == 0).mean() > 0.95  # no tissue where the image is empty
 
 
+def test_a_model_without_a_label_decoder_gets_its_tissue_maps_from_the_grids_anatomy_network(tmp_path):
+    """On the 4 mm and 2 mm grids every sample comes with a tissue map: the model's decoder's, else the shipped anatomy
+    network's segmentation of the sample itself; the sidecar says which."""
+    import shutil
+
+    from mriflow.evaluate.backbones import anatomy_weights_for
+    from mriflow.evaluate.backbones.anatomy import AnatomyBackbone
+
+    model = tmp_path / "model"
+    shutil.copytree(generation.default_model_dir(), model, ignore=shutil.ignore_patterns("labels"))
+    assert not (model / "labels").exists()
+    result = generate(model, tmp_path / "samples", n=2, covariates={"age": 60}, solver="euler", steps=2, **FAST)
+    volumes = np.stack([load_volume(p)[0] for p in result.paths])
+    maps = np.stack([load_volume(p.with_name(p.name.replace(".nii.gz", "_labels.nii.gz")))[0] for p in result.paths])
+    segmenter = AnatomyBackbone(anatomy_weights_for(volumes.shape[1:]))
+    np.testing.assert_array_equal(maps, segmenter.segment(volumes[:, None]).numpy())  # exactly the network's reading
+    assert set(np.unique(maps)) >= {0, 3, 4}
+    sidecar = json.loads(result.paths[0].with_name("sample_00000.json").read_text())
+    assert sidecar["labels_source"] == "anatomy" and sidecar["labels_checksum"] == "sha256:" + segmenter.weights_sha256
+    assert json.loads(result.record.read_text())["labels"]["source"] == "anatomy"
+
+    # asked for by name even where the model has a decoder; --no-labels writes none
+    shipped = load_generator("default", "cpu", labels="anatomy")
+    assert shipped.labels_meta["source"] == "anatomy" and shipped.label_classes[0] == "background"
+    assert load_generator("default", "cpu").labels_meta["source"] == "decoder"
+    plain = generate(model, tmp_path / "plain", n=1, labels=False, solver="euler", steps=2, **FAST)
+    assert not list(plain.out.glob("*_labels.nii.gz"))
+
+
 def test_a_cohort_csv_draws_one_sample_per_row_named_by_its_id(runs, tmp_path):
     from mriflow.cli import main
 

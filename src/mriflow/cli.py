@@ -285,9 +285,11 @@ def _add_generate(commands) -> None:
                         "subjects (passed through the model's autoencoder) ever are")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--labels", metavar="RUN",
-                        help="label decoder run (mriflow train labels) of the model's autoencoder: write each sample's "
-                             "tissue map as sample_XXXXX_labels.nii.gz (default: the model's own, when it has one)")
-    labels.add_argument("--no-labels", action="store_true", help="write no label maps, even if the model has a decoder")
+                        help="what writes each sample's tissue map sample_XXXXX_labels.nii.gz: a label decoder run "
+                             "(mriflow train labels) of the model's autoencoder, or 'anatomy' (mriflow's anatomy network "
+                             "of the grid segments the sample); default: the model's own decoder when it has one, else "
+                             "the anatomy network on the 4 mm and 2 mm grids")
+    labels.add_argument("--no-labels", action="store_true", help="write no label maps")
     p.add_argument("--label-map", metavar="NIFTI",
                    help="a label-conditioned model (train flow --label-condition): the anatomy to draw, a label map on "
                         "the model's grid (tissue classes 0-5 as in sample_XXXXX_labels.nii.gz, or DLMUSE labels)")

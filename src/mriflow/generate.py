@@ -101,9 +101,10 @@ def generate(
 ) -> GenerateResult:
     """Sample `n` volumes into `out`: sample_XXXXX.nii.gz + .json per sample, montage.png and generate.json.
 
-    With a label decoder (`labels`: a `mriflow train labels` run; None: the model's own when it has one, as the
-    shipped models do; False: none) each sample also gets sample_XXXXX_labels.nii.gz: its tissue map (uint8 class
-    indices, same grid and affine), decoded from the same latent as the image; the sidecar names it and its classes.
+    Each sample also gets sample_XXXXX_labels.nii.gz, its tissue map (uint8 class indices, same grid and affine),
+    from `labels`: a `mriflow train labels` run (decoded from the same latent as the image), "anatomy" (mriflow's
+    anatomy network of the grid segments the decoded image), None (the model's own decoder when it has one, else
+    the anatomy network where the grid has one) or False (none); the sidecar names the map, its classes and source.
     With a label-conditioned model (`mriflow train flow --label-condition`), `label_map` (a NIfTI on the model's grid:
     tissue classes 0..5 or the training label map's labels) is the anatomy every sample is drawn to match.
 
@@ -117,7 +118,7 @@ def generate(
     times; one still memorized then is withheld (not written) and reported. "Near copy": closer
     to a training subject than the held-out subjects, passed through the model's autoencoder (as they are for an
     image-space model, which has none), come (evaluate/memorization.py). An image-space model (the slice model)
-    writes no label maps and records "space": "image" and autoencoder_checksum null.
+    records "space": "image" and autoencoder_checksum null; its tissue maps can only come from the anatomy network.
     """
     if cohort is not None:
         if covariates:
@@ -158,6 +159,7 @@ def generate(
         if generator.labels is not None:
             common["label_classes"] = list(generator.label_classes)
             common["labels_checksum"] = generator.labels_meta["checksum"]
+            common["labels_source"] = generator.labels_meta["source"]
         start = time.perf_counter()
         written: dict[int, str] = {}
         attempts: dict[int, int] = {}
@@ -221,6 +223,7 @@ def generate(
                 "autoencoder_checksum": generator.autoencoder_checksum, "stage": generator.stage,
                 "space": generator.space, "labels": None if generator.labels is None else {
                     "model": generator.labels_meta["path"], "checksum": generator.labels_meta["checksum"],
+                    "source": generator.labels_meta["source"],
                     "classes": list(generator.label_classes)},
                 "n": n, "seed": seed, **settings, "nfe": result.nfe,
                 "covariates": "per sample: the cohort's rows (see each sidecar)" if cohort is not None else requested[0],

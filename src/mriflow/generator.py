@@ -77,8 +77,9 @@ class Generator:
     device: torch.device
     path: Path  # the checkpoint folder
     family: Family  # how it samples (mriflow.families), built from the checkpoint's config
-    labels: torch.nn.Module | None = None  # a LabelDecoder of the same autoencoder: each sample's tissue map
-    labels_meta: dict[str, Any] | None = None  # its checkpoint meta (classes, label_map, path, checksum)
+    labels: torch.nn.Module | AnatomySegmenter | None = None  # each sample's tissue map: a LabelDecoder of the same
+    # autoencoder (reads the latent), else the grid's anatomy network (reads the decoded volume), else none
+    labels_meta: dict[str, Any] | None = None  # its meta (classes, path, checksum; "source": "decoder" | "anatomy")
 
     @property
     def label_classes(self) -> tuple[str, ...]:
@@ -170,6 +171,8 @@ class Generator:
         `label_classes`), or None without a label decoder."""
         if self.labels is None:
             return None
+        if isinstance(self.labels, AnatomySegmenter):
+            return self.labels.segment_volumes(self.decode(latents))
         with torch.no_grad():
             return self.labels.segment(latents / self.latent_scale).cpu().numpy()
 
@@ -186,16 +189,19 @@ class Generator:
     def sample(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
                settings: Mapping[str, Any], spatial: torch.Tensor | None = None) -> tuple[np.ndarray, int]:
         """Volumes (B, D, H, W) in [0, 1], one per seed, and the NFE per sample."""
-        volumes, _, nfe = self.sample_pairs(sample_seeds, covariates, settings, spatial)
-        return volumes, nfe
+        latents, nfe = self.draw_latents(sample_seeds, covariates, settings, spatial)
+        return self.decode(latents), nfe
 
     def sample_pairs(self, sample_seeds: Sequence[int], covariates: tuple[torch.Tensor, torch.Tensor] | None,
                      settings: Mapping[str, Any], spatial: torch.Tensor | None = None
                      ) -> tuple[np.ndarray, np.ndarray | None, int]:
-        """Volumes (B, D, H, W) in [0, 1], their tissue maps (B, D, H, W) uint8 from the same latents (None without
-        a label decoder), and the NFE per sample: what `generate` writes."""
+        """Volumes (B, D, H, W) in [0, 1], their tissue maps (B, D, H, W) uint8 (None without `labels`), and the NFE
+        per sample: what `generate` writes."""
         latents, nfe = self.draw_latents(sample_seeds, covariates, settings, spatial)
-        return self.decode(latents), self.decode_labels(latents), nfe
+        volumes = self.decode(latents)
+        if isinstance(self.labels, AnatomySegmenter):
+            return volumes, self.labels.segment_volumes(volumes), nfe
+        return volumes, self.decode_labels(latents), nfe
 
 
 def load_generator(model: str | Path = "default", device: str | torch.device = "auto", trust_paths: bool = False,
@@ -262,7 +268,7 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
     if affine.shape != (4, 4):
         raise ValueError(f"{where}: affine must be a 4x4 matrix, got shape {affine.shape}")
 
-    label_decoder, labels_meta = _load_labels(labels, directory, meta, device)
+    label_decoder, labels_meta = _load_labels(labels, directory, meta, device, image_shape)
     step = meta.get("step", 0)
     return Generator(
         velocity_net=velocity_net.to(device).eval(),
@@ -285,24 +291,59 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
     )
 
 
+class AnatomySegmenter:
+    """Tissue maps of generated volumes by mriflow's shipped anatomy network of their grid: what a model without a
+    label decoder delivers beside each sample (`labels="anatomy"`, or by default). The map segments the image itself,
+    where a label decoder's is read from the same latent; classes are the anatomy network's (TISSUE_CLASSES)."""
+
+    def __init__(self, weights: Path, device: torch.device):
+        from mriflow.evaluate.backbones.anatomy import AnatomyBackbone
+
+        self.backbone = AnatomyBackbone(weights, device=str(device))
+        self.classes = tuple(self.backbone.config.classes)
+
+    def segment_volumes(self, volumes: np.ndarray) -> np.ndarray:
+        """Volumes (B, D, H, W) in [0, 1] -> class indices (B, D, H, W) uint8."""
+        return self.backbone.segment(np.asarray(volumes, np.float32)[:, None]).numpy().astype(np.uint8)
+
+
+def _anatomy_segmenter(image_shape: Sequence[int], device: torch.device) -> tuple[AnatomySegmenter | None, dict | None]:
+    from mriflow.evaluate.backbones import anatomy_weights_for
+
+    weights = anatomy_weights_for(image_shape)
+    if weights is None:
+        return None, None
+    segmenter = AnatomySegmenter(weights, device)
+    return segmenter, {"source": "anatomy", "path": str(weights), "classes": list(segmenter.classes),
+                       "checksum": "sha256:" + segmenter.backbone.weights_sha256}
+
+
 def _load_labels(labels: str | Path | bool | None, directory: Path, meta: Mapping[str, Any],
-                 device: torch.device) -> tuple[torch.nn.Module | None, dict[str, Any] | None]:
-    """The label decoder `load_generator` was asked for, refused unless it segments the latents of the generator's
-    own autoencoder (same weights, by SHA-256). An image-space generator has no latents to decode labels from."""
+                 device: torch.device, image_shape: Sequence[int]) -> tuple[torch.nn.Module | AnatomySegmenter | None, dict[str, Any] | None]:
+    """What writes each sample's tissue map. `labels`: a label decoder run (refused unless it segments the latents of
+    the generator's own autoencoder, same weights by SHA-256); "anatomy": the grid's shipped anatomy network on the
+    decoded volume; None: the model's own label decoder (labels/ of an exported model), else the grid's anatomy
+    network, else none; False: none. An image-space generator has no latents to decode labels from."""
     if labels is False:
         return None, None
+    if str(labels) == "anatomy" and not Path(str(labels)).exists():
+        segmenter, segmenter_meta = _anatomy_segmenter(image_shape, device)
+        if segmenter is None:
+            raise FileNotFoundError(f"--labels anatomy: mriflow ships no anatomy network for the grid "
+                                    f"{' x '.join(map(str, image_shape))} of {directory}; pass a label decoder run")
+        return segmenter, segmenter_meta
     if "autoencoder" not in meta:
         if labels is None:
-            return None, None
+            return _anatomy_segmenter(image_shape, device)
         raise ValueError(f"--labels: the {meta['stage']} model {directory} works in image space; a label decoder "
-                         "reads an autoencoder's latents, which it has none of (drop --labels)")
+                         "reads an autoencoder's latents, which it has none of (use --labels anatomy or drop --labels)")
     if labels is None or labels is True:
         own = directory.parent / LABELS_DIR
         if "exported_from" not in meta or not (own / ckpt.META_FILE).is_file():
             if labels is True:
                 raise FileNotFoundError(f"{directory}: this model has no label decoder ({own} is absent); train one with "
                                         "`mriflow train labels DATA --autoencoder AE --out RUN` and pass --labels RUN")
-            return None, None
+            return _anatomy_segmenter(image_shape, device)
         labels = own
     elif not Path(labels).exists():
         raise FileNotFoundError(f"--labels {labels}: no such label decoder run or checkpoint folder")
@@ -313,7 +354,7 @@ def _load_labels(labels: str | Path | bool | None, directory: Path, meta: Mappin
         raise ValueError(f"{label_dir}: this label decoder was trained on the latents of {recorded['path']} (sha256 "
                          f"{recorded['model_sha256'][:12]}…), not on the generator's autoencoder (sha256 "
                          f"{meta['autoencoder']['model_sha256'][:12]}…); train one with --autoencoder set to the generator's")
-    labels_meta = {**labels_meta, "checksum": "sha256:" + ckpt.sha256(label_dir / ckpt.MODEL_FILE)}
+    labels_meta = {**labels_meta, "source": "decoder", "checksum": "sha256:" + ckpt.sha256(label_dir / ckpt.MODEL_FILE)}
     return decoder, labels_meta
 
 

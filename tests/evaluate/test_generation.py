@@ -253,6 +253,9 @@ def test_delivered_label_maps_are_scored_against_the_segmentation_of_their_own_i
     assert "sample_002_labels.nii.gz" in partial["skipped"]
     plain = write_fakes(tmp_path / "plain", prepared, subjects)
     assert "no label maps" in evaluate_generation(prepared, plain, tmp_path / "d", **FAST)["label_fidelity"]["skipped"]
+    # maps written by the anatomy network itself (generate --labels anatomy) would score 1 by construction: not measured
+    (exact / "sample_000.json").write_text(json.dumps({"labels_source": "anatomy"}))
+    assert "by construction" in evaluate_generation(prepared, exact, tmp_path / "e", **FAST)["label_fidelity"]["skipped"]
 
 
 def everything_case(prepared, folder):

@@ -93,7 +93,9 @@ def test_generate_writes_aligned_image_and_label_pairs(trained, tmp_path):
     plain = generate(root / "flow", tmp_path / "plain", n=3, device="cpu", progress=False)
     for a, b in zip(result.paths, plain.paths):
         np.testing.assert_array_equal(load_volume(a)[0], load_volume(b)[0])
-    assert not list((tmp_path / "plain").glob("*_labels.nii.gz"))
+    assert not list((tmp_path / "plain").glob("*_labels.nii.gz"))  # no anatomy network for this grid either
+    with pytest.raises(FileNotFoundError, match="--labels anatomy: mriflow ships no anatomy network for the grid"):
+        load_generator(root / "flow", "cpu", labels="anatomy")
 
 
 def test_the_labels_of_an_exported_model_travel_with_it_and_are_its_default(trained, tmp_path):

@@ -141,7 +141,8 @@ class GenerationService:
                        "nfe": nfe, "index": 0, "sample_seed": stream, "attempt": 0, "written_by": "mriflow app"}
             (self.out / folder).mkdir(parents=True, exist_ok=False)
             if label_maps is not None:
-                sidecar.update(labels=labels_name(sample_name(0)), label_classes=list(g.label_classes))
+                sidecar.update(labels=labels_name(sample_name(0)), label_classes=list(g.label_classes),
+                               labels_source=g.labels_meta["source"])
                 write_labels(self.out / folder, sample_name(0), label_maps[0], g.affine)
             write_sample(self.out / folder, 0, volumes[0], g.affine, sidecar)
             self.learnt[(settings["solver"], settings["steps"])] = job.calls

@@ -239,6 +239,16 @@ class LabelFidelity:
                 "real": summary(self.real) if self.real is not None else None}
 
 
+def labels_source(sidecar: Path) -> str | None:
+    """What wrote a sample's tissue map, from its sidecar ("decoder", "anatomy"), or None where it does not say."""
+    import json
+
+    try:
+        return json.loads(sidecar.read_text()).get("labels_source")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def label_fidelity(predictions: AnatomyPredictions, sets: EvaluationSets) -> LabelFidelity:
     """How well the label maps delivered with generated volumes match the volumes, next to real scans."""
     import torch
@@ -249,10 +259,13 @@ def label_fidelity(predictions: AnatomyPredictions, sets: EvaluationSets) -> Lab
 
     label_files = [p.with_name(labels_name(name)) for p, name in zip(sets.generated, sets.generated_names)]
     if not any(f.is_file() for f in label_files):
-        return LabelFidelity("the generated volumes have no label maps (generate with a label decoder)")
+        return LabelFidelity("the generated volumes have no label maps (generate with a label decoder or --labels anatomy)")
     missing = [f.name for f in label_files if not f.is_file()]
     if missing:
         return LabelFidelity(f"{len(missing)} generated volumes have no label map (e.g. {missing[0]})")
+    if any(labels_source(p.with_name(f"{name}.json")) == "anatomy" for p, name in zip(sets.generated, sets.generated_names)):
+        return LabelFidelity("the label maps are the anatomy network's own segmentation of each volume (labels_source "
+                             "anatomy): they agree with it by construction, so there is nothing to measure")
     predictor = predictions.predictor
     if predictor is None or not hasattr(predictor, "segment"):
         return LabelFidelity(predictions.unavailable or "the predictor does not segment")

@@ -91,7 +91,7 @@ def synthetic_pairs(folder: str | Path, limit: int | None = None) -> Pairs:
     images = sorted(p for p in folder.glob("*_labels.nii.gz"))
     if not images:
         raise ValueError(f"--synthetic {folder}: no label maps (*_labels.nii.gz); generate with a model that has a "
-                         "label decoder (mriflow train labels; --labels RUN)")
+                         "label decoder (mriflow train labels; --labels RUN) or on the 4 mm or 2 mm grid (--labels anatomy)")
     volumes, labels, ages, names = [], [], [], []
     for label_file in images[:limit]:
         name = label_file.name.removesuffix("_labels.nii.gz")
