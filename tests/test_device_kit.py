@@ -221,6 +221,19 @@ def test_the_queue_says_which_job_is_next_and_how_to_run_it():
     call = jobqueue.device_call(job)
     assert f"run.py {job['id']} --minutes {job['minutes']}" in call["command"] and call["carry"] == [".device"]
     assert call["timeout_s"] <= 600 and set(run.JOBS) >= {j["id"] for j in jobs if j["status"] == "open"}
+    # each job packs what it reads: only the anatomy network's job carries the tissue maps
+    assert {j["id"] for j in jobs if "--no-tissue" not in jobqueue.pack_command(j)} == {"J2"}
+    assert jobqueue.pack_command(job, "/data/ixi2").startswith("python benchmarks/device/pack.py --data /data/ixi2")
+
+
+def test_a_kit_without_tissue_maps_is_smaller_and_unpacks_without_labels(prepared, kit, tmp_path):
+    lean = tmp_path / "lean"
+    assert pack.main(["--data", str(prepared), "--kit", str(lean), "--no-wheels", "--no-tissue",
+                      "--regions", str(prepared / "muse_regions.csv")]) == 0
+    record = json.loads((lean / pack.RECORD_FILE).read_text())
+    assert not record["data"]["tissue_maps"] and record["data"]["bytes"] < (kit / pack.DATA_FILE).stat().st_size
+    unpacked = pd.read_csv(pack.unpack(lean, tmp_path / "data") / "manifest.csv")
+    assert len(unpacked) == 6 and unpacked["labels"].isna().all()
 
 
 def test_rehearsal_of_the_large_presets_job_measures_both_stages_and_runs_torchrun(kit, tmp_path):

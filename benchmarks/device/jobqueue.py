@@ -1,7 +1,7 @@
 """The device queue (queue.yaml): which GPU job is next, and the call that runs it.
 
     python benchmarks/device/jobqueue.py            # the jobs, one line each
-    python benchmarks/device/jobqueue.py next       # the top open job and the exact device call for it
+    python benchmarks/device/jobqueue.py next       # the top open job, its pack command and the exact device call
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ def device_call(job: dict) -> dict:
             "carry": [".device"], "timeout_s": int(60 * (job["minutes"] + START_UP_MINUTES))}
 
 
+def pack_command(job: dict, data: str = "<the 2 mm prepared folder>") -> str:
+    """The pack.py call that carries what `job` reads (its `pack` arguments in the queue): the travelling tree is
+    measured against the device's limit with that job's data, not every job's."""
+    return " ".join(["python benchmarks/device/pack.py --data", data, *str(job.get("pack", "")).split()])
+
+
 def mark_done(job_id: str, record: dict, path: Path = QUEUE) -> None:
     header, jobs = load(path)
     job = next((j for j in jobs if j["id"] == job_id), None)
@@ -54,6 +60,7 @@ def main(argv: list[str]) -> int:
             print("no open job in the device queue")
             return 0
         print(f"{job['id']}: {job['what']}")
+        print(f"pack first: {pack_command(job)}")
         print(f"device run: {device_call(job)}")
         return 0
     for job in jobs:
