@@ -20,7 +20,7 @@ from statistics import median
 
 from common import DOCUMENT, command_line, link, machine, replace_section, sample_requests, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from mriflow.evaluate.generation import evaluate_generation
-from mriflow.generate import DEFAULT_MODEL, load_generator, shipped_models
+from mriflow.generate import DEFAULT_MODEL, autoencoder_folder, load_generator, shipped_models
 
 ROWS = ("fd", "kid", "precision", "recall", "density", "coverage")
 
@@ -31,17 +31,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="new folder for the samples and the report")
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--model", default="default", help="a shipped model's name (4mm, 2mm) or 'default'")
+    parser.add_argument("--model", default="default", help="a shipped model's name (4mm, 2mm) or 'default', or a generator "
+                        "run folder (then --name)")
+    parser.add_argument("--name", help="the section's and result's name for a run folder (e.g. 2mm-cpu)")
     args = parser.parse_args(argv)
     command = command_line(__file__, argv)
 
+    shipped = shipped_models()
+    if args.model not in ("default", *shipped) and not args.name:
+        parser.error(f"--model {args.model} is a run folder, not a shipped model: name it with --name")
     generator = load_generator(args.model, "cpu")
-    name = DEFAULT_MODEL if args.model == "default" else args.model
+    name = DEFAULT_MODEL if args.model == "default" else args.name or args.model
+    autoencoder = shipped[name] / "autoencoder" if name in shipped and not args.name else \
+        autoencoder_folder(generator.meta, generator.path)
+    what = f"The shipped model `{name}`" if name in shipped and not args.name else f"The model `{name}` (run `{args.model}`)"
     samples = args.out / "samples"
     drawn = sample_requests(generator, samples, args.n, args.seed)
     settings, ages = drawn["settings"], drawn["ages"]
     result = evaluate_generation(args.data, samples, args.out / "report", split="test",
-                                 reconstruct=generator.reconstruct, autoencoder=str(shipped_models()[name] / "autoencoder"),
+                                 reconstruct=generator.reconstruct, autoencoder=str(autoencoder),
                                  progress=False)
     record = {"benchmark": "default_model", "command": command, "model_id": generator.model_id,
               "model_checksum": generator.model_checksum, "settings": settings, "n": args.n,
@@ -56,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
              for column, values in record["columns"].items()]
     fidelity = result["conditional_fidelity"]
     checks = "\n".join(f"| {c['target']} | {c['measured']} | {'met' if c['met'] else 'missed'} |" for c in record["targets"])
-    body = f"""The shipped model `{name}` (`{generator.model_id}`, {settings['solver']} {settings['steps']} steps) sampled at {args.n} requests sweeping age {ages[0]:.0f}–{ages[-1]:.0f} y and sex F/M, against the real test split; backbone `{result['backbone']['name']}`. Full report: `{args.out / 'report' / 'report.html'}`.
+    body = f"""{what} (`{generator.model_id}`, {settings['solver']} {settings['steps']} steps) sampled at {args.n} requests sweeping age {ages[0]:.0f}–{ages[-1]:.0f} y and sex F/M, against the real test split; backbone `{result['backbone']['name']}`. Full report: `{args.out / 'report' / 'report.html'}`.
 
     {command}
 
