@@ -247,3 +247,30 @@ def test_rehearsal_of_the_large_presets_job_measures_both_stages_and_runs_torchr
     for command in ("train_autoencoder_torchrun", "generate_torchrun"):
         assert result[command]["exit_code"] == 0, result[command]["output_tail"]
     assert run.check_outputs(out) == []
+
+
+def test_a_wheel_loses_its_tests_folders_and_still_installs(tmp_path):
+    """pack.slim_wheel: the tests/ data of a carried wheel stays home; pip installs what is left, importable."""
+    import subprocess
+    import zipfile
+
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    files = {"demo/__init__.py": "VALUE = 3\n", "demo/tests/__init__.py": "", "demo/tests/data.bin": "x" * 50000,
+             "demo-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n",
+             "demo-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{name},,\n" for name in files) + "demo-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as out:
+        for name, text in {**files, "demo-1.0.dist-info/RECORD": record}.items():
+            out.writestr(name, text)
+    before = wheel.stat().st_size
+    assert pack.slim_wheel(wheel) == before - wheel.stat().st_size > 0
+    with zipfile.ZipFile(wheel) as slim:
+        assert not any("/tests/" in name for name in slim.namelist())
+        assert "tests" not in slim.read("demo-1.0.dist-info/RECORD").decode()
+    assert pack.slim_wheel(wheel) == 0  # nothing left to remove
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(target),
+                    str(wheel)], check=True)
+    found = subprocess.run([sys.executable, "-c", "import demo; print(demo.VALUE)"], capture_output=True, text=True,
+                           env={"PYTHONPATH": str(target)}, check=True)
+    assert found.stdout.strip() == "3" and not (target / "demo" / "tests").exists()
