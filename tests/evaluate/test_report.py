@@ -143,6 +143,10 @@ def test_the_report_opens_with_a_verdict_against_the_yardsticks():
     same = make_result()
     same["columns"]["real_vs_generated"] = same["columns"]["real_vs_real"]
     assert {row[0]: row for row in verdict(same)}["fidelity: FD"][3] == "like real data"
+    # within two sds but three times the yardstick (a small n): not read as a match
+    noisy = make_result()
+    noisy["columns"]["real_vs_generated"]["fd"] = {"mean": 3 * real_fd["mean"], "sd": 2 * real_fd["mean"]}
+    assert {row[0]: row for row in verdict(noisy)}["fidelity: FD"][3].startswith("not told apart at this n, though 3.0 x")
     markdown = render_markdown(report_sections(result, {}))
     assert markdown.index("## Verdict") < markdown.index("## Set metrics")
 

@@ -35,6 +35,17 @@ def _within(generated: dict, yardstick: dict, lower_is_better: bool = True) -> b
     return generated["mean"] >= yardstick["mean"] - margin
 
 
+UNRESOLVED_RATIO = 2.0  # a distance this many times its yardstick is not "like real data", even within the noise
+
+
+def _alike(generated: float, yardstick: float, alike: str) -> str:
+    """The reading of a distance within two sds of its yardstick: `alike`, unless its mean is over UNRESOLVED_RATIO
+    times the yardstick's, which the bootstrap at this n cannot tell apart but should not be read as a match."""
+    if yardstick > 0 and generated > UNRESOLVED_RATIO * yardstick:
+        return f"not told apart at this n, though {generated / yardstick:.1f} x the yardstick (more volumes would tell)"
+    return alike
+
+
 def verdict(result: dict) -> list[list[str]]:
     """One row per aspect (fidelity, diversity, inter-slice consistency, privacy, conditioning, anatomy): the generated
     figure, its Real vs
@@ -45,8 +56,10 @@ def verdict(result: dict) -> list[list[str]]:
         for metric, lower in (("fd", True), ("coverage", False)):
             ok = _within(generated[metric], real[metric], lower)
             rows.append([f"fidelity: {METRIC_TITLES.get(metric, metric)}", mean_sd(generated[metric]), mean_sd(real[metric]),
-                         "like real data" if ok else ("further from real data than real data is from itself" if lower
-                                                      else "covers less of the real data than real data does")])
+                         (_alike(generated[metric]["mean"], real[metric]["mean"], "like real data") if lower
+                          else "like real data") if ok else
+                         ("further from real data than real data is from itself" if lower
+                          else "covers less of the real data than real data does")])
     diversity = result["diversity"]
     gap = diversity["generated"]["mean"] - diversity["real"]["mean"]
     rows.append(["diversity: MS-SSIM between volumes", f"{diversity['generated']['mean']:.3f}", f"{diversity['real']['mean']:.3f}",
@@ -90,6 +103,6 @@ def verdict(result: dict) -> list[list[str]]:
         ok = _within({"mean": fd["value"], "sd": fd["sd"]}, {"mean": yard["value"], "sd": yard["sd"]})
         rows.append(["anatomy: tissue volumes (Fréchet distance, all regions)", f"{fd['value']:.2f} ± {fd['sd']:.2f}",
                      f"{yard['value']:.2f} ± {yard['sd']:.2f}",
-                     "volumes like real brains" if ok else f"volumes unlike real brains, most in {worst.replace('_', ' ')} "
+                     _alike(fd["value"], yard["value"], "volumes like real brains") if ok else f"volumes unlike real brains, most in {worst.replace('_', ' ')} "
                      f"(d = {morphometry['regions'][worst]['effect_size_generated']:+.1f})"])
     return rows
