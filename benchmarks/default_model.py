@@ -41,10 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model not in ("default", *shipped) and not args.name:
         parser.error(f"--model {args.model} is a run folder, not a shipped model: name it with --name")
     generator = load_generator(args.model, "cpu")
-    name = DEFAULT_MODEL if args.model == "default" else args.name or args.model
-    autoencoder = shipped[name] / "autoencoder" if name in shipped and not args.name else \
-        autoencoder_folder(generator.meta, generator.path)
-    what = f"The shipped model `{name}`" if name in shipped and not args.name else f"The model `{name}` (run `{args.model}`)"
+    name = args.name or (DEFAULT_MODEL if args.model == "default" else args.model)
+    autoencoder = autoencoder_folder(generator.meta, generator.path).resolve()  # a shipped model's own autoencoder/ too
+    what = f"The model `{name}` (run `{args.model}`)" if args.name else f"The shipped model `{name}`"
     samples = args.out / "samples"
     drawn = sample_requests(generator, samples, args.n, args.seed)
     settings, ages = drawn["settings"], drawn["ages"]

@@ -74,14 +74,17 @@ def planted_set(data: Path, val: list[Path], train_images: list[str], seed: int)
     volumes = [load_volume(path)[0] for path in val]
     voxel_mm = float(np.sqrt((load_volume(val[0])[1][:3, :3] ** 2).sum(axis=0)).mean())
     chosen = rng.choice(len(train_images), 2 * PLANTED, replace=False)
+    planted = {
+        "exact copies": [load(train_images[i]) for i in chosen[:PLANTED]],
+        "deformed copies": [deformed(load(train_images[i]), rng, DEFORMATION_MM / voxel_mm, 8.0 / voxel_mm)
+                            for i in chosen[PLANTED:]],
+        "averages of 5": [np.mean([load(train_images[j]) for j in rng.choice(len(train_images), AVERAGED, replace=False)],
+                                  axis=0) for _ in range(PLANTED)],
+    }
     kinds = {"held-out scans": list(range(len(volumes)))}
-    for kind, make in (("exact copies", lambda i: load(train_images[i])),
-                       ("deformed copies", lambda i: deformed(load(train_images[i]), rng, DEFORMATION_MM / voxel_mm, 8.0 / voxel_mm)),
-                       ("averages of 5", lambda i: np.mean([load(train_images[j]) for j in
-                                                            rng.choice(len(train_images), AVERAGED, replace=False)], axis=0))):
-        sources = chosen[:PLANTED] if kind == "exact copies" else chosen[PLANTED:] if kind == "deformed copies" else range(PLANTED)
-        kinds[kind] = [len(volumes) + k for k in range(PLANTED)]
-        volumes += [np.asarray(make(i), np.float32) for i in sources]
+    for kind, members in planted.items():
+        kinds[kind] = list(range(len(volumes), len(volumes) + len(members)))
+        volumes += [np.asarray(v, np.float32) for v in members]
     return volumes, kinds
 
 

@@ -166,13 +166,13 @@ class Generator:
             images = self.autoencoder.decode(latents / self.latent_scale)  # (B, 1, D, H, W)
         return images.clamp(0.0, 1.0)[:, 0].float().cpu().numpy()
 
-    def decode_labels(self, latents: torch.Tensor) -> np.ndarray | None:
+    def decode_labels(self, latents: torch.Tensor, volumes: np.ndarray | None = None) -> np.ndarray | None:
         """Scaled latents (B, C, d, h, w) -> tissue maps (B, D, H, W) uint8 on the CPU (class indices of
         `label_classes`), or None without a label decoder."""
         if self.labels is None:
             return None
-        if isinstance(self.labels, AnatomySegmenter):
-            return self.labels.segment_volumes(self.decode(latents))
+        if isinstance(self.labels, AnatomySegmenter):  # reads the image: `volumes`, the decoded latents if given
+            return self.labels.segment_volumes(self.decode(latents) if volumes is None else volumes)
         with torch.no_grad():
             return self.labels.segment(latents / self.latent_scale).cpu().numpy()
 
@@ -199,9 +199,7 @@ class Generator:
         per sample: what `generate` writes."""
         latents, nfe = self.draw_latents(sample_seeds, covariates, settings, spatial)
         volumes = self.decode(latents)
-        if isinstance(self.labels, AnatomySegmenter):
-            return volumes, self.labels.segment_volumes(volumes), nfe
-        return volumes, self.decode_labels(latents), nfe
+        return volumes, self.decode_labels(latents, volumes), nfe
 
 
 def load_generator(model: str | Path = "default", device: str | torch.device = "auto", trust_paths: bool = False,

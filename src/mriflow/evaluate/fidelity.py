@@ -26,7 +26,7 @@ import pandas as pd
 
 from mriflow.evaluate.backbones import Backbone, PredictiveBackbone, get_backbone, shipped_anatomy_weights
 from mriflow.evaluate.morphometry import morphometry
-from mriflow.evaluate.sets import BATCH_SIZE, EvaluationSets, read_clipped
+from mriflow.evaluate.sets import BATCH_SIZE, EvaluationSets, read_clipped, sidecar_record
 
 VOLUME_COVARIATES = {"ventricles_ml": "ventricles", "total_brain_ml": "total_brain"}  # measurement -> covariate
 
@@ -239,16 +239,6 @@ class LabelFidelity:
                 "real": summary(self.real) if self.real is not None else None}
 
 
-def labels_source(sidecar: Path) -> str | None:
-    """What wrote a sample's tissue map, from its sidecar ("decoder", "anatomy"), or None where it does not say."""
-    import json
-
-    try:
-        return json.loads(sidecar.read_text()).get("labels_source")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def label_fidelity(predictions: AnatomyPredictions, sets: EvaluationSets) -> LabelFidelity:
     """How well the label maps delivered with generated volumes match the volumes, next to real scans."""
     import torch
@@ -263,7 +253,7 @@ def label_fidelity(predictions: AnatomyPredictions, sets: EvaluationSets) -> Lab
     missing = [f.name for f in label_files if not f.is_file()]
     if missing:
         return LabelFidelity(f"{len(missing)} generated volumes have no label map (e.g. {missing[0]})")
-    if any(labels_source(p.with_name(f"{name}.json")) == "anatomy" for p, name in zip(sets.generated, sets.generated_names)):
+    if any(sidecar_record(p).get("labels_source") == "anatomy" for p in sets.generated):
         return LabelFidelity("the label maps are the anatomy network's own segmentation of each volume (labels_source "
                              "anatomy): they agree with it by construction, so there is nothing to measure")
     predictor = predictions.predictor

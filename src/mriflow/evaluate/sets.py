@@ -154,14 +154,20 @@ def list_volumes(folder: Path) -> list[Path]:
     return paths
 
 
-def read_sidecar(path: Path) -> dict:
-    """Covariates of a generated volume from its JSON sidecar (x.nii.gz -> x.json):
-    the "covariates" object if present, else the top-level scalar entries."""
+def sidecar_record(path: Path) -> dict:
+    """The JSON sidecar of a generated volume (x.nii.gz -> x.json) as written, {} where there is none."""
     sidecar = path.with_name(strip_nifti_suffix(path.name) + ".json")
     if not sidecar.is_file():
         return {}
     data = read_json(sidecar, advice="restore it, or delete it (its volume is then measured without the covariates it was drawn for)")
-    values = data.get("covariates", data) if isinstance(data, dict) else {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_sidecar(path: Path) -> dict:
+    """Covariates of a generated volume from its JSON sidecar (x.nii.gz -> x.json):
+    the "covariates" object if present, else the top-level scalar entries."""
+    data = sidecar_record(path)
+    values = data.get("covariates", data)
     return {k: v for k, v in values.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
 

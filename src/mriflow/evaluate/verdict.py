@@ -54,12 +54,13 @@ def verdict(result: dict) -> list[list[str]]:
     generated, real = result["columns"].get("real_vs_generated"), result["columns"].get("real_vs_real")
     if generated and real:
         for metric, lower in (("fd", True), ("coverage", False)):
-            ok = _within(generated[metric], real[metric], lower)
+            if not _within(generated[metric], real[metric], lower):
+                reading = ("further from real data than real data is from itself" if lower
+                           else "covers less of the real data than real data does")
+            else:
+                reading = _alike(generated[metric]["mean"], real[metric]["mean"], "like real data") if lower else "like real data"
             rows.append([f"fidelity: {METRIC_TITLES.get(metric, metric)}", mean_sd(generated[metric]), mean_sd(real[metric]),
-                         (_alike(generated[metric]["mean"], real[metric]["mean"], "like real data") if lower
-                          else "like real data") if ok else
-                         ("further from real data than real data is from itself" if lower
-                          else "covers less of the real data than real data does")])
+                         reading])
     diversity = result["diversity"]
     gap = diversity["generated"]["mean"] - diversity["real"]["mean"]
     rows.append(["diversity: MS-SSIM between volumes", f"{diversity['generated']['mean']:.3f}", f"{diversity['real']['mean']:.3f}",
