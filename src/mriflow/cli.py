@@ -122,6 +122,9 @@ def _add_train(commands) -> None:
     p = stages.add_parser("autoencoder", help="stage 1: 3D KL-VAE-GAN or VQ-GAN on a prepared dataset")
     p.add_argument("data", help="prepared dataset folder (mriflow prepare)")
     p.add_argument("--kind", choices=("kl", "vq"), help="autoencoder kind (default: the preset's, kl)")
+    p.add_argument("--refine-decoder", metavar="RUN",
+                   help="start from this autoencoder run and train its decoder only, critics on: the latents stay "
+                        "bit for bit the same, so generators trained on RUN keep working (default 2000 steps, lr / 5)")
     _add_common_training(p, "autoencoder")
     p.set_defaults(func=_run_train_autoencoder)
 
@@ -184,7 +187,7 @@ def _run_train_autoencoder(args: argparse.Namespace) -> int:
 
     result = train_autoencoder(args.data, args.out, kind=args.kind, preset=args.preset, max_steps=args.max_steps,
                                resume=args.resume, max_minutes=args.max_minutes, lr=args.lr,
-                               stop_at_step=args.stop_at_step)
+                               stop_at_step=args.stop_at_step, refine_decoder=args.refine_decoder)
     return _report_training(result)
 
 

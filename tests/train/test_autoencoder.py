@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import tiny_config, write_prepared
+from conftest import read_log, tiny_config, write_prepared
 from mriflow import checkpoint as ckpt
 from mriflow.train.autoencoder import train_autoencoder
 
@@ -34,3 +34,31 @@ def test_the_learning_rate_can_be_given_and_changed_on_resume(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "run")[1]["config"]["loop"]["lr"] == 2e-4
     train_autoencoder(data, tmp_path / "run", resume=True, lr=1e-4)
     assert ckpt.load_checkpoint(tmp_path / "run")[1]["config"]["loop"]["lr"] == 1e-4
+
+
+def test_refining_the_decoder_keeps_every_encoder_tensor_and_survives_an_interruption(tmp_path):
+    from mriflow.train.autoencoder import encoder_state
+
+    data = write_prepared(tmp_path / "data")
+    train_autoencoder(data, tmp_path / "source", config=tiny_config(max_steps=3, adversarial_start=1))
+    source, _ = ckpt.load_autoencoder(tmp_path / "source")
+    first = train_autoencoder(data, tmp_path / "refined", refine_decoder=tmp_path / "source", max_steps=4, stop_at_step=2)
+    assert first["step"] == 2
+    result = train_autoencoder(data, tmp_path / "refined", resume=True)  # an interruption changes nothing
+    assert result["step"] == 4
+    refined, meta = ckpt.load_autoencoder(tmp_path / "refined")
+    source_dir = ckpt.resolve_checkpoint(tmp_path / "source")
+    assert meta["decoder_refined_from"]["model_sha256"] == ckpt.sha256(source_dir / ckpt.MODEL_FILE)
+    assert meta["config"]["decoder_only"] is True and meta["config"]["loss"]["adversarial_start"] == 0
+    assert meta["config"]["loop"]["lr"] == pytest.approx(tiny_config().loop.lr / 5)
+    theirs, mine = encoder_state(source), encoder_state(refined)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    decoders = [dict(model.decoder.state_dict()) for model in (source, refined)]
+    assert any(not torch.equal(decoders[0][k], decoders[1][k]) for k in decoders[0] if decoders[0][k].is_floating_point())
+    x = torch.rand(1, 1, 16, 20, 16)
+    torch.testing.assert_close(refined.encode(x).mean, source.encode(x).mean, rtol=0, atol=0)  # the same latents
+    assert "critic_loss" in read_log(tmp_path / "refined")[0]  # the critics learn from the first step
+    assert read_log(tmp_path / "refined")[0]["critic_loss"] != ""
+
+    with pytest.raises(ValueError, match="drop --kind"):
+        train_autoencoder(data, tmp_path / "other", refine_decoder=tmp_path / "source", kind="vq")

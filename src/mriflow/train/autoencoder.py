@@ -11,6 +11,14 @@ The critics (a 3D patch critic on volumes and a 2D one on random slices) learn o
 
     >>> train_autoencoder("prepared/", "runs/ae", kind="kl", preset="tiny")
     >>> train_autoencoder("prepared/", "runs/ae", resume=True)              # continue the latest checkpoint
+    >>> train_autoencoder("prepared/", "runs/ae-dec", refine_decoder="runs/ae")  # sharper decoder, same latents
+
+`refine_decoder` starts from another run's weights (and its critics when it has them) and trains the
+decoder only, with the critics on from the first step: the encoder, and so every latent, stays
+bit for bit the source's, so a generator trained on the source's latents decodes through the refined
+decoder unchanged (`mriflow.export.export_generator(..., autoencoder=)`). It is how the CPU recipe
+buys reconstruction quality without retraining the generator (cf. the fine-tuned decoders of
+Stable Diffusion's autoencoder).
 
 Under `torchrun --nproc_per_node N` the same call trains with DDP (batch_size is per process).
 """
@@ -89,6 +97,8 @@ class AutoencoderTrainingConfig:
     # Train on random crops of this (D, H, W) instead of whole volumes: the network is fully
     # convolutional, so it is applied to whole volumes afterwards (the CPU recipe for 2 mm).
     crop_size: tuple[int, int, int] | None = None
+    # Train the decoder only (the encoder and its latent layers frozen): see `refine_decoder`.
+    decoder_only: bool = False
 
     def __post_init__(self) -> None:
         if self.crop_size is not None:
@@ -111,13 +121,17 @@ class AutoencoderStage:
         self.config = config
         loss = config.loss
         autoencoder = Autoencoder(config.model)
+        if config.decoder_only:
+            for module in encoder_modules(autoencoder):
+                module.requires_grad_(False)  # left out of the optimiser: the latent space cannot move
         self.networks: dict[str, nn.Module] = {"autoencoder": autoencoder}
         if loss.volume_critic:
             self.networks["volume_critic"] = volume_discriminator(loss.critic)
         if loss.slice_critic:
             self.networks["slice_critic"] = slice_discriminator(loss.critic)
         self.critics = [name for name in ("volume_critic", "slice_critic") if name in self.networks]
-        self.phases: dict[str, list[dict[str, Any]]] = {"generator": [{"params": list(autoencoder.parameters())}]}
+        trained = [p for p in autoencoder.parameters() if p.requires_grad]
+        self.phases: dict[str, list[dict[str, Any]]] = {"generator": [{"params": trained}]}
         if self.critics:
             critic_parameters = [p for name in self.critics for p in self.networks[name].parameters()]
             self.phases["critic"] = [{"params": critic_parameters, "lr": loss.critic_lr, "betas": loss.critic_betas}]
@@ -229,24 +243,33 @@ def train_autoencoder(
     stop_at_step: int | None = None,
     max_minutes: float | None = None,
     lr: float | None = None,
+    refine_decoder: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train an autoencoder on the training split of prepared folder `data_dir` into run folder `out`.
 
     The config is the preset (default "tiny"), or `config` when given, with `kind` ("kl" | "vq"),
     `max_steps`, `max_minutes` (a wall-clock budget; the run stops with a checkpoint) and `lr` (the peak
     learning rate) replaced when given. With `resume`, the run's own config is used (only `max_steps`,
-    `max_minutes` and `lr` may change). Returns {"step", "metrics", "checkpoint"}.
+    `max_minutes` and `lr` may change). `refine_decoder`: an autoencoder run or checkpoint whose decoder
+    to train further, its encoder frozen (see the module docstring; default REFINE_STEPS steps at a fifth
+    of its learning rate). Returns {"step", "metrics", "checkpoint"}.
     """
     from mriflow.data.dataset import PreparedDataset, read_preparation
 
     data_dir, out = Path(data_dir), Path(out)
     latest = ckpt.latest_checkpoint(out) if resume else None
+    source: dict[str, Any] | None = None
     if latest is not None:
         _, saved = ckpt.load_checkpoint(latest)
         config = _override(from_dict(AutoencoderTrainingConfig, saved["config"], str(latest)), None, max_steps)
         if kind is not None and kind != config.model.kind:
             raise ValueError(f"--kind {kind} differs from the run's kind {config.model.kind!r} in {out}; drop --kind to resume")
         preset = saved.get("preset")
+        source = saved.get("decoder_refined_from")
+    elif refine_decoder is not None:
+        if kind is not None or config is not None:
+            raise ValueError("--refine-decoder keeps the source run's autoencoder; drop --kind")
+        source, config, preset = _refinement(refine_decoder, max_steps, lr)
     else:
         if config is None:
             config = load_config(preset or "tiny", kind, max_steps)
@@ -268,6 +291,8 @@ def train_autoencoder(
     perceptual, perceptual_record = _perceptual(config.loss, context.device)
     seed_everything(config.loop.seed)  # identical initial weights in every process
     stage = AutoencoderStage(config, perceptual)
+    if source is not None and latest is None:
+        _load_source(stage, Path(source["path"]))
     meta = {
         "stage": "autoencoder",
         "preset": preset,
@@ -279,12 +304,63 @@ def train_autoencoder(
         "downsampling_factor": config.model.downsampling_factor,
         "parameters": sum(p.numel() for p in stage.networks["autoencoder"].parameters()),
         "perceptual": perceptual_record,
+        **({"decoder_refined_from": source} if source is not None else {}),
     }
     try:
         return loop.train(stage, dataset, config.loop, out, meta, resume=resume, context=context, stop_at_step=stop_at_step)
     finally:
         if not joined_group:
             distributed.teardown()
+
+
+REFINE_STEPS = 2000
+
+
+def encoder_modules(autoencoder: Autoencoder) -> list[nn.Module]:
+    """The modules that make the latent: encoder, latent convolutions and VQ codebook (the decoder is the rest)."""
+    candidates = (autoencoder.encoder, autoencoder.quant_conv_mean, autoencoder.quant_conv_logvar, autoencoder.quantizer)
+    return [module for module in candidates if module is not None]
+
+
+def encoder_state(autoencoder: Autoencoder) -> dict[str, torch.Tensor]:
+    """The encoder side's tensors by name (fp32, CPU): what two autoencoders must share to share latents."""
+    named = {"encoder": autoencoder.encoder, "quant_conv_mean": autoencoder.quant_conv_mean,
+             "quant_conv_logvar": autoencoder.quant_conv_logvar, "quantizer": autoencoder.quantizer}
+    return {f"{prefix}.{key}": value.detach().float().cpu()
+            for prefix, module in named.items() if module is not None for key, value in module.state_dict().items()}
+
+
+def _refinement(source_run: str | Path, max_steps: int | None, lr: float | None
+                ) -> tuple[dict[str, Any], AutoencoderTrainingConfig, str | None]:
+    """(record of the source, the refinement's config, the source's preset) for `refine_decoder`."""
+    directory = ckpt.resolve_checkpoint(source_run)  # a clear error when it is neither a run nor a checkpoint
+    _, saved = ckpt.load_checkpoint(directory)
+    if saved.get("stage") != "autoencoder":
+        raise ValueError(f"--refine-decoder {source_run}: a {saved.get('stage')!r} checkpoint, not an autoencoder's")
+    config = from_dict(AutoencoderTrainingConfig, saved["config"], str(directory))
+    config = dataclasses.replace(
+        config,
+        decoder_only=True,
+        loss=dataclasses.replace(config.loss, adversarial_start=0),  # the decoder already reconstructs: critics from step 0
+        loop=dataclasses.replace(config.loop, max_steps=max_steps or REFINE_STEPS, lr=lr or config.loop.lr / 5,
+                                 warmup_steps=min(config.loop.warmup_steps, 100)),
+    )
+    record = {"path": str(directory.resolve()), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE),
+              "step": saved.get("step")}
+    return record, config, saved.get("preset")
+
+
+def _load_source(stage: AutoencoderStage, directory: Path) -> None:
+    """The source's exported (EMA) autoencoder weights, and its critics when its training state holds them."""
+    weights, _ = ckpt.load_checkpoint(directory)
+    ckpt.load_weights_into(stage.networks["autoencoder"], weights, "autoencoder.", str(directory / ckpt.MODEL_FILE))
+    if not (directory / ckpt.TRAIN_STATE_FILE).is_file():
+        return
+    state = ckpt.load_train_state(directory)
+    for name in stage.critics:
+        prefix = f"network.{name}."
+        if any(key.startswith(prefix) for key in state):
+            ckpt.load_weights_into(stage.networks[name], state, prefix, str(directory / ckpt.TRAIN_STATE_FILE))
 
 
 def _override(config: AutoencoderTrainingConfig, kind: str | None, max_steps: int | None) -> AutoencoderTrainingConfig:
