@@ -128,6 +128,65 @@ def test_an_existing_output_is_refused_and_left_untouched(runs, tmp_path):
     assert json.loads((out / "sample_00000.json").read_text())["seed"] == 1
 
 
+def _variant(autoencoder: Path, out: Path, part: str, record: dict | None) -> Path:
+    """A copy of the autoencoder checkpoint with `part` ("decoder" or "encoder") changed, and `record` as its
+    decoder_refined_from."""
+    weights, meta = ckpt.load_checkpoint(autoencoder)
+    meta.pop("path")
+    changed = {k: v + 0.01 if k.startswith(f"autoencoder.{part}.") and v.is_floating_point() else v
+               for k, v in weights.items()}
+    return ckpt.save_checkpoint(out, changed, {**meta, **({"decoder_refined_from": record} if record else {})})
+
+
+def test_what_ships_keeps_the_data_provenance_in_a_few_kilobytes():
+    from mriflow.export import travelling_meta
+
+    checksums = {f"/data/IXI{i:03d}_T1.nii.gz": f"{i:064x}" for i in range(3)}
+    meta = {"stage": "flow", "rng": [1, 2], "optimizer": {"generator": []},
+            "preparation": {"preset": "2mm", "inputs": {"images": "/data", "checksums": checksums},
+                            "subjects": {"IXI002": {"seconds": 1.0}, "IXI001": {"seconds": 2.0}}}}
+    slim = travelling_meta(meta)
+    assert "rng" not in slim and "optimizer" not in slim and slim["stage"] == "flow"
+    assert slim["preparation"]["subjects"] == ["IXI001", "IXI002"] and slim["preparation"]["preset"] == "2mm"
+    assert slim["preparation"]["inputs"]["files"] == 3 and "checksums" not in slim["preparation"]["inputs"]
+    reordered = {"preparation": {"inputs": {"checksums": dict(reversed(list(checksums.items())))}}}
+    assert travelling_meta(reordered)["preparation"]["inputs"]["checksums_sha256"] == \
+        slim["preparation"]["inputs"]["checksums_sha256"]  # the same inputs, recognised
+    checksums["/data/IXI000_T1.nii.gz"] = "f" * 64
+    assert travelling_meta(meta)["preparation"]["inputs"]["checksums_sha256"] != \
+        slim["preparation"]["inputs"]["checksums_sha256"]
+    assert meta["rng"] == [1, 2]  # the caller's meta is left as it was
+    for model in generator_module.shipped_models().values():  # and the shipped ones are slim
+        for folder in (model / "flow", model / "autoencoder", model / "labels"):
+            if folder.is_dir():
+                assert (folder / ckpt.META_FILE).stat().st_size < 64_000, folder
+
+
+def test_a_generator_exports_with_a_refined_decoder_and_refuses_any_other_autoencoder(runs, tmp_path):
+    _, meta = ckpt.load_checkpoint(runs["flow"])
+    original = ckpt.resolve_checkpoint(Path(meta["path"]) / meta["autoencoder"]["path"])
+    record = {"path": str(original), "model_sha256": ckpt.sha256(original / ckpt.MODEL_FILE)}
+    refined = _variant(original, tmp_path / "refined", "decoder", record)
+    release = export_generator(runs["flow"], tmp_path / "release", autoencoder=refined)
+    exported, own = load_generator(release, "cpu"), load_generator(runs["flow"], "cpu")
+    seeds, settings = [sample_seed(0, i) for i in range(2)], own.sampling_settings()
+    latents = own.draw_latents(seeds, None, settings)[0]
+    torch.testing.assert_close(exported.draw_latents(seeds, None, settings)[0], latents, atol=2e-2, rtol=0)
+    refined_model, _ = ckpt.load_autoencoder(refined)
+    with torch.no_grad():  # decoded by the refined decoder, not the generator's own
+        wanted = refined_model.decode(latents / own.latent_scale).clamp(0, 1)[:, 0].numpy()
+    np.testing.assert_allclose(exported.decode(latents), wanted, atol=2e-2)
+    assert np.abs(own.decode(latents) - wanted).max() > 5e-2
+
+    other_encoder = _variant(original, tmp_path / "encoder", "encoder", record)
+    with pytest.raises(ValueError, match="its encoder differs"):
+        export_generator(runs["flow"], tmp_path / "release2", autoencoder=other_encoder)
+    unrelated = _variant(original, tmp_path / "unrelated", "decoder", None)
+    with pytest.raises(ValueError, match="not a decoder refinement of the generator's autoencoder"):
+        export_generator(runs["flow"], tmp_path / "release3", autoencoder=unrelated)
+    assert not (tmp_path / "release2").exists() and not (tmp_path / "release3").exists()
+
+
 def test_exported_model_samples_like_its_run_and_checks_its_autoencoder(runs, tmp_path, monkeypatch):
     release = export_generator(runs["flow"], tmp_path / "release")
     files = sorted(p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file())

@@ -4,20 +4,30 @@ how the shipped models (mriflow/weights/<name>) are made.
 
     >>> export_generator("runs/flow", "release/")   # release/flow + release/autoencoder, fp16, <= 16 MB each
     >>> export_labels("runs/labels", "release/")    # release/labels
+    >>> export_generator("runs/flow", "release/", autoencoder="runs/ae-dec")  # with a refined decoder
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
+
+import torch
 
 from mriflow import checkpoint as ckpt
 from mriflow.families import FAMILIES
 from mriflow.generator import AUTOENCODER_DIR, GENERATOR_DIR, LABELS_DIR, autoencoder_folder
 
 
-def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "float16") -> Path:
+def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "float16",
+                     autoencoder: str | Path | None = None) -> Path:
     """Copy a generator run's latest checkpoint and its autoencoder into out/flow and out/autoencoder.
+
+    `autoencoder`: ship this one instead of the generator's own, which it must refine: trained with
+    `refine_decoder` from the generator's autoencoder, with the same encoder tensor for tensor (so the
+    same latents); anything else is refused.
 
     Only model.safetensors and checkpoint.json travel (no train_state), weights cast to
     `weights_dtype`; the generator's meta["autoencoder"] then points at "../autoencoder"
@@ -31,6 +41,10 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
         raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator ({', '.join(FAMILIES)})")
     image_space = FAMILIES[meta["stage"]].space == "image"
     autoencoder_dir = None if image_space else autoencoder_folder(meta, directory)
+    if autoencoder is not None:
+        if image_space:
+            raise ValueError(f"{directory}: an image-space {meta['stage']} model has no autoencoder to replace")
+        autoencoder_dir = refined_autoencoder(autoencoder, autoencoder_dir)
     out = Path(out)
     targets = [out / GENERATOR_DIR] + ([] if image_space else [out / AUTOENCODER_DIR])
     existing = [str(t) for t in targets if t.exists()]
@@ -47,11 +61,12 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
             autoencoder_weights, autoencoder_meta = ckpt.load_checkpoint(autoencoder_dir)
             autoencoder_meta.pop("path")
             autoencoder_meta["exported_from"] = {"path": str(autoencoder_dir),
-                                                 "model_sha256": meta["autoencoder"]["model_sha256"]}
-            ckpt.save_checkpoint(targets[1], autoencoder_weights, autoencoder_meta, weights_dtype=weights_dtype)
+                                                 "model_sha256": ckpt.sha256(autoencoder_dir / ckpt.MODEL_FILE)}
+            ckpt.save_checkpoint(targets[1], autoencoder_weights, travelling_meta(autoencoder_meta),
+                                 weights_dtype=weights_dtype)
             exported["autoencoder"] = {**meta["autoencoder"], "path": f"../{AUTOENCODER_DIR}",
                                        "model_sha256": ckpt.sha256(targets[1] / ckpt.MODEL_FILE)}
-        ckpt.save_checkpoint(targets[0], weights, exported, weights_dtype=weights_dtype)
+        ckpt.save_checkpoint(targets[0], weights, travelling_meta(exported), weights_dtype=weights_dtype)
         too_large = [f"{f} ({f.stat().st_size / 1e6:.1f} MB)" for t in targets for f in sorted(t.iterdir())
                      if f.stat().st_size > ckpt.MAX_TRAVELLING_BYTES]
         if too_large:
@@ -82,15 +97,57 @@ def export_labels(run: str | Path, model_dir: str | Path, weights_dtype: str = "
         raise FileExistsError(f"{target} already exists; remove it first to replace the label decoder")
     _, autoencoder_meta = ckpt.load_checkpoint(autoencoder)
     shipped = ckpt.sha256(autoencoder / ckpt.MODEL_FILE)
-    accepted = {shipped, autoencoder_meta.get("exported_from", {}).get("model_sha256")}
+    accepted = {shipped, autoencoder_meta.get("exported_from", {}).get("model_sha256"),
+                autoencoder_meta.get("decoder_refined_from", {}).get("model_sha256")}  # same encoder, same latents
     if meta["autoencoder"]["model_sha256"] not in accepted:
         raise ValueError(f"{directory} was trained on the latents of {meta['autoencoder']['path']}, not on {autoencoder} "
                          "(or the weights it was exported from); train it with that autoencoder")
     exported = {**meta, "autoencoder": {**meta["autoencoder"], "path": f"../{AUTOENCODER_DIR}", "model_sha256": shipped},
                 "exported_from": {"path": str(directory), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE)}}
     try:
-        ckpt.save_checkpoint(target, weights, exported, weights_dtype=weights_dtype)
+        ckpt.save_checkpoint(target, weights, travelling_meta(exported), weights_dtype=weights_dtype)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
     return target
+
+
+def travelling_meta(meta: dict) -> dict:
+    """A checkpoint's meta as it ships: without the training state's records (optimizer groups, random states)
+    and with the data's preparation record summarised: the subjects' ids instead of their per-subject
+    records, the inputs' checksums as one SHA-256 (of their canonical JSON), so a file that travels stays
+    a few kB rather than about 350 kB, and the same inputs can still be recognised."""
+    out = {k: v for k, v in meta.items() if k not in ("optimizer", "rng")}
+    preparation = dict(out.get("preparation") or {})
+    if isinstance(preparation.get("subjects"), dict):
+        preparation["subjects"] = sorted(preparation["subjects"])
+    inputs = preparation.get("inputs")
+    if isinstance(inputs, dict) and isinstance(inputs.get("checksums"), dict):
+        canonical = json.dumps(inputs["checksums"], sort_keys=True).encode()
+        preparation["inputs"] = {**{k: v for k, v in inputs.items() if k != "checksums"},
+                                 "checksums_sha256": hashlib.sha256(canonical).hexdigest(),
+                                 "files": len(inputs["checksums"])}
+    if preparation:
+        out["preparation"] = preparation
+    return out
+
+
+def refined_autoencoder(candidate: str | Path, original: Path) -> Path:
+    """The checkpoint folder of `candidate` when it is a decoder refinement of the autoencoder checkpoint `original`:
+    its record names `original`'s weights (SHA-256) and its encoder tensors equal `original`'s; else ValueError."""
+    from mriflow.train.autoencoder import encoder_state
+
+    directory = ckpt.resolve_checkpoint(candidate)
+    model, meta = ckpt.load_autoencoder(directory)
+    source = meta.get("decoder_refined_from", {})
+    expected = ckpt.sha256(original / ckpt.MODEL_FILE)
+    if source.get("model_sha256") != expected:
+        raise ValueError(f"--autoencoder {candidate}: not a decoder refinement of the generator's autoencoder {original} "
+                         "(train it with `mriflow train autoencoder --refine-decoder` from that run); a generator only "
+                         "decodes through an autoencoder with its own encoder")
+    mine, theirs = encoder_state(model), encoder_state(ckpt.load_autoencoder(original)[0])
+    differing = [key for key in theirs if key not in mine or not torch.equal(mine[key], theirs[key])]
+    if differing or mine.keys() != theirs.keys():
+        raise ValueError(f"--autoencoder {candidate}: its encoder differs from {original}'s "
+                         f"({', '.join(differing[:3]) or 'other tensors'}); its latents are not the generator's")
+    return directory
