@@ -110,6 +110,15 @@ def test_the_labels_of_an_exported_model_travel_with_it_and_are_its_default(trai
         export_labels(root / "labels", model)
 
 
+def test_the_label_decoder_travels_with_a_refined_decoder_of_its_autoencoder(trained, tmp_path):
+    root = trained["root"]
+    train_autoencoder(trained["data"], tmp_path / "refined", refine_decoder=root / "ae", max_steps=1)
+    model = export_generator(root / "flow", tmp_path / "model", autoencoder=tmp_path / "refined")
+    export_labels(root / "labels", model)  # the same encoder, so the same latents the labels were trained on
+    result = generate(model, tmp_path / "out", n=1, device="cpu", progress=False)
+    assert result.paths[0].with_name("sample_00000_labels.nii.gz").is_file()
+
+
 def test_a_label_decoder_of_another_autoencoder_is_refused(trained, tmp_path):
     root = trained["root"]
     other = tmp_path / "other"
