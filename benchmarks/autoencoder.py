@@ -8,8 +8,11 @@ benchmarks/results/autoencoder-<preset>-<grid>.json and the "## autoencoder" sec
 docs/benchmarks.md ("## autoencoder: <preset> (<grid>)", with the montage as
 docs/autoencoder_reconstruction_<preset>_<grid>.png). The run stays where it is, usable by
 `mriflow train flow --autoencoder`. `--render RESULT.json` rewrites the section from a record.
+With `--refine-decoder SOURCE` the run trains SOURCE's decoder further, its encoder frozen (the
+latents stay SOURCE's), and the section is "## autoencoder: <preset>, decoder refined (<grid>)".
 
     python benchmarks/autoencoder.py --data /tmp/ixi4 --run runs/ae-tiny --preset tiny --legs 30,20
+    python benchmarks/autoencoder.py --data /tmp/ixi2 --run runs/ae-dec --refine-decoder runs/ae-small --legs 20,20
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="optimizer steps of the schedule (default: the preset's)")
     parser.add_argument("--legs", default="30,30", help="wall-clock minutes of each training leg, comma-separated")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--refine-decoder", metavar="SOURCE", help="train SOURCE's decoder further, its encoder frozen")
     parser.add_argument("--render", metavar="JSON", help="only rewrite the docs section from a recorded result")
     args = parser.parse_args(argv)
     if args.render:
@@ -65,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     for leg in legs:
         started = time.perf_counter()
         resume = (run / "checkpoints").is_dir()
-        result = train_autoencoder(data, run, kind=None if resume else args.kind, preset=args.preset,
-                                   max_steps=args.max_steps, resume=resume, max_minutes=leg)
+        fresh = dict(kind=args.kind, preset=args.preset, refine_decoder=args.refine_decoder)
+        if args.refine_decoder:
+            fresh = dict(refine_decoder=args.refine_decoder)  # the source's preset and kind
+        result = train_autoencoder(data, run, max_steps=args.max_steps, resume=resume, max_minutes=leg,
+                                   **({} if resume else fresh))
         minutes += (time.perf_counter() - started) / 60
         summary = evaluate_reconstruction(data, run, split=args.split, out=run / f"reconstruction-{args.split}")
         metrics = {name: round(value["mean"], 4) for name, value in summary["metrics"].items()}
@@ -78,16 +85,20 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = json.loads(sorted((run / "checkpoints").glob("step-*"))[-1].joinpath("checkpoint.json").read_text())
     grid = meta.get("preparation", {}).get("preset", "?")
+    preset = meta.get("preset") or args.preset
+    refined = meta.get("decoder_refined_from")
     record = {
-        "benchmark": "autoencoder", "preset": args.preset, "grid": grid, "kind": meta["config"]["model"]["kind"],
+        "benchmark": "autoencoder", "preset": preset, "grid": grid, "kind": meta["config"]["model"]["kind"],
+        **({"decoder_refined_from": refined} if refined else {}),
         "command": command, "data": str(data.resolve()), "run": str(run), "split": args.split,
         "subjects": summary["subjects"], "parameters": meta["parameters"], "latent_shape": meta["latent_shape"],
         "crop_size": meta["config"].get("crop_size"), "points": points,
         "peak_memory_mb": round(peak_memory_mb(), 1), "machine": machine(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    path = write_result(f"autoencoder-{args.preset}-{grid}", record)
-    picture = DOCUMENT.parent / f"autoencoder_reconstruction_{args.preset}_{grid}.png"
+    suffix = "-refined" if refined else ""
+    path = write_result(f"autoencoder-{preset}-{grid}{suffix}", record)
+    picture = DOCUMENT.parent / f"autoencoder_reconstruction_{preset}_{grid}{suffix.replace('-', '_')}.png"
     picture.write_bytes((run / f"reconstruction-{args.split}" / "montage.png").read_bytes())
     write_section(record, path)
     return 0
@@ -106,13 +117,18 @@ TARGETS = {
 def write_section(record: dict, path: Path) -> None:
     """The "## autoencoder: <preset> (<grid>)" section of docs/benchmarks.md from a result record."""
     preset, grid, points = record["preset"], record["grid"], record["points"]
+    refined = record.get("decoder_refined_from")
+    suffix = "_refined" if refined else ""
     rows = "\n".join(
         f"| {p['minutes']} | {p['step']} | {p['training_volumes_per_second']} | {p['metrics']['ssim']} | "
         f"{p['metrics']['psnr']} | {p['metrics']['ms_ssim']} | {p['metrics']['ssim_brain']} | {p['metrics']['psnr_brain']} |"
         for p in points)
     crops = f", trained on random {' x '.join(map(str, record['crop_size']))} crops" if record.get("crop_size") else ""
     machine_text = record["machine"]
-    body = f"""`{preset}` preset ({record['kind']}, {record['parameters'] / 1e6:.1f} M parameters, latent {' x '.join(map(str, record['latent_shape']))}{crops}) on the {grid} grid, trained on the train split and measured on whole volumes of the {record['split']} split ({record['subjects']} subjects) after each wall-clock leg. Machine: {machine_text['cpus']} CPUs, {machine_text['gpu'] or 'no GPU'}, {machine_text['torch_threads']} torch thread(s), load average {machine_text['load_average'][0]} at the end (other work shared the CPU); peak memory {record['peak_memory_mb']:.0f} MB.
+    how = (f"the decoder of `{refined['path']}` (step {refined['step']}) trained further with its encoder frozen, so the "
+           "latents are the source's (`--refine-decoder`), the critics on from the first step;"
+           if refined else "trained on the train split and")
+    body = f"""`{preset}` preset ({record['kind']}, {record['parameters'] / 1e6:.1f} M parameters, latent {' x '.join(map(str, record['latent_shape']))}{crops}) on the {grid} grid, {how} measured on whole volumes of the {record['split']} split ({record['subjects']} subjects) after each wall-clock leg. Machine: {machine_text['cpus']} CPUs, {machine_text['gpu'] or 'no GPU'}, {machine_text['torch_threads']} torch thread(s), load average {machine_text['load_average'][0]} at the end (other work shared the CPU); peak memory {record['peak_memory_mb']:.0f} MB.
 
     {record['command']}
 
@@ -120,8 +136,9 @@ def write_section(record: dict, path: Path) -> None:
 |---|---|---|---|---|---|---|---|
 {rows}
 
-{TARGETS.get((preset, grid), "No target is set for this preset and grid.")} Montage (test subject with the median SSIM): `docs/autoencoder_reconstruction_{preset}_{grid}.png`. Result: {link(path, DOCUMENT)}."""
-    replace_section(DOCUMENT, f"## autoencoder: {preset} ({grid})", body)
+{TARGETS.get((preset, grid), "No target is set for this preset and grid.")} Montage (test subject with the median SSIM): `docs/autoencoder_reconstruction_{preset}_{grid}{suffix}.png`. Result: {link(path, DOCUMENT)}."""
+    title = f"## autoencoder: {preset}, decoder refined ({grid})" if refined else f"## autoencoder: {preset} ({grid})"
+    replace_section(DOCUMENT, title, body)
 
 
 def _can_continue(run: Path) -> bool:

@@ -161,3 +161,23 @@ def test_the_family_table_reads_time_to_best_from_the_legs_and_figures_from_the_
     assert rows["fd"].startswith("160 ") and rows["training wall time"] == "20 min"
     assert rows["peak memory, training / sampling"] == "940 / 700 MiB"
     assert rows["inter-slice consistency"] == "not measured" and rows["tissue volumes, Fréchet distance"] == "n/a"
+
+
+def test_a_refined_decoder_gets_its_own_autoencoder_section_beside_its_source(tmp_path, monkeypatch):
+    import autoencoder as benchmark
+
+    document = tmp_path / "benchmarks.md"
+    document.write_text("# B\n\n## autoencoder: small (2mm)\n\nthe source's figures\n")
+    monkeypatch.setattr(benchmark, "DOCUMENT", document)
+    point = {"minutes": 20.0, "step": 900, "training_volumes_per_second": 1.5,
+             "metrics": {"ssim": 0.9, "psnr": 28.0, "ms_ssim": 0.98, "ssim_brain": 0.85, "psnr_brain": 24.0}}
+    record = {"preset": "small", "grid": "2mm", "kind": "kl", "parameters": 2.1e6, "latent_shape": [4, 20, 24, 20],
+              "crop_size": [48, 64, 48], "split": "test", "subjects": 15, "points": [point], "peak_memory_mb": 900,
+              "machine": {"cpus": 2, "gpu": None, "torch_threads": 1, "load_average": [1.0]}, "command": "python x",
+              "decoder_refined_from": {"path": "/runs/ae-small/checkpoints/step-00004000", "step": 4000}}
+    benchmark.write_section(record, tmp_path / "result.json")
+    text = document.read_text()
+    assert "## autoencoder: small (2mm)\n\nthe source's figures" in text  # the source's section is left alone
+    refined = text.split("## autoencoder: small, decoder refined (2mm)")[1]
+    assert "encoder frozen" in refined and "step 4000" in refined and "| 20.0 | 900 |" in refined
+    assert "autoencoder_reconstruction_small_2mm_refined.png" in refined and "SSIM ≥ 0.92" in refined
