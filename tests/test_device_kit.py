@@ -95,6 +95,37 @@ def test_the_travelling_tree_counts_tracked_files_and_the_kit():
     assert not any(".venv" in p.parts or ".git" in p.parts for p in files)
 
 
+def test_committed_folders_a_job_does_not_read_stay_home_and_come_back_unchanged(tmp_path):
+    import subprocess
+
+    root, kit = tmp_path / "repo", tmp_path / "repo" / ".device"
+    model = root / "weights" / "4mm"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+    (root / "README.md").write_text("r\n")
+    git = dict(cwd=root, check=True, capture_output=True)
+    subprocess.run(["git", "init", "-q"], **git)
+    subprocess.run(["git", "add", "."], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"], **git)
+
+    assert pack.leave_home(["weights/4mm"], root) == ["weights/4mm"]
+    assert not model.exists() and root / "README.md" in dict(pack.travelling_files(root, carried=()))
+    assert all("weights" not in p.parts for p, _ in pack.travelling_files(root, carried=()))
+    kit.mkdir()
+    (kit / pack.RECORD_FILE).write_text(json.dumps({"left_home": ["weights/4mm"]}))
+    assert pack.restore(kit, root) == ["weights/4mm"]
+    assert (model / "model.safetensors").read_bytes() == bytes(range(256)) * 40
+
+    (model / "model.safetensors").write_bytes(b"changed")  # a change of the user's is never removed
+    with pytest.raises(ValueError, match="differs from the last commit"):
+        pack.leave_home(["weights/4mm"], root)
+    (root / "new").mkdir()
+    (root / "new" / "x").write_text("untracked")
+    with pytest.raises(ValueError, match="not committed"):
+        pack.leave_home(["new"], root)
+    assert (model / "model.safetensors").read_bytes() == b"changed" and (root / "new" / "x").is_file()
+
+
 def test_outputs_the_device_tool_would_not_bring_back_are_named(tmp_path):
     (tmp_path / "a" / "b" / "c").mkdir(parents=True)
     (tmp_path / "a" / "b" / "c" / "deep.txt").write_text("x")

@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 
 from common import DOCUMENT, RESULTS, link, replace_section  # noqa: E402
 import jobqueue  # noqa: E402
+import pack  # noqa: E402
 
 WEIGHTS_2MM = ROOT / "src" / "mriflow" / "weights" / "2mm"
 PLACES = {"J1a": ("autoencoder", WEIGHTS_2MM / "autoencoder"), "J1b": ("flow", WEIGHTS_2MM / "flow"),
@@ -46,10 +47,13 @@ REGIONS = ROOT.parent / "shared" / "data" / "ixi"  # muse_regions.csv (and regio
 
 def land(files: Path, data: Path | None = None, replace: bool = False, document: Path = DOCUMENT,
          results: Path = RESULTS, queue: Path = jobqueue.QUEUE, places: dict | None = None,
-         regions: Path = REGIONS) -> dict:
-    """Land the job in `files`; returns its record (result.json) with what was measured here."""
+         regions: Path = REGIONS, kit: Path = pack.KIT) -> dict:
+    """Land the job in `files`; returns its record (result.json) with what was measured here. What the kit left
+    home (`pack.py --leave-home`) comes back from git first."""
     from mriflow import checkpoint as ckpt
 
+    for path in pack.restore(kit):
+        print(f"restored {path} (it stayed home while the job ran)")
     record = json.loads((files / "result.json").read_text())
     job = record["job"]
     if record.get("status") != "done":

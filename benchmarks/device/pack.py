@@ -23,6 +23,12 @@ and then adds up the whole tree that would travel, refusing (exit 2) when it is 
     python benchmarks/device/pack.py --data data/ixi2 --regions ../shared/data/ixi/muse_regions.csv
     python benchmarks/device/pack.py --data data/ixi2 --splits train --no-wheels
     python benchmarks/device/pack.py --data data/ixi2 --no-tissue      # what most jobs carry (jobqueue.py next says)
+    python benchmarks/device/pack.py --data data/ixi2 --no-tissue --leave-home src/mriflow/weights/4mm
+    python benchmarks/device/pack.py --restore                         # bring what stayed home back (land.py does)
+
+`--leave-home PATH` keeps committed folders a job does not read (the shipped models) off the device:
+they are removed from the working tree, only when they are exactly as committed (they come back from
+git, `--restore` or `land.py`, or `git checkout HEAD -- PATH`), and listed in .device/pack.json.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import importlib.metadata
 import io
 import json
 import lzma
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -187,6 +194,34 @@ def slim_wheel(wheel: Path) -> int:
     return removed
 
 
+def leave_home(paths: list[str], root: Path = ROOT) -> list[str]:
+    """Remove the committed folders `paths` (relative to `root`) from the working tree, so they do not travel; each
+    must be exactly as committed (no change, nothing untracked in it), else ValueError and nothing is removed."""
+    for path in paths:
+        if not (root / path).exists():
+            raise ValueError(f"--leave-home {path}: no such file or folder in {root}")
+        changed = subprocess.run(["git", "status", "--porcelain", "--", path], cwd=root, capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        tracked = subprocess.run(["git", "ls-files", "--", path], cwd=root, capture_output=True, text=True,
+                                 check=True).stdout.strip()
+        if changed or not tracked:
+            raise ValueError(f"--leave-home {path}: {'it differs from the last commit' if tracked else 'not committed'}"
+                             "; only committed, unchanged files can stay home (git brings them back); commit it first")
+    for path in paths:
+        target = root / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return list(paths)
+
+
+def restore(kit: Path = KIT, root: Path = ROOT) -> list[str]:
+    """Bring back from git what `leave_home` removed (listed in the kit's record); returns those paths."""
+    record = kit / RECORD_FILE
+    paths = json.loads(record.read_text()).get("left_home", []) if record.is_file() else []
+    if paths:
+        subprocess.run(["git", "checkout", "HEAD", "--", *paths], cwd=root, check=True)
+    return paths
+
+
 def travelling_files(root: Path = ROOT, carried: tuple[Path, ...] = (KIT,)) -> list[tuple[Path, int]]:
     """(path, bytes) of everything a device call sends: tracked and untracked-not-ignored files, plus `carried`."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
@@ -199,7 +234,7 @@ def travelling_files(root: Path = ROOT, carried: tuple[Path, ...] = (KIT,)) -> l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="prepared dataset (mriflow prepare --preset 2mm)")
+    parser.add_argument("--data", help="prepared dataset (mriflow prepare --preset 2mm); required unless --restore")
     parser.add_argument("--splits", default="train,val", help="splits to carry (default train,val; test stays here)")
     parser.add_argument("--kit", default=str(KIT), help="output folder (default .device in the repository root)")
     parser.add_argument("--regions", help="the label maps' region list (muse_regions.csv: index,name) that makes them "
@@ -208,21 +243,38 @@ def main(argv: list[str] | None = None) -> int:
                         help="carry no tissue maps (every job but J2's anatomy network; the queue's pack arguments say)")
     parser.add_argument("--no-wheels", action="store_true",
                         help="download no wheels (CPU rehearsal, or those already in the kit are kept)")
+    parser.add_argument("--leave-home", action="append", default=[], metavar="PATH",
+                        help="a committed folder the job does not read (e.g. a shipped model) that should not travel: "
+                             "removed from the working tree until --restore or land.py (repeatable)")
+    parser.add_argument("--restore", action="store_true", help="only bring back what --leave-home removed")
     args = parser.parse_args(argv)
 
-    data_dir, kit = Path(args.data), Path(args.kit)
+    kit = Path(args.kit)
+    if args.restore:
+        print(f"restored: {', '.join(restore(kit)) or 'nothing (no folder stayed home)'}")
+        return 0
+    if args.data is None:
+        parser.error("--data is required (unless --restore)")
+    data_dir = Path(args.data)
     if not (data_dir / "manifest.csv").is_file():
         print(f"pack: --data {data_dir} is not a prepared dataset (no manifest.csv); run `mriflow prepare` first",
               file=sys.stderr)
         return 2
     kit.mkdir(parents=True, exist_ok=True)
+    restore(kit)  # a previous pack's folders come back first: each pack says afresh what stays home
+    try:
+        left = leave_home(args.leave_home)
+    except ValueError as error:
+        print(f"pack: {error}", file=sys.stderr)
+        return 2
     from mriflow.train.labels import read_label_map
 
     record = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "data": pack_data(data_dir, tuple(args.splits.split(",")), kit / DATA_FILE,
                                 None if args.regions is None else read_label_map(args.regions), not args.no_tissue),
               "wheels": [{"file": w.name} for w in sorted((kit / "wheels").glob("*.whl"))] if args.no_wheels
-              else download_wheels(kit / "wheels")}
+              else download_wheels(kit / "wheels"),
+              "left_home": left}
     from mriflow.utils.files import sha256
 
     record["files"] = {str(p.relative_to(kit)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
@@ -235,12 +287,15 @@ def main(argv: list[str] | None = None) -> int:
               else "; no tissue maps (--no-tissue)" if args.no_tissue else "; no tissue maps (not every subject has a label map)")
     print(f"packed {record['data']['subjects']} subjects ({record['data']['bytes'] / 2**20:.1f} MiB{tissue}) and "
           f"{len(record['wheels'])} wheels into {kit}")
+    if left:
+        print(f"staying home until `pack.py --restore` or land.py: {', '.join(left)}")
     print(f"travelling: {total / 2**20:.1f} MiB of {TRAVEL_LIMIT / 2**20:.0f} MiB; largest: "
           + ", ".join(f"{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p} {s / 2**20:.1f}" for p, s in files[:5]))
     if total > TRAVEL_LIMIT:
         print(f"pack: {total / 2**20:.1f} MiB would travel, over the device limit of 64 MiB; pack with the job's own "
-              "arguments (jobqueue.py next), carry fewer splits (--splits train) or make the largest files smaller",
-              file=sys.stderr)
+              "arguments (jobqueue.py next), carry fewer splits (--splits train), leave committed folders the job "
+              "does not read home (--leave-home) or make the largest files smaller", file=sys.stderr)
+        restore(kit)
         return 2
     return 0
 
