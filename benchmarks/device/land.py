@@ -4,10 +4,11 @@
 
 FILES_AT is the device tool's files_at folder (run.py's --out). By job:
 
-- J1a: autoencoder/ -> src/mriflow/weights/2mm/autoencoder/; with --data (a 2 mm prepared folder
+- J1a: autoencoder/ -> src/mriflow/weights/2mm-gpu/autoencoder/; with --data (a 2 mm prepared folder
   with its test split), the reconstruction is measured here on the test split, which never travels.
-- J1b: flow/ -> src/mriflow/weights/2mm/flow/ (beside the autoencoder it was trained on, whose
-  checksum it records).
+- J1b: flow/ -> src/mriflow/weights/2mm-gpu/flow/ (beside the autoencoder it was trained on, whose
+  checksum it records). `--model 2mm-gpu` then loads it; measure it with `benchmarks/default_model.py
+  --model 2mm-gpu` and make it the default (generator.DEFAULT_MODEL) where it beats the CPU-trained `2mm`.
 - J2: anatomy.safetensors (the selected, uncalibrated network) is calibrated and measured here by
   `benchmarks/anatomy.py --init FILE --epochs 0` on --data (a 2 mm prepared folder with its label maps
   and test split, which never travels) and --regions; only then is it written to
@@ -39,7 +40,7 @@ from common import DOCUMENT, RESULTS, link, replace_section  # noqa: E402
 import jobqueue  # noqa: E402
 import pack  # noqa: E402
 
-WEIGHTS_2MM = ROOT / "src" / "mriflow" / "weights" / "2mm"
+WEIGHTS_2MM = ROOT / "src" / "mriflow" / "weights" / "2mm-gpu"  # beside the CPU-trained 2mm until measured better
 PLACES = {"J1a": ("autoencoder", WEIGHTS_2MM / "autoencoder"), "J1b": ("flow", WEIGHTS_2MM / "flow"),
           "J2": ("anatomy.safetensors", ROOT / "src" / "mriflow" / "weights" / "anatomy-2mm.safetensors")}
 REGIONS = ROOT.parent / "shared" / "data" / "ixi"  # muse_regions.csv (and region_volumes.csv) of the label maps

@@ -46,7 +46,7 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 KIT = ROOT / ".device"
-AUTOENCODER_2MM = ROOT / "src" / "mriflow" / "weights" / "2mm" / "autoencoder"
+AUTOENCODER_2MM = ROOT / "src" / "mriflow" / "weights" / "2mm-gpu" / "autoencoder"
 MAX_FILES, MAX_FILE_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2  # what the device tool brings back
 PROBE_STEPS = 30  # steps of the throughput probe (the first logged interval, with start-up, is not used)
 RESERVE_SECONDS = 75  # kept for validation, export and writing after training
