@@ -169,6 +169,7 @@ def test_a_generator_exports_with_a_refined_decoder_and_refuses_any_other_autoen
     refined = _variant(original, tmp_path / "refined", "decoder", record)
     release = export_generator(runs["flow"], tmp_path / "release", autoencoder=refined)
     exported, own = load_generator(release, "cpu"), load_generator(runs["flow"], "cpu")
+    assert exported.model_id == f"{own.model_id}+refined-step5" and exported.autoencoder_checksum != own.autoencoder_checksum
     seeds, settings = [sample_seed(0, i) for i in range(2)], own.sampling_settings()
     latents = own.draw_latents(seeds, None, settings)[0]
     torch.testing.assert_close(exported.draw_latents(seeds, None, settings)[0], latents, atol=2e-2, rtol=0)
