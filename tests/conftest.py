@@ -83,9 +83,9 @@ def wake(net):
 # ---- small prepared folders and training configs, shared by the training, generation and CLI tests ----
 
 
-def write_prepared(root, splits=("train",) * 5, shape=(16, 20, 16)):
+def write_prepared(root, splits=("train",) * 5, shape=(16, 20, 16), voxel_mm=4.0):
     """A prepared folder of small head phantoms (intensities in [0, 1]) with a manifest and prepare.json."""
-    affine = template_affine(Grid("test", 4.0, shape))
+    affine = template_affine(Grid("test", voxel_mm, shape))
     rows = []
     for i, split in enumerate(splits):
         image, labels = head_phantom(shape, seed=i)

@@ -126,12 +126,12 @@ def test_train_flow_then_generate_with_covariate_options(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
-def test_evaluate_generation_of_the_shipped_model_with_its_autoencoder(tmp_path, capsys):
+def test_evaluate_generation_of_a_shipped_model_with_its_autoencoder(tmp_path, capsys):
     data = write_prepared(tmp_path / "data", splits=("train",) * 4 + ("val",) * 7 + ("test",) * 7, shape=(40, 48, 40))
     samples, report = tmp_path / "samples", tmp_path / "report"
-    assert main(["generate", "--out", str(samples), "--n", "8", "--age", "50", "--device", "cpu"]) == 0
+    assert main(["generate", "--model", "4mm", "--out", str(samples), "--n", "8", "--age", "50", "--device", "cpu"]) == 0
     assert main(["evaluate", "generation", "--real", str(data), "--fake", str(samples), "--out", str(report),
-                 "--autoencoder", "default", "--bootstrap", "3", "--device", "cpu"]) == 0
+                 "--autoencoder", "4mm", "--bootstrap", "3", "--device", "cpu"]) == 0
     assert "report:" in capsys.readouterr().out
     metrics = json.loads((report / "metrics.json").read_text())
     assert Path(metrics["inputs"]["autoencoder"]).parts[-2:] == ("4mm", "autoencoder")

@@ -312,32 +312,43 @@ def test_two_processes_write_the_files_of_one(runs, tmp_path):
     assert (tmp_path / "two" / "montage.png").is_file()
 
 
-def test_the_shipped_default_model_generates_on_the_4mm_template_grid(tmp_path):
-    """What `mriflow generate --out samples` relies on, on a fresh machine: the model in the package."""
-    release = generation.default_model_dir()
+@pytest.mark.parametrize("name, grid, parts, labels_source", [
+    ("2mm", "2mm", {"flow", "autoencoder"}, "anatomy"),  # the default: tissue maps by the 2 mm anatomy network
+    ("4mm", "4mm", {"flow", "autoencoder", "labels"}, "decoder"),
+])
+def test_each_shipped_model_generates_brains_with_tissue_maps_on_its_template_grid(tmp_path, name, grid, parts,
+                                                                                  labels_source):
+    """What `mriflow generate --out samples` relies on, on a fresh machine: the models in the package."""
+    release = generation.shipped_models()[name]
     weights = sorted(release.rglob("*.safetensors"))
-    assert {p.parent.name for p in weights} == {"flow", "autoencoder", "labels"}
+    assert {p.parent.name for p in weights} == parts
     assert all(p.stat().st_size <= ckpt.MAX_TRAVELLING_BYTES for p in weights)
-    generator = load_generator("default", "cpu")
+    generator = load_generator(name, "cpu")
     assert generator.stage == "flow" and set(generator.schema.names) == {"age", "sex"}
-    assert generator.image_shape == (40, 48, 40)
-    np.testing.assert_allclose(generator.affine, template_affine(get_grid("4mm")))
+    assert generator.image_shape == tuple(get_grid(grid).shape)
+    np.testing.assert_allclose(generator.affine, template_affine(get_grid(grid)))
 
-    result = generate("default", tmp_path / "samples", n=1, covariates={"age": 45, "sex": "F"}, solver="euler",
+    result = generate(name, tmp_path / "samples", n=1, covariates={"age": 45, "sex": "F"}, solver="euler",
                       steps=2, **FAST)
     image = nib.load(str(result.paths[0]))
-    np.testing.assert_allclose(image.get_sform(), template_affine(get_grid("4mm")))
+    np.testing.assert_allclose(image.get_sform(), template_affine(get_grid(grid)))
     volume = np.asarray(image.dataobj)
     assert 0.0 <= volume.min() and volume.max() <= 1.0 and volume.std() > 0.05  # a brain, not a constant
     sidecar = json.loads(result.paths[0].with_name("sample_00000.json").read_text())
     assert sidecar["covariates"] == {"age": 45.0, "sex": "F"} and sidecar["model_checksum"] == generator.model_checksum
-    # the shipped model has a label decoder: each sample comes with its tissue map, aligned, with brain in it
+    assert sidecar["labels_source"] == labels_source
+    # each sample comes with its tissue map, aligned, with brain in it
     labels = nib.load(str(result.paths[0].with_name("sample_00000_labels.nii.gz")))
     np.testing.assert_allclose(labels.get_sform(), image.get_sform())
     tissue = np.asarray(labels.dataobj)
     assert sidecar["labels"] == "sample_00000_labels.nii.gz" and tissue.dtype == np.uint8
     assert set(np.unique(tissue)) >= {0, 3, 4}  # background, grey and white matter at least
     assert (tissue[volume < 0.02] == 0).mean() > 0.95  # no tissue where the image is empty
+
+
+def test_the_default_is_the_2mm_model(tmp_path):
+    """The README's first command: `mriflow generate --out samples` without --model gives 2 mm brains."""
+    assert load_generator("default", "cpu").image_shape == tuple(get_grid("2mm").shape)
 
 
 def test_a_model_without_a_label_decoder_gets_its_tissue_maps_from_the_grids_anatomy_network(tmp_path):
@@ -349,7 +360,7 @@ def test_a_model_without_a_label_decoder_gets_its_tissue_maps_from_the_grids_ana
     from mriflow.evaluate.backbones.anatomy import AnatomyBackbone
 
     model = tmp_path / "model"
-    shutil.copytree(generation.default_model_dir(), model, ignore=shutil.ignore_patterns("labels"))
+    shutil.copytree(generation.shipped_models()["4mm"], model, ignore=shutil.ignore_patterns("labels"))
     assert not (model / "labels").exists()
     result = generate(model, tmp_path / "samples", n=2, covariates={"age": 60}, solver="euler", steps=2, **FAST)
     volumes = np.stack([load_volume(p)[0] for p in result.paths])
@@ -362,9 +373,9 @@ def test_a_model_without_a_label_decoder_gets_its_tissue_maps_from_the_grids_ana
     assert json.loads(result.record.read_text())["labels"]["source"] == "anatomy"
 
     # asked for by name even where the model has a decoder; --no-labels writes none
-    shipped = load_generator("default", "cpu", labels="anatomy")
+    shipped = load_generator("4mm", "cpu", labels="anatomy")
     assert shipped.labels_meta["source"] == "anatomy" and shipped.label_classes[0] == "background"
-    assert load_generator("default", "cpu").labels_meta["source"] == "decoder"
+    assert load_generator("4mm", "cpu").labels_meta["source"] == "decoder"
     plain = generate(model, tmp_path / "plain", n=1, labels=False, solver="euler", steps=2, **FAST)
     assert not list(plain.out.glob("*_labels.nii.gz"))
 

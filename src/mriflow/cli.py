@@ -388,7 +388,8 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--num-samples", "--n", dest="n", type=int,
                    help="bootstrap sample size per set (default: scaled to the data)")
     p.add_argument("--bootstrap", type=int, help="bootstrap rounds (default 20)")
-    p.add_argument("--autoencoder", help="autoencoder run or checkpoint folder, or 'default' for the shipped model's: "
+    p.add_argument("--autoencoder", help="autoencoder run or checkpoint folder, or 'default' or a shipped model's name "
+                                         "(2mm, 4mm) for that model's: "
                                          "adds the Real vs Reconstruction column and matches the memorization "
                                          "yardstick to its smoothness")
     p.add_argument("--seed", type=int, default=0)
@@ -453,10 +454,12 @@ def _run_evaluate_generation(args: argparse.Namespace) -> int:
     from mriflow.evaluate.other_networks import parse_other_backbone
 
     reconstruct = None
-    if args.autoencoder == "default":
-        from mriflow.generate import AUTOENCODER_DIR, default_model_dir
+    if args.autoencoder and not Path(args.autoencoder).exists():  # 'default' or a shipped model's name: its autoencoder
+        from mriflow.generate import AUTOENCODER_DIR, default_model_dir, shipped_models
 
-        args.autoencoder = str(default_model_dir() / AUTOENCODER_DIR)
+        shipped = {"default": default_model_dir(), **shipped_models()}
+        if args.autoencoder in shipped:
+            args.autoencoder = str(shipped[args.autoencoder] / AUTOENCODER_DIR)
     if args.autoencoder:
         reconstruct = _reconstructor(args.autoencoder, args.device)
     options = dict(split=args.split, other_split=args.other_split, backbone=args.backbone, n=args.n,

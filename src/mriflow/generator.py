@@ -44,7 +44,7 @@ GENERATOR_DIR, AUTOENCODER_DIR, LABELS_DIR = "flow", "autoencoder", "labels"  # 
 AFFINE_TOLERANCE = 1e-3  # mm; a prepared folder this close to the model's affine is on its grid
 
 
-DEFAULT_MODEL = "4mm"  # the shipped model `--model default` means
+DEFAULT_MODEL = "2mm"  # the shipped model `--model default` means
 
 
 def shipped_models() -> dict[str, Path]:
@@ -204,7 +204,7 @@ class Generator:
 
 def load_generator(model: str | Path = "default", device: str | torch.device = "auto", trust_paths: bool = False,
                    labels: str | Path | bool | None = None) -> Generator:
-    """Load a generator: "default" (the shipped default model), a shipped model's name ("4mm"; see
+    """Load a generator: "default" (the shipped default model), a shipped model's name ("2mm", "4mm"; see
     `shipped_models`), a generator run folder (its latest checkpoint) or a checkpoint folder. The
     autoencoder it was trained with is loaded from meta["autoencoder"]["path"] and refused unless
     its weights have the recorded sha256; an exported model's must lie in its own folder unless `trust_paths`

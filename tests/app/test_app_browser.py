@@ -37,6 +37,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 START_TIMEOUT = 180  # s: loading torch and the model on a busy 2-core machine
 GENERATE_TIMEOUT = 300_000  # ms
+DEFAULT_META = json.loads((default_model_dir() / GENERATOR_DIR / "checkpoint.json").read_text())
+DEFAULT_SHAPE, DEFAULT_VOXEL_MM = tuple(DEFAULT_META["image_shape"]), abs(DEFAULT_META["affine"][0][0])  # its grid
 
 
 def missing_tools() -> list[str]:
@@ -156,7 +158,7 @@ def test_generate_two_brains_side_by_side_view_scroll_and_download(browser, tmp_
         assert "age 30.0, sex F" in page.text_content("#status-A")
         assert "age 80.0, sex M" in page.text_content("#status-B") and "training range" in page.text_content("#status-B")
         dims = page.evaluate("[window.mriflow.viewers.A.volumes[0].dims, window.mriflow.viewers.B.volumes[0].dims]")
-        assert dims == [[3, 40, 48, 40], [3, 40, 48, 40]]
+        assert dims == [[3, *DEFAULT_SHAPE], [3, *DEFAULT_SHAPE]]  # the default model's grid
         for canvas in ("#canvas-A", "#canvas-B", "#canvas-D"):
             assert page.locator(canvas).bounding_box()["height"] > 200
         # the difference view: A in grey under B - A, whose voxels are the two volumes' difference
@@ -165,7 +167,7 @@ def test_generate_two_brains_side_by_side_view_scroll_and_download(browser, tmp_
                                    " let worst = 0; for (let i = 0; i < d.img.length; i++)"
                                    "   worst = Math.max(worst, Math.abs(d.img[i] - (b.img[i] - a.img[i])));"
                                    " return [d.name, d.img.length, worst]; })()")
-        assert difference[0] == "difference.nii.gz" and difference[1] == 40 * 48 * 40 and difference[2] < 1e-5
+        assert difference[0] == "difference.nii.gz" and difference[1] == int(np.prod(DEFAULT_SHAPE)) and difference[2] < 1e-5
 
         # scrolling through slices: the mouse wheel over A's axial view moves A's crosshair, and B's with it
         before = page.evaluate("Array.from(window.mriflow.viewers.A.scene.crosshairPos)")
@@ -234,8 +236,9 @@ def test_generate_two_brains_side_by_side_view_scroll_and_download(browser, tmp_
 
 @pytest.fixture
 def study(tmp_path):
-    """Real: 6 test subjects of a prepared folder on the shipped model's 4 mm grid; generated: 5 samples of the model."""
-    real = write_prepared(tmp_path / "real", splits=("train",) + ("test",) * 6, shape=(40, 48, 40))
+    """Real: 6 test subjects of a prepared folder on the default model's grid; generated: 5 samples of the model."""
+    real = write_prepared(tmp_path / "real", splits=("train",) + ("test",) * 6, shape=DEFAULT_SHAPE,
+                          voxel_mm=DEFAULT_VOXEL_MM)
     assert main(["generate", "--out", str(tmp_path / "fake"), "--n", "5", "--seed", "0", "--threads", "1"]) == 0
     return real, tmp_path / "fake"
 
@@ -258,7 +261,7 @@ def test_a_turing_session_of_ten_answers_is_stored_and_summarized(browser, study
             page.wait_for_function(f"window.mriflow.loaded >= {k + 1}", timeout=60_000)
             assert page.text_content("#counter") == f"Item {k + 1} of 10"
             assert page.locator("#canvas-T").bounding_box()["height"] > 300  # the viewer is there to be seen
-            assert page.evaluate("window.mriflow.viewer.volumes[0].dims") == [3, 40, 48, 40]
+            assert page.evaluate("window.mriflow.viewer.volumes[0].dims") == [3, *DEFAULT_SHAPE]
             item = page.evaluate("document.body.dataset.item")
             answer = "real" if k % 3 else "synthetic"
             page.check(f"input[name=answer][value={answer}]")
