@@ -252,9 +252,26 @@ def test_the_queue_says_which_job_is_next_and_how_to_run_it():
     call = jobqueue.device_call(job)
     assert f"run.py {job['id']} --minutes {job['minutes']}" in call["command"] and call["carry"] == [".device"]
     assert call["timeout_s"] <= 600 and set(run.JOBS) >= {j["id"] for j in jobs if j["status"] == "open"}
-    # each job packs what it reads: only the anatomy network's job carries the tissue maps
-    assert {j["id"] for j in jobs if "--no-tissue" not in jobqueue.pack_command(j)} == {"J2"}
+    # each job packs what it reads: only the anatomy network's job carries the tissue maps, J5 no data at all, and
+    # the jobs that load no shipped model leave them home
+    carried = {j["id"]: jobqueue.pack_command(j) for j in jobs}
+    assert {i for i, command in carried.items() if "--no-tissue" not in command} == {"J2", "J5"}
+    assert "--no-data" in carried["J5"]
+    assert all("--leave-home src/mriflow/weights/2mm" in carried[i] for i in ("J1a", "J1b", "J2", "J3", "J4", "J6"))
     assert jobqueue.pack_command(job, "/data/ixi2").startswith("python benchmarks/device/pack.py --data /data/ixi2")
+
+
+def test_a_kit_for_a_job_that_reads_no_data_carries_none(kit, tmp_path):
+    import shutil
+
+    lean = tmp_path / "lean"
+    shutil.copytree(kit, lean)  # an earlier pack's data file goes
+    assert pack.main(["--no-data", "--kit", str(lean), "--no-wheels"]) == 0
+    record = json.loads((lean / pack.RECORD_FILE).read_text())
+    assert record["data"]["subjects"] == 0 and not (lean / pack.DATA_FILE).exists() and pack.DATA_FILE not in record["files"]
+    _, jobs = jobqueue.load()
+    j5 = next(job for job in jobs if job["id"] == "J5")
+    assert "--data" not in jobqueue.pack_command(j5) and "--no-data" in jobqueue.pack_command(j5)
 
 
 def test_a_kit_without_tissue_maps_is_smaller_and_unpacks_without_labels(prepared, kit, tmp_path):

@@ -40,7 +40,8 @@ def device_call(job: dict) -> dict:
 def pack_command(job: dict, data: str = "<the 2 mm prepared folder>") -> str:
     """The pack.py call that carries what `job` reads (its `pack` arguments in the queue): the travelling tree is
     measured against the device's limit with that job's data, not every job's."""
-    return " ".join(["python benchmarks/device/pack.py --data", data, *str(job.get("pack", "")).split()])
+    arguments = str(job.get("pack", "")).split()
+    return " ".join(["python benchmarks/device/pack.py", *([] if "--no-data" in arguments else ["--data", data]), *arguments])
 
 
 def mark_done(job_id: str, record: dict, path: Path = QUEUE) -> None:

@@ -247,16 +247,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="a committed folder the job does not read (e.g. a shipped model) that should not travel: "
                              "removed from the working tree until --restore or land.py (repeatable)")
     parser.add_argument("--restore", action="store_true", help="only bring back what --leave-home removed")
+    parser.add_argument("--no-data", action="store_true", help="carry no prepared data (J5 times the shipped models and "
+                        "reads none; a data file of an earlier pack is removed from the kit)")
     args = parser.parse_args(argv)
 
     kit = Path(args.kit)
     if args.restore:
         print(f"restored: {', '.join(restore(kit)) or 'nothing (no folder stayed home)'}")
         return 0
-    if args.data is None:
-        parser.error("--data is required (unless --restore)")
-    data_dir = Path(args.data)
-    if not (data_dir / "manifest.csv").is_file():
+    if args.data is None and not args.no_data:
+        parser.error("--data is required (unless --restore or --no-data)")
+    data_dir = Path(args.data or ".")
+    if not args.no_data and not (data_dir / "manifest.csv").is_file():
         print(f"pack: --data {data_dir} is not a prepared dataset (no manifest.csv); run `mriflow prepare` first",
               file=sys.stderr)
         return 2
@@ -269,9 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mriflow.train.labels import read_label_map
 
-    record = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "data": pack_data(data_dir, tuple(args.splits.split(",")), kit / DATA_FILE,
-                                None if args.regions is None else read_label_map(args.regions), not args.no_tissue),
+    if args.no_data:
+        (kit / DATA_FILE).unlink(missing_ok=True)
+        data = {"subjects": 0, "bytes": 0, "tissue_maps": False}
+    else:
+        data = pack_data(data_dir, tuple(args.splits.split(",")), kit / DATA_FILE,
+                         None if args.regions is None else read_label_map(args.regions), not args.no_tissue)
+    record = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "data": data,
               "wheels": [{"file": w.name} for w in sorted((kit / "wheels").glob("*.whl"))] if args.no_wheels
               else download_wheels(kit / "wheels"),
               "left_home": left}
@@ -284,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     record["travelling_bytes"] = total
     (kit / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
     tissue = (f", tissue maps {record['data']['tissue_bytes'] / 2**20:.1f} MiB of it" if record["data"]["tissue_maps"]
-              else "; no tissue maps (--no-tissue)" if args.no_tissue else "; no tissue maps (not every subject has a label map)")
+              else "; no tissue maps (--no-tissue)" if args.no_tissue else "; no data (--no-data)" if args.no_data
+              else "; no tissue maps (not every subject has a label map)")
     print(f"packed {record['data']['subjects']} subjects ({record['data']['bytes'] / 2**20:.1f} MiB{tissue}) and "
           f"{len(record['wheels'])} wheels into {kit}")
     if left:
