@@ -62,3 +62,7 @@ def test_refining_the_decoder_keeps_every_encoder_tensor_and_survives_an_interru
 
     with pytest.raises(ValueError, match="drop --kind"):
         train_autoencoder(data, tmp_path / "other", refine_decoder=tmp_path / "source", kind="vq")
+    train_autoencoder(data, tmp_path / "vq", config=tiny_config(max_steps=1, kind="vq"))
+    with pytest.raises(ValueError, match="only kl ones can be refined"):
+        train_autoencoder(data, tmp_path / "other", refine_decoder=tmp_path / "vq")
+    assert not (tmp_path / "other").exists()

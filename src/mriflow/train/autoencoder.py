@@ -122,7 +122,7 @@ class AutoencoderStage:
         loss = config.loss
         autoencoder = Autoencoder(config.model)
         if config.decoder_only:
-            for module in encoder_modules(autoencoder):
+            for module in encoder_modules(autoencoder).values():
                 module.requires_grad_(False)  # left out of the optimiser: the latent space cannot move
         self.networks: dict[str, nn.Module] = {"autoencoder": autoencoder}
         if loss.volume_critic:
@@ -268,7 +268,7 @@ def train_autoencoder(
         source = saved.get("decoder_refined_from")
     elif refine_decoder is not None:
         if kind is not None or config is not None:
-            raise ValueError("--refine-decoder keeps the source run's autoencoder; drop --kind")
+            raise ValueError("--refine-decoder takes the source run's autoencoder and config; drop --kind")
         source, config, preset = _refinement(refine_decoder, max_steps, lr)
     else:
         if config is None:
@@ -316,18 +316,18 @@ def train_autoencoder(
 REFINE_STEPS = 2000
 
 
-def encoder_modules(autoencoder: Autoencoder) -> list[nn.Module]:
-    """The modules that make the latent: encoder, latent convolutions and VQ codebook (the decoder is the rest)."""
-    candidates = (autoencoder.encoder, autoencoder.quant_conv_mean, autoencoder.quant_conv_logvar, autoencoder.quantizer)
-    return [module for module in candidates if module is not None]
+ENCODER_PARTS = ("encoder", "quant_conv_mean", "quant_conv_logvar", "quantizer")  # what makes the latent
+
+
+def encoder_modules(autoencoder: Autoencoder) -> dict[str, nn.Module]:
+    """The modules that make the latent by name: encoder, latent convolutions and VQ codebook (the decoder is the rest)."""
+    return {name: getattr(autoencoder, name) for name in ENCODER_PARTS if getattr(autoencoder, name) is not None}
 
 
 def encoder_state(autoencoder: Autoencoder) -> dict[str, torch.Tensor]:
     """The encoder side's tensors by name (fp32, CPU): what two autoencoders must share to share latents."""
-    named = {"encoder": autoencoder.encoder, "quant_conv_mean": autoencoder.quant_conv_mean,
-             "quant_conv_logvar": autoencoder.quant_conv_logvar, "quantizer": autoencoder.quantizer}
     return {f"{prefix}.{key}": value.detach().float().cpu()
-            for prefix, module in named.items() if module is not None for key, value in module.state_dict().items()}
+            for prefix, module in encoder_modules(autoencoder).items() for key, value in module.state_dict().items()}
 
 
 def _refinement(source_run: str | Path, max_steps: int | None, lr: float | None
@@ -338,6 +338,9 @@ def _refinement(source_run: str | Path, max_steps: int | None, lr: float | None
     if saved.get("stage") != "autoencoder":
         raise ValueError(f"--refine-decoder {source_run}: a {saved.get('stage')!r} checkpoint, not an autoencoder's")
     config = from_dict(AutoencoderTrainingConfig, saved["config"], str(directory))
+    if config.model.kind != "kl":
+        raise ValueError(f"--refine-decoder {source_run}: a {config.model.kind} autoencoder; only kl ones can be refined "
+                         "(a VQ codebook moves with its running averages while the decoder trains, and the latents with it)")
     config = dataclasses.replace(
         config,
         decoder_only=True,
