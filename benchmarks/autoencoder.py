@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     for leg in legs:
         started = time.perf_counter()
         resume = (run / "checkpoints").is_dir()
-        fresh = dict(kind=args.kind, preset=args.preset, refine_decoder=args.refine_decoder)
-        if args.refine_decoder:
-            fresh = dict(refine_decoder=args.refine_decoder)  # the source's preset and kind
+        fresh = (dict(refine_decoder=args.refine_decoder) if args.refine_decoder  # the source's preset and kind
+                 else dict(kind=args.kind, preset=args.preset))
         result = train_autoencoder(data, run, max_steps=args.max_steps, resume=resume, max_minutes=leg,
                                    **({} if resume else fresh))
         minutes += (time.perf_counter() - started) / 60

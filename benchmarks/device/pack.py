@@ -213,10 +213,13 @@ def leave_home(paths: list[str], root: Path = ROOT) -> list[str]:
     return list(paths)
 
 
-def restore(kit: Path = KIT, root: Path = ROOT) -> list[str]:
-    """Bring back from git what `leave_home` removed (listed in the kit's record); returns those paths."""
-    record = kit / RECORD_FILE
-    paths = json.loads(record.read_text()).get("left_home", []) if record.is_file() else []
+def restore(kit: Path = KIT, root: Path = ROOT, record: dict | None = None) -> list[str]:
+    """Bring back from git what `leave_home` removed (listed in the kit's record, or in `record`); returns those
+    paths."""
+    if record is None:
+        file = kit / RECORD_FILE
+        record = json.loads(file.read_text()) if file.is_file() else {}
+    paths = record.get("left_home", [])
     if paths:
         subprocess.run(["git", "checkout", "HEAD", "--", *paths], cwd=root, check=True)
     return paths
@@ -269,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"pack: {error}", file=sys.stderr)
         return 2
+    try:
+        return _pack(args, data_dir, kit, left)
+    except BaseException:
+        restore(kit, record={"left_home": left})  # nothing stays home after a pack that failed
+        raise
+
+
+def _pack(args: argparse.Namespace, data_dir: Path, kit: Path, left: list[str]) -> int:
     from mriflow.train.labels import read_label_map
 
     if args.no_data:
