@@ -238,3 +238,21 @@ def test_a_process_killed_while_writing_leaves_a_whole_checkpoint_under_the_fina
         assert weights["a"].unique().tolist() == [float(meta["step"])] and meta["step"] >= 0
         assert [p.name for p in folder.iterdir()] == ["step-00000001"]
     assert leftovers  # at least one kill did land inside a write
+
+
+def test_the_same_weights_and_meta_give_the_same_bytes_in_every_process(tmp_path):
+    """The safetensors writer orders header metadata by a per-process hash; the checkpoint's model file must not
+    depend on it, or a re-export of the same model gets another SHA-256 (the model checksum sidecars record)."""
+    import hashlib
+
+    code = ("import sys, torch\nfrom mriflow import checkpoint as ckpt\ntorch.manual_seed(0)\n"
+            "weights = {f'net.layer{i}.weight': torch.randn(3, 5) for i in range(5)}\n"
+            "ckpt.save_checkpoint(sys.argv[1], weights, {'stage': 'x', 'config': {'b': 1, 'a': {'z': 2}}, 'versions': {}})\n")
+    digests = set()
+    for i in range(3):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"c{i}")], check=True)
+        digests.add(hashlib.sha256((tmp_path / f"c{i}" / ckpt.MODEL_FILE).read_bytes()).hexdigest())
+    assert len(digests) == 1
+    weights, meta = ckpt.load_checkpoint(tmp_path / "c0")
+    assert sorted(weights) == [f"net.layer{i}.weight" for i in range(5)] and meta["stage"] == "x"
+    assert ckpt.weights_config(tmp_path / "c0") == {"b": 1, "a": {"z": 2}}

@@ -102,6 +102,7 @@ def save_checkpoint(
             str(staging / MODEL_FILE),
             metadata=header,
         )
+        canonical_header(staging / MODEL_FILE)
         if train_state is not None:
             save_file({k: _plain(v) for k, v in train_state.items()}, str(staging / TRAIN_STATE_FILE))
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
@@ -193,6 +194,17 @@ def load_train_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{file}: missing; this checkpoint holds inference weights only and cannot be resumed")
     with _parsing(file):
         return load_file(str(file))
+
+
+def canonical_header(file: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys (padded with spaces to 8 bytes, as the format
+    allows), so the same tensors and metadata always give the same bytes and SHA-256: the writer orders the
+    metadata by hash, which differs between processes."""
+    data = file.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    file.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + length:])
 
 
 def weights_config(path: str | Path) -> dict[str, Any]:
