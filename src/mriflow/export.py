@@ -18,7 +18,7 @@ import torch
 
 from mriflow import checkpoint as ckpt
 from mriflow.families import FAMILIES
-from mriflow.generator import AUTOENCODER_DIR, GENERATOR_DIR, LABELS_DIR, autoencoder_folder
+from mriflow.generator import AUTOENCODER_DIR, GENERATOR_DIR, LABELS_DIR, autoencoder_folder, latent_sources
 
 
 def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "float16",
@@ -99,11 +99,8 @@ def export_labels(run: str | Path, model_dir: str | Path, weights_dtype: str = "
     target = model_dir / LABELS_DIR
     if target.exists():
         raise FileExistsError(f"{target} already exists; remove it first to replace the label decoder")
-    _, autoencoder_meta = ckpt.load_checkpoint(autoencoder)
     shipped = ckpt.sha256(autoencoder / ckpt.MODEL_FILE)
-    accepted = {shipped, autoencoder_meta.get("exported_from", {}).get("model_sha256"),
-                autoencoder_meta.get("decoder_refined_from", {}).get("model_sha256")}  # same encoder, same latents
-    if meta["autoencoder"]["model_sha256"] not in accepted:
+    if meta["autoencoder"]["model_sha256"] not in latent_sources(autoencoder):
         raise ValueError(f"{directory} was trained on the latents of {meta['autoencoder']['path']}, not on {autoencoder} "
                          "(or the weights it was exported from); train it with that autoencoder")
     exported = {**meta, "autoencoder": {**meta["autoencoder"], "path": f"../{AUTOENCODER_DIR}", "model_sha256": shipped},

@@ -252,7 +252,7 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
 
     image_shape = tuple(int(n) for n in meta["image_shape"])
     if image_space:  # the slice model samples the image itself
-        autoencoder, latent_shape = None, (velocity_net.config.in_channels, *image_shape)
+        autoencoder, autoencoder_dir, latent_shape = None, None, (velocity_net.config.in_channels, *image_shape)
     else:
         autoencoder_dir = autoencoder_folder(meta, directory, trust_paths)
         autoencoder, _ = ckpt.load_autoencoder(autoencoder_dir, device)
@@ -266,7 +266,7 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
     if affine.shape != (4, 4):
         raise ValueError(f"{where}: affine must be a 4x4 matrix, got shape {affine.shape}")
 
-    label_decoder, labels_meta = _load_labels(labels, directory, meta, device, image_shape)
+    label_decoder, labels_meta = _load_labels(labels, directory, meta, device, image_shape, autoencoder_dir)
     step = meta.get("step", 0)
     return Generator(
         velocity_net=velocity_net.to(device).eval(),
@@ -316,10 +316,20 @@ def _anatomy_segmenter(image_shape: Sequence[int], device: torch.device) -> tupl
                        "checksum": "sha256:" + segmenter.backbone.weights_sha256}
 
 
-def _load_labels(labels: str | Path | bool | None, directory: Path, meta: Mapping[str, Any],
-                 device: torch.device, image_shape: Sequence[int]) -> tuple[torch.nn.Module | AnatomySegmenter | None, dict[str, Any] | None]:
+def latent_sources(autoencoder_dir: Path) -> set[str]:
+    """The SHA-256s of the autoencoder weights whose latents the autoencoder checkpoint `autoencoder_dir` makes: its
+    own, those it was exported from and those whose decoder it refines (same encoder). A label decoder trained on
+    any of them reads its latents."""
+    _, meta = ckpt.load_checkpoint(autoencoder_dir)
+    recorded = (meta.get("exported_from", {}).get("model_sha256"), meta.get("decoder_refined_from", {}).get("model_sha256"))
+    return {ckpt.sha256(Path(autoencoder_dir) / ckpt.MODEL_FILE), *filter(None, recorded)}
+
+
+def _load_labels(labels: str | Path | bool | None, directory: Path, meta: Mapping[str, Any], device: torch.device,
+                 image_shape: Sequence[int], autoencoder_dir: Path | None,
+                 ) -> tuple[torch.nn.Module | AnatomySegmenter | None, dict[str, Any] | None]:
     """What writes each sample's tissue map. `labels`: a label decoder run (refused unless it segments the latents of
-    the generator's own autoencoder, same weights by SHA-256); "anatomy": the grid's shipped anatomy network on the
+    the generator's autoencoder `autoencoder_dir`, see `latent_sources`); "anatomy": the grid's shipped anatomy network on the
     decoded volume; None: the model's own label decoder (labels/ of an exported model), else the grid's anatomy
     network, else none; False: none. An image-space generator has no latents to decode labels from."""
     if labels is False:
@@ -348,7 +358,7 @@ def _load_labels(labels: str | Path | bool | None, directory: Path, meta: Mappin
     decoder, labels_meta = ckpt.load_label_decoder(labels, device)
     label_dir = Path(labels_meta["path"])
     recorded = labels_meta["autoencoder"]
-    if recorded["model_sha256"] != meta["autoencoder"]["model_sha256"]:
+    if recorded["model_sha256"] not in latent_sources(autoencoder_dir):
         raise ValueError(f"{label_dir}: this label decoder was trained on the latents of {recorded['path']} (sha256 "
                          f"{recorded['model_sha256'][:12]}…), not on the generator's autoencoder (sha256 "
                          f"{meta['autoencoder']['model_sha256'][:12]}…); train one with --autoencoder set to the generator's")

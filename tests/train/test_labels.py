@@ -114,7 +114,9 @@ def test_the_label_decoder_travels_with_a_refined_decoder_of_its_autoencoder(tra
     root = trained["root"]
     train_autoencoder(trained["data"], tmp_path / "refined", refine_decoder=root / "ae", max_steps=1)
     model = export_generator(root / "flow", tmp_path / "model", autoencoder=tmp_path / "refined")
-    export_labels(root / "labels", model)  # the same encoder, so the same latents the labels were trained on
+    # the same encoder, so the same latents the labels were trained on: accepted as a run and exported beside it
+    assert load_generator(model, "cpu", labels=root / "labels").labels_meta["source"] == "decoder"
+    export_labels(root / "labels", model)
     result = generate(model, tmp_path / "out", n=1, device="cpu", progress=False)
     assert result.paths[0].with_name("sample_00000_labels.nii.gz").is_file()
 
