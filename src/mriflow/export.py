@@ -52,17 +52,15 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
         raise FileExistsError(f"{', '.join(existing)} already exist(s); export into an empty folder")
 
     try:
-        model_id = meta.get("model_id") or f"{ckpt.run_folder(directory).name}-step{meta.get('step', 0)}"
-        if autoencoder is not None:  # the same flow decodes to other volumes: the id says through which decoder
-            refined_meta = ckpt.load_checkpoint(autoencoder_dir)[1]
-            model_id += f"+{ckpt.run_folder(autoencoder_dir).name}-step{refined_meta.get('step', 0)}"
         exported = {
             **meta,
-            "model_id": model_id,
+            "model_id": meta.get("model_id") or f"{ckpt.run_folder(directory).name}-step{meta.get('step', 0)}",
             "exported_from": {"path": str(directory), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE)},
         }
         if not image_space:
             autoencoder_weights, autoencoder_meta = ckpt.load_checkpoint(autoencoder_dir)
+            if autoencoder is not None:  # the same flow decodes to other volumes: the id says through which decoder
+                exported["model_id"] += f"+{ckpt.run_folder(autoencoder_dir).name}-step{autoencoder_meta.get('step', 0)}"
             autoencoder_meta.pop("path")
             autoencoder_meta["exported_from"] = {"path": str(autoencoder_dir),
                                                  "model_sha256": ckpt.sha256(autoencoder_dir / ckpt.MODEL_FILE)}
