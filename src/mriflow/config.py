@@ -56,6 +56,9 @@ class LoopConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # older checkpoints are deleted after a new one is complete
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
+    max_cpu_minutes: float = 0.0  # stop (with a checkpoint) after this much CPU time of the process in this call
+                                  # (thread-minutes: a budget that a busy or paused machine does not shrink); 0 = none
+    checkpoint_minutes: float = 0.0  # also checkpoint whenever this much wall time passed since the last one; 0 = off
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
@@ -66,6 +69,8 @@ class LoopConfig:
                      "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.max_minutes, self.max_cpu_minutes, self.checkpoint_minutes) < 0:
+            raise ValueError("loop.max_minutes, loop.max_cpu_minutes and loop.checkpoint_minutes must be >= 0")
         if self.weights_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"loop.weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.weights_dtype!r}")
 

@@ -221,3 +221,48 @@ def read_log_file(path):
 
     with open(path, newline="") as stream:
         return list(csv.DictReader(stream))
+
+
+class SignalledToyStage(ToyStage):
+    """ToyStage that sends its own process `signal` during step `at` (0-based), as Ctrl+C or a scheduler would."""
+
+    def __init__(self, signal_number, at):
+        super().__init__()
+        self.signal_number, self.at = signal_number, at
+
+    def loss(self, phase, batch, step):
+        import os
+
+        if step == self.at:
+            os.kill(os.getpid(), self.signal_number)
+        return super().loss(phase, batch, step)
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_a_resume_continues_the_same_curve(tmp_path, name):
+    import signal
+
+    number = getattr(signal, name)
+    before = signal.getsignal(number)
+    whole = train(ToyStage(), ToyData(), toy_loop(max_steps=6, checkpoint_every=100), tmp_path / "whole",
+                  meta={"config": {}})
+    stopped = train(SignalledToyStage(number, at=2), ToyData(), toy_loop(max_steps=6, checkpoint_every=100),
+                    tmp_path / "split", meta={"config": {}})
+    assert stopped["interrupted"] == name and stopped["step"] == 3  # the step under way (the third) finished
+    assert stopped["checkpoint"].endswith("step-00000003") and "interrupted" not in whole
+    assert signal.getsignal(number) is before  # the handler is restored after training
+    train(ToyStage(), ToyData(), toy_loop(max_steps=6, checkpoint_every=100), tmp_path / "split", meta={"config": {}},
+          resume=True)
+    assert [row["loss"] for row in read_log(tmp_path / "whole")] == [row["loss"] for row in read_log(tmp_path / "split")]
+    weights, _ = ckpt.load_checkpoint(tmp_path / "whole")
+    resumed, _ = ckpt.load_checkpoint(tmp_path / "split")
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+
+def test_the_cpu_budget_stops_the_run_with_a_checkpoint_and_the_log_counts_cpu_seconds(tmp_path):
+    result = train(ToyStage(), ToyData(), toy_loop(max_steps=10_000, checkpoint_every=10_000, max_cpu_minutes=0.002),
+                   tmp_path, meta={"config": {}})
+    rows = read_log(tmp_path)
+    assert 0 < result["step"] < 10_000 and result["checkpoint"].endswith(f"step-{result['step']:08d}")
+    cpu = [float(row["cpu_seconds"]) for row in rows]
+    assert cpu == sorted(cpu) and cpu[-1] >= 0.12  # at least the 0.002-minute budget was spent

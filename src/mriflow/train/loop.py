@@ -94,6 +94,39 @@ class Stage(Protocol):
     # optional: def validate(self, networks: dict[str, nn.Module]) -> dict[str, float] (see the module docstring)
 
 
+class StopRequest:
+    """Ctrl+C (SIGINT) or SIGTERM while training: the step under way finishes, a checkpoint is written and `train`
+    returns with "interrupted", so no more than that step is lost; a second signal stops at once (KeyboardInterrupt).
+    Handlers are installed only in the main thread (signals are delivered there) and restored on exit."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number, frame) -> None:
+        import signal
+
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+        print(f"\n{self.received}: finishing this step and writing a checkpoint (again to stop at once)", flush=True)
+
+
 class NonFiniteLossError(ValueError):
     """A loss or gradient became NaN or infinite; the run stopped before using it. A ValueError, so the
     command line shows its message (what was kept and what to do) as one line."""
@@ -136,6 +169,7 @@ def train(
     resume: bool = False,
     context: Distributed | None = None,
     stop_at_step: int | None = None,
+    warm_start: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train `stage` on `dataset` into run folder `out`; returns {"step", "metrics", "checkpoint", "best"}
     ("best": {"step", "checkpoint", "validation"} of the lowest first validation figure; None without `validate`).
@@ -143,6 +177,10 @@ def train(
     `meta` (JSON-serialisable; "config" = the full resolved config) goes into every checkpoint
     and config.yaml. `stop_at_step` ends the run early with a checkpoint, as an interruption
     would, leaving the schedule (max_steps) unchanged; `resume` continues the latest checkpoint.
+    `warm_start` (a checkpoint folder, e.g. an exported model's flow/) starts a run that has no checkpoint from that
+    checkpoint's inference weights (network and EMA alike) at its step, with fresh optimizer moments: what is left of
+    a run whose folder was lost (the CPU long-run queue on a new machine). The learning rate then warms up again over
+    warmup_steps from that step (meta["warm_start"]["step"], kept through later resumes).
     """
     # ---- processes, device, run folder ---------------------------------------------------------
     context = context or distributed.setup(config.device)
@@ -179,8 +217,13 @@ def train(
         validation_rows = _read_log(out / "validation.csv", up_to_step=step)
         if is_main:
             print(f"resuming {out} from {latest.name} (step {step})")
+    elif warm_start is not None:
+        step = _warm_start(Path(warm_start), stage, ema)
+        if is_main:
+            print(f"{out}: warm start from {warm_start} (step {step}; optimizer moments start afresh)")
     elif resume and is_main:
         print(f"{out}: no checkpoint to resume from; starting from step 0")
+    rewarm_from = (meta.get("warm_start") or {}).get("step")  # a warm-started run warms its learning rate up again
 
     # ---- data: every process reads its own share, in an order fixed by (seed, epoch) -------------
     sampler = _ResumableSampler(dataset, context, config.seed)
@@ -196,108 +239,122 @@ def train(
     batches = _batches(loader, sampler, per_epoch, config.batch_size, step * config.grad_accumulation)
 
     # ---- logging --------------------------------------------------------------------------------
-    columns = ["step", *stage.metric_names, "lr", "volumes_per_second", "elapsed_seconds"]
+    columns = ["step", *stage.metric_names, "lr", "volumes_per_second", "elapsed_seconds", "cpu_seconds"]
     writer = _tensorboard(out, step) if is_main else None
     progress = tqdm(total=config.max_steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True)
     sums = torch.zeros(len(stage.metric_names), device=device, dtype=torch.float64)
     counts = torch.zeros_like(sums)
     volumes_per_step = config.batch_size * config.grad_accumulation * context.world_size
     elapsed = float(log_rows[-1]["elapsed_seconds"]) if log_rows else 0.0
+    cpu_before = float(log_rows[-1].get("cpu_seconds") or 0.0) if log_rows else 0.0  # earlier calls' CPU time
     interval_seconds, interval_steps, started = 0.0, 0, time.perf_counter()
+    cpu_started = time.process_time()
     last_saved = ckpt.latest_checkpoint(out)
+    saved_at = time.perf_counter()
     final_step = min(config.max_steps, stop_at_step or config.max_steps)
     metrics: dict[str, float] = {}
 
-    # ---- the loop -------------------------------------------------------------------------------
-    while step < final_step:
-        tick = time.perf_counter()
-        lr_factor = learning_rate_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        for optimizer in optimizers.values():
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor
+    # ---- the loop (Ctrl+C or SIGTERM: finish the step, checkpoint, return) --------------------------
+    with StopRequest() as stop:
+        while step < final_step:
+            tick = time.perf_counter()
+            lr_factor = learning_rate_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+            if rewarm_from is not None:
+                lr_factor *= min(1.0, (step - rewarm_from + 1) / config.warmup_steps)
+            for optimizer in optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * lr_factor
 
-        stepped: set[str] = set()
-        for micro in range(config.grad_accumulation):
-            epoch, batch = next(batches)
-            batch = _to_device(batch, device)
-            last_micro = micro == config.grad_accumulation - 1
-            with distributed.no_sync(list(stage.networks.values()), skip=not last_micro):
-                for phase in stage.phases:
-                    _only_phase_requires_grad(phase_parameters, phase)
-                    with torch.autocast(**autocast):
-                        result = stage.loss(phase, batch, step)
-                    if result is None:
-                        continue
-                    loss, values = result
-                    if distributed.all_reduce_min(torch.isfinite(loss.detach()).float()).item() == 0:
-                        raise NonFiniteLossError(_non_finite_message(out, step, phase, loss, last_saved))
-                    (loss / config.grad_accumulation).backward()
-                    stepped.add(phase)
-                    for index, name in enumerate(stage.metric_names):
-                        if name in values:
-                            sums[index] += torch.as_tensor(values[name], dtype=torch.float64).to(device)
-                            counts[index] += 1
-        _only_phase_requires_grad(phase_parameters, None)
+            stepped: set[str] = set()
+            for micro in range(config.grad_accumulation):
+                epoch, batch = next(batches)
+                batch = _to_device(batch, device)
+                last_micro = micro == config.grad_accumulation - 1
+                with distributed.no_sync(list(stage.networks.values()), skip=not last_micro):
+                    for phase in stage.phases:
+                        _only_phase_requires_grad(phase_parameters, phase)
+                        with torch.autocast(**autocast):
+                            result = stage.loss(phase, batch, step)
+                        if result is None:
+                            continue
+                        loss, values = result
+                        if distributed.all_reduce_min(torch.isfinite(loss.detach()).float()).item() == 0:
+                            raise NonFiniteLossError(_non_finite_message(out, step, phase, loss, last_saved))
+                        (loss / config.grad_accumulation).backward()
+                        stepped.add(phase)
+                        for index, name in enumerate(stage.metric_names):
+                            if name in values:
+                                sums[index] += torch.as_tensor(values[name], dtype=torch.float64).to(device)
+                                counts[index] += 1
+            _only_phase_requires_grad(phase_parameters, None)
 
-        for phase in stepped:
-            optimizer = optimizers[phase]
-            if config.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(phase_parameters[phase], config.grad_clip)
-                if not torch.isfinite(norm):
-                    raise NonFiniteLossError(_non_finite_message(out, step, phase, norm, last_saved, "gradient norm"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-        for name, average in ema.items():
-            average.update_parameters(unwrap(stage.networks[name]))
-        interval_seconds += time.perf_counter() - tick
-        interval_steps += 1
+            for phase in stepped:
+                optimizer = optimizers[phase]
+                if config.grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(phase_parameters[phase], config.grad_clip)
+                    if not torch.isfinite(norm):
+                        raise NonFiniteLossError(_non_finite_message(out, step, phase, norm, last_saved, "gradient norm"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            for name, average in ema.items():
+                average.update_parameters(unwrap(stage.networks[name]))
+            interval_seconds += time.perf_counter() - tick
+            interval_steps += 1
 
-        # -- log (all processes reduce, rank 0 writes)
-        if step % config.log_every == 0 or step == final_step:
-            reduced_sums = distributed.all_reduce_mean(sums)
-            reduced_counts = distributed.all_reduce_mean(counts)
-            means = (reduced_sums / reduced_counts.clamp_min(1)).tolist()
-            metrics = {n: m for n, m, c in zip(stage.metric_names, means, reduced_counts.tolist()) if c > 0}
-            speed = volumes_per_step * interval_steps / max(interval_seconds, 1e-9)
-            elapsed += interval_seconds
-            row = {"step": step, **metrics, "lr": config.lr * lr_factor, "volumes_per_second": speed,
-                   "elapsed_seconds": elapsed}
-            log_rows.append(row)
-            if is_main:
-                _write_log(out / "log.csv", columns, log_rows)
-                for name, value in row.items():
-                    if name != "step" and writer is not None:
-                        writer.add_scalar(name, value, step)
-                first = stage.metric_names[0] if stage.metric_names else None
-                progress.set_postfix({**({first: f"{metrics[first]:.4f}"} if first in metrics else {}),
-                                      "vol/s": f"{speed:.2f}"})
-            sums.zero_()
-            counts.zero_()
-            interval_seconds, interval_steps = 0.0, 0
-        progress.update(1)
+            # -- log (all processes reduce, rank 0 writes)
+            if step % config.log_every == 0 or step == final_step:
+                reduced_sums = distributed.all_reduce_mean(sums)
+                reduced_counts = distributed.all_reduce_mean(counts)
+                means = (reduced_sums / reduced_counts.clamp_min(1)).tolist()
+                metrics = {n: m for n, m, c in zip(stage.metric_names, means, reduced_counts.tolist()) if c > 0}
+                speed = volumes_per_step * interval_steps / max(interval_seconds, 1e-9)
+                elapsed += interval_seconds
+                row = {"step": step, **metrics, "lr": config.lr * lr_factor, "volumes_per_second": speed,
+                       "elapsed_seconds": elapsed, "cpu_seconds": cpu_before + time.process_time() - cpu_started}
+                log_rows.append(row)
+                if is_main:
+                    _write_log(out / "log.csv", columns, log_rows)
+                    for name, value in row.items():
+                        if name != "step" and writer is not None:
+                            writer.add_scalar(name, value, step)
+                    first = stage.metric_names[0] if stage.metric_names else None
+                    progress.set_postfix({**({first: f"{metrics[first]:.4f}"} if first in metrics else {}),
+                                          "vol/s": f"{speed:.2f}"})
+                sums.zero_()
+                counts.zero_()
+                interval_seconds, interval_steps = 0.0, 0
+            progress.update(1)
 
-        # -- montage of real vs output (rank 0)
-        if is_main and (step % config.montage_every == 0 or step == final_step):
-            _write_montage(stage, batch, ema, out, step, writer)
+            # -- montage of real vs output (rank 0)
+            if is_main and (step % config.montage_every == 0 or step == final_step):
+                _write_montage(stage, batch, ema, out, step, writer)
 
-        # -- stop early on the wall-clock budget (the same decision on every process)
-        if config.max_minutes > 0:
-            over = torch.tensor(float(time.perf_counter() - started > 60 * config.max_minutes), device=device)
-            if distributed.all_reduce_min(over).item() > 0:
-                final_step = step
+            # -- stop early on the wall-clock or CPU budget, checkpoint on the clock (the same decision on every process)
+            if config.max_minutes > 0 or config.max_cpu_minutes > 0:
+                over = ((config.max_minutes > 0 and time.perf_counter() - started > 60 * config.max_minutes)
+                        or (config.max_cpu_minutes > 0 and time.process_time() - cpu_started > 60 * config.max_cpu_minutes))
+                if distributed.all_reduce_min(torch.tensor(float(over), device=device)).item() > 0:
+                    final_step = step
+            if distributed.all_reduce_min(torch.tensor(float(stop.received is None), device=device)).item() == 0:
+                final_step = step  # a signal in any process: checkpoint now and return
+            due = torch.tensor(float(config.checkpoint_minutes > 0
+                                     and time.perf_counter() - saved_at > 60 * config.checkpoint_minutes), device=device)
+            due = config.checkpoint_minutes > 0 and distributed.all_reduce_min(due).item() > 0
 
-        # -- checkpoint (all processes gather their random states; rank 0 writes), validated first (rank 0)
-        if step % config.checkpoint_every == 0 or step == final_step:
-            if is_main and hasattr(stage, "validate"):
-                best = _validate(stage, ema, out, step, validation_rows, best, writer)
-            last_saved = _save(out, stage, ema, optimizers, context, config, meta, step, epoch, metrics, best)
-            distributed.barrier()
+            # -- checkpoint (all processes gather their random states; rank 0 writes), validated first (rank 0)
+            if step % config.checkpoint_every == 0 or step == final_step or due:
+                if is_main and hasattr(stage, "validate"):
+                    best = _validate(stage, ema, out, step, validation_rows, best, writer)
+                last_saved = _save(out, stage, ema, optimizers, context, config, meta, step, epoch, metrics, best)
+                saved_at = time.perf_counter()
+                distributed.barrier()
 
     progress.close()
     if writer is not None:
         writer.close()
-    return {"step": step, "metrics": metrics, "checkpoint": str(last_saved) if last_saved else None, "best": best}
+    return {"step": step, "metrics": metrics, "checkpoint": str(last_saved) if last_saved else None, "best": best,
+            **({"interrupted": stop.received} if stop.received else {})}
 
 
 # ---- the pieces the loop calls ------------------------------------------------------------------
@@ -438,6 +495,8 @@ def _validate(stage: Stage, ema: dict[str, AveragedModel], out: Path, step: int,
     so far: {"step", "checkpoint", "validation"} with the lowest finite first figure (ties keep the earlier step)."""
     with _inference_networks(stage, ema) as networks:
         figures = {name: float(value) for name, value in stage.validate(networks).items()}
+    if not figures:  # a stage that validates only where it has held-out data
+        return best
     rows.append({"step": step, **figures})
     _write_log(out / "validation.csv", ["step", *figures], rows)
     for name, value in figures.items():
@@ -523,6 +582,16 @@ def _restore(directory: Path, stage: Stage, ema: dict[str, AveragedModel], optim
         print(f"{directory}: saved with {meta.get('world_size')} process(es), resumed with {context.world_size}; "
               "random streams restart from the seed (the loss curve will differ slightly)")
     return int(meta["step"]), meta.get("best")
+
+
+def _warm_start(directory: Path, stage: Stage, ema: dict[str, AveragedModel]) -> int:
+    """Load a checkpoint's inference weights (model.safetensors) into each averaged network and its EMA copy; its step."""
+    weights, meta = ckpt.load_checkpoint(directory)
+    for name, average in ema.items():
+        ckpt.load_weights_into(unwrap(stage.networks[name]), weights, f"{name}.", str(directory))
+        ckpt.load_weights_into(average.module, weights, f"{name}.", str(directory))
+        average.n_averaged.fill_(int(meta.get("step", 0)) + 1)
+    return int(meta.get("step", 0))
 
 
 def _rng_state() -> dict[str, Any]:
