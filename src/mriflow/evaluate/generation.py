@@ -25,6 +25,7 @@ known weakness of 2D (slice-by-slice) models, per set next to the real splits.
     distribution_metrics     the set metrics per column, bootstrapped
     measure_diversity        MS-SSIM within the real and the generated set
     inter_slice_consistency  roughness across axial slices against in-plane, per set  (evaluate/consistency.py)
+    high_frequency_fidelity  sharpness: |Laplacian| and gradient magnitude in the brain, per set / real  (evaluate/sharpness.py)
     privacy_audit            near copies of training subjects                      (evaluate/privacy.py)
     predict_anatomy          the anatomy network's predictions, once per volume    (evaluate/fidelity.py)
     conditional_fidelity     requested against predicted covariates                (evaluate/fidelity.py)
@@ -55,6 +56,7 @@ from mriflow.data.io import load_volume, strip_nifti_suffix
 from mriflow.evaluate.backbones import Backbone, anatomy_weights_for, get_backbone
 from mriflow.evaluate.bootstrap import DEFAULT_ROUNDS, bootstrap as run_bootstrap, default_sample_size
 from mriflow.evaluate.consistency import inter_slice_consistency
+from mriflow.evaluate.sharpness import high_frequency_fidelity
 from mriflow.evaluate.diversity import DEFAULT_MAX_PAIRS, pairwise_ms_ssim
 from mriflow.evaluate.fidelity import (
     anatomy_predictor, conditional_fidelity, label_fidelity, morphometric_fidelity, predict_anatomy,
@@ -129,6 +131,8 @@ def evaluate_generation(
     laps.end("diversity")
     consistency = inter_slice_consistency(sets, reconstructions, metrics.sample_size, metrics.rounds, seed)
     laps.end("slice_consistency")
+    sharpness = high_frequency_fidelity(sets, reconstructions, metrics.sample_size, metrics.rounds, seed)
+    laps.end("sharpness")
     privacy = privacy_audit(sets, features, reconstructions)
     laps.end("memorization")
     predictions = predict_anatomy(backbone, sets)  # shared by the two measures below
@@ -158,6 +162,7 @@ def evaluate_generation(
         "reconstruction": reconstructions.summary if reconstructions else None,
         "diversity": diversity.record(),
         "slice_consistency": consistency.record(),
+        "sharpness": sharpness.record(),
         "memorization": privacy.record(),
         "conditional_fidelity": fidelity.record(),
         "morphometry": anatomy.record(),

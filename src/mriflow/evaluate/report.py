@@ -162,6 +162,20 @@ def report_sections(result: dict, figures: dict[str, bytes]) -> list[Section]:
             f"Read a set against the real split; the other real split's difference is the yardstick. Bootstrap mean ± "
             f"sd over {consistency['settings']['rounds']} rounds of n = {consistency['settings']['n']} volumes per set.")
 
+    sharpness = result.get("sharpness")
+    if sharpness and sharpness.get("sets"):  # reports written before it have none
+        sections.append(Section("Sharpness (high-frequency fidelity)"))
+        names = {"real": f"real {inputs['split']}", "other": f"real {inputs['other_split']}", "generated": "generated",
+                 "reconstruction": "reconstructions"}
+        add(Table(["set", "mean |Laplacian|", "/ real", "mean gradient magnitude", "/ real"],
+                  [[names[k], _mean_sd(v["laplacian"]), _mean_sd(v["laplacian"]["ratio"]) if "ratio" in v["laplacian"] else "1",
+                    _mean_sd(v["gradient"]), _mean_sd(v["gradient"]["ratio"]) if "ratio" in v["gradient"] else "1"]
+                   for k, v in sharpness["sets"].items()]))
+        add(f"Inside the real split's brain mask eroded by one voxel ({sharpness['mask_voxels']} voxels): the mean "
+            f"absolute 6-neighbour Laplacian (high-frequency energy) and the mean gradient magnitude of each volume. A "
+            f"ratio below the other real split's is blur (an autoencoder's or a sampler's), above it noise. Bootstrap "
+            f"mean ± sd over {sharpness['settings']['rounds']} rounds of n = {sharpness['settings']['n']} volumes per set.")
+
     memorization = result["memorization"]
     sections.append(Section("Memorization"))
     if "skipped" in memorization:

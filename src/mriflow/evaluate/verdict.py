@@ -46,8 +46,19 @@ def _alike(generated: float, yardstick: float, alike: str) -> str:
     return alike
 
 
+UNRESOLVED_SHARE = 0.9  # a share (coverage, recall) below this fraction of its yardstick is not "like real data" either
+
+
+def _alike_share(generated: float, yardstick: float, alike: str) -> str:
+    """The reading of a share (higher is better) within two sds of its yardstick: `alike`, unless its mean is under
+    UNRESOLVED_SHARE times the yardstick's: the relative rule of `_alike` for the PRDC rows."""
+    if yardstick > 0 and generated < UNRESOLVED_SHARE * yardstick:
+        return f"not told apart at this n, though {generated / yardstick:.2f} x the yardstick (more volumes would tell)"
+    return alike
+
+
 def verdict(result: dict) -> list[list[str]]:
-    """One row per aspect (fidelity, diversity, inter-slice consistency, privacy, conditioning, anatomy): the generated
+    """One row per aspect (fidelity, diversity, inter-slice consistency, sharpness, privacy, conditioning, anatomy): the generated
     figure, its Real vs
     Real (or real-data) yardstick, and a plain reading. Within two sds of the yardstick reads as 'like real data'."""
     rows = []
@@ -57,8 +68,10 @@ def verdict(result: dict) -> list[list[str]]:
             if not _within(generated[metric], real[metric], lower):
                 reading = ("further from real data than real data is from itself" if lower
                            else "covers less of the real data than real data does")
+            elif lower:
+                reading = _alike(generated[metric]["mean"], real[metric]["mean"], "like real data")
             else:
-                reading = _alike(generated[metric]["mean"], real[metric]["mean"], "like real data") if lower else "like real data"
+                reading = _alike_share(generated[metric]["mean"], real[metric]["mean"], "like real data")
             rows.append([f"fidelity: {METRIC_TITLES.get(metric, metric)}", mean_sd(generated[metric]), mean_sd(real[metric]),
                          reading])
     diversity = result["diversity"]
@@ -75,6 +88,15 @@ def verdict(result: dict) -> list[list[str]]:
                      f"{r['mean']:+.3f} ± {r['sd']:.3f}", "slices agree like real brains" if ok else
                      ("seams between slices (rougher across slices than real brains)" if g["mean"] > 0
                       else "smoother across slices than real brains")])
+    sharpness = result.get("sharpness", {}).get("sets", {})  # reports before it have none
+    if "generated" in sharpness and "other" in sharpness:
+        g, r = sharpness["generated"]["laplacian"]["ratio"], sharpness["other"]["laplacian"]["ratio"]
+        margin = 2 * np.hypot(g["sd"], r["sd"])
+        alike = abs(g["mean"] - r["mean"]) <= margin and 0.9 <= g["mean"] <= 1.1
+        rows.append(["sharpness: high-frequency energy (mean |Laplacian| in the brain), set / real", mean_sd(g),
+                     f"{mean_sd(r)} (other real split)", "as sharp as real brains" if alike else
+                     ("blurred: less fine detail than real brains" if g["mean"] < r["mean"]
+                      else "more high-frequency energy than real brains (noise or artefacts)")])
     memorization = result["memorization"]
     if "voxel" in memorization:
         flagged, count = memorization["flagged_voxel"], len(memorization["voxel"]["flagged"])
