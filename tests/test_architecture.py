@@ -13,11 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mriflow"
 LAYERS = [
     ("base", ["mriflow", "mriflow.__init__", "mriflow.config", "mriflow.distributed", "mriflow.utils"]),
     ("data", ["mriflow.data"]),
-    ("models and math", ["mriflow.models", "mriflow.flow"]),
+    ("models and math", ["mriflow.models", "mriflow.flow", "mriflow.representations"]),
     ("artifacts", ["mriflow.checkpoint", "mriflow.latents", "mriflow.families"]),
     ("training", ["mriflow.train"]),
-    ("use", ["mriflow.generator", "mriflow.export", "mriflow.cohort", "mriflow.generate", "mriflow.generate_io",
-             "mriflow.evaluate"]),
+    ("use", ["mriflow.generator", "mriflow.tissue_maps", "mriflow.export", "mriflow.cohort", "mriflow.generate",
+             "mriflow.generate_io", "mriflow.evaluate"]),
     ("interface", ["mriflow.cli", "mriflow.__main__", "mriflow.app"]),
 ]
 

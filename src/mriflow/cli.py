@@ -129,6 +129,7 @@ def _add_train(commands) -> None:
     p.set_defaults(func=_run_train_autoencoder)
 
     from mriflow.families import FAMILIES
+    from mriflow.representations import REPRESENTATIONS
 
     for stage, family in FAMILIES.items():
         p = stages.add_parser(stage, help=family.summary)
@@ -139,7 +140,10 @@ def _add_train(commands) -> None:
             _add_common_training(p, stage)
             p.set_defaults(func=_run_train_slices, stage=stage)
             continue
-        p.add_argument("--autoencoder", required=True, help="autoencoder run or checkpoint folder")
+        p.add_argument("--autoencoder", help="autoencoder run or checkpoint folder: learn its latents")
+        p.add_argument("--representation", choices=REPRESENTATIONS,
+                       help="learn the images themselves behind this fixed wavelet transform instead (no autoencoder; "
+                            "haar2: 64 Haar bands on a grid 4x smaller per axis; default: the preset's)")
         p.add_argument("--condition", default="", metavar="NAMES",
                        help="covariates to condition on, e.g. age,sex (manifest columns; default: unconditional)")
         p.add_argument("--label-condition", action="store_true",
@@ -164,11 +168,20 @@ def _add_train(commands) -> None:
 
 def _add_common_training(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, montages, config)")
-    p.add_argument("--preset", choices=("tiny", "small", "base", "large"),
+    p.add_argument("--preset", choices=("tiny", "small", "base", "large", "wavelet"),
                    help=f"{stage} preset: tiny (4 mm, CPU), small (2 mm, CPU), base (2 mm, one GPU), large (1 mm); "
                         "default tiny")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
+    if stage in ("flow", "diffusion", "gan"):
+        p.add_argument("--max-cpu-minutes", type=float, metavar="MINUTES",
+                       help="stop with a checkpoint after this much CPU time of this call (thread-minutes: a budget a "
+                            "busy machine does not shrink)")
+        p.add_argument("--checkpoint-minutes", type=float, metavar="MINUTES",
+                       help="also write a checkpoint whenever this much wall time has passed since the last one")
+        p.add_argument("--warm-start", metavar="MODEL",
+                       help="start a new run from this generator's weights and step (a run, checkpoint or exported model "
+                            "folder of the same family), with fresh optimizer moments; its config and covariates are kept")
     p.add_argument("--stop-at-step", type=int, metavar="STEP",
                    help="stop with a checkpoint at this step of the schedule (--max-steps keeps the learning-rate "
                         "schedule); --resume continues it, exactly as an uninterrupted run")
@@ -199,8 +212,21 @@ def _run_train_generator(args: argparse.Namespace) -> int:
     result = train_generator(args.stage, args.data, args.autoencoder, args.out, condition=condition, preset=args.preset,
                              max_steps=args.max_steps, resume=args.resume, max_minutes=args.max_minutes, lr=args.lr,
                              stop_at_step=args.stop_at_step,
-                             label_condition=args.label_condition, regions=args.regions, backbone=args.backbone)
+                             label_condition=args.label_condition, regions=args.regions, backbone=args.backbone,
+                             representation=args.representation,
+                             loop_overrides={name: getattr(args, name) for name in ("max_cpu_minutes", "checkpoint_minutes")
+                                             if getattr(args, name) is not None},
+                             warm_start=_generator_folder(args.warm_start))
     return _report_training(result)
+
+
+def _generator_folder(model: str | None) -> str | None:
+    """An exported model's generator checkpoint (MODEL/flow) when given its folder, else `model` as it is."""
+    from mriflow.generator import GENERATOR_DIR
+
+    if model is not None and (Path(model) / GENERATOR_DIR).is_dir():
+        return str(Path(model) / GENERATOR_DIR)
+    return model
 
 
 def _run_train_slices(args: argparse.Namespace) -> int:
@@ -222,10 +248,15 @@ def _run_train_labels(args: argparse.Namespace) -> int:
 
 
 def _report_training(result: dict[str, Any]) -> int:
+    interrupted = result.get("interrupted")
     if _is_main_process():
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.get("metrics", {}).items())
-        print(f"step {result['step']}: {metrics}\ncheckpoint: {result['checkpoint']}")
-    return 0
+        if interrupted:
+            print(f"stopped by {interrupted} at step {result['step']}: checkpoint {result['checkpoint']} written; "
+                  "--resume continues from it")
+        else:
+            print(f"step {result['step']}: {metrics}\ncheckpoint: {result['checkpoint']}")
+    return {"SIGINT": 130, "SIGTERM": 143}.get(interrupted, 0)
 
 
 # ---------------------------------------------------------------------------------------------- encode

@@ -39,7 +39,7 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
     directory = Path(meta.pop("path"))
     if meta.get("stage") not in FAMILIES:
         raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator ({', '.join(FAMILIES)})")
-    image_space = FAMILIES[meta["stage"]].space == "image"
+    image_space = FAMILIES[meta["stage"]].space == "image" or "representation" in meta  # no autoencoder to ship
     autoencoder_dir = None if image_space else autoencoder_folder(meta, directory)
     if autoencoder is not None:
         if image_space:

@@ -34,6 +34,7 @@ from mriflow import __version__
 from mriflow import checkpoint as ckpt
 from mriflow.cohort import ID_COLUMNS, cohort_names, read_cohort
 from mriflow.data.dataset import CovariateSchema, read_manifest
+from mriflow.data.background import BACKGROUND_RULE
 from mriflow.data.io import load_volume
 from mriflow.export import export_generator, export_labels
 from mriflow.generator import (AFFINE_TOLERANCE, AUTOENCODER_DIR, DEFAULT_MODEL, GENERATOR_DIR, LABELS_DIR,
@@ -153,7 +154,8 @@ def generate(
         indices = list(range(context.rank, n, context.world_size))
         common = {"seed": seed, **settings, "model_id": generator.model_id,
                   "model_checksum": generator.model_checksum, "autoencoder_checksum": generator.autoencoder_checksum,
-                  "stage": generator.stage, "space": generator.space, "device": str(context.device)}
+                  "stage": generator.stage, "space": generator.space, "representation": generator.representation_name,
+                  "background": BACKGROUND_RULE, "device": str(context.device)}
         if label_map is not None:
             common["label_map"] = {"path": str(Path(label_map).resolve()), "sha256": ckpt.sha256(Path(label_map))}
         if generator.labels is not None:
@@ -221,7 +223,8 @@ def generate(
             record = {
                 "model": str(generator.path), "model_id": generator.model_id, "model_checksum": generator.model_checksum,
                 "autoencoder_checksum": generator.autoencoder_checksum, "stage": generator.stage,
-                "space": generator.space, "labels": None if generator.labels is None else {
+                "space": generator.space, "representation": generator.representation_name, "background": BACKGROUND_RULE,
+                "labels": None if generator.labels is None else {
                     "model": generator.labels_meta["path"], "checksum": generator.labels_meta["checksum"],
                     "source": generator.labels_meta["source"],
                     "classes": list(generator.label_classes)},

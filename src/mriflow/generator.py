@@ -11,9 +11,11 @@ a relative path is relative to the checkpoint folder), "latent_shape", "image_sh
 
     volume = clamp(decode(z / latent_scale), 0, 1)
 
-An image-space generator (the slice model, mriflow.families.slices; meta "space": "image") has no
-autoencoder: it samples intensities in [−1, 1] itself, "decoded" as clamp((x + 1) / 2, 0, 1); it has no
-latents for a label decoder and nothing to reconstruct (its `autoencoder` and `autoencoder_checksum` are None).
+An image-space generator (meta "space": "image") has no autoencoder: a generator trained on a fixed representation
+of the images (meta "representation", e.g. Haar wavelet bands, mriflow.representations) is decoded by that
+transform's exact inverse, and the slice model (mriflow.families.slices) samples intensities in [−1, 1] itself,
+"decoded" as clamp((x + 1) / 2, 0, 1). Neither has latents for a label decoder nor anything to reconstruct (their
+`autoencoder` and `autoencoder_checksum` are None).
 
     >>> generator = load_generator()        # the shipped default model (mriflow/weights/<DEFAULT_MODEL>)
     >>> volumes, nfe = generator.sample([sample_seed(0, i) for i in range(4)], None, generator.sampling_settings())
@@ -34,13 +36,17 @@ from mriflow import checkpoint as ckpt
 from mriflow import distributed
 from mriflow.config import from_dict
 from mriflow.data.dataset import CovariateSchema
+from mriflow.data.background import zero_background
 from mriflow.data.io import load_volume
 from mriflow.families import FAMILIES, Family
 from mriflow.models.velocity import SpatiallyConditioned, VelocityNet, VelocityNetConfig
+from mriflow.representations import HaarPacket, representation_from_dict
+from mriflow.tissue_maps import LABELS_DIR, AnatomySegmenter, latent_sources, load_labels  # noqa: F401 (re-exported)
 
 REQUIRED_META = ("config", "schema", "autoencoder", "latent_shape", "image_shape", "affine")
 IMAGE_SPACE_META = ("config", "schema", "image_shape", "affine")  # what an image-space generator's meta needs
-GENERATOR_DIR, AUTOENCODER_DIR, LABELS_DIR = "flow", "autoencoder", "labels"  # the folders of an exported model
+REPRESENTATION_META = ("config", "schema", "representation", "latent_shape", "image_shape", "affine")
+GENERATOR_DIR, AUTOENCODER_DIR = "flow", "autoencoder"  # the folders of an exported model (and LABELS_DIR)
 AFFINE_TOLERANCE = 1e-3  # mm; a prepared folder this close to the model's affine is on its grid
 
 
@@ -80,6 +86,7 @@ class Generator:
     labels: torch.nn.Module | AnatomySegmenter | None = None  # each sample's tissue map: a LabelDecoder of the same
     # autoencoder (reads the latent), else the grid's anatomy network (reads the decoded volume), else none
     labels_meta: dict[str, Any] | None = None  # its meta (classes, path, checksum; "source": "decoder" | "anatomy")
+    representation: HaarPacket | None = None  # the fixed transform an image-space generator samples (meta "representation")
 
     @property
     def label_classes(self) -> tuple[str, ...]:
@@ -91,8 +98,8 @@ class Generator:
 
     @property
     def space(self) -> str:
-        """"latent" (decoded by the autoencoder) or "image" (the slice model: no autoencoder)."""
-        return self.family.space
+        """"latent" (decoded by the autoencoder) or "image" (no autoencoder: a fixed representation, or the slice model)."""
+        return "image" if self.representation is not None else self.family.space
 
     def sampling_settings(self, solver: str | None = None, steps: int | None = None,
                           guidance: float | None = None) -> dict[str, Any]:
@@ -149,7 +156,7 @@ class Generator:
         `spatial` (1 or B, S, d, h, w): the condition of a label-conditioned model (see `label_condition`)."""
         shape = (len(sample_seeds), *self.latent_shape)
         net = self.velocity_net
-        if self.velocity_net.config.spatial_channels and self.space == "latent":  # the slice model's is its position
+        if self.velocity_net.config.spatial_channels and self.family.space == "latent":  # the slice model's is its position
             if spatial is None:
                 raise ValueError(f"the model {self.path} draws scans for a given label map; pass --label-map FILE")
             net = SpatiallyConditioned(net, spatial.to(self.device).expand(len(sample_seeds), *spatial.shape[1:]))
@@ -158,13 +165,25 @@ class Generator:
         return self.family.sample(net, shape, covariates, settings, self.device, sample_seeds)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Scaled latents (B, C, d, h, w) -> volumes (B, D, H, W) float32 in [0, 1] on the CPU; an image-space
-        generator's samples (B, 1, D, H, W) in [−1, 1] are mapped to [0, 1]."""
-        if self.autoencoder is None:
-            return ((latents + 1.0) / 2.0).clamp(0.0, 1.0)[:, 0].float().cpu().numpy()
+        """Scaled latents (B, C, d, h, w) -> volumes (B, D, H, W) float32 in [0, 1] on the CPU, exactly 0 outside the
+        brain like prepared scans (`BACKGROUND_RULE`, in every sidecar). An image-space generator's samples
+        (B, 1, D, H, W) in [−1, 1] are mapped to [0, 1]; a representation's are decoded by its inverse."""
         with torch.no_grad():
-            images = self.autoencoder.decode(latents / self.latent_scale)  # (B, 1, D, H, W)
-        return images.clamp(0.0, 1.0)[:, 0].float().cpu().numpy()
+            if self.representation is not None:
+                images = self.representation.decode(latents.float())
+            elif self.autoencoder is None:
+                images = (latents + 1.0) / 2.0
+            else:
+                images = self.autoencoder.decode(latents / self.latent_scale)  # (B, 1, D, H, W)
+        return zero_background(images.clamp(0.0, 1.0)[:, 0].float().cpu().numpy())
+
+    @property
+    def representation_name(self) -> str:
+        """What the network samples, for sidecars: "autoencoder latents", a representation's name ("haar2"), or
+        "image slices" (the slice model)."""
+        if self.representation is not None:
+            return self.representation.name
+        return "autoencoder latents" if self.autoencoder is not None else "image slices"
 
     def decode_labels(self, latents: torch.Tensor, volumes: np.ndarray | None = None) -> np.ndarray | None:
         """Scaled latents (B, C, d, h, w) -> tissue maps (B, D, H, W) uint8 on the CPU (class indices of
@@ -231,8 +250,9 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
         raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator "
                          f"({' or '.join(FAMILIES)}); pass the run folder of `mriflow train {'` or `mriflow train '.join(FAMILIES)}`")
     family_class = FAMILIES[meta["stage"]]
-    image_space = family_class.space == "image"
-    missing = [key for key in (IMAGE_SPACE_META if image_space else REQUIRED_META) if key not in meta]
+    image_space = family_class.space == "image" or "representation" in meta
+    required = (REPRESENTATION_META if "representation" in meta else IMAGE_SPACE_META if image_space else REQUIRED_META)
+    missing = [key for key in required if key not in meta]
     if missing or "model" not in meta["config"]:
         raise ValueError(f"{where}: lacks {', '.join(missing or ['config.model'])}; it was not written by a generator "
                          "training run of this mriflow version")
@@ -251,7 +271,16 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
                          f"{list(velocity_net.config.covariate_names)}")
 
     image_shape = tuple(int(n) for n in meta["image_shape"])
-    if image_space:  # the slice model samples the image itself
+    representation = None
+    if "representation" in meta:  # the images behind a fixed transform
+        representation = representation_from_dict(meta["representation"], str(where))
+        autoencoder, autoencoder_dir = None, None
+        latent_shape = tuple(int(n) for n in meta["latent_shape"])
+        if representation.latent_shape(image_shape) != latent_shape or latent_shape[0] != velocity_net.config.in_channels:
+            raise ValueError(f"{where}: latent_shape {list(latent_shape)} does not match the representation "
+                             f"{representation.name} of images {list(image_shape)} or the network's "
+                             f"{velocity_net.config.in_channels} input channels")
+    elif image_space:  # the slice model samples the image itself
         autoencoder, autoencoder_dir, latent_shape = None, None, (velocity_net.config.in_channels, *image_shape)
     else:
         autoencoder_dir = autoencoder_folder(meta, directory, trust_paths)
@@ -266,7 +295,7 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
     if affine.shape != (4, 4):
         raise ValueError(f"{where}: affine must be a 4x4 matrix, got shape {affine.shape}")
 
-    label_decoder, labels_meta = _load_labels(labels, directory, meta, device, image_shape, autoencoder_dir)
+    label_decoder, labels_meta = load_labels(labels, directory, meta, device, image_shape, autoencoder_dir)
     step = meta.get("step", 0)
     return Generator(
         velocity_net=velocity_net.to(device).eval(),
@@ -286,84 +315,8 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
         family=family_class.from_config(meta["config"], str(where)),
         labels=label_decoder,
         labels_meta=labels_meta,
+        representation=representation,
     )
-
-
-class AnatomySegmenter:
-    """Tissue maps of generated volumes by mriflow's shipped anatomy network of their grid: what a model without a
-    label decoder delivers beside each sample (`labels="anatomy"`, or by default). The map segments the image itself,
-    where a label decoder's is read from the same latent; classes are the anatomy network's (TISSUE_CLASSES)."""
-
-    def __init__(self, weights: Path, device: torch.device):
-        from mriflow.evaluate.backbones.anatomy import AnatomyBackbone
-
-        self.backbone = AnatomyBackbone(weights, device=str(device))
-        self.classes = tuple(self.backbone.config.classes)
-
-    def segment_volumes(self, volumes: np.ndarray) -> np.ndarray:
-        """Volumes (B, D, H, W) in [0, 1] -> class indices (B, D, H, W) uint8."""
-        return self.backbone.segment(np.asarray(volumes, np.float32)[:, None]).numpy().astype(np.uint8)
-
-
-def _anatomy_segmenter(image_shape: Sequence[int], device: torch.device) -> tuple[AnatomySegmenter | None, dict | None]:
-    from mriflow.evaluate.backbones import anatomy_weights_for
-
-    weights = anatomy_weights_for(image_shape)
-    if weights is None:
-        return None, None
-    segmenter = AnatomySegmenter(weights, device)
-    return segmenter, {"source": "anatomy", "path": str(weights), "classes": list(segmenter.classes),
-                       "checksum": "sha256:" + segmenter.backbone.weights_sha256}
-
-
-def latent_sources(autoencoder_dir: Path) -> set[str]:
-    """The SHA-256s of the autoencoder weights whose latents the autoencoder checkpoint `autoencoder_dir` makes: its
-    own, those it was exported from and those whose decoder it refines (same encoder). A label decoder trained on
-    any of them reads its latents."""
-    _, meta = ckpt.load_checkpoint(autoencoder_dir)
-    recorded = (meta.get("exported_from", {}).get("model_sha256"), meta.get("decoder_refined_from", {}).get("model_sha256"))
-    return {ckpt.sha256(Path(autoencoder_dir) / ckpt.MODEL_FILE), *filter(None, recorded)}
-
-
-def _load_labels(labels: str | Path | bool | None, directory: Path, meta: Mapping[str, Any], device: torch.device,
-                 image_shape: Sequence[int], autoencoder_dir: Path | None,
-                 ) -> tuple[torch.nn.Module | AnatomySegmenter | None, dict[str, Any] | None]:
-    """What writes each sample's tissue map. `labels`: a label decoder run (refused unless it segments the latents of
-    the generator's autoencoder `autoencoder_dir`, see `latent_sources`); "anatomy": the grid's shipped anatomy network on the
-    decoded volume; None: the model's own label decoder (labels/ of an exported model), else the grid's anatomy
-    network, else none; False: none. An image-space generator has no latents to decode labels from."""
-    if labels is False:
-        return None, None
-    if str(labels) == "anatomy" and not Path(str(labels)).exists():
-        segmenter, segmenter_meta = _anatomy_segmenter(image_shape, device)
-        if segmenter is None:
-            raise FileNotFoundError(f"--labels anatomy: mriflow ships no anatomy network for the grid "
-                                    f"{' x '.join(map(str, image_shape))} of {directory}; pass a label decoder run")
-        return segmenter, segmenter_meta
-    if "autoencoder" not in meta:
-        if labels is None:
-            return _anatomy_segmenter(image_shape, device)
-        raise ValueError(f"--labels: the {meta['stage']} model {directory} works in image space; a label decoder "
-                         "reads an autoencoder's latents, which it has none of (use --labels anatomy or drop --labels)")
-    if labels is None or labels is True:
-        own = directory.parent / LABELS_DIR
-        if "exported_from" not in meta or not (own / ckpt.META_FILE).is_file():
-            if labels is True:
-                raise FileNotFoundError(f"{directory}: this model has no label decoder ({own} is absent); train one with "
-                                        "`mriflow train labels DATA --autoencoder AE --out RUN` and pass --labels RUN")
-            return _anatomy_segmenter(image_shape, device)
-        labels = own
-    elif not Path(labels).exists():
-        raise FileNotFoundError(f"--labels {labels}: no such label decoder run or checkpoint folder")
-    decoder, labels_meta = ckpt.load_label_decoder(labels, device)
-    label_dir = Path(labels_meta["path"])
-    recorded = labels_meta["autoencoder"]
-    if recorded["model_sha256"] not in latent_sources(autoencoder_dir):
-        raise ValueError(f"{label_dir}: this label decoder was trained on the latents of {recorded['path']} (sha256 "
-                         f"{recorded['model_sha256'][:12]}…), not on the generator's autoencoder (sha256 "
-                         f"{meta['autoencoder']['model_sha256'][:12]}…); train one with --autoencoder set to the generator's")
-    labels_meta = {**labels_meta, "source": "decoder", "checksum": "sha256:" + ckpt.sha256(label_dir / ckpt.MODEL_FILE)}
-    return decoder, labels_meta
 
 
 def autoencoder_folder(meta: Mapping[str, Any], directory: Path, trust_paths: bool = False) -> Path:

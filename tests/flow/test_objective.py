@@ -68,3 +68,43 @@ def test_flow_loss_trains_a_network():
     loss = objective(lambda x, t, c, p: net(x), torch.ones(4, 1, 3, 3, 3))
     loss.backward()
     assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
+
+
+class OracleData(nn.Module):
+    """Exact clean-data prediction when the data is one point x1 = c."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x, t, covariates=None, covariates_present=None):
+        return torch.full_like(x, self.c)
+
+
+def test_an_x_prediction_loss_is_the_velocity_loss_of_the_velocity_it_implies():
+    x1 = torch.full((64, 1, 3, 3, 3), 2.0, dtype=torch.float64)
+    objective = RectifiedFlowLoss(loss="l2", time_distribution="uniform", prediction="data")
+    assert objective.path.prediction == "data" and objective.path.sigma_floor == 0.05
+    assert objective(OracleData(2.0), x1, generator=torch.Generator().manual_seed(0)).item() < 1e-12
+    # predicting 0 for data at 2: the velocity error is 2 / max(1 − t, 0.05), so the loss is 4·E[1 / max(1 − t, 0.05)²]
+    t = torch.rand(64, generator=torch.Generator().manual_seed(0)).double()  # the times the objective draws first
+    expected = (4 / (1 - t).clamp_min(0.05).square()).mean().item()
+    got = objective(OracleData(0.0), x1, generator=torch.Generator().manual_seed(0)).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_min_snr_weighting_caps_the_weight_of_nearly_clean_times():
+    from mriflow.flow.objective import min_snr_weight
+
+    t = torch.tensor([0.1, 0.5, 0.9, 0.99])
+    weights = min_snr_weight(t, gamma=5.0)
+    snr = t.square() / (1 - t).square()
+    torch.testing.assert_close(weights, torch.minimum(snr, torch.tensor(5.0)) * (1 - t).square())
+    assert weights[-1] < weights[1]  # near t = 1 the weight falls again where the plain loss weighs most
+    x1 = torch.full((32, 1, 2, 2, 2), 1.0, dtype=torch.float64)
+    plain = RectifiedFlowLoss(time_distribution="uniform", prediction="data")
+    weighted = RectifiedFlowLoss(time_distribution="uniform", prediction="data", weighting="min_snr")
+    assert weighted(OracleData(0.0), x1, generator=torch.Generator().manual_seed(1)).item() < \
+        plain(OracleData(0.0), x1, generator=torch.Generator().manual_seed(1)).item()
+    with pytest.raises(ValueError, match="weighting must be one of none, min_snr"):
+        RectifiedFlowLoss(weighting="snr")

@@ -135,3 +135,25 @@ def test_time_grid():
     assert shifted[4] < 0.5
     with pytest.raises(ValueError):
         time_grid(0)
+
+
+def test_a_data_prediction_gives_the_velocity_and_the_noise_of_the_path():
+    generator = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(4, 1, 3, 3, 3, generator=generator), torch.randn(4, 1, 3, 3, 3, generator=generator)
+    t = torch.tensor([0.1, 0.4, 0.7, 0.9])
+    path = LinearPath(prediction="data")
+    x_t = path.sample_xt(x0, x1, t)
+    assert torch.equal(path.target(x0, x1, t), x1)
+    torch.testing.assert_close(path.convert(x1, x_t, t, "data", "velocity"), x1 - x0)
+    torch.testing.assert_close(path.convert(x1, x_t, t, "data", "epsilon"), x0)
+    with pytest.raises(ValueError, match="network"):
+        LinearPath(prediction="epsilon")
+
+
+def test_the_sigma_floor_bounds_the_divisor_near_the_data_end():
+    path = LinearPath(prediction="data", sigma_floor=0.05)
+    x_t, x1_hat = torch.zeros(1, 1, 2, 2, 2), torch.ones(1, 1, 2, 2, 2)
+    velocity = path.convert(x1_hat, x_t, torch.tensor([0.99]), "data", "velocity")
+    torch.testing.assert_close(velocity, torch.full_like(x_t, 1 / 0.05))  # not 1 / 0.01
+    exact = LinearPath(prediction="data").convert(x1_hat, x_t, torch.tensor([0.99]), "data", "velocity")
+    torch.testing.assert_close(exact, torch.full_like(x_t, 100.0))

@@ -93,3 +93,34 @@ def test_tiny_flow_learns_a_covariate_dependent_mode():
         assert nfe == 16
         assert (sample_means * mode > 0.4).all(), f"group {group}: sample means {sample_means.tolist()}"
         assert abs(sample_means.mean().item() - mode) < 0.3
+
+
+class ConstantData(torch.nn.Module):
+    """A perfect x-predictor for data that is one point c: x̂1 = c wherever it is asked."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+        self.calls = 0
+
+    def forward(self, x, t, covariates=None, covariates_present=None):
+        self.calls += 1
+        return torch.full_like(x, self.c)
+
+
+@pytest.mark.parametrize("solver,steps,nfe", [("euler", 4, 4), ("heun", 4, 7), ("midpoint", 3, 5), ("rk4", 2, 5),
+                                              ("heun", 1, 1)])
+def test_a_data_predicting_network_samples_its_data_and_takes_one_evaluation_for_the_last_step(solver, steps, nfe):
+    """The velocity (x̂1 − x)/(1 − t) is undefined at t = 1, so the solver stops at the last grid point before it and
+    lands on that point's x̂1 (Euler's step onto t = 1): a perfect predictor gives the data, with one evaluation
+    for that step instead of the solver's."""
+    from mriflow.flow.path import LinearPath
+
+    net = ConstantData(0.7)
+    latents, counted = sample_latents(net, (2, *SHAPE), solver=solver, steps=steps, time_shift=2.0,
+                                      path=LinearPath(prediction="data", sigma_floor=0.05))
+    assert counted == nfe == net.calls
+    torch.testing.assert_close(latents, torch.full_like(latents, 0.7))
+    adaptive, _ = sample_latents(ConstantData(0.7), (1, *SHAPE), solver="dopri5",
+                                 path=LinearPath(prediction="data", sigma_floor=0.05))
+    torch.testing.assert_close(adaptive, torch.full_like(adaptive, 0.7))

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
@@ -138,3 +140,24 @@ def test_a_spatial_condition_is_required_checked_and_bound_for_guidance():
         uncond = net(x, t, covariates, torch.zeros_like(present), spatial=spatial)
         torch.testing.assert_close(guided, uncond + 2.0 * (direct - uncond), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(net(x, t, covariates, present, spatial=spatial.flip(0)), direct)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_the_flip_flag_is_an_input_the_bare_network_sets_to_zero(backbone):
+    from mriflow.models.velocity import FlipConditioned
+
+    config = VelocityNetConfig(in_channels=2, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
+                               num_head_channels=8, norm_num_groups=4, flip_channel=True, backbone=backbone,
+                               dit_hidden=24, dit_depth=1, dit_heads=2)
+    torch.manual_seed(0)
+    net = VelocityNet(config).eval()
+    wake(net)
+    x, t = torch.randn(2, 2, 4, 6, 4), torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        unflipped = net(x, t)
+        assert torch.equal(unflipped, net(x, t, flipped=torch.tensor([False, False])))
+        flagged = FlipConditioned(net, torch.tensor([True, False]))(x, t)
+    assert not torch.allclose(flagged[0], unflipped[0]) and torch.equal(flagged[1], unflipped[1])
+    plain = VelocityNet(dataclasses.replace(config, flip_channel=False))
+    with pytest.raises(ValueError, match="not trained with the flip flag"):
+        plain(x, t, flipped=torch.tensor([True, False]))

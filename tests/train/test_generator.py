@@ -187,3 +187,107 @@ def test_a_damaged_latent_cache_is_encoded_again_and_a_damaged_prepare_json_name
     record.write_text('{"preset": ')
     with pytest.raises(ValueError, match=rf"{record}: damaged or incomplete JSON .*mriflow prepare"):
         train_flow(data, autoencoder, tmp_path / "flow", config=tiny(max_steps=1))
+
+
+# ---- a generator of the images behind a fixed representation, without an autoencoder (issue 24) ----
+
+
+def tiny_wavelet(max_steps=3, **loop):
+    """A flow on the 2-level Haar packet of write_prepared's 16 x 20 x 16 volumes (64 bands of 4 x 5 x 4), x-prediction,
+    flip flag on: the wavelet preset in miniature."""
+    model = VelocityNetConfig(in_channels=64, channels=(16, 16), attention_levels=(False, True), num_res_blocks=1,
+                              num_head_channels=8, norm_num_groups=4, flip_channel=True)
+    loop = LoopConfig(**{"max_steps": max_steps, "batch_size": 2, "warmup_steps": 2, "log_every": 1, "montage_every": 3,
+                         "checkpoint_every": 3, "device": "cpu", **loop})
+    from mriflow.families.flow import FlowObjectiveConfig
+
+    return FlowTrainingConfig(model=model, loop=loop, representation="haar2",
+                              objective=FlowObjectiveConfig(prediction="data", time_mean=-0.8, time_std=0.8))
+
+
+def test_a_representation_run_learns_the_images_without_an_autoencoder_and_resumes_exactly(tmp_path):
+    data = write_prepared_with_sex(tmp_path / "data", shape=SHAPE)
+    config = tiny_wavelet(max_steps=6)
+    train_flow(data, None, tmp_path / "whole", condition=["age", "sex"], config=config)
+    train_flow(data, None, tmp_path / "split", condition=["age", "sex"], config=config, stop_at_step=3)
+    train_flow(data, None, tmp_path / "split", resume=True)
+    whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
+    assert len({row["loss"] for row in whole}) == 6 and [r["loss"] for r in whole] == [r["loss"] for r in split]
+    assert all(float(row["cpu_seconds"]) > 0 for row in whole)
+    weights, meta = ckpt.load_checkpoint(tmp_path / "whole")
+    weights_split, _ = ckpt.load_checkpoint(tmp_path / "split")
+    assert all(torch.equal(weights[k], weights_split[k]) for k in weights)
+
+    assert "autoencoder" not in meta and meta["space"] == "image" and meta["latent_shape"] == [64, 4, 5, 4]
+    record = meta["representation"]
+    assert record["kind"] == "haar" and record["levels"] == 2 and len(record["band_std"]) == 64
+    # the bands were normalised on the training split: the low-pass band's mean is the volumes' mean in [−1, 1], x 8
+    images = PreparedDataset(data, "train")
+    volumes = torch.stack([images[i]["image"] for i in range(len(images))]).double()
+    assert record["band_mean"][0] == pytest.approx(float((2 * volumes - 1).mean() * 8), rel=1e-4)
+    assert meta["data"]["train_subjects"] == 6 and meta["config"]["model"]["flip_channel"]
+    validation = (tmp_path / "whole" / "validation.csv").read_text().splitlines()
+    assert validation[0].startswith("step,val_x_mse,val_x_mse_t0.3") and len(validation) == 3  # steps 3 and 6
+    rows = montage_panels(tmp_path / "whole" / "montages" / "step-00000003.png")
+    assert len(rows) == 2 and all(panel.std() > 0.01 for row in rows for panel in row)
+
+
+def test_a_representation_run_generates_exports_and_names_its_representation(tmp_path):
+    from mriflow.export import export_generator
+    from mriflow.generate import generate, load_generator
+
+    data = write_prepared_with_sex(tmp_path / "data", shape=SHAPE)
+    train_flow(data, None, tmp_path / "run", condition=["age", "sex"], config=tiny_wavelet())
+    generator = load_generator(tmp_path / "run", "cpu")
+    assert generator.representation_name == "haar2" and generator.space == "image" and generator.autoencoder is None
+    volumes, nfe = generator.sample([0, 1], None, generator.sampling_settings(steps=3))
+    assert volumes.shape == (2, *SHAPE) and volumes.min() >= 0 and volumes.max() <= 1 and nfe == 5  # heun 2 + 2, one jump
+    with pytest.raises(ValueError, match="has no autoencoder"):
+        generator.reconstruct(torch.zeros(1, 1, *SHAPE))
+
+    exported = export_generator(tmp_path / "run", tmp_path / "release")
+    assert sorted(p.name for p in exported.iterdir()) == ["flow"]  # nothing else travels: the transform is its record
+    result = generate(exported, tmp_path / "samples", n=2, steps=2, covariates={"age": 40, "sex": "F"}, device="cpu",
+                      progress=False)
+    sidecar = json.loads(result.paths[0].with_name("sample_00000.json").read_text())
+    assert sidecar["representation"] == "haar2" and sidecar["space"] == "image"
+    assert "exactly 0" in sidecar["background"] and sidecar["autoencoder_checksum"] is None
+
+
+def test_a_representation_run_refuses_an_autoencoder_beside_it_or_neither(prepared, tmp_path):
+    data, autoencoder = prepared
+    with pytest.raises(ValueError, match="not both; drop --autoencoder"):
+        train_flow(data, autoencoder, tmp_path / "both", config=tiny_wavelet())
+    with pytest.raises(ValueError, match=r"pass --autoencoder RUN .* or --representation haar2"):
+        train_flow(data, None, tmp_path / "neither", config=tiny())
+    from mriflow.train.generator import train_generator
+
+    train_flow(data, None, tmp_path / "run", config=tiny_wavelet(max_steps=1))
+    with pytest.raises(ValueError, match="learns haar2; drop --representation to resume"):
+        train_generator("flow", data, None, tmp_path / "run", resume=True, max_steps=2, representation="haar1")
+
+
+def test_a_run_whose_folder_is_gone_restarts_warm_from_its_exported_weights(tmp_path):
+    """What the CPU long-run queue does on a new machine: the exported fp16 weights carry the step, config,
+    covariates and representation; the new run continues the schedule from there with fresh optimizer moments."""
+    from mriflow.export import export_generator
+
+    data = write_prepared_with_sex(tmp_path / "data", shape=SHAPE)
+    train_flow(data, None, tmp_path / "first", condition=["age", "sex"], config=tiny_wavelet(max_steps=8), stop_at_step=3)
+    export_generator(tmp_path / "first", tmp_path / "exported")
+    from mriflow.train.generator import train_generator
+
+    result = train_generator("flow", data, None, tmp_path / "second", warm_start=tmp_path / "exported" / "flow",
+                             stop_at_step=5)
+    rows = read_log(tmp_path / "second")
+    assert result["step"] == 5 and [row["step"] for row in rows] == ["4", "5"]
+    weights, meta = ckpt.load_checkpoint(tmp_path / "second")
+    _, first = ckpt.load_checkpoint(tmp_path / "first")
+    assert meta["warm_start"]["step"] == 3 and meta["representation"] == first["representation"]
+    assert meta["config"]["model"]["covariate_names"] == ["age", "sex"]
+    # the learning rate warms up again from the warm start's step: 1/2 then 2/2 of the schedule's (warmup_steps 2)
+    schedule = [float(first_row["lr"]) for first_row in read_log(tmp_path / "first")]
+    assert float(rows[0]["lr"]) < float(rows[1]["lr"]) and schedule
+    train_generator("flow", data, None, tmp_path / "second", resume=True, warm_start=tmp_path / "exported" / "flow")
+    _, resumed = ckpt.load_checkpoint(tmp_path / "second")
+    assert resumed["step"] == 8 and resumed["warm_start"] == meta["warm_start"]

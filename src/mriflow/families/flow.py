@@ -1,4 +1,5 @@
-"""Rectified flow (mriflow's generator): L = E ‖v(x_t, t, c) − (x1 − x0)‖, sampled by an ODE solver.
+"""Rectified flow (mriflow's generator): L = E ‖v(x_t, t, c) − (x1 − x0)‖, sampled by an ODE solver; the network
+predicts the velocity, or the clean data from which the velocity is read (objective.prediction "data").
 
 The path (LinearPath), the time convention and the objective live in mriflow.flow (path,
 objective, solvers, sampling); this module is their configuration and the `Family` that ties them.
@@ -14,12 +15,14 @@ import torch
 from torch import nn
 
 from mriflow.families.base import Family, check_choice
-from mriflow.flow.objective import LOSSES, RectifiedFlowLoss
+from mriflow.flow.objective import LOSSES, WEIGHTINGS, RectifiedFlowLoss
 from mriflow.flow.path import TIME_DISTRIBUTIONS, LinearPath
 from mriflow.flow.sampling import sample_latents
 from mriflow.flow.solvers import SOLVERS
 from mriflow.models.velocity import VelocityNetConfig
 from mriflow.config import LoopConfig
+
+PREDICTIONS = ("velocity", "data")
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,21 @@ class FlowObjectiveConfig:
     time_std: float = 1.0
     time_shift: float = 1.0  # t' = t / (t + s (1 - t)); > 1 for larger latents (mriflow.flow.path.resolution_shift)
     huber_c: float | None = None
+    prediction: str = "velocity"  # the network's output: "velocity" | "data" (x-prediction, for image-space bands)
+    weighting: str = "none"  # "none" | "min_snr" (min-SNR-γ, mriflow.flow.objective.min_snr_weight)
+    min_snr_gamma: float = 5.0
+    sigma_floor: float = 0.05  # x-prediction only: the smallest 1 − t a data prediction is divided by
 
     def __post_init__(self) -> None:
         check_choice("objective.loss", self.loss, LOSSES)
         check_choice("objective.time_distribution", self.time_distribution, TIME_DISTRIBUTIONS)
+        check_choice("objective.prediction", self.prediction, PREDICTIONS)
+        check_choice("objective.weighting", self.weighting, WEIGHTINGS)
         if self.time_shift <= 0:
             raise ValueError(f"objective.time_shift must be > 0, got {self.time_shift}")
+        if self.min_snr_gamma <= 0 or not 0 < self.sigma_floor < 1:
+            raise ValueError(f"objective.min_snr_gamma must be > 0 and objective.sigma_floor in (0, 1), got "
+                             f"{self.min_snr_gamma}, {self.sigma_floor}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,8 @@ class FlowTrainingConfig:
     objective: FlowObjectiveConfig = FlowObjectiveConfig()
     sampling: FlowSamplingConfig = FlowSamplingConfig()
     loop: LoopConfig = LoopConfig()
+    representation: str = ""  # "" learns an autoencoder's latents (--autoencoder); "haar2" etc. the images behind a
+                              # fixed transform (mriflow.representations), without an autoencoder
 
 
 class RectifiedFlow(Family):
@@ -72,8 +86,9 @@ class RectifiedFlow(Family):
 
     def __init__(self, config: FlowTrainingConfig):
         super().__init__(config)
-        self.path = LinearPath()
-        self.objective = RectifiedFlowLoss(**dataclasses.asdict(config.objective), path=self.path)
+        objective = config.objective
+        self.path = LinearPath(objective.prediction, objective.sigma_floor if objective.prediction == "data" else 0.0)
+        self.objective = RectifiedFlowLoss(**dataclasses.asdict(objective), path=self.path)
 
     def loss(self, net, latents, covariates, covariates_present):
         return self.objective(net, latents, covariates, covariates_present)

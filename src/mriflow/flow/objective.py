@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torch import nn
 from mriflow.flow.path import LinearPath, sample_time
 
 LOSSES = ("l2", "l1", "l1_l2", "pseudo_huber")
+WEIGHTINGS = ("none", "min_snr")
 
 
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float | None = None) -> torch.Tensor:
@@ -40,10 +41,21 @@ def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = 
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {kind!r}")
 
 
+def min_snr_weight(t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weights (Hang et al. 2023) of the velocity loss at times t (B,) on the LinearPath.
+
+    The velocity error is the data error over 1 − t, so ‖v̂ − u‖² weighs ‖x̂1 − x1‖² by 1/(1 − t)²; min-SNR weighs
+    it by min(SNR, γ), SNR = t²/(1 − t)², instead: the velocity loss times min(t², γ·(1 − t)²). The nearly clean
+    times, whose large weight slows learning of everything else, are capped.
+    """
+    return torch.minimum(t.square(), gamma * (1 - t).square())
+
+
 @dataclass
 class RectifiedFlowLoss:
-    """E_{t, x0, x1} ‖v(x_t, t, c) − u‖ with x_t = path.sample_xt(x0, x1, t), u = path.target(x0, x1, t)
-    on the LinearPath of mriflow.flow.path.
+    """E_{t, x0, x1} w(t)·‖v̂ − u‖ with x_t = path.sample_xt(x0, x1, t) on the LinearPath of mriflow.flow.path:
+    v̂ is the network's output read as a velocity (itself, or (x̂1 − x_t)/(1 − t) for a network that predicts the
+    data, `prediction` "data"), u the path's velocity read the same way, w(t) = 1 or min-SNR-γ (`weighting`).
 
     The fields but `path` are the objective's configuration (build with mriflow.config.from_dict).
     `velocity_net(x, t, covariates, covariates_present)` drops covariates itself
@@ -56,11 +68,19 @@ class RectifiedFlowLoss:
     time_std: float = 1.0
     time_shift: float = 1.0
     huber_c: float | None = None
-    path: LinearPath = field(default_factory=LinearPath)
+    prediction: str = "velocity"  # what the network outputs: "velocity" | "data" (x-prediction)
+    weighting: str = "none"  # "none" | "min_snr"
+    min_snr_gamma: float = 5.0
+    sigma_floor: float = 0.05  # x-prediction: 1 − t is bounded below by this where it divides (JiT)
+    path: LinearPath | None = None
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
+        if self.path is None:
+            self.path = LinearPath(self.prediction, self.sigma_floor if self.prediction == "data" else 0.0)
 
     def __call__(
         self,
@@ -76,5 +96,11 @@ class RectifiedFlowLoss:
         )
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         x_t = self.path.sample_xt(x0, x1, t)
-        v = velocity_net(x_t, t, covariates, covariates_present)
-        return regression_loss(v, self.path.target(x0, x1, t), self.loss, self.huber_c).mean()
+        prediction = velocity_net(x_t, t, covariates, covariates_present)
+        kind = self.path.prediction
+        v_hat = self.path.convert(prediction, x_t, t, kind, "velocity")
+        u = self.path.convert(self.path.target(x0, x1, t), x_t, t, kind, "velocity")
+        losses = regression_loss(v_hat, u, self.loss, self.huber_c)  # (B,)
+        if self.weighting == "min_snr":
+            losses = losses * min_snr_weight(t, self.min_snr_gamma)
+        return losses.mean()

@@ -64,18 +64,25 @@ def check_kind(kind: str, kinds: Sequence[str], path: str) -> None:
 class LinearPath:
     """The rectified-flow path x_t = t·x1 + (1 − t)·x0 (α_t = t, σ_t = 1 − t), whose velocity is u = x1 − x0.
 
-    The network predicts the velocity. A velocity u at x_t is also a prediction of both ends:
+    The network predicts the velocity (`prediction` "velocity"), or the clean data x̂1 ("data": x-prediction, as JiT,
+    Li & He 2025, which lets a network predict large raw patches where a velocity or noise target fails). One
+    prediction at x_t gives the others:
 
         x̂1 = x_t + (1 − t)·u,    x̂0 = x_t − t·u,    and back  u = x̂1 − x̂0,
-        from x̂1 alone: x̂0 = (x_t − t·x̂1)/(1 − t);  from x̂0 alone: x̂1 = (x_t − (1 − t)·x̂0)/t.
+        from x̂1 alone: x̂0 = (x_t − t·x̂1)/(1 − t),  u = (x̂1 − x_t)/(1 − t);  from x̂0 alone: x̂1 = (x_t − (1 − t)·x̂0)/t.
 
-    "epsilon" names the noise end x0 and "data" the data end x1, as in VPDiffusionPath.
+    "epsilon" names the noise end x0 and "data" the data end x1, as in VPDiffusionPath. `sigma_floor` > 0 bounds
+    the divisor 1 − t from below (JiT's clip, 0.05), so a data prediction near t = 1 gives a finite velocity.
 
         >>> x1_hat = LinearPath().convert(v, x_t, t, "velocity", "data")
     """
 
-    prediction = "velocity"
     kinds = ("velocity", "epsilon", "data")
+
+    def __init__(self, prediction: str = "velocity", sigma_floor: float = 0.0):
+        check_kind(prediction, ("velocity", "data"), "LinearPath's network")
+        self.prediction = prediction
+        self.sigma_floor = float(sigma_floor)
 
     def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(α_t, σ_t) = (t, 1 − t), shaped to broadcast over `like` (B, ...); t is (B,) or 0-dim."""
@@ -88,8 +95,8 @@ class LinearPath:
         return alpha * data + sigma * noise
 
     def target(self, noise: torch.Tensor, data: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """u = dx_t/dt = x1 − x0 (the same at every t)."""
-        return data - noise
+        """What the network should output at x_t: u = dx_t/dt = x1 − x0 (the same at every t), or x1 itself."""
+        return data - noise if self.prediction == "velocity" else data
 
     def convert(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, source: str,
                 target: str) -> torch.Tensor:
@@ -100,11 +107,12 @@ class LinearPath:
         if source == target:
             return prediction
         alpha, sigma = self.coefficients(t, x_t)
+        if self.sigma_floor > 0:
+            sigma = sigma.clamp_min(self.sigma_floor)
         if source == "velocity":
             return x_t + sigma * prediction if target == "data" else x_t - alpha * prediction
-        if source == "data":
-            noise = (x_t - alpha * prediction) / sigma
-            return noise if target == "epsilon" else prediction - noise
+        if source == "data":  # u = (x̂1 − x_t)/(1 − t), x̂0 = (x_t − t·x̂1)/(1 − t)
+            return (prediction - x_t) / sigma if target == "velocity" else (x_t - alpha * prediction) / sigma
         data = (x_t - sigma * prediction) / alpha  # source == "epsilon"
         return data if target == "data" else data - prediction
 

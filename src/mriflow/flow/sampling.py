@@ -86,16 +86,38 @@ def sample_latents(
     values, present = broadcast_covariates(covariates, batch_size, device)
     with evaluating(velocity_net):
         if solver != "dopri5":
-            velocity = guided_prediction(velocity_net, values, present, guidance)
+            predict = guided_prediction(velocity_net, values, present, guidance)
             t_steps = path.time_grid(steps, time_shift, dtype=x_init.dtype)
-            return solve(velocity, x_init, solver, t_steps=t_steps, rtol=rtol, atol=atol)
+            return integrate(predict, x_init, solver, path, t_steps, rtol, atol)
         latents, nfes = [], []
         for i in range(batch_size):
             one = slice(i, i + 1)
-            velocity = guided_prediction(
+            predict = guided_prediction(
                 velocity_net, None if values is None else values[one], None if present is None else present[one], guidance
             )
-            latent, nfe = solve(velocity, x_init[one], "dopri5", rtol=rtol, atol=atol)
+            latent, nfe = integrate(predict, x_init[one], "dopri5", path, None, rtol, atol)
             latents.append(latent)
             nfes.append(nfe)
         return torch.cat(latents), max(nfes)
+
+
+def integrate(predict, x_init: torch.Tensor, solver: str, path: LinearPath, t_steps: torch.Tensor | None,
+              rtol: float, atol: float) -> tuple[torch.Tensor, int]:
+    """Integrate the path's ODE from x_init with the network's (guided) `predict(x, t)`; (data end, NFE).
+
+    A velocity is integrated over the whole grid. A data prediction x̂1 gives the velocity (x̂1 − x)/(1 − t), which
+    is undefined at t = 1: the solver stops at the grid's last point before 1 (dopri5 at 1 − sigma_floor), and the
+    last step is Euler's onto t = 1, which lands on that point's x̂1 (EDM's rule for the step onto σ = 0): one
+    evaluation more.
+    """
+    if path.prediction == "velocity":
+        return solve(predict, x_init, solver, t_steps=t_steps, rtol=rtol, atol=atol)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return path.convert(predict(x, t), x, t, path.prediction, "velocity")
+
+    t_last = t_steps[-2] if t_steps is not None else torch.tensor(1.0 - path.sigma_floor, dtype=x_init.dtype)
+    x, nfe = solve(velocity, x_init, solver, t_steps=None if t_steps is None else t_steps[:-1], rtol=rtol, atol=atol,
+                   t_end=float(t_last))
+    data = path.convert(predict(x, t_last.to(x.device)), x, t_last, path.prediction, "data")
+    return data, nfe + 1

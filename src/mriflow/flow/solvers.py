@@ -98,11 +98,12 @@ def solve(
     time_shift: float = 1.0,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    t_end: float = 1.0,
 ) -> tuple[torch.Tensor, int]:
     """Integrate over [0, 1] with `method`; fixed-step methods use `t_steps`, or
-    `time_grid(num_steps, time_shift)` when it is None. Returns (final x, NFE)."""
+    `time_grid(num_steps, time_shift)` when it is None; dopri5 integrates over [0, t_end]. Returns (final x, NFE)."""
     if method == "dopri5":
-        return dopri5(velocity, x_init, rtol=rtol, atol=atol)
+        return dopri5(velocity, x_init, rtol=rtol, atol=atol, t_end=t_end)
     if method not in FIXED_STEP:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {method!r}")
     if t_steps is None:

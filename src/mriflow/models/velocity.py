@@ -52,6 +52,8 @@ class VelocityNetConfig:
     dit_depth: int = 6
     dit_heads: int = 4
     spatial_dims: int = 3  # 3: volumes (B, C, D, H, W); 2: slices (B, C, H, W) (the U-Net only; the slice model)
+    flip_channel: bool = False  # non-leaky left-right flip augmentation: one more input channel, 1 where the training
+                                # volume was flipped, 0 otherwise and always 0 when sampling (`flipped` of forward)
 
     def with_schema(self, schema) -> "VelocityNetConfig":
         """This config conditioned on the covariates of a mriflow.data.dataset.CovariateSchema."""
@@ -95,10 +97,11 @@ class VelocityNet(nn.Module):
                              f"with {config.backbone!r}")
         self.config = config
         self.num_covariates = len(config.covariate_names)
+        self.input_channels = config.in_channels + config.spatial_channels + int(config.flip_channel)
         if config.backbone == "dit":
             from mriflow.models.dit import DiT
 
-            self.dit = DiT(config.in_channels + config.spatial_channels, config.in_channels, config.dit_patch_size,
+            self.dit = DiT(self.input_channels, config.in_channels, config.dit_patch_size,
                            config.dit_hidden, config.dit_depth, config.dit_heads)
             if self.num_covariates:
                 self.conditioning = CovariateEmbedding(config.covariate_kinds, config.covariate_categories,
@@ -107,7 +110,7 @@ class VelocityNet(nn.Module):
         embedding_dim = 4 * config.channels[0]  # DiffusionModelUNet's time-embedding width
         self.unet = DiffusionModelUNet(
             spatial_dims=config.spatial_dims,
-            in_channels=config.in_channels + config.spatial_channels,
+            in_channels=self.input_channels,
             out_channels=config.in_channels,
             num_res_blocks=config.num_res_blocks,
             channels=tuple(config.channels),
@@ -132,6 +135,7 @@ class VelocityNet(nn.Module):
         covariates: torch.Tensor | None = None,
         covariates_present: torch.Tensor | None = None,
         spatial: torch.Tensor | None = None,
+        flipped: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if x.ndim != 2 + self.config.spatial_dims or x.shape[1] != self.config.in_channels:
             axes = "D, H, W" if self.config.spatial_dims == 3 else "H, W"
@@ -142,6 +146,11 @@ class VelocityNet(nn.Module):
                 got = None if spatial is None else tuple(spatial.shape)
                 raise ValueError(f"this network is conditioned on a spatial map: expected spatial of shape {expected}, got {got}")
             x = torch.cat([x, spatial.to(x.dtype)], 1)
+        if self.config.flip_channel:  # (B,) flags as a constant channel; None: not flipped (sampling)
+            flags = x.new_zeros(x.shape[0]) if flipped is None else flipped.to(x.dtype).reshape(-1)
+            x = torch.cat([x, flags.reshape(-1, 1, *([1] * (x.ndim - 2))).expand(-1, 1, *x.shape[2:])], 1)
+        elif flipped is not None:
+            raise ValueError("this network was not trained with the flip flag (model.flip_channel); pass no `flipped`")
         batch, spatial = x.shape[0], x.shape[2:]
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         t = t.expand(batch) if t.ndim == 0 else t  # (B,)
@@ -183,6 +192,21 @@ class SpatiallyConditioned(nn.Module):
                 raise ValueError(f"a batch of {x.shape[0]} latents for {spatial.shape[0]} spatial conditions")
             spatial = spatial.repeat(x.shape[0] // spatial.shape[0], *([1] * (spatial.ndim - 1)))
         return self.net(x, t, covariates, covariates_present, spatial=spatial)
+
+
+class FlipConditioned(nn.Module):
+    """A network trained with the flip flag (model.flip_channel) with each training item's flag bound: f(x, t, c, present)
+    = net(x, t, c, present, flipped=flipped), so the family's loss calls it like any network. Sampling uses the bare
+    network, whose flag is then 0: the model draws unflipped brains and learns from flipped ones without drawing them
+    (non-leaky augmentation, Karras et al. 2022)."""
+
+    def __init__(self, net: nn.Module, flipped: torch.Tensor):
+        super().__init__()
+        self.net = net
+        self.flipped = flipped
+
+    def forward(self, x, t, covariates=None, covariates_present=None, **kwargs):
+        return self.net(x, t, covariates, covariates_present, flipped=self.flipped, **kwargs)
 
 
 def num_parameters(module: nn.Module) -> int:

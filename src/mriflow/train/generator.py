@@ -40,78 +40,48 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from mriflow import checkpoint as ckpt
-from mriflow.config import from_dict, load_preset, to_dict
-from mriflow.data.dataset import CovariateSchema, covariate_columns, read_manifest, read_preparation
+from mriflow.config import to_dict
+from mriflow.data.dataset import PreparedDataset
 from mriflow.data.labels import TISSUE_CLASSES, tissue_fractions, tissue_lookup
 from mriflow.families import FAMILIES, Family, get_family
 from mriflow.families.diffusion import DiffusionTrainingConfig
 from mriflow.families.flow import FlowTrainingConfig
 from mriflow.latents import LatentDataset, damaged_splits, encode_dataset, latent_cache_dir, read_cache_index
-from mriflow.models.velocity import SpatiallyConditioned, VelocityNet, num_parameters
+from mriflow.models.velocity import FlipConditioned, SpatiallyConditioned, VelocityNet, num_parameters
+from mriflow.representations import make_representation, representation_from_dict
 from mriflow import distributed
 from mriflow.train import loop
+from mriflow.train.generator_data import (PosteriorSamples, RepresentationSamples, _check_condition, geometry,  # noqa: F401
+                                         load_config, representation_name, run_config, validation_volumes)
 from mriflow.utils.seeding import seed_everything
 from mriflow.distributed import Distributed
 from mriflow.utils.files import DamagedFileError
 
 PRESETS = ("tiny", "small", "base", "large")
+VALIDATION_TIMES = (0.3, 0.5, 0.7, 0.9)  # where GeneratorStage.validate measures denoising (t = 1 is data)
 STAGES = tuple(FAMILIES)
 
 
-def load_config(stage: str, preset: str = "tiny", max_steps: int | None = None) -> Any:
-    """The training config (Family.Config) of preset `<stage>-<preset>.yaml` of a generative family ("flow",
-    "diffusion", "gan", ...), with the step count replaced when given."""
-    config_class = get_family(stage).Config
-    config = from_dict(config_class, load_preset(stage, preset), f"{stage}-{preset}.yaml")
-    return _override(config, max_steps)
-
-
 # ---- the stages ---------------------------------------------------------------------------------
-
-
-class PosteriorSamples(Dataset):
-    """Items of a LatentDataset with one scaled latent drawn from the subject's posterior: {"latent" (C, d, h, w),
-    "covariates" (K,), "covariates_present" (K,)}.
-
-    The draw uses torch's global generator, which the training loop seeds per (seed, epoch, item),
-    so a resumed run draws the same latents as an uninterrupted one.
-    """
-
-    def __init__(self, latents: LatentDataset, spatial: torch.Tensor | None = None):
-        self.latents = latents
-        self.spatial = spatial  # (N, S, d, h, w): each subject's spatial condition (label-conditioned models)
-
-    def __len__(self) -> int:
-        return len(self.latents)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = self.latents[index]
-        sample = {"latent": self.latents.sample(item["latent_mean"], item["latent_logvar"]),
-                  "covariates": item["covariates"], "covariates_present": item["covariates_present"]}
-        if self.spatial is not None:
-            sample["spatial"] = self.spatial[index]
-        return sample
 
 
 class GeneratorStage:
     """A latent generator of any family as a `loop.Stage`: the network "velocity" with its EMA copy (the inference
     weights), any networks the family trains beside it (Family.extra_networks, e.g. a GAN's critic), one phase each
     in that order, the family's phase losses, and a montage that decodes a real latent beside a sample with its
-    covariates."""
+    covariates. `decode` maps the generator's arrays (B, C, d, h, w) to volumes (B, 1, D, H, W) in [0, 1] (the
+    autoencoder's decoder, or a fixed representation's inverse); None: no montage."""
 
     ema_networks = ("velocity",)
 
-    def __init__(self, family: Family, latent_shape: Sequence[int], autoencoder: nn.Module | None = None,
-                 latent_scale: float = 1.0):
+    def __init__(self, family: Family, latent_shape: Sequence[int], decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.family = family
         self.config = family.config
         velocity_net = VelocityNet(self.config.model)
@@ -121,18 +91,45 @@ class GeneratorStage:
                                                         for name, net in self.networks.items()}
         self.metric_names = family.metric_names
         self.latent_shape = tuple(latent_shape)
-        self.autoencoder = autoencoder  # frozen, for montages only (None: no montage)
-        self.latent_scale = latent_scale
+        self.decode = decode
+        self.validation: RepresentationSamples | None = None  # held-out volumes for `validate` (image-space runs)
+
+    def validate(self, networks: dict[str, nn.Module]) -> dict[str, float]:
+        """How well the EMA network denoises held-out volumes: the mean squared error of its clean-volume estimate
+        x̂1 (decoded, in [0, 1]) at fixed times VALIDATION_TIMES and fixed noise per (subject, time), so the figure
+        compares across checkpoints and runs of one validation split; the first ("val_x_mse", their mean) selects
+        the best checkpoint. Without held-out volumes there is nothing to report."""
+        if self.validation is None or self.family.path is None:
+            return {}
+        net, path = networks["velocity"], self.family.path
+        device = next(net.parameters()).device
+        errors = torch.zeros(len(VALIDATION_TIMES), dtype=torch.float64)
+        for index in range(len(self.validation)):
+            item = self.validation[index]
+            x1 = item["latent"][None].to(device)
+            covariates = (item["covariates"][None].to(device), item["covariates_present"][None].to(device))
+            real = self.decode(x1)
+            for k, time_value in enumerate(VALIDATION_TIMES):
+                noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1000 * index + k)).to(device)
+                t = torch.full((1,), time_value, device=device)
+                x_t = path.sample_xt(noise, x1, t)
+                x1_hat = path.convert(net(x_t, t, *covariates), x_t, t, path.prediction, "data")
+                errors[k] += (self.decode(x1_hat) - real).square().mean().item()
+        errors /= len(self.validation)
+        return {"val_x_mse": float(errors.mean()),
+                **{f"val_x_mse_t{time_value:g}": float(e) for time_value, e in zip(VALIDATION_TIMES, errors)}}
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         networks = dict(self.networks)  # the loop's (DDP-wrapped under torchrun)
+        if "flipped" in batch and self.config.model.flip_channel:
+            networks["velocity"] = FlipConditioned(networks["velocity"], batch["flipped"])
         if "spatial" in batch:
             networks["velocity"] = SpatiallyConditioned(networks["velocity"], batch["spatial"])
         return self.family.phase_loss(phase, networks, batch["latent"], batch["covariates"], batch["covariates_present"])
 
     @torch.no_grad()
     def montage(self, batch: dict, networks: dict[str, nn.Module]) -> dict[str, np.ndarray] | None:
-        if self.autoencoder is None:
+        if self.decode is None:
             return None
         real = batch["latent"][:1].float()  # (1, C, d, h, w), scaled
         covariates = (batch["covariates"][:1], batch["covariates_present"][:1]) if self.config.model.covariate_names else None
@@ -144,7 +141,7 @@ class GeneratorStage:
                                        real.device)
 
         def decode(latent: torch.Tensor) -> np.ndarray:
-            return self.autoencoder.decode(latent / self.latent_scale).float().clamp(0, 1)[0, 0].cpu().numpy()
+            return self.decode(latent).float().clamp(0, 1)[0, 0].cpu().numpy()
 
         return {"real latent, decoded": decode(real), "sample, same covariates": decode(sample.float())}
 
@@ -198,7 +195,7 @@ def train_diffusion(
 def train_generator(
     stage_name: str,
     data_dir: str | Path,
-    autoencoder: str | Path,
+    autoencoder: str | Path | None,
     out: str | Path,
     condition: Sequence[str] | None = None,
     preset: str | None = None,
@@ -211,16 +208,30 @@ def train_generator(
     label_condition: bool = False,
     regions: str | Path | None = None,
     backbone: str | None = None,
+    representation: str | None = None,
+    loop_overrides: Mapping[str, Any] | None = None,
+    warm_start: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the latent generator of family `stage_name` (a key of mriflow.families.FAMILIES); the arguments
     and the result are train_flow's, `config` being that family's training config; `lr` replaces the peak
     learning rate (also on resume).
 
+    The generator learns either the latents of `autoencoder` or, with `representation` (e.g. "haar2"; or the
+    config's own, a flow preset's `representation`) and no autoencoder, the training volumes themselves behind that
+    fixed lossless transform (mriflow.representations): nothing caps the detail it can learn, and there is no
+    autoencoder to train. Recorded in meta["representation"] (with the band statistics) instead of meta["autoencoder"].
+
     `label_condition`: condition on each subject's tissue map as well (its label map through `regions`, a
     muse_regions.csv, or the default DLMUSE map; mriflow.train.labels.read_label_map), given to the network as the
     class fractions of each latent voxel's block (mriflow.data.labels.tissue_fractions), so `generate --label-map`
     draws a scan with a given anatomy. Recorded in meta["spatial_condition"]. `backbone` ("unet" | "dit") replaces
-    the preset's network (model.backbone; the DiT's size is model.dit_*, by default matched to flow-tiny's U-Net)."""
+    the preset's network (model.backbone; the DiT's size is model.dit_*, by default matched to flow-tiny's U-Net).
+
+    `warm_start`: a generator run, checkpoint or exported model's flow/ folder of this family (e.g. what the CPU
+    long-run queue exported)
+    to start a run without checkpoints from: its config, covariates, representation and inference weights at its step
+    (mriflow.train.loop.train), as a resume would but with fresh optimizer moments. Ignored once `out` has a checkpoint
+    and `resume` is set."""
     data_dir, out = Path(data_dir), Path(out)
     if label_condition and not get_family(stage_name).label_conditioning:
         raise ValueError(f"--label-condition: the {stage_name} family cannot learn a label-conditioned model; "
@@ -228,14 +239,19 @@ def train_generator(
     if get_family(stage_name).space != "latent":
         raise ValueError(f"the {stage_name} family works in image space, without an autoencoder; train it with "
                          f"`mriflow train {stage_name} DATA --out RUN` (mriflow.train.slices.train_slices)")
-    checkpoint_dir = ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned: a newer checkpoint of the run is not used
+    warm = None
+    if warm_start is not None and not (resume and ckpt.latest_checkpoint(out) is not None):
+        warm = ckpt.resolve_checkpoint(warm_start)
     config, names, schema, preset, saved = run_config(stage_name, get_family(stage_name).Config, data_dir, out, resume,
-                                                      condition, preset, max_steps, config, max_minutes, lr)
+                                                      condition, preset, max_steps, config, max_minutes, lr,
+                                                      loop_overrides, from_checkpoint=warm)
+    representation = representation_name(representation, config, saved, autoencoder, out)
+    checkpoint_dir = None if representation else ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned
     if saved is not None:
         spatial_record = saved.get("spatial_condition")
         if label_condition and spatial_record is None:
             raise ValueError(f"{out} was trained without --label-condition; drop it to resume")
-        if saved["autoencoder"]["model_sha256"] != ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE):
+        if checkpoint_dir is not None and saved["autoencoder"]["model_sha256"] != ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE):
             raise ValueError(f"{out} was trained on the latents of {saved['autoencoder']['path']}, but {checkpoint_dir} "
                              "holds other weights; pass that autoencoder checkpoint folder to resume")
     else:
@@ -252,93 +268,78 @@ def train_generator(
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(config.loop.device)
     try:
-        # every process loads it for the record; only rank 0 draws montages, on its device
-        decoder, autoencoder_meta = ckpt.load_autoencoder(checkpoint_dir, context.device if context.is_main else "cpu")
-        decoder.requires_grad_(False)
-        preparation, image_shape, affine = _geometry(data_dir)
-        trained_shape = autoencoder_meta.get("image_shape")
-        if trained_shape is not None and list(trained_shape) != image_shape:
-            raise ValueError(f"{data_dir} holds volumes of shape {image_shape} but the autoencoder {checkpoint_dir} was "
-                             f"trained on {list(trained_shape)}; use an autoencoder trained on this grid")
-        _ensure_latents(data_dir, checkpoint_dir, context)
-        # the schema is fitted on the training split (or is the resumed run's own)
-        latents = LatentDataset(data_dir, checkpoint_dir, "train", covariates=None if schema is not None else names or None,
-                                schema=schema)
-        config = dataclasses.replace(config, model=config.model.with_schema(latents.schema))
-        latent_shape = list(latents.index["latent_shape"])
-        spatial = None
+        preparation, image_shape, affine = geometry(data_dir)
+        subset = None if schema is not None else names or None  # the schema is fitted on the training split
+        if representation:
+            volumes = PreparedDataset(data_dir, "train", covariates=subset, schema=schema)
+            transform = (representation_from_dict(saved["representation"], str(out)) if saved is not None
+                         else make_representation(representation))
+            data = RepresentationSamples(volumes, transform, flip=config.model.flip_channel)
+            if saved is None:
+                transform.fit(volume for volume in data.volumes.float())
+            validation = validation_volumes(data_dir, volumes.schema, transform) if context.is_main else None
+            latent_shape = list(transform.latent_shape(image_shape))
+            fitted_schema, subjects = volumes.schema, data.subjects
+            decode = transform.decode
+            source = {"space": "image", "representation": transform.to_dict()}
+        else:
+            # every process loads it for the record; only rank 0 draws montages, on its device
+            decoder, autoencoder_meta = ckpt.load_autoencoder(checkpoint_dir, context.device if context.is_main else "cpu")
+            decoder.requires_grad_(False)
+            trained_shape = autoencoder_meta.get("image_shape")
+            if trained_shape is not None and list(trained_shape) != image_shape:
+                raise ValueError(f"{data_dir} holds volumes of shape {image_shape} but the autoencoder {checkpoint_dir} was "
+                                 f"trained on {list(trained_shape)}; use an autoencoder trained on this grid")
+            _ensure_latents(data_dir, checkpoint_dir, context)
+            latents = LatentDataset(data_dir, checkpoint_dir, "train", covariates=subset, schema=schema)
+            data = PosteriorSamples(latents)
+            latent_shape = list(latents.index["latent_shape"])
+            fitted_schema, subjects = latents.schema, latents.subjects
+            decode = (lambda z: decoder.decode(z / latents.scale)) if context.is_main else None
+            validation = None
+            source = {"autoencoder": {"path": str(checkpoint_dir), "model_sha256": latents.index["checkpoint"]["model_sha256"],
+                                      "latent_scale": latents.scale, "step": autoencoder_meta.get("step")}}
+        config = dataclasses.replace(config, model=config.model.with_schema(fitted_schema))
         if spatial_record is not None:
             from mriflow.train.labels import tissue_targets
 
             factor = image_shape[0] // latent_shape[1]
             spatial_record = {**spatial_record, "factor": factor}
-            targets = tissue_targets(data_dir, latents.subjects, tissue_lookup(spatial_record["label_map"]))
-            spatial = tissue_fractions(targets, factor)
+            targets = tissue_targets(data_dir, subjects, tissue_lookup(spatial_record["label_map"]))
+            data.spatial = tissue_fractions(targets, factor)
 
         seed_everything(config.loop.seed)  # identical initial weights in every process
-        stage = GeneratorStage(get_family(stage_name)(config), latent_shape, decoder if context.is_main else None,
-                               latents.scale)
+        stage = GeneratorStage(get_family(stage_name)(config), latent_shape, decode)
+        stage.validation = validation
         meta = {
             "stage": stage_name,
             "preset": preset,
             "config": to_dict(config),
-            "schema": latents.schema.to_dict(),
-            "autoencoder": {"path": str(checkpoint_dir), "model_sha256": latents.index["checkpoint"]["model_sha256"],
-                            "latent_scale": latents.scale, "step": autoencoder_meta.get("step")},
+            "schema": fitted_schema.to_dict(),
+            **source,
             "latent_shape": latent_shape,
             "image_shape": image_shape,
             "affine": affine,
             "grid": preparation.get("preset"),
-            "data": {"dir": str(data_dir.resolve()), "name": data_dir.resolve().name, "train_subjects": len(latents)},
+            "data": {"dir": str(data_dir.resolve()), "name": data_dir.resolve().name, "train_subjects": len(data)},
             "parameters": num_parameters(stage.networks["velocity"]),
             "preparation": preparation,
         }
         if spatial_record is not None:
             meta["spatial_condition"] = spatial_record
-        return loop.train(stage, PosteriorSamples(latents, spatial), config.loop, out, meta, resume=resume, context=context,
-                          stop_at_step=stop_at_step)
+        if warm is not None:
+            meta["warm_start"] = {"path": str(warm), "step": saved.get("step", 0),
+                                  "model_sha256": ckpt.sha256(warm / ckpt.MODEL_FILE)}
+        elif saved is not None and "warm_start" in saved:
+            meta["warm_start"] = saved["warm_start"]
+        return loop.train(stage, data, config.loop, out, meta, resume=resume, context=context,
+                          stop_at_step=stop_at_step, warm_start=warm)
     finally:
         if not joined_group:
             distributed.teardown()
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-
-def run_config(stage: str, config_class: type, data_dir: Path, out: Path, resume: bool, condition: Sequence[str] | None,
-               preset: str | None, max_steps: int | None, config: Any | None, max_minutes: float | None,
-               lr: float | None) -> tuple[Any, list[str], CovariateSchema | None, str | None, dict | None]:
-    """The config of a generator run (latent or image space) and what a resume keeps: (config, covariate names, the
-    run's schema or None, preset, the resumed checkpoint's meta or None). Resuming takes the run's own config and
-    schema and refuses another stage or other covariates; a new run takes `config` or the preset (default "tiny") and
-    checks the covariates against the manifest. `max_steps`, `max_minutes` and `lr` replace the loop's in both."""
-    latest = ckpt.latest_checkpoint(out) if resume else None
-    saved, schema = None, None
-    if latest is not None:
-        _, saved = ckpt.load_checkpoint(latest)
-        if saved.get("stage") != stage:
-            raise ValueError(f"{out} holds a {saved.get('stage')!r} run, not a {stage} one; "
-                             "resume it with its own command, or choose another --out")
-        config = _override(from_dict(config_class, saved["config"], str(latest)), max_steps)
-        names = list(config.model.covariate_names)
-        if condition is not None and list(condition) != names:
-            raise ValueError(f"condition {list(condition)} differs from the run's covariates {names} in {out}; "
-                             "drop --condition to resume")
-        schema = CovariateSchema.from_dict(saved["schema"])
-        preset = saved.get("preset")
-    else:
-        if config is None:
-            preset = preset or "tiny"
-            config = load_config(stage, preset, max_steps)
-        else:
-            config = _override(config, max_steps)
-        names = list(condition) if condition is not None else list(config.model.covariate_names)
-        _check_condition(data_dir, names)
-    if max_minutes is not None:
-        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_minutes=max_minutes))
-    if lr is not None:
-        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, lr=lr))
-    return config, names, schema, preset, saved
 
 
 def latents_are_current(data_dir: str | Path, autoencoder: str | Path) -> bool:
@@ -362,32 +363,3 @@ def _ensure_latents(data_dir: Path, checkpoint_dir: Path, context: Distributed) 
         print(f"encoding {data_dir} with {checkpoint_dir} (the latent cache is missing, damaged or was made with other weights)")
         encode_dataset(data_dir, checkpoint_dir, device=context.device)
     distributed.barrier()
-
-
-def _check_condition(data_dir: Path, names: Sequence[str]) -> None:
-    """Refuse covariate names the prepared manifest does not have, listing the ones it has."""
-    if not names:
-        return
-    available = covariate_columns(read_manifest(data_dir))
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise ValueError(f"condition: unknown covariate(s) {', '.join(map(repr, unknown))}; {data_dir / 'manifest.csv'} "
-                         f"has: {', '.join(available) or 'none (train unconditionally)'}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"condition: a covariate is named twice in {list(names)}")
-
-
-def _geometry(data_dir: Path) -> tuple[dict[str, Any], list[int], list[list[float]]]:
-    """(prepare.json or {}, image shape [D, H, W], template affine): the affine from prepare.json when it
-    has one, else from the header of the first volume (all prepared volumes share the grid)."""
-    preparation = read_preparation(data_dir)
-    header = nib.load(str(data_dir / read_manifest(data_dir)["image"].iloc[0]))
-    affine = preparation.get("affine", np.asarray(header.affine, dtype=np.float64).tolist())
-    return preparation, [int(n) for n in header.shape[:3]], affine
-
-
-def _override(config, max_steps: int | None):
-    if max_steps is not None:
-        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_steps=max_steps))
-    return config
-

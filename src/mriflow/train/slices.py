@@ -34,7 +34,7 @@ from mriflow.data.dataset import PreparedDataset
 from mriflow.families.slices import SliceFlow, SliceTrainingConfig, image_to_model, model_to_image, slice_positions
 from mriflow.models.velocity import VelocityNet, num_parameters
 from mriflow.train import loop
-from mriflow.train.generator import _geometry, run_config
+from mriflow.train.generator_data import geometry, run_config
 from mriflow.utils.seeding import seed_everything
 
 STAGE = SliceFlow.name
@@ -123,7 +123,7 @@ def train_slices(
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(config.loop.device)
     try:
-        preparation, image_shape, affine = _geometry(data_dir)
+        preparation, image_shape, affine = geometry(data_dir)
         volumes = PreparedDataset(data_dir, "train", covariates=None if schema is not None else names or None,
                                   schema=schema)  # the schema is fitted on the training split (or is the run's own)
         slices = SliceDataset(volumes)
