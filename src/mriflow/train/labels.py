@@ -40,7 +40,8 @@ from mriflow.models.anatomy import read_anatomy_config
 from mriflow.models.label_decoder import LabelDecoder
 from mriflow.train import loop
 from mriflow.utils.seeding import seed_everything
-from mriflow.train.generator import _ensure_latents, _geometry
+from mriflow.train.generator import _ensure_latents
+from mriflow.train.generator_data import geometry
 
 STAGE = "labels"
 
@@ -181,7 +182,7 @@ def train_labels(
     try:
         image_decoder, autoencoder_meta = ckpt.load_autoencoder(checkpoint_dir, "cpu")
         image_decoder.requires_grad_(False)
-        preparation, image_shape, affine = _geometry(data_dir)
+        preparation, image_shape, affine = geometry(data_dir)
         _ensure_latents(data_dir, checkpoint_dir, context)
         latents = LatentDataset(data_dir, checkpoint_dir, "train")
         pairs = LabelPairs(latents, data_dir, tissue_lookup(label_map))
