@@ -118,7 +118,7 @@ def test_a_damaged_checkpoint_file_is_named_with_what_to_do(tmp_path):
     truncate(tmp_path / ckpt.TRAIN_STATE_FILE)
     for load, name in ((ckpt.load_checkpoint, ckpt.MODEL_FILE), (ckpt.weights_config, ckpt.MODEL_FILE),
                        (ckpt.load_train_state, ckpt.TRAIN_STATE_FILE)):
-        with pytest.raises(ckpt.DamagedCheckpointError, match=rf"{tmp_path / name}: damaged or incomplete .*copy"):
+        with pytest.raises(ckpt.DamagedCheckpointError, match=rf"{tmp_path / name}: damaged or (incomplete|changed) .*copy"):
             load(tmp_path)
     (tmp_path / ckpt.META_FILE).write_text('{"step": 1,')
     with pytest.raises(ckpt.DamagedCheckpointError, match=rf"{tmp_path / ckpt.META_FILE}: damaged or incomplete"):
@@ -256,3 +256,26 @@ def test_the_same_weights_and_meta_give_the_same_bytes_in_every_process(tmp_path
     weights, meta = ckpt.load_checkpoint(tmp_path / "c0")
     assert sorted(weights) == [f"net.layer{i}.weight" for i in range(5)] and meta["stage"] == "x"
     assert ckpt.weights_config(tmp_path / "c0") == {"b": 1, "a": {"z": 2}}
+
+
+def test_weights_changed_after_saving_are_refused_and_a_device_is_not_read(tmp_path):
+    """Tamper-evident checkpoints (issue 25.3): the SHA-256 of each weight file is recorded when it is saved and checked
+    on every load; a byte flipped in model.safetensors or train_state.safetensors is refused, naming the file."""
+    ckpt.save_checkpoint(tmp_path, {"a": torch.ones(100)}, {"step": 1}, train_state={"s": torch.zeros(100)})
+    meta = json.loads((tmp_path / ckpt.META_FILE).read_text())
+    assert set(meta["checksums"]) == {ckpt.MODEL_FILE, ckpt.TRAIN_STATE_FILE}
+    for name, load in ((ckpt.MODEL_FILE, ckpt.load_checkpoint), (ckpt.TRAIN_STATE_FILE, ckpt.load_train_state)):
+        file = tmp_path / name
+        original = file.read_bytes()
+        data = bytearray(original)
+        data[-3] ^= 0x40  # one bit of a tensor: the file still parses
+        file.write_bytes(bytes(data))
+        with pytest.raises(ckpt.DamagedCheckpointError, match=rf"{file}: damaged or changed since it was saved"):
+            load(tmp_path)
+        file.write_bytes(original)
+        load(tmp_path)  # restored: accepted again
+    weights = tmp_path / ckpt.MODEL_FILE
+    weights.unlink()
+    weights.symlink_to("/dev/zero")  # would be read for ever
+    with pytest.raises(ValueError, match="not a regular file"):
+        ckpt.sha256(weights)

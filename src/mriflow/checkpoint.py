@@ -105,6 +105,8 @@ def save_checkpoint(
         canonical_header(staging / MODEL_FILE)
         if train_state is not None:
             save_file({k: _plain(v) for k, v in train_state.items()}, str(staging / TRAIN_STATE_FILE))
+        meta["checksums"] = {file.name: sha256(file) for file in (staging / MODEL_FILE, staging / TRAIN_STATE_FILE)
+                             if file.is_file()}  # verified on every load: a changed weight file is refused
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
         size = (staging / MODEL_FILE).stat().st_size
         if size > MAX_TRAVELLING_BYTES:
@@ -183,6 +185,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory / META_FILE}: format {meta.get('format')!r} is not {FORMAT!r}")
     meta["path"] = str(directory)
+    verify_checksum(directory / MODEL_FILE, meta)
     with _parsing(directory / MODEL_FILE):
         return load_file(str(directory / MODEL_FILE)), meta
 
@@ -192,8 +195,22 @@ def load_train_state(path: str | Path) -> dict[str, torch.Tensor]:
     file = directory / TRAIN_STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing; this checkpoint holds inference weights only and cannot be resumed")
+    verify_checksum(file, _read_meta(directory / META_FILE))
     with _parsing(file):
         return load_file(str(file))
+
+
+def verify_checksum(file: Path, meta: Mapping[str, Any]) -> None:
+    """Refuse a weight file whose SHA-256 differs from the one its checkpoint.json recorded when it was saved (a file
+    changed, damaged or swapped since); a checkpoint written before checksums were recorded is read as it is."""
+    recorded = (meta.get("checksums") or {}).get(file.name)
+    if recorded is None:
+        return
+    actual = sha256(file)
+    if actual != recorded:
+        raise DamagedCheckpointError(
+            f"{file}: damaged or changed since it was saved (SHA-256 {actual[:12]}…, {file.parent / META_FILE} recorded "
+            f"{recorded[:12]}…); copy the checkpoint folder again from where it came from, or use another checkpoint")
 
 
 def canonical_header(file: Path) -> None:

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import re
 import sys
 import tempfile
@@ -159,6 +160,9 @@ def sha256(path: str | Path) -> str:
     two seconds is always read (file times are only as fine as the kernel's clock tick, so two writes in one tick
     could look alike)."""
     info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):  # a device (/dev/zero) or a pipe would be read for ever
+        raise ValueError(f"{path}: not a regular file (a device, pipe or socket, perhaps behind a symlink); "
+                         "give the file itself")
     key = (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
     if key in _DIGESTS:
         return _DIGESTS[key]
