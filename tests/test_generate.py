@@ -67,6 +67,8 @@ def test_volumes_carry_the_model_geometry_and_a_full_sidecar(runs, tmp_path):
     assert record["solver"] == "euler" and record["steps"] == 2 and record["nfe"] == 2  # guided: one forward of 2B per step
     assert record["seed"] == 3 and record["index"] == 1 and record["sample_seed"] == sample_seed(3, 1)
     assert record["stage"] == "flow" and record["device"] == "cpu" and record["attempt"] == 0
+    assert record["representation"] == "autoencoder latents" and "exactly 0" in record["background"]
+    assert (data[nib.load(str(result.paths[1])).get_fdata() == 0] == 0).all()
 
     run_record = json.loads((tmp_path / "out" / "generate.json").read_text())
     assert run_record["n"] == 2 and run_record["samples"] == ["sample_00000.nii.gz", "sample_00001.nii.gz"]
@@ -466,3 +468,43 @@ def test_an_exported_model_reads_its_autoencoder_only_from_its_own_folder_unless
     meta["autoencoder"]["path"] = "../autoencoder"
     meta_file.write_text(json.dumps(meta))
     assert load_generator(release / "flow", "cpu").path == release / "flow"
+
+
+class FirstBatchDrawn(Exception):
+    """Raised by a stub sampler once generation reaches its first batch."""
+
+
+def test_a_huge_n_streams_its_requests_instead_of_building_them_first(runs, tmp_path, monkeypatch):
+    """Issue 25.2: `generate --n 1000000000` reached 10.8 GB before its first sample (a list of every request). The
+    first batch is now reached with memory that does not grow with n."""
+    import tracemalloc
+
+    def first_batch(self, seeds, *args, **kwargs):
+        raise FirstBatchDrawn(len(seeds))
+
+    monkeypatch.setattr(Generator, "sample_pairs", first_batch)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sample_99999999.json").write_text("{}")  # an index beyond n: not one of this run's files
+    tracemalloc.start()
+    try:
+        with pytest.raises(FirstBatchDrawn):
+            generate(runs["flow"], tmp_path / "out", n=10**7, covariates={"age": 50}, batch_size=2, **FAST)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6, f"{peak / 1e6:.0f} MB traced before the first batch"  # five lists of 10^7 would be gigabytes
+    (tmp_path / "out" / "sample_00042.nii.gz").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="sample_00042.nii.gz already exist"):
+        generate(runs["flow"], tmp_path / "out", n=10**7, **FAST)
+
+
+def test_weights_changed_after_export_are_refused(runs, tmp_path):
+    """Issue 25.3: bytes flipped in a copy of a model's generator weights generated (rc 0) under the original's name."""
+    exported = export_generator(runs["flow"], tmp_path / "model")
+    weights = exported / "flow" / ckpt.MODEL_FILE
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ckpt.DamagedCheckpointError, match=r"flow/model.safetensors: damaged or changed since it was saved"):
+        generate(exported, tmp_path / "out", n=1, **FAST)
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,10 @@ This module is the public entry of generation: loading (mriflow.generator), expo
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
+from collections.abc import Sequence as SequenceABC
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -137,21 +140,24 @@ def generate(
         spatial = generator.label_condition(label_map) if label_map is not None else None
         if spatial is None and generator.spatial_condition is not None:  # before anything is written
             raise ValueError(f"the model {generator.path} draws scans for a given label map; pass --label-map FILE")
-        rows = [dict(row) for row in cohort] if cohort is not None else [dict(covariates or {})] * n
-        names = cohort_names(rows) if cohort is not None else [sample_name(i) for i in range(n)]
+        # a cohort's rows one by one; n samples of one request as one request, so memory does not grow with n
+        rows = [dict(row) for row in cohort] if cohort is not None else Repeated(dict(covariates or {}), 1)
         requests = [{k: v for k, v in row.items() if k not in ID_COLUMNS} for row in rows]
         conditions = [resolve_request(generator.schema, request) for request in requests]
         requested = [requested_covariates(generator.schema, r, *c) for r, c in zip(requests, conditions)]
+        if cohort is None:
+            requests, conditions, requested = (Repeated(values[0], n) for values in (requests, conditions, requested))
+        names = cohort_names(rows) if cohort is not None else SampleNames(n)
         if context.is_main and out.is_dir():  # before any process of this run writes into `out`
             for leftover in remove_stale_temporaries([out], before=start_time):
                 print(f"removed {leftover}: left incomplete by an interrupted run")
         if not overwrite:
-            refuse_existing(out, n, names, with_labels=generator.labels is not None)
+            refuse_existing(out, n, names if cohort is not None else None, with_labels=generator.labels is not None)
         reference = privacy_reference(privacy_filter, generator) if privacy_filter is not None else None
         distributed.barrier()  # every process has checked `out` before any writes to it
         out.mkdir(parents=True, exist_ok=True)
 
-        indices = list(range(context.rank, n, context.world_size))
+        indices = range(context.rank, n, context.world_size)
         common = {"seed": seed, **settings, "model_id": generator.model_id,
                   "model_checksum": generator.model_checksum, "autoencoder_checksum": generator.autoencoder_checksum,
                   "stage": generator.stage, "space": generator.space, "representation": generator.representation_name,
@@ -263,14 +269,51 @@ def requested_covariates(schema: CovariateSchema, request: Mapping[str, Any], va
 
 def refuse_existing(out: Path, n: int, names: Sequence[str] | None = None, with_labels: bool = False) -> None:
     """Refuse, before anything is written, an output folder that already holds the samples to write (and their label
-    maps, `with_labels`) or a run record."""
+    maps, `with_labels`) or a run record. Without `names` the samples are sample_00000 … of n, found by reading the
+    folder (whatever n is, nothing of size n is built)."""
     suffixes = (".nii.gz", ".json", "_labels.nii.gz") if with_labels else (".nii.gz", ".json")
-    names = [f"{name}{suffix}" for name in (names or [sample_name(i) for i in range(n)]) for suffix in suffixes]
+    if names is not None:
+        names = [f"{name}{suffix}" for name in names for suffix in suffixes]
+    else:
+        pattern = re.compile(r"sample_(\d{5,})(" + "|".join(re.escape(s) for s in suffixes) + ")")
+        names = sorted(entry.name for entry in (os.scandir(out) if out.is_dir() else [])
+                       if (match := pattern.fullmatch(entry.name)) and int(match.group(1)) < n)
     existing = [name for name in names + ["generate.json", "montage.png"] if (out / name).exists()]
     if existing:
         shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
         raise FileExistsError(f"{out}: {shown} already exist(s); choose another output folder (existing "
                               "samples are never overwritten)")
+
+
+class Repeated(SequenceABC):
+    """`value` n times as a read-only sequence, without a list of n: the requests of n samples of one request."""
+
+    def __init__(self, value: Any, n: int):
+        self.value, self.n = value, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.value] * len(range(*index.indices(self.n)))
+        if not -self.n <= index < self.n:
+            raise IndexError(index)
+        return self.value
+
+
+class SampleNames(Repeated):
+    """sample_00000 … sample_{n-1} as a read-only sequence, without a list of n."""
+
+    def __init__(self, n: int):
+        super().__init__(None, n)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [sample_name(i) for i in range(*index.indices(self.n))]
+        if not -self.n <= index < self.n:
+            raise IndexError(index)
+        return sample_name(index % self.n)
 
 
 def privacy_reference(data_dir: str | Path, generator: Generator):
