@@ -465,6 +465,12 @@ def test_an_exported_model_reads_its_autoencoder_only_from_its_own_folder_unless
         with pytest.raises(ValueError, match="leads outside the model's folder.*--trust-model-paths"):
             load_generator(release / "flow", "cpu")
         assert load_generator(release / "flow", "cpu", trust_paths=True).model_checksum  # the user said so
+    # issue 25.6: without its "exported_from" key a model folder is guarded all the same
+    del meta["exported_from"]
+    meta["autoencoder"]["path"] = str(tmp_path / "elsewhere")
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="leads outside the model's folder.*--trust-model-paths"):
+        load_generator(release / "flow", "cpu")
     meta["autoencoder"]["path"] = "../autoencoder"
     meta_file.write_text(json.dumps(meta))
     assert load_generator(release / "flow", "cpu").path == release / "flow"

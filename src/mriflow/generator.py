@@ -322,13 +322,15 @@ def load_generator(model: str | Path = "default", device: str | torch.device = "
 def autoencoder_folder(meta: Mapping[str, Any], directory: Path, trust_paths: bool = False) -> Path:
     """The autoencoder checkpoint folder of a generator checkpoint `directory`, checked against its sha256.
 
-    An exported model (one that travels: meta has "exported_from") keeps its autoencoder in its own
-    folder, the one holding flow/ and autoencoder/. A path in it that is absolute or climbs out of that
-    folder is refused unless `trust_paths`, so a model received from someone else cannot make mriflow
-    read files elsewhere. A training run's checkpoint records where its autoencoder is on this machine."""
+    A model that travels (exported: meta has "exported_from"; or any checkpoint folder that is not a training run's
+    RUN/checkpoints/step-*, so deleting that key changes nothing) keeps its autoencoder in its own folder, the one
+    holding flow/ and autoencoder/. A path in it that is absolute or climbs out of that folder is refused unless
+    `trust_paths`, so a model received from someone else cannot make mriflow read files elsewhere. A training run's
+    checkpoint records where its autoencoder is on this machine."""
     record = meta["autoencoder"]
     path = Path(record["path"])
-    if "exported_from" in meta and not trust_paths:
+    travelling = "exported_from" in meta or directory.parent.name != ckpt.CHECKPOINTS_DIR
+    if travelling and not trust_paths:
         home = directory.resolve().parent
         if path.is_absolute() or not (directory / path).resolve().is_relative_to(home):
             raise ValueError(f"{directory / ckpt.META_FILE}: the autoencoder path {record['path']!r} leads outside the "
