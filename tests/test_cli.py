@@ -137,6 +137,16 @@ def test_evaluate_generation_of_a_shipped_model_with_its_autoencoder(tmp_path, c
     assert Path(metrics["inputs"]["autoencoder"]).parts[-2:] == ("4mm", "autoencoder")
     assert "real_vs_reconstruction" in metrics["columns"]
     assert metrics["memorization"]["heldout_reference"] == "held-out reconstructions"
+    # issue 25.7: a second evaluation into the same folder is refused before any work, unless --force
+    before = (report / "metrics.json").read_bytes()
+    assert main(["evaluate", "generation", "--real", str(data), "--fake", str(samples), "--out", str(report),
+                 "--bootstrap", "3", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "already holds a report (metrics.json, report.md, report.html)" in error and "--force" in error
+    assert (report / "metrics.json").read_bytes() == before
+    assert main(["evaluate", "generation", "--real", str(data), "--fake", str(samples), "--out", str(report),
+                 "--bootstrap", "3", "--device", "cpu", "--force", "--backbone", "intensity"]) == 0
+    assert json.loads((report / "metrics.json").read_text())["backbone"]["name"].startswith("intensity")
 
 
 def test_a_damaged_model_file_is_one_line_naming_it(tmp_path, capsys):

@@ -408,6 +408,7 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--real", required=True, help="prepared dataset folder (the real data)")
     p.add_argument("--fake", required=True, help="folder of generated NIfTI volumes on the same template grid")
     p.add_argument("--out", required=True, help="report folder: report.md, report.html, metrics.json")
+    p.add_argument("--force", action="store_true", help="replace the report already in --out (else it is refused)")
     p.add_argument("--split", default="test", help="real split to compare with (default test)")
     p.add_argument("--other-split", help="second real split for the Real vs Real column (default val)")
     p.add_argument("--backbone", default="auto",
@@ -484,6 +485,11 @@ def _run_evaluate_generation(args: argparse.Namespace) -> int:
     from mriflow.evaluate.generation import evaluate_generation
     from mriflow.evaluate.other_networks import parse_other_backbone
 
+    existing = [name for name in ("metrics.json", "report.md", "report.html") if (Path(args.out) / name).exists()]
+    if existing and not args.force:  # before any work: an evaluation takes minutes
+        raise FileExistsError(f"--out {args.out} already holds a report ({', '.join(existing)}); choose another folder, "
+                              "or pass --force to replace it")
+
     reconstruct = None
     if args.autoencoder and not Path(args.autoencoder).exists():  # 'default' or a shipped model's name: its autoencoder
         from mriflow.generate import AUTOENCODER_DIR, default_model_dir, shipped_models
@@ -543,13 +549,14 @@ def _add_app(commands) -> None:
         "app", help="a browser UI: generate and view brains side by side, browse reports, or run a visual Turing test",
         description="Serve the web app (FastAPI + NiiVue; needs `npm ci` once in the repository root). It listens on "
                     "127.0.0.1 unless --host says otherwise. With --turing it runs a visual Turing test of real "
-                    "(--real, its --split) against generated (--fake) volumes instead, answers kept in SQLite.")
+                    "(--real, its --split) against generated (--fake) volumes instead, answers kept in SQLite "
+                    "outside every served folder; the results open with the link it prints (yours alone).")
     p.add_argument("--model", default="default",
                    help="generator run or checkpoint folder, a shipped model's name (4mm), or 'default' (shipped)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--out", default="app-output",
-                   help="folder for generated samples and the Turing answers (default app-output; nothing in it "
+                   help="folder for generated samples, served to the page (default app-output; nothing in it "
                         "is overwritten: each request writes a new subfolder)")
     p.add_argument("--reports", action="append", metavar="DIR",
                    help="folder searched for evaluation reports (report.html; repeatable; default reports/ if present)")
@@ -563,20 +570,25 @@ def _add_app(commands) -> None:
     turing.add_argument("--split", default="test", help="split of the real data to show (default test)")
     turing.add_argument("--per-class", type=int, metavar="N",
                         help="volumes of each class in the study (default: the smaller class, at most 25)")
-    turing.add_argument("--db", metavar="FILE", help="SQLite file of the answers (default OUT/turing.sqlite)")
+    turing.add_argument("--db", metavar="FILE",
+                        help="SQLite file of the answers, one study per file, never inside --out or a report folder "
+                             "(default turing.sqlite in the current folder)")
+    turing.add_argument("--new-study", action="store_true",
+                        help="when --db holds another study's answers, move that file aside (renamed beside it, "
+                             "nothing deleted) and start this study afresh; without it another study is refused")
     _add_threads(p)
     p.set_defaults(func=_run_app)
 
 
 def _run_app(args: argparse.Namespace) -> int:
-    from mriflow.app.server import run
+    from mriflow.app.launch import run
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: choose 1 to 65535 (0 picks a free one)")
     try:
         run(model=args.model, out=args.out, host=args.host, port=args.port, reports=args.reports, turing=args.turing,
             real=args.real, fake=args.fake, split=args.split, per_class=args.per_class, db=args.db, device=args.device,
-            trust_paths=args.trust_model_paths)
+            trust_paths=args.trust_model_paths, new_study=args.new_study)
     except KeyboardInterrupt:
         pass
     return 0
