@@ -418,6 +418,7 @@ def test_a_cohort_csv_draws_one_sample_per_row_named_by_its_id(runs, tmp_path):
     ("id,height\na,180\n", "'height'.*knows: age, sex"),
     ("id,sex\na,X\n", "unknown category 'X'"),
     ("id,age\n", "no rows"),
+    ("id;age\na;30\na;40\n", "appear.*more than once"),  # semicolons are read as prepare reads them (issue 25.9)
 ])
 def test_a_bad_cohort_is_refused_before_anything_is_written(runs, tmp_path, text, message):
     (tmp_path / "cohort.csv").write_text(text)
@@ -514,3 +515,10 @@ def test_weights_changed_after_export_are_refused(runs, tmp_path):
     with pytest.raises(ckpt.DamagedCheckpointError, match=r"flow/model.safetensors: damaged or changed since it was saved"):
         generate(exported, tmp_path / "out", n=1, **FAST)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["id;age;sex\nold-m;75;M\n", "id\tage\tsex\nold-m\t75\tM\n", "age\n75\n"])
+def test_a_cohort_file_is_read_whatever_its_delimiter(tmp_path, text):
+    (tmp_path / "cohort.csv").write_text(text)
+    rows = generation.read_cohort(tmp_path / "cohort.csv")
+    assert rows[0]["age"] == 75 and len(rows) == 1 and (len(rows[0]) == 1 or rows[0]["sex"] == "M")

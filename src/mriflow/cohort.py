@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from mriflow.data.inputs import table_delimiter
 from mriflow.generate_io import sample_name
 from mriflow.models.conditioning import parse_value
 
@@ -25,9 +26,9 @@ def read_cohort(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"--covariates {path}: no such file; give a CSV with one row per sample "
                                 "(columns: the model's covariates, e.g. age,sex, and optionally id)")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, UnicodeDecodeError) as error:
+    try:  # ',' ';' tab or '|', from the header line, as prepare reads covariate files
+        table = pd.read_csv(path, sep=table_delimiter(path), engine="python", dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
         raise ValueError(f"--covariates {path}: not a readable CSV ({error})") from None
     if table.empty:
         raise ValueError(f"--covariates {path}: no rows; give one row per sample to draw")

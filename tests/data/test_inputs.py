@@ -134,3 +134,17 @@ def test_covariate_column_spec_is_parsed_and_checked():
         parse_covariate_columns("age,509:age")
     with pytest.raises(ValueError, match="empty column"):
         parse_covariate_columns(":x")
+
+
+def test_impossible_ages_and_unknown_sexes_are_noted_and_left_missing(tmp_path):
+    """Issue 25.9: prepare took age -5 and sex 'Q' without a word."""
+    csv = tmp_path / "demographics.csv"
+    csv.write_text("subject,age,sex\na,-5,Q\nb,41,female\nc,130,m\nd,60,1\n")
+    table, notes = read_covariates([csv], ["a", "b", "c", "d"])
+    assert table.values["a"] == {} and table.values["b"] == {"age": 41.0, "sex": "female"}
+    assert table.values["c"] == {"sex": "m"} and table.values["d"] == {"age": 60.0, "sex": "1"}  # a code, kept as text
+    reasons = sorted(n.reason for n in notes)
+    assert len(reasons) == 3
+    assert any("age value '-5' is not an age in years" in r for r in reasons)
+    assert any("age value '130' is not an age in years" in r for r in reasons)
+    assert any("sex value 'Q' is not a sex mriflow reads" in r for r in reasons)

@@ -188,14 +188,28 @@ class Covariates:
         return notes
 
 
+DELIMITERS = ",;\t|"
+
+
+def table_delimiter(path: str | Path) -> str:
+    """The delimiter of a CSV/TSV: the one of `DELIMITERS` its header line holds most often (',' when it holds none: a
+    single column). A sniffer guessing from the data splits a one-column file on a letter of its header."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as stream:
+        header = stream.readline()
+    counts = {d: header.count(d) for d in DELIMITERS}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
 def read_table(path: str | Path) -> tuple[pd.DataFrame, str]:
-    """Read a CSV/TSV as strings with ids normalised; returns (table indexed by id, id column name)."""
+    """Read a CSV/TSV (',' ';' tab or '|', from its header) as strings with ids normalised; returns (table indexed by
+    id, id column name)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"covariate file {path} does not exist")
-    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else None
     try:
-        table = pd.read_csv(path, sep=sep, engine="python", dtype=str, keep_default_na=False, skipinitialspace=True)
+        table = pd.read_csv(path, sep=table_delimiter(path), engine="python", dtype=str, keep_default_na=False,
+                            skipinitialspace=True)
     except Exception as error:  # pandas raises several types for malformed text
         raise ValueError(f"covariate file {path} could not be read as CSV/TSV: {error}") from error
     if table.shape[1] < 1 or table.empty:
@@ -280,13 +294,30 @@ def _fill_column(values, table: pd.DataFrame, id_column: str, source: str, name:
     numeric = name.lower() in NUMERIC_COLUMNS or source.lower() in NUMERIC_COLUMNS or (present and parsed > len(present) / 2)
     skips = []
     for subject, text in present.items():
-        if not numeric:
+        problem = _implausible(name, text, numbers[subject]) if numeric or name.lower() == "sex" else None
+        if problem:
+            skips.append(Skip(subject, str(path), f"{source} value {text!r} {problem}; {name} left missing for this subject"))
+        elif not numeric:
             values[subject][name] = text
         elif numbers[subject] is None:
             skips.append(Skip(subject, str(path), f"{source} value {text!r} is not a number; {name} left missing for this subject"))
         else:
             values[subject][name] = numbers[subject]
     return skips
+
+
+AGE_RANGE = (0.0, 120.0)  # years; outside it an age is a typo or another unit
+SEX_VALUES = {"f", "m", "female", "male", "0", "1", "2"}  # codes: 0/1 or 1/2, whichever a dataset uses
+
+
+def _implausible(name: str, text: str, number: float | None) -> str | None:
+    """Why a value of a covariate mriflow knows (age, sex) cannot be right, or None: what generate refuses, prepare
+    notes and leaves missing, so a model never learns from it."""
+    if name.lower() == "age" and number is not None and not AGE_RANGE[0] <= number <= AGE_RANGE[1]:
+        return f"is not an age in years ({AGE_RANGE[0]:g} to {AGE_RANGE[1]:g})"
+    if name.lower() == "sex" and text.strip().lower() not in SEX_VALUES:
+        return "is not a sex mriflow reads (F, M, female, male, or a code 0, 1, 2)"
+    return None
 
 
 def _to_number(text: str) -> float | None:
