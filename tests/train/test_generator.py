@@ -18,6 +18,7 @@ from mriflow.train.autoencoder import train_autoencoder
 from mriflow.families.diffusion import DiffusionSamplingConfig, DiffusionTrainingConfig
 from mriflow.families.flow import FlowSamplingConfig, FlowTrainingConfig
 from mriflow.train.generator import PRESETS, latents_are_current, load_config, train_diffusion, train_flow
+from mriflow.train.generator_data import subjects_digest
 from mriflow.train.loop import LoopConfig
 from conftest import montage_panels, read_log, tiny_config, write_prepared_with_sex
 
@@ -54,7 +55,8 @@ def check_contract(run, stage, data, autoencoder):
     # prepare.json of write_prepared has no "affine": it comes from the first volume's header
     assert np.allclose(meta["affine"], template_affine(Grid("test", 4.0, SHAPE)))
     assert meta["grid"] == "test" and meta["preparation"]["recipe"] == ["phantom"]
-    assert meta["data"] == {"dir": str(data.resolve()), "name": "data", "train_subjects": 6}
+    assert meta["data"] == {"dir": str(data.resolve()), "name": "data", "train_subjects": 6,
+                            "subjects_sha256": subjects_digest([f"sub{i:02d}" for i in range(6)])}
     # the model config rebuilds the network, and the EMA weights under "velocity." load into it strictly
     net = VelocityNet(from_dict(VelocityNetConfig, meta["config"]["model"]))
     assert all(key.startswith("velocity.") for key in weights)
@@ -161,6 +163,24 @@ def test_resume_continues_with_the_same_loss_curve_as_an_uninterrupted_run(prepa
         train(data, autoencoder, tmp_path / "split", condition=["age"], resume=True, max_steps=8)
     with pytest.raises(ValueError, match=f"holds a '{stage}' run, not a"):
         other(data, autoencoder, tmp_path / "split", resume=True, max_steps=8)
+    with pytest.raises(ValueError, match="--preset small: .* was trained with a given config; drop --preset"):
+        train(data, autoencoder, tmp_path / "split", resume=True, max_steps=8, preset="small")
+
+
+def test_a_run_is_not_continued_on_other_training_subjects(tmp_path):
+    """Issue 25.9: a resume took another prepared folder and its checkpoint's data record switched without a word."""
+    data = write_prepared_with_sex(tmp_path / "data", shape=SHAPE)
+    train_flow(data, None, tmp_path / "run", condition=["age", "sex"], config=tiny_wavelet(max_steps=4), stop_at_step=2)
+    other = write_prepared_with_sex(tmp_path / "other", shape=SHAPE)
+    manifest = other / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace("sub05", "sub99"))  # one training subject differs
+    (other / "images" / "sub05.nii.gz").rename(other / "images" / "sub99.nii.gz")
+    (other / "masks" / "sub05.nii.gz").rename(other / "masks" / "sub99.nii.gz")
+    with pytest.raises(ValueError, match="its 6 training subjects are not the ones .* learned from"):
+        train_flow(other, None, tmp_path / "run", resume=True)
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the same subjects in another folder (a new machine): continued
+    assert train_flow(moved, None, tmp_path / "run", resume=True)["step"] == 4
 
 
 def test_a_conditional_diffusion_run_writes_the_checkpoint_contract(prepared, tmp_path):

@@ -58,8 +58,9 @@ from mriflow.models.velocity import FlipConditioned, SpatiallyConditioned, Veloc
 from mriflow.representations import make_representation, representation_from_dict
 from mriflow import distributed
 from mriflow.train import loop
-from mriflow.train.generator_data import (PosteriorSamples, RepresentationSamples, _check_condition, geometry,  # noqa: F401
-                                         load_config, representation_name, run_config, validation_volumes)
+from mriflow.train.generator_data import (PosteriorSamples, RepresentationSamples, _check_condition, check_same_subjects,  # noqa: F401
+                                         geometry, load_config, representation_name, run_config, subjects_digest,
+                                         validation_volumes)
 from mriflow.utils.seeding import seed_everything
 from mriflow.distributed import Distributed
 from mriflow.utils.files import DamagedFileError
@@ -299,6 +300,7 @@ def train_generator(
             validation = None
             source = {"autoencoder": {"path": str(checkpoint_dir), "model_sha256": latents.index["checkpoint"]["model_sha256"],
                                       "latent_scale": latents.scale, "step": autoencoder_meta.get("step")}}
+        check_same_subjects(saved, subjects, data_dir, str(warm or out))
         config = dataclasses.replace(config, model=config.model.with_schema(fitted_schema))
         if spatial_record is not None:
             from mriflow.train.labels import tissue_targets
@@ -321,7 +323,8 @@ def train_generator(
             "image_shape": image_shape,
             "affine": affine,
             "grid": preparation.get("preset"),
-            "data": {"dir": str(data_dir.resolve()), "name": data_dir.resolve().name, "train_subjects": len(data)},
+            "data": {"dir": str(data_dir.resolve()), "name": data_dir.resolve().name, "train_subjects": len(data),
+                     "subjects_sha256": subjects_digest(subjects)},
             "parameters": num_parameters(stage.networks["velocity"]),
             "preparation": preparation,
         }

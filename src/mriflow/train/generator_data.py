@@ -115,6 +115,10 @@ def run_config(stage: str, config_class: type, data_dir: Path, out: Path, resume
             raise ValueError(f"condition {list(condition)} differs from the run's covariates {names} in {out}; "
                              "drop --condition to resume")
         schema = CovariateSchema.from_dict(saved["schema"])
+        if preset is not None and preset != saved.get("preset"):
+            raise ValueError(f"--preset {preset}: {latest} was trained with "
+                             f"{'preset ' + repr(saved.get('preset')) if saved.get('preset') else 'a given config'}; "
+                             "drop --preset to continue it, or start a new run (another --out)")
         preset = saved.get("preset")
     else:
         if config is None:
@@ -192,3 +196,20 @@ def _override(config, max_steps: int | None):
         config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_steps=max_steps))
     return config
 
+
+
+def subjects_digest(subjects: Sequence[str]) -> str:
+    """SHA-256 of the sorted training subject ids: which data a run learns from, whatever folder it is in."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(map(str, subjects))).encode()).hexdigest()
+
+
+def check_same_subjects(saved: Mapping[str, Any] | None, subjects: Sequence[str], data_dir: Path, where: str) -> None:
+    """Refuse to continue a run (resume or warm start) on other training subjects than it learned from: the
+    checkpoint's data record would switch without a word. A run saved before the record is continued as it is."""
+    recorded = ((saved or {}).get("data") or {}).get("subjects_sha256")
+    if recorded is not None and recorded != subjects_digest(subjects):
+        raise ValueError(f"{data_dir}: its {len(subjects)} training subjects are not the ones {where} learned from "
+                         f"({saved['data'].get('train_subjects')} subjects of {saved['data'].get('dir')}); continue it "
+                         "on that data, or start a new run (another --out)")
