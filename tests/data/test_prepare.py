@@ -178,6 +178,13 @@ def test_resume_skips_done_subjects_and_force_redoes_them(tmp_path):
     assert (out / "images" / "a.nii.gz").stat().st_mtime_ns == stamp
     assert "2 already done" in second.summary()
 
+    # A prepared image cut short (a copy or a disk that stopped) is prepared again, not taken as done (issue 25.9).
+    prepared = out / "images" / "a.nii.gz"
+    prepared.write_bytes(prepared.read_bytes()[:200])
+    cut = run_prepare(images, out, masks=labels, register=False, progress=False)
+    assert cut.newly_prepared == ["a"] and cut.already_done == ["b"]
+    stamp = prepared.stat().st_mtime_ns
+
     # A changed input (new checksum) is redone, the other is kept.
     image, _ = phantom(seed=9)
     write(images / "b_T1.nii.gz", image, phantom_ras_affine())

@@ -332,7 +332,11 @@ def _is_done(out: Path, subject: str, inputs: dict[str, Any], recipe: list[dict[
         return False
     if record.get("inputs") != inputs or record.get("recipe") != recipe:
         return False
-    return all((out / rel).is_file() for rel in record.get("outputs", {}).values() if rel)
+    outputs = {key: rel for key, rel in record.get("outputs", {}).items() if rel}
+    if not all((out / rel).is_file() for rel in outputs.values()):
+        return False
+    recorded = record.get("output_sha256")  # records written before it: the files' presence is all that is known
+    return recorded is None or all(recorded.get(key) == sha256(out / rel) for key, rel in outputs.items())
 
 
 def _split(records, table: Covariates, fractions, seed: int) -> tuple[dict[str, str], dict[str, Any]]:

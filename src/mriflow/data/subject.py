@@ -26,7 +26,7 @@ import numpy as np
 from mriflow.config import get_grid
 from mriflow.data.io import save_volume, template_affine
 from mriflow.data.recipe import InputProblem, SubjectState, recipe_from_data
-from mriflow.utils.files import write_text_atomic
+from mriflow.utils.files import sha256, write_text_atomic
 
 AFFINE_TOLERANCE_MM = 1e-3  # a mask must share the image's voxel grid within this
 
@@ -145,6 +145,8 @@ def _write_subject(state: SubjectState, task: SubjectTask, seconds: float) -> di
         "inputs": task.inputs,
         "recipe": task.recipe,
         "outputs": outputs,
+        # what a resume checks before it takes the subject as done: a file cut short or changed is prepared again
+        "output_sha256": {key: sha256(out / rel) for key, rel in outputs.items() if rel},
         **state.record,
         "seconds": round(seconds, 3),
     }
