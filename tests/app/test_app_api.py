@@ -17,9 +17,7 @@ from mriflow.app.server import LOOPBACK_NAMES, AppState, Turing, create_app
 from mriflow.app.store import AnswerStore, clopper_pearson
 from mriflow.app.turing import build_study
 
-from app_helpers import write_study
-
-NIIVUE_STAND_IN = "window.niivue = {};"
+from app_helpers import NIIVUE_STAND_IN, write_study
 
 
 def poll(client: TestClient, job_id: str, limit: float = 120.0) -> dict:
@@ -193,7 +191,7 @@ def turing(tmp_path):
     real, fake = write_study(tmp_path)
     study = build_study(real, fake, per_class=5)
     store = AnswerStore(tmp_path / "answers.sqlite")
-    store.add_items(study.items)
+    store.begin_study(study.fingerprint, study.items, study.description)
     niivue = tmp_path / "niivue.umd.js"
     niivue.write_text(NIIVUE_STAND_IN)
     state = AppState(out=tmp_path / "out", niivue=niivue, turing=Turing(study, store))
@@ -237,11 +235,12 @@ def test_a_session_of_ten_answers_gives_accuracy_interval_and_csv(turing):
         session = response.json()
     repeat = client.post("/api/turing/answer", json={"rater": "ann", "item": item, "answer": "real", "confidence": 3})
     assert repeat.json()["stored"] is False
-    results = client.get("/api/turing/results").json()
+    owner = {"token": client.app.state.mriflow.turing.owner_token}  # what `mriflow app` prints for the organizer
+    results = client.get("/api/turing/results", params=owner).json()
     assert results["overall"]["n"] == 10 and results["overall"]["correct"] == sum(answers)
     assert (results["overall"]["ci_low"], results["overall"]["ci_high"]) == pytest.approx(clopper_pearson(sum(answers), 10))
     assert results["anchor"]["accuracy"] == 0.594
-    rows = client.get("/api/turing/answers.csv").text.strip().splitlines()
+    rows = client.get("/api/turing/answers.csv", params=owner).text.strip().splitlines()
     assert rows[0].startswith("rater,item,truth,answer,correct") and len(rows) == 11
     assert client.post("/api/turing/session", json={"rater": "ann"}).json()["next"] is None  # resumed: done
 

@@ -113,6 +113,16 @@ class App:
         self.stop()
         raise AssertionError("mriflow app did not start:\n" + "".join(self.lines))
 
+    def owner_link(self, timeout: float = 10.0) -> str:
+        """The results link with the owner's token, printed after the address when a Turing test starts."""
+        start = time.time()
+        while time.time() - start < timeout:
+            found = [re.search(r"http://127\.0\.0\.1:\d+/turing/results\?token=[\w-]+", line) for line in self.lines]
+            if any(found):
+                return next(m.group(0) for m in found if m)
+            time.sleep(0.1)
+        raise AssertionError("mriflow app printed no owner link:\n" + "".join(self.lines))
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -279,7 +289,10 @@ def test_a_turing_session_of_ten_answers_is_stored_and_summarized(browser, study
         assert sorted(r[2] for r in rows) == ["real"] * 5 + ["synthetic"] * 5
         correct = sum(r[2] == r[3] for r in rows)
 
-        page.goto(app.url + "/turing/results")
+        page.goto(app.url + "/turing/results")  # a rater's view: no token, no results
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        assert "study owner" in page.text_content("#headline") and page.locator("#accuracy").count() == 0
+        page.goto(app.owner_link())
         page.wait_for_selector("body[data-ready='1']", timeout=30_000)
         low, high = clopper_pearson(correct, 10)
         assert page.text_content("#n") == "10"

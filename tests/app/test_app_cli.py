@@ -10,7 +10,7 @@ import pytest
 
 from app_helpers import write_study
 from mriflow.app import niivue
-from mriflow.app.server import bind, is_loopback
+from mriflow.app.launch import bind, is_loopback
 from mriflow.cli import build_parser, main
 
 

@@ -18,16 +18,17 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from mriflow.app.store import AnswerStore, Item, clopper_pearson, summary
+from mriflow.app.store import AnswerStore, Item, StudyMismatch, clopper_pearson, spreadsheet_safe, summary
 
 ITEMS = [Item(f"item{i:02d}", "real" if i % 2 else "synthetic", f"/data/{i}.nii.gz") for i in range(12)]
 IDS = [item.id for item in ITEMS]
 TRUTH = {item.id: item.truth for item in ITEMS}
+STUDY = "f" * 64  # the study's fingerprint
 
 
 def make_store(path: Path) -> AnswerStore:
     store = AnswerStore(path)
-    store.add_items(ITEMS)
+    store.begin_study(STUDY, ITEMS, {"real": "/data", "per_class": 6})
     return store
 
 
@@ -118,8 +119,18 @@ def test_the_database_is_in_wal_mode_and_a_foreign_file_is_refused_in_one_line(t
 
 def test_a_changed_study_is_refused_rather_than_mixed(tmp_path):
     store = make_store(tmp_path / "answers.sqlite")
-    with pytest.raises(ValueError, match="recorded as"):
-        store.add_items([Item("item01", "synthetic", "/elsewhere.nii.gz")])
+    store.start_session("ann", IDS)
+    store.answer("ann", "item01", "real", 3)
+    with pytest.raises(StudyMismatch, match="another study .12 items: real /data, per_class 6, 1 answers"):
+        store.begin_study("e" * 64, ITEMS, {})
+    store.begin_study(STUDY, ITEMS, {})  # the same study again: accepted, nothing added
+    assert store.fingerprint() == STUDY and store.items() == sorted(ITEMS, key=lambda i: i.id)
+    assert len(store.answers()) == 1
+
+
+def test_formula_cells_are_escaped_and_other_values_kept():
+    assert [spreadsheet_safe(v) for v in ("=1+1", "+1", "-1", "@A", "\tx", "ann", "a-b", -1.5, None, 3)] == \
+        ["'=1+1", "'+1", "'-1", "'@A", "'\tx", "ann", "a-b", -1.5, None, 3]
 
 
 # ---------------------------------------------------------------------- several writers at once

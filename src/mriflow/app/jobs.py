@@ -7,6 +7,10 @@ writes it (float32 NIfTI with the model's affine, JSON sidecar), into a new fold
 output folder, `<out>/<YYYYmmdd-HHMMSS>-<job>/sample_00000.nii.gz`, so no existing file is ever touched.
 Progress is the number of velocity-network evaluations so far against the number the solver needs
 (steps x its stages; learnt from the first run of an adaptive solver).
+
+The work one client can ask for is bounded: a request needs at most MAX_EVALUATIONS network evaluations
+(steps x stages: rk4 up to 250 steps, euler up to 1000), and at most MAX_PENDING jobs wait or run at once; one
+more is refused (`QueueFull`, 429) until one finishes. Of finished jobs the newest MAX_KEPT are remembered.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mriflow.app.paths import inside
+from mriflow.app.bodies import finite, shown
+from mriflow.app.paths import OutsideRootError, existing_file, inside
 from mriflow.data.io import load_volume
 from mriflow.utils.seeding import sample_seed
 from mriflow.generate import Generator, load_generator, requested_covariates
@@ -33,8 +38,15 @@ from mriflow.models.conditioning import resolve_request
 
 STAGES_PER_STEP = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "ddim": 1, "ddpm": 1}
 MAX_STEPS = 1000
+MAX_EVALUATIONS = 1000  # network evaluations of one request (steps x the solver's stages)
+MAX_PENDING = 8  # jobs queued or running at once
+MAX_KEPT = 1000  # finished jobs remembered for /api/jobs/<id>
 MAX_SEED = 2**31 - 1
 LABELS_SUFFIX = "_labels.nii.gz"  # a synthetic label map beside its sample: sample_XXXXX_labels.nii.gz
+
+
+class QueueFull(RuntimeError):
+    """MAX_PENDING jobs are already waiting or running."""
 
 
 @dataclass
@@ -97,14 +109,23 @@ class GenerationService:
     def check(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """The request as it will run: covariates checked against the schema, sampling settings complete.
         ValueError names what is wrong."""
-        covariates = {k: v for k, v in dict(request.get("covariates") or {}).items() if v not in (None, "")}
+        covariates = _covariates(request.get("covariates"))
         seed = request.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
         steps = request.get("steps")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
             raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
-        settings = self.generator.sampling_settings(request.get("solver") or None, steps, request.get("guidance"))
+        solver, guidance = request.get("solver"), request.get("guidance")
+        if solver is not None and not isinstance(solver, str):
+            raise ValueError(f"solver must be a string (one of {', '.join(self.generator.solvers)}), got {shown(solver)}")
+        guidance = None if guidance is None else finite(guidance, "guidance", minimum=0.0)
+        settings = self.generator.sampling_settings(solver or None, steps, guidance)
+        stages = STAGES_PER_STEP.get(settings["solver"], 1)
+        if settings["steps"] * stages > MAX_EVALUATIONS:
+            raise ValueError(f"steps: {settings['steps']} steps of {settings['solver']} ({stages} network evaluations "
+                             f"each) is over the app's {MAX_EVALUATIONS} evaluations a request; use at most "
+                             f"{MAX_EVALUATIONS // stages} steps (or `mriflow generate` for more)")
         values, present = resolve_request(self.generator.schema, covariates)
         return {"covariates": covariates, "seed": seed, "settings": settings,
                 "requested": requested_covariates(self.generator.schema, covariates, values, present),
@@ -122,6 +143,13 @@ class GenerationService:
         job.expected = self.learnt.get((settings["solver"], settings["steps"]),
                                        settings["steps"] * stages if stages else None)
         with self.lock:
+            pending = sum(j.state in ("queued", "running") for j in self.jobs.values())
+            if pending >= MAX_PENDING:
+                raise QueueFull(f"{pending} generation jobs are waiting or running, the most this app queues "
+                                f"({MAX_PENDING}); try again when one has finished")
+            finished = [key for key, j in self.jobs.items() if j.state in ("done", "error")]
+            for key in finished[:max(0, len(finished) - MAX_KEPT + 1)]:  # oldest first: dicts keep insertion order
+                del self.jobs[key]
             self.jobs[job.id] = job
         self.worker.submit(self._run, job, checked)
         return job
@@ -167,42 +195,78 @@ def _finite(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+def _covariates(given: Any) -> dict[str, Any]:
+    """A request's covariates {name: value} with values a string or a finite number; null or "" is left out."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise ValueError(f"covariates must be a JSON object of name: value (e.g. {{\"age\": 30}}), got {shown(given)}")
+    covariates = {}
+    for name, value in given.items():
+        if value is None or value == "":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"covariate {name!r} must be a string or a number, got {shown(value)}")
+        if not isinstance(value, str):
+            value = finite(value, f"covariate {name!r}")
+        covariates[name] = value
+    return covariates
+
+
 # ---------------------------------------------------------------------- what the output folder holds
 
 
 def sample_files(out: Path, folder: str) -> list[dict[str, Any]]:
-    """The samples of one output folder: {name, image, sidecar, labels (or None)}, paths relative to `out`."""
+    """The samples of one output folder: {name, image, sidecar, labels (or None)}, paths relative to `out`;
+    a file that would be refused when asked for (a link out of `out`) is left out."""
     root = inside(out, folder)
+
+    def servable(path: Path) -> str | None:
+        relative = path.relative_to(out.resolve()).as_posix()
+        try:
+            return relative if existing_file(out, relative) else None
+        except (OutsideRootError, FileNotFoundError):
+            return None
+
     samples = []
     for image in sorted(root.glob("*.nii.gz")):
         stem = image.name[:-len(".nii.gz")]
-        if stem.endswith("_labels") or stem == "difference":
+        if stem.endswith("_labels") or stem == "difference" or servable(image) is None:
             continue
-        labels = root / f"{stem}{LABELS_SUFFIX}"
-        sidecar = root / f"{stem}.json"
-        relative = lambda p: p.relative_to(out.resolve()).as_posix()  # noqa: E731
-        samples.append({"name": stem, "image": relative(image),
-                        "sidecar": relative(sidecar) if sidecar.is_file() else None,
-                        "labels": relative(labels) if labels.is_file() else None})
+        samples.append({"name": stem, "image": servable(image), "sidecar": servable(root / f"{stem}.json"),
+                        "labels": servable(root / f"{stem}{LABELS_SUFFIX}")})
     return samples
 
 
 def outputs(out: Path) -> list[dict[str, Any]]:
-    """Every folder of the output folder that holds samples, newest first."""
+    """Every folder of the output folder that holds samples, newest first; one that is refused (a link out of
+    the output folder) or cannot be read is skipped, never the whole list."""
     if not out.is_dir():
         return []
     found = []
     for folder in sorted((p for p in out.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
-        samples = sample_files(out, folder.name)
+        try:
+            samples = sample_files(out, folder.name)
+        except OSError:  # OutsideRootError (a PermissionError) included
+            continue
         if samples:
             found.append({"folder": folder.name, "samples": samples})
     return found
 
 
 def difference(out: Path, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
-    """B - A of two volumes inside the output folder (float32, A's affine); refused unless on one grid."""
-    first, first_affine = load_volume(inside(out, a))
-    second, second_affine = load_volume(inside(out, b))
+    """B - A of two volumes inside the output folder (float32, A's affine); refused unless on one grid. Errors
+    name the volumes as the request did, never by their place on the server."""
+    first, first_affine = _read(out, a)
+    second, second_affine = _read(out, b)
     if first.shape != second.shape or not np.allclose(first_affine, second_affine, atol=1e-3):
         raise ValueError(f"{a} and {b} are on different grids; a difference needs one grid")
     return (second - first).astype(np.float32), first_affine
+
+
+def _read(out: Path, relative: str) -> tuple[np.ndarray, np.ndarray]:
+    path = existing_file(out, relative)
+    try:
+        return load_volume(path)
+    except Exception:  # nibabel's errors name the absolute path
+        raise ValueError(f"{relative}: cannot be read as NIfTI (damaged or not an image)") from None

@@ -1,22 +1,24 @@
 """The app's HTTP side: FastAPI routes over the generation service, the output and report folders and the
-Turing test, the static front end, and `serve`, which binds the socket itself (a taken port is one line).
+Turing test, and the static front end (`launch` serves them).
 
 Every file a request names is looked up with `paths.inside` under the folder it belongs to; a name that
-leaves it is answered 403. State-changing requests must be JSON (`Content-Type: application/json`), which
-a page on another site cannot send without the browser asking first (and the app allows no other
-origin); on a loopback address the Host header must be a loopback name, so a DNS-rebinding page cannot
-reach it either.
+leaves it is answered 403, one that is not there 404, by the name the request gave, never a server path.
+State-changing requests must be JSON (`Content-Type: application/json`), which a page on another site
+cannot send without the browser asking first (and the app allows no other origin); their bodies are
+bounded and their fields typed (`bodies`); on a loopback address the Host header must be a loopback name,
+so a DNS-rebinding page cannot reach it either.
+
+During a Turing test the app serves nothing but the test: no output or report folder, and the results and
+the answers (which hold every item's truth) only to the study owner, who holds the token `mriflow app`
+printed (`?token=` or the X-Mriflow-Token header); a rater without it gets 403.
 """
 
 from __future__ import annotations
 
 import gzip
-import ipaddress
-import socket
-import sys
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 from fastapi import FastAPI, HTTPException, Request
@@ -25,7 +27,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from mriflow.app import jobs
-from mriflow.app.paths import OutsideRootError, existing_file, inside
+from mriflow.app.bodies import BodyLimit, json_body, number, text
+from mriflow.app.paths import MissingFile, OutsideRootError, existing_file, inside
 from mriflow.app.store import AnswerStore, check_rater
 from mriflow.app.turing import Study
 
@@ -33,12 +36,17 @@ STATIC = Path(__file__).resolve().parent / "static"
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]", "::1"]
 REPORT_FILE = "report.html"
 REPORT_DEPTH = 4  # how deep under a report root a report.html is looked for
+OWNER_HEADER = "X-Mriflow-Token"
+NOT_OWNER = ("the results and the answers are for the study owner: open the results link with ?token= that "
+             "`mriflow app` printed when it started")
+OFF_IN_TURING = "not served during a Turing test (raters see nothing but the items)"
 
 
 @dataclass
 class Turing:
     study: Study
     store: AnswerStore
+    owner_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # 192 bits, printed at start
 
 
 @dataclass
@@ -53,6 +61,7 @@ class AppState:
 def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastAPI:
     app = FastAPI(title="mriflow", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.mriflow = state
+    app.add_middleware(BodyLimit)
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
@@ -61,8 +70,12 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
         return JSONResponse({"detail": str(error)}, status_code=403)
 
     @app.exception_handler(FileNotFoundError)
-    async def missing(_: Request, error: FileNotFoundError):
-        return JSONResponse({"detail": str(error)}, status_code=404)
+    async def missing(_: Request, error: FileNotFoundError):  # another's message may hold a server path
+        return JSONResponse({"detail": str(error) if isinstance(error, MissingFile) else "not found"}, status_code=404)
+
+    @app.exception_handler(jobs.QueueFull)
+    async def busy(_: Request, error: jobs.QueueFull):
+        return JSONResponse({"detail": str(error)}, status_code=429)
 
     @app.exception_handler(KeyError)
     async def unknown(_: Request, error: KeyError):
@@ -108,7 +121,7 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
         return {"generate": state.service.model_info() if state.service else None,
                 "turing": None if state.turing is None else {"items": len(state.turing.study.items),
                                                              "per_class": state.turing.study.counts},
-                "out": str(state.out), "reports": len(state.reports)}
+                "reports": len(state.reports)}
 
     # ------------------------------------------------------------------ generation
 
@@ -116,6 +129,10 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
         if state.service is None:
             raise HTTPException(404, "generation is off in this app (started with --turing)")
         return state.service
+
+    def not_in_turing() -> None:
+        if state.turing is not None:
+            raise HTTPException(404, OFF_IN_TURING)
 
     @app.post("/api/generate", status_code=202)
     async def generate(request: Request):
@@ -132,15 +149,18 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
 
     @app.get("/api/outputs")
     def outputs():
+        not_in_turing()
         return jobs.outputs(state.out)
 
     @app.get("/files/{path:path}")
     def files(path: str, download: bool = False):
+        not_in_turing()
         target = existing_file(state.out, path)
         return file_response(target, download)
 
     @app.get("/api/difference/{a}/{b}/difference.nii.gz")
     def difference(a: str, b: str, sample: str = "sample_00000", download: bool = False):
+        not_in_turing()
         volume, affine = jobs.difference(state.out, f"{a}/{sample}.nii.gz", f"{b}/{sample}.nii.gz")
         image = nib.Nifti1Image(volume, affine)
         image.header.set_qform(affine, code=4)
@@ -153,6 +173,7 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
 
     @app.get("/api/reports")
     def reports():
+        not_in_turing()
         found = []
         for index, root in enumerate(state.reports):
             for report in sorted(_reports_under(root)):
@@ -163,6 +184,7 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
 
     @app.get("/reports/{root}/{path:path}")
     def report_file(root: int, path: str):
+        not_in_turing()
         if not 0 <= root < len(state.reports):
             raise HTTPException(404, f"no report folder {root}")
         return file_response(existing_file(state.reports[root], path), False)
@@ -174,10 +196,19 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
             raise HTTPException(404, "no Turing test in this app (start it with --turing --real DATA --fake DIR)")
         return state.turing
 
+    def owner(request: Request, token: str | None) -> Turing:
+        """The Turing test, for a request that carries the owner's token (query or header); 403 otherwise."""
+        t = turing()
+        expected = t.owner_token.encode()
+        if not any(secrets.compare_digest(given.encode(), expected)
+                   for given in (token, request.headers.get(OWNER_HEADER)) if given):
+            raise HTTPException(403, NOT_OWNER)
+        return t
+
     @app.post("/api/turing/session")
     async def start_session(request: Request):
         t = turing()
-        rater = check_rater(str((await json_body(request)).get("rater", "")).strip())
+        rater = check_rater(text(await json_body(request), "rater").strip())
         t.store.start_session(rater, [item.id for item in t.study.items])
         return t.store.session(rater)
 
@@ -197,36 +228,23 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
     async def answer(request: Request):
         t = turing()
         body = await json_body(request)
-        rater = str(body.get("rater", ""))
-        seconds = body.get("seconds")
-        stored = t.store.answer(rater, str(body.get("item", "")), body.get("answer"), body.get("confidence"),
-                                float(seconds) if isinstance(seconds, (int, float)) else None)
+        rater, item, given = text(body, "rater"), text(body, "item"), text(body, "answer")
+        seconds = number(body, "seconds", minimum=0.0)
+        stored = t.store.answer(rater, item, given, body.get("confidence"), seconds)
         return {"stored": stored, **t.store.session(rater)}
 
     @app.get("/api/turing/results")
-    def results():
-        t = turing()
-        return {**t.store.results(), "items": t.study.counts}
+    def results(request: Request, token: str | None = None):
+        t = owner(request, token)
+        return JSONResponse({**t.store.results(), "items": t.study.counts}, headers={"Cache-Control": "no-store"})
 
     @app.get("/api/turing/answers.csv")
-    def answers_csv():
-        return Response(turing().store.csv(), media_type="text/csv",
-                        headers={"Content-Disposition": 'attachment; filename="turing_answers.csv"'})
+    def answers_csv(request: Request, token: str | None = None):
+        return Response(owner(request, token).store.csv(), media_type="text/csv",
+                        headers={"Content-Disposition": 'attachment; filename="turing_answers.csv"',
+                                 "Cache-Control": "no-store"})
 
     return app
-
-
-async def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object; a form post (which another site could send unasked) is refused."""
-    if not request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
-        raise HTTPException(415, "send JSON (Content-Type: application/json)")
-    try:
-        body = await request.json()
-    except ValueError:
-        raise HTTPException(400, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise HTTPException(400, "the body must be a JSON object")
-    return body
 
 
 def file_response(path: Path, download: bool) -> FileResponse:
@@ -245,105 +263,3 @@ def _reports_under(root: Path) -> list[Path]:
             except OutsideRootError:  # a link out of the report folder is not followed
                 continue
     return found
-
-
-# ---------------------------------------------------------------------- serving
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port; OSError with one line when it cannot be had (port taken, bad address)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        raise OSError(f"--host {host}: not an address of this machine") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(128)
-    except OSError as error:
-        sock.close()
-        taken = error.errno in (98, 48)  # EADDRINUSE on Linux, macOS
-        raise OSError(f"--port {port}: " + ("already in use on " + host + "; choose another port (--port 0 picks a "
-                                            "free one)" if taken else f"cannot listen on {host} ({error.strerror})")) from None
-    return sock
-
-
-def serve(state: AppState, sock: socket.socket, host: str = "127.0.0.1", announce=print) -> None:
-    """Serve the app on a bound socket (see `bind`) until interrupted. On a loopback address only loopback
-    Host names are answered."""
-    import uvicorn
-
-    actual = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    if not is_loopback(host):
-        announce(f"mriflow app: warning: listening on {host}, so anyone who can reach this machine can use the app "
-                 "(there is no login); use --host 127.0.0.1 to keep it to this machine", file=sys.stderr)
-    allowed = LOOPBACK_NAMES if is_loopback(host) else None  # the middleware compares names without the port
-    app = create_app(state, allowed_hosts=allowed)
-    announce(f"mriflow app: http://{shown}:{actual}/  (Ctrl+C to stop)", flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
-        if state.service is not None:
-            state.service.close()
-
-
-def run(model: str = "default", out: str | Path = "app-output", host: str = "127.0.0.1", port: int = 8765,
-        reports: list[str] | None = None, turing: bool = False, real: str | None = None, fake: str | None = None,
-        split: str = "test", per_class: int | None = None, db: str | None = None, device: str = "cpu",
-        trust_paths: bool = False) -> None:
-    """`mriflow app`: check everything a user gave (NiiVue installed, model, folders), then serve."""
-    from mriflow.app.niivue import locate_niivue
-
-    niivue = locate_niivue()
-    out = Path(out)
-    state = AppState(out=out, niivue=niivue)
-    roots = [Path(r) for r in reports] if reports else [p for p in (Path("reports"),) if p.is_dir()]
-    for root in roots:
-        if not root.is_dir():
-            raise FileNotFoundError(f"--reports {root}: no such folder")
-    state.reports = roots
-    sock = bind(host, port)  # before the model loads: a taken port is said at once
-    try:
-        _load(state, model, turing, real, fake, split, per_class, db, device, trust_paths)
-    except BaseException:
-        sock.close()
-        raise
-    serve(state, sock, host)
-
-
-def _load(state: AppState, model: str, turing: bool, real: str | None, fake: str | None, split: str,
-          per_class: int | None, db: str | None, device: str, trust_paths: bool) -> None:
-    from mriflow.app.turing import build_study
-
-    out = state.out
-    if turing:
-        if not real or not fake:
-            raise ValueError("--turing needs --real DATA (a prepared dataset) and --fake DIR (generated volumes)")
-        study = build_study(real, fake, split=split, per_class=per_class)
-        out.mkdir(parents=True, exist_ok=True)
-        store = AnswerStore(Path(db) if db else out / "turing.sqlite")
-        store.add_items(study.items)
-        state.turing = Turing(study, store)
-        print(f"mriflow app: Turing test of {study.counts['real']} real ({split} split of {real}) and "
-              f"{study.counts['synthetic']} generated volumes ({fake}); answers in {store.path}")
-    else:
-        if real or fake or db:
-            raise ValueError("--real, --fake and --db belong to the Turing test: add --turing")
-        out.mkdir(parents=True, exist_ok=True)
-        state.service = jobs.GenerationService(model, out, device, trust_paths)
-        print(f"mriflow app: model {state.service.generator.model_id}; samples go to {out}/")

@@ -1,7 +1,8 @@
 """The answers of a visual Turing test, in SQLite, and what they add up to.
 
-One database file (WAL journal, synchronous=FULL) with three tables:
+One database file (WAL journal, synchronous=FULL) holds one study, in four tables:
 
+    study    (key, value)                                    its fingerprint (turing.fingerprint) and how it was drawn
     items    (id, truth 'real'|'synthetic', source)          the volumes of the study
     raters   (name, created, item_order)                     a rater's session: their own random order
     answers  (rater, item, truth, answer, confidence, seconds, created)   PRIMARY KEY (rater, item)
@@ -14,6 +15,11 @@ click, a retried request, a second tab) a no-op that is reported, never a second
 Accuracy comes with an exact Clopper-Pearson 95 % interval (the binomial's own quantiles through the
 beta distribution; it never falls below the nominal coverage, unlike the Wald interval) and a
 two-sided binomial test against chance (50 %).
+
+The file holds the truth of every item, so it must lie outside every folder the app serves (`launch` sees to
+that), and a database of another study is refused (`begin_study`), never mixed with this one; `move_aside` renames
+it so that a new study can start at its path, deleting nothing. The CSV export escapes a cell that a spreadsheet
+would run as a formula (one starting with = + - @, a tab or a carriage return) with a leading apostrophe.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ import io
 import json
 import random
 import re
+import os
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from scipy import stats
 
@@ -40,8 +47,13 @@ LEVEL = 0.95
 ANCHOR = {"accuracy": 0.594, "text": "Park et al. (JMIR 2021): readers told real from synthetic body CT with "
                                     "59.4 % accuracy"}
 CSV_COLUMNS = ("rater", "item", "truth", "answer", "correct", "confidence", "seconds", "created")
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula (OWASP)
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS study (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS items (
     id TEXT PRIMARY KEY,
     truth TEXT NOT NULL CHECK (truth IN ('real', 'synthetic')),
@@ -63,6 +75,10 @@ CREATE TABLE IF NOT EXISTS answers (
     PRIMARY KEY (rater, item)
 );
 """
+
+
+class StudyMismatch(ValueError):
+    """The database holds the answers of another study."""
 
 
 @dataclass(frozen=True)
@@ -116,25 +132,42 @@ class AnswerStore:
 
     # ------------------------------------------------------------------ study and sessions
 
-    def add_items(self, items: Iterable[Item]) -> None:
-        """Record the study's items; an id already there with another truth is refused (a changed study)."""
+    def begin_study(self, fingerprint: str, items: Sequence[Item], description: dict[str, Any]) -> None:
+        """Record the study (its fingerprint, its items, how it was drawn) in an empty database, or check that the
+        database holds this study: StudyMismatch, with what it holds, when it holds another. A database written
+        before fingerprints were recorded is taken for this study when its items are exactly this study's."""
         with closing(self.connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                for item in items:
-                    if item.truth not in TRUTHS:
-                        raise ValueError(f"item {item.id}: truth must be real or synthetic, got {item.truth!r}")
-                    row = db.execute("SELECT truth FROM items WHERE id = ?", (item.id,)).fetchone()
-                    if row is None:
-                        db.execute("INSERT INTO items (id, truth, source) VALUES (?, ?, ?)",
-                                   (item.id, item.truth, item.source))
-                    elif row[0] != item.truth:
-                        raise ValueError(f"{self.path}: item {item.id} is recorded as {row[0]}, now {item.truth}; "
-                                         "use a new --db for a changed study")
+                recorded = dict(db.execute("SELECT key, value FROM study").fetchall())
+                held = set(db.execute("SELECT id, truth FROM items").fetchall())
+                if recorded.get("fingerprint", fingerprint) != fingerprint or (
+                        "fingerprint" not in recorded and held and held != {(i.id, i.truth) for i in items}):
+                    raise StudyMismatch(self._held(db, recorded, len(held)))
+                if "fingerprint" not in recorded:
+                    meta = {"fingerprint": fingerprint, "created": now(), **{k: json.dumps(v) for k, v in description.items()}}
+                    db.executemany("INSERT INTO study (key, value) VALUES (?, ?)", meta.items())
+                    db.executemany("INSERT OR IGNORE INTO items (id, truth, source) VALUES (?, ?, ?)",
+                                   [(i.id, i.truth, i.source) for i in items])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+
+    def _held(self, db: sqlite3.Connection, recorded: dict[str, str], items: int) -> str:
+        answers = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        drawn = ", ".join(f"{k} {json.loads(recorded[k])}" for k in ("real", "split", "fake", "per_class") if k in recorded)
+        return (f"{self.path} holds the answers of another study ({items} items" + (f": {drawn}" if drawn else "")
+                + f", {answers} answers" + (f", begun {recorded['created']}" if "created" in recorded else "") + ")")
+
+    def fingerprint(self) -> str | None:
+        with closing(self.connect()) as db:
+            row = db.execute("SELECT value FROM study WHERE key = 'fingerprint'").fetchone()
+        return row[0] if row else None
+
+    def items(self) -> list[Item]:
+        with closing(self.connect()) as db:
+            return [Item(*row) for row in db.execute("SELECT id, truth, source FROM items ORDER BY id")]
 
     def start_session(self, rater: str, item_ids: Sequence[str], rng: random.Random | None = None) -> list[str]:
         """The rater's item order: stored on their first visit (a fresh random permutation of `item_ids`),
@@ -210,8 +243,39 @@ class AnswerStore:
         stream = io.StringIO()
         writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
-        writer.writerows(self.answers())
+        writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in self.answers())
         return stream.getvalue()
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, with an apostrophe in front; anything else as it is."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
+def move_aside(path: str | Path) -> Path:
+    """Rename the database at `path` to <stem>.<UTC time>.sqlite beside it (never over an existing file) and
+    return the new path; nothing is deleted. ValueError when another process has it open (its WAL is in use)."""
+    path = Path(path)
+    with closing(sqlite3.connect(path, timeout=30.0)) as db:
+        busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    # SQLite removes the -wal and -shm files when the last connection closes: if they remain, another has it open
+    if busy or any(Path(f"{path}{suffix}").exists() for suffix in ("-wal", "-shm")):
+        raise ValueError(f"{path} is open in another process (another mriflow app?); stop it, then start again")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        target = path.with_name(f"{path.stem}.{stamp}{'' if attempt == 0 else f'-{attempt}'}{path.suffix}")
+        try:
+            os.link(path, target)  # fails if the target exists: nothing is ever overwritten
+        except FileExistsError:
+            continue
+        except OSError:  # a file system without hard links
+            if target.exists():
+                continue
+            os.rename(path, target)
+            return target
+        os.unlink(path)  # the answers stay in the file under its new name
+        return target
+    raise ValueError(f"{path}: no free name to move it aside to; move it yourself, then start again")
 
 
 def check_rater(name: str) -> str:

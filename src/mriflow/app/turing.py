@@ -1,28 +1,31 @@
 """The items of a visual Turing test: real volumes (a split of a prepared dataset) and generated ones.
 
-Both classes are shown identically: each item is served under an opaque id, re-encoded as a fresh
-float32 NIfTI with the study's one affine and an empty description (gzip without a time stamp), so
-neither the URL, the file name, the header nor the compression tells a rater which class it is, and
-the viewer shows both with the same fixed window [0, 1]. The study draws the same number of volumes
-from each class (chance is then 50 %); the draw is seeded, so a restart brings back the same items.
+Both classes are shown identically: each item is served under an opaque id, re-encoded by `encoding` (background
+exactly 0, one quantisation, one header, one compression, one length), so neither the URL, the file name, the
+header, the compression nor the size tells a rater which class it is, and the viewer shows both with the same
+fixed window [0, 1]. The study draws the same number of volumes from each class (chance is then 50 %); the draw is
+seeded, so a restart brings back the same items. Its fingerprint (SHA-256 over every item's id, class and file
+content) is what the answer database records, so that answers of two studies are never mixed.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import random
+import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from mriflow.app.encoding import encode_items
 from mriflow.app.paths import inside
 from mriflow.app.store import Item
 from mriflow.data.dataset import read_manifest
-from mriflow.data.io import is_nifti, load_volume
+from mriflow.data.io import is_nifti
+from mriflow.utils.files import sha256
 
 AFFINE_TOLERANCE = 1e-3  # mm
 DEFAULT_PER_CLASS = 25
@@ -50,23 +53,28 @@ class Study:
     affine: np.ndarray
     shape: tuple[int, int, int]
     counts: dict[str, int] = field(default_factory=dict)
+    fingerprint: str = ""  # SHA-256 over the items' ids, classes and file contents
+    description: dict[str, Any] = field(default_factory=dict)  # what the organizer asked for, for messages
+    _served: dict[str, bytes] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def encode(self) -> None:
+        """Encode every item once (`encoding.encode_items`): the padding needs them all, and a rater then waits
+        the same for every item."""
+        with self._lock:
+            if self._served is None:
+                self._served = encode_items(self.paths, self.affine, self.shape)
 
     def volume_bytes(self, item_id: str) -> bytes:
-        return _encoded(self.paths[item_id], self.affine.tobytes(), self.shape)
+        self.encode()
+        return self._served[item_id]
 
 
-@lru_cache(maxsize=256)
-def _encoded(path: Path, affine_bytes: bytes, shape: tuple[int, int, int]) -> bytes:
-    data, _ = load_volume(path)
-    if data.shape != shape:
-        raise ValueError(f"{path}: shape {data.shape} differs from the study's {shape}")
-    affine = np.frombuffer(affine_bytes, dtype=np.float64).reshape(4, 4)
-    image = nib.Nifti1Image(np.clip(np.nan_to_num(data), 0.0, 1.0).astype(np.float32), affine)
-    image.header.set_qform(affine, code=4)
-    image.header.set_sform(affine, code=4)
-    image.header["descrip"] = b""
-    image.header.set_xyzt_units("mm")
-    return gzip.compress(image.to_bytes(), mtime=0)
+def fingerprint(items: list[Item], paths: dict[str, Path]) -> str:
+    """SHA-256 over (id, class, SHA-256 of the file) of every item, in id order: the same items with the same
+    contents give the same study, a regenerated --fake folder under the same names another."""
+    lines = sorted(f"{item.id} {item.truth} {sha256(paths[item.id])}" for item in items)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
@@ -106,4 +114,6 @@ def build_study(real: str | Path, fake: str | Path, split: str = "test", per_cla
             item_id = hashlib.sha256(f"{truth}:{path.resolve()}".encode()).hexdigest()[:16]
             items.append(Item(item_id, truth, str(path)))
             paths[item_id] = path
-    return Study(items, paths, np.asarray(affine, dtype=np.float64), tuple(shape[:3]), {k: len(v) for k, v in chosen.items()})
+    description = {"real": str(real), "split": split, "fake": str(fake), "per_class": n}
+    return Study(items, paths, np.asarray(affine, dtype=np.float64), tuple(shape[:3]),
+                 {k: len(v) for k, v in chosen.items()}, fingerprint(items, paths), description)

@@ -1,7 +1,18 @@
 "use strict";
 (async function () {
   const $ = (id) => document.getElementById(id);
-  const r = await (await fetch("/api/turing/results")).json();
+  // the owner's token, from the link `mriflow app` printed; without it the server answers 403 and says why
+  const token = new URLSearchParams(location.search).get("token") || "";
+  const query = "?token=" + encodeURIComponent(token);
+  const response = await fetch("/api/turing/results" + query);
+  const r = await response.json();
+  if (!response.ok) {
+    $("headline").textContent = r.detail || response.statusText;
+    $("csv").hidden = true;
+    document.body.dataset.ready = "1";
+    return;
+  }
+  $("csv").href = "/api/turing/answers.csv" + query;
   const pct = (x) => (x === null || x === undefined) ? "–" : (100 * x).toFixed(1) + " %";
   const o = r.overall;
   $("headline").innerHTML = o.n
