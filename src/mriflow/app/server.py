@@ -19,6 +19,7 @@ import gzip
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 from fastapi import FastAPI, HTTPException, Request
@@ -29,7 +30,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from mriflow.app import jobs
 from mriflow.app.bodies import BodyLimit, json_body, number, text
 from mriflow.app.paths import MissingFile, OutsideRootError, existing_file, inside
-from mriflow.app.store import AnswerStore, check_rater
+from mriflow.app.store import CONFIDENCE, TRUTHS, AnswerStore, check_rater
 from mriflow.app.turing import Study
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -47,6 +48,31 @@ class Turing:
     study: Study
     store: AnswerStore
     owner_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # 192 bits, printed at start
+
+
+def body_spec(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The OpenAPI description of a JSON body read by `json_body` (the schema the fuzzing tests draw from)."""
+    schema = {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def generate_spec(service: jobs.GenerationService | None) -> dict[str, Any]:
+    """The body of a generation request, with the model's own covariates (a number or one of its categories)."""
+    info = {"covariates": [], "solvers": list(jobs.STAGES_PER_STEP)} if service is None else service.model_info()
+    covariates = {c["name"]: {"type": ["number", "null"]} if c["kind"] == "continuous" else
+                  {"enum": [*c["categories"], None]} for c in info["covariates"]}
+    return body_spec({
+        "covariates": {"type": "object", "properties": covariates, "additionalProperties": False},
+        "seed": {"type": "integer", "minimum": 0, "maximum": jobs.MAX_SEED},
+        "steps": {"type": "integer", "minimum": 1, "maximum": jobs.MAX_STEPS},
+        "solver": {"enum": info["solvers"]}, "guidance": {"type": "number", "minimum": 0}})
+
+
+SESSION_BODY = body_spec({"rater": {"type": "string", "minLength": 1, "maxLength": 64}}, ("rater",))
+ANSWER_BODY = body_spec({
+    "rater": {"type": "string"}, "item": {"type": "string"}, "answer": {"enum": list(TRUTHS)},
+    "confidence": {"type": "integer", "minimum": CONFIDENCE[0], "maximum": CONFIDENCE[1]},
+    "seconds": {"type": ["number", "null"], "minimum": 0}}, ("rater", "item", "answer", "confidence"))
 
 
 @dataclass
@@ -134,7 +160,7 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
         if state.turing is not None:
             raise HTTPException(404, OFF_IN_TURING)
 
-    @app.post("/api/generate", status_code=202)
+    @app.post("/api/generate", status_code=202, openapi_extra=generate_spec(state.service))
     async def generate(request: Request):
         job = service().submit(await json_body(request))
         return job.view()
@@ -205,7 +231,7 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
             raise HTTPException(403, NOT_OWNER)
         return t
 
-    @app.post("/api/turing/session")
+    @app.post("/api/turing/session", openapi_extra=SESSION_BODY)
     async def start_session(request: Request):
         t = turing()
         rater = check_rater(text(await json_body(request), "rater").strip())
@@ -224,7 +250,7 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
         return Response(t.study.volume_bytes(item_id), media_type="application/octet-stream",
                         headers={"Cache-Control": "no-store"})
 
-    @app.post("/api/turing/answer")
+    @app.post("/api/turing/answer", openapi_extra=ANSWER_BODY)
     async def answer(request: Request):
         t = turing()
         body = await json_body(request)
