@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from mriflow.cli import main
 
@@ -217,3 +218,49 @@ def test_generate_killed_midway_leaves_only_whole_samples_and_a_rerun_is_refused
         sidecar = json.loads(sample.with_name(sample.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["image"] == sample.name
     assert not list(out.glob(".tmp-*"))  # the killed write's temporary file was removed by the rerun
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_oserror_naming_the_file(tmp_path, monkeypatch):
+    """Issue 25.4: a full disk during a checkpoint save ended in a safetensors traceback."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from mriflow import checkpoint as ckpt
+    from mriflow.cli import _describe
+
+    ckpt.save_checkpoint(tmp_path / "step-1", {"a": torch.ones(3)}, {"step": 1})
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(OSError) as caught:
+        ckpt.save_checkpoint(tmp_path / "step-2", {"a": torch.ones(3)}, {"step": 2})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "step-2" / ckpt.MODEL_FILE)
+    assert _describe(caught.value).endswith("no space left on device; the disk is full; free some space or choose "
+                                            "another disk")
+    assert not (tmp_path / "step-2").exists() and ckpt.load_checkpoint(tmp_path / "step-1")[1]["step"] == 1
+
+
+def test_a_full_disk_while_generating_names_the_sample_and_leaves_no_sidecar_alone(tmp_path, monkeypatch, capsys):
+    """Issue 25.4: generate said only "[Errno 28] No space left on device" and left a sidecar without its volume."""
+    import errno
+
+    import nibabel
+
+    from mriflow.cli import main
+
+    def full(image, filename):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nibabel, "save", full)
+    out = tmp_path / "samples"
+    assert main(["generate", "--model", "4mm", "--out", str(out), "--n", "1", "--steps", "1", "--no-labels",
+                 "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    message = [line for line in error.splitlines() if line.startswith("mriflow generate: error:")]  # beside the bar
+    assert len(message) == 1 and "Traceback" not in error
+    assert f"{out / 'sample_00000.nii.gz'}: no space left on device; the disk is full" in message[0]
+    assert not list(out.glob("sample_*"))  # neither the volume nor its sidecar

@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -97,14 +98,16 @@ def save_checkpoint(
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f"{TEMPORARY_PREFIX}{directory.name}-"))
     try:
         cast = WEIGHT_DTYPES[weights_dtype]
-        save_file(
-            {k: _plain(v.to(cast) if v.is_floating_point() else v) for k, v in weights.items()},
-            str(staging / MODEL_FILE),
-            metadata=header,
-        )
-        canonical_header(staging / MODEL_FILE)
+        with _writing(directory / MODEL_FILE):
+            save_file(
+                {k: _plain(v.to(cast) if v.is_floating_point() else v) for k, v in weights.items()},
+                str(staging / MODEL_FILE),
+                metadata=header,
+            )
+            canonical_header(staging / MODEL_FILE)
         if train_state is not None:
-            save_file({k: _plain(v) for k, v in train_state.items()}, str(staging / TRAIN_STATE_FILE))
+            with _writing(directory / TRAIN_STATE_FILE):
+                save_file({k: _plain(v) for k, v in train_state.items()}, str(staging / TRAIN_STATE_FILE))
         meta["checksums"] = {file.name: sha256(file) for file in (staging / MODEL_FILE, staging / TRAIN_STATE_FILE)
                              if file.is_file()}  # verified on every load: a changed weight file is refused
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
@@ -338,6 +341,24 @@ def _parsing(file: Path) -> Iterator[None]:
             f"{file}: damaged or incomplete ({error}); copy the checkpoint folder again from where it came from, "
             "or use another checkpoint (a run keeps its recent ones in RUN/checkpoints/)"
         ) from None
+
+
+@contextlib.contextmanager
+def _writing(file: Path) -> Iterator[None]:
+    """An operating system's refusal while safetensors writes `file` (its error is a SafetensorError whose text holds
+    "Os { code: 28, ... }") as the OSError it is, naming the file: one line with advice at the command line."""
+    try:
+        yield
+    except SafetensorError as error:
+        match = re.search(r"code: (\d+)", str(error))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(file)) from None
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or os.strerror(error.errno or 0), str(file)) from None
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,12 @@ def write_sample(
     try:
         record = {**sidecar, "image": image_path.name, "mriflow_version": mriflow.__version__}
         _write_json(sidecar_path, record, overwrite)
-        save_volume(image_path, np.clip(volume, 0.0, 1.0), affine, dtype=np.float32, overwrite=overwrite)
+        try:
+            save_volume(image_path, np.clip(volume, 0.0, 1.0), affine, dtype=np.float32, overwrite=overwrite)
+        except OSError as error:  # e.g. a full disk: no sidecar is left without its volume
+            if not isinstance(error, FileExistsError):
+                sidecar_path.unlink(missing_ok=True)
+            raise
     except FileExistsError as error:  # another run wrote this name after the check (same folder, same moment)
         raise FileExistsError(_taken([error.filename])) from None
     return image_path

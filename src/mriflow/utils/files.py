@@ -56,7 +56,12 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise OSError(error.errno, error.strerror, str(path)) from None
     os.close(handle)
     try:
-        yield Path(temporary)
+        try:
+            yield Path(temporary)
+        except OSError as error:  # a full disk while writing: name the file being written, not the temporary one
+            if error.errno is None or error.filename not in (None, temporary):
+                raise
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from None
         os.chmod(temporary, permissions(0o666))
         if overwrite:
             os.replace(temporary, path)
