@@ -33,6 +33,10 @@ def read_cohort(path: str | Path) -> list[dict[str, Any]]:
     if table.empty:
         raise ValueError(f"--covariates {path}: no rows; give one row per sample to draw")
     table.columns = [str(c).strip() for c in table.columns]
+    if any(c == "" or c.startswith("Unnamed:") for c in table.columns) or len(set(table.columns)) < len(table.columns):
+        raise ValueError(f"--covariates {path}: every column needs a name of its own in the header line "
+                         f"(got {', '.join(map(repr, table.columns))})")
+    table = table.fillna("")  # a row with fewer cells than the header: the missing ones are empty (absent)
     rows = []
     for record in table.to_dict("records"):
         rows.append({k: None if v.strip() == "" else parse_value(v.strip()) for k, v in record.items()})

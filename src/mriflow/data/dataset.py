@@ -150,7 +150,11 @@ def read_manifest(root: str | Path) -> pd.DataFrame:
     path = root / "manifest.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{root} is not a prepared dataset (no manifest.csv); run `mriflow prepare` first")
-    table = pd.read_csv(path, dtype={"subject": str, "labels": str}, keep_default_na=True)
+    try:
+        table = pd.read_csv(path, dtype={"subject": str, "labels": str}, keep_default_na=True)
+    except (ValueError, UnicodeDecodeError) as error:  # pandas' parser and decoding errors name no file
+        raise ValueError(f"{path}: not a readable manifest ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                         "prepare the folder again with `mriflow prepare`") from None
     missing = [c for c in ("subject", "image", "mask", "split") if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; was it written by `mriflow prepare`?")

@@ -136,6 +136,9 @@ def resolve_request(schema, request: Mapping[str, Any]) -> tuple[torch.Tensor, t
                              + (f" (trained on {low:g} to {high:g})" if trained else "") + " or leave it out")
         if covariate.kind == "continuous":
             number = float(value)
+            if not bool(torch.isfinite(values[k])):  # finite as a float64, not once standardised in float32
+                raise ValueError(f"covariate {covariate.name!r} = {number:g} is too large to encode; give a value"
+                                 + (f" near its training range ({low:g} to {high:g})" if trained else " of its scale"))
             if trained and not low <= number <= high:
                 warnings.warn(
                     f"covariate {covariate.name!r} = {number:g} is outside the training range [{low:g}, {high:g}]; "
