@@ -11,9 +11,11 @@ judged from outside, as a user would see it:
 
 The probes are those of tests/test_faults.py and the reliability tests beside it: malformed NIfTI
 through prepare and evaluate generation, damaged JSON, checkpoints and latent caches, prepare
-(2 workers), training and generate killed with SIGKILL at seeded moments, and two generate or
-prepare runs into one folder at once. Writes benchmarks/results/reliability.json and the
-"## reliability" section of docs/benchmarks.md.
+(2 workers), training and generate killed with SIGKILL at seeded moments, two generate or
+prepare runs into one folder at once, and issue 25's findings ("round 3": tampered weights and model folders,
+weights linked to /dev/zero, a report overwritten, Ctrl+C while training, implausible covariates, a semicolon
+cohort, --n 1000000000). Writes benchmarks/results/reliability.json and the "## reliability" section of
+docs/benchmarks.md. The app's HTTP probes are tests/app (test_app_api.py, test_app_fuzz.py).
 
     python benchmarks/reliability.py [--work /tmp/mriflow-reliability]
 """
@@ -464,6 +466,165 @@ def two_at_once(probes: Probes) -> None:
                time.perf_counter() - started)
 
 
+def round_three(probes: Probes, real: Path, autoencoder: Path) -> None:
+    """Issue 25's findings through the command line: tampered weights and model folders, a device as weights, a
+    report overwritten, Ctrl+C while training, implausible covariates, a semicolon cohort and a huge --n."""
+    import json
+
+    from mriflow import checkpoint as ckpt
+    from mriflow.generator import shipped_models
+
+    def flipped(file: Path) -> None:
+        data = bytearray(file.read_bytes())
+        data[-7] ^= 0x20  # one bit of a tensor: the file still parses
+        file.write_bytes(bytes(data))
+
+    def model_copy(name: str) -> Path:
+        folder = probes.work / name
+        shutil.copytree(shipped_models()["4mm"], folder)
+        return folder
+
+    def generate_probe(name: str, folder: Path, names: str, timeout: float = 300) -> None:
+        started = time.perf_counter()
+        before = snapshot(folder)
+        try:
+            code, error = run("generate", "--model", str(folder), "--out", str(probes.work / f"{name}-out"), "--n", "1",
+                              "--steps", "1", "--no-labels", "--threads", "1", timeout=timeout)
+            outcome, message = judged(code, error, names), last_line(error)
+        except subprocess.TimeoutExpired:
+            outcome, message = "hangs", f"no answer in {timeout:.0f} s"
+        if outcome == "ok":
+            outcome = "accepted (not refused)"
+        probes.add("round 3", f"generate: {name.replace('-', ' ')}", "mriflow generate --model MODEL --out OUT --n 1",
+                   outcome, message, lost(before, snapshot(folder)), time.perf_counter() - started)
+
+    folder = model_copy("tampered-generator-weights")
+    flipped(folder / "flow" / ckpt.MODEL_FILE)
+    generate_probe("tampered-generator-weights", folder, str(folder / "flow" / ckpt.MODEL_FILE))
+
+    folder = model_copy("model-folder-without-exported-from")
+    shutil.copytree(folder / "autoencoder", probes.work / "autoencoder-elsewhere")
+    meta_file = folder / "flow" / ckpt.META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta.pop("exported_from")
+    meta["autoencoder"]["path"] = str(probes.work / "autoencoder-elsewhere")
+    meta_file.write_text(json.dumps(meta))
+    generate_probe("model-folder-without-exported-from", folder, str(folder / "flow" / ckpt.META_FILE))
+
+    folder = model_copy("autoencoder-weights-linked-to-dev-zero")
+    (folder / "autoencoder" / ckpt.MODEL_FILE).unlink()
+    (folder / "autoencoder" / ckpt.MODEL_FILE).symlink_to("/dev/zero")
+    generate_probe("autoencoder-weights-linked-to-dev-zero", folder, "not a regular file", timeout=120)
+
+    # a bit flipped in a training checkpoint's state -> resume refuses it
+    started = time.perf_counter()
+    run_copy = probes.work / "bit-flipped-training-state"
+    shutil.copytree(autoencoder, run_copy)
+    state = ckpt.latest_checkpoint(run_copy) / ckpt.TRAIN_STATE_FILE
+    flipped(state)
+    code, error = run("train", "autoencoder", str(real), "--out", str(run_copy), "--resume", "--max-steps", "40",
+                      "--threads", "1")
+    outcome = judged(code, error, str(state))
+    probes.add("round 3", "train --resume from a bit-flipped training state", "mriflow train autoencoder DATA --out RUN "
+               "--resume", "accepted (not refused)" if outcome == "ok" else outcome, last_line(error), [],
+               time.perf_counter() - started)
+
+    # evaluate generation into a folder that holds a report -> refused, the report unchanged
+    started = time.perf_counter()
+    fakes = probes.work / "report-overwrite-fakes"
+    fakes.mkdir()
+    for i in range(7):
+        shutil.copy(real / "images" / f"sub{9 + i:02d}.nii.gz", fakes / f"sample_{i:05d}.nii.gz")
+    report = probes.work / "report-overwrite"
+    arguments = ["evaluate", "generation", "--real", str(real), "--fake", str(fakes), "--out", str(report),
+                 "--backbone", "intensity", "--bootstrap", "2"]
+    run(*arguments)
+    before = snapshot(report)
+    code, error = run(*arguments)
+    probes.add("round 3", "evaluate generation into a folder holding a report", "mriflow evaluate generation ... --out "
+               "REPORT, twice", judged(code, error, str(report)), last_line(error), lost(before, snapshot(report)),
+               time.perf_counter() - started)
+
+    # Ctrl+C while training -> a checkpoint of the step under way, one line, exit 130
+    started = time.perf_counter()
+    run_dir = probes.work / "interrupted-training"
+    process = start("train", "autoencoder", str(real), "--out", str(run_dir), "--max-steps", "100000",
+                    "--threads", "1")
+    while not (run_dir / "log.csv").is_file() and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=300)
+    latest = ckpt.latest_checkpoint(run_dir)
+    line = last_line(error)
+    if "Traceback" in error:
+        outcome = "traceback"
+    elif process.returncode == 130 and latest is not None and "stopped by SIGINT" in error:
+        outcome = "recovered"
+    else:
+        outcome = f"exit {process.returncode}, checkpoint {latest.name if latest else None}"
+    probes.add("round 3", "Ctrl+C (SIGINT) while training", "mriflow train autoencoder DATA --out RUN; Ctrl+C",
+               outcome, next((l for l in error.splitlines() if "stopped by SIGINT" in l), line), [],
+               time.perf_counter() - started)
+
+    # prepare with an impossible age and an unknown sex -> prepared, the values noted and left missing
+    started = time.perf_counter()
+    images = write_scans(probes.work / "implausible-covariates" / "images", 2)
+    table = probes.work / "implausible-covariates" / "demographics.csv"
+    table.write_text("subject,age,sex\ns00,-5,Q\ns01,40,F\n")
+    out = probes.work / "implausible-covariates" / "out"
+    code, error = run("prepare", str(images), "--out", str(out), "--covariates", str(table), "--skull-strip", "none",
+                      "--no-register")
+    outcome = judged(code, error, None)
+    if outcome == "ok":
+        report_text = (out / "prepare_report.csv").read_text() if (out / "prepare_report.csv").is_file() else ""
+        outcome = "skipped" if "'-5'" in report_text and "'Q'" in report_text else "accepted (not noted)"
+    probes.add("round 3", "prepare with age -5 and sex Q", "mriflow prepare IMAGES --covariates CSV --out OUT", outcome,
+               "prepare_report.csv names both values" if outcome == "skipped" else last_line(error), [],
+               time.perf_counter() - started)
+
+    # a semicolon-delimited cohort -> read as prepare reads it
+    started = time.perf_counter()
+    cohort = probes.work / "semicolon-cohort.csv"
+    cohort.write_text("id;age;sex\nyoung-f;25;F\n")
+    out = probes.work / "semicolon-cohort"
+    code, error = run("generate", "--model", "4mm", "--out", str(out), "--covariates", str(cohort), "--steps", "1",
+                      "--no-labels", "--threads", "1")
+    outcome = judged(code, error, str(cohort))
+    probes.add("round 3", "generate --covariates with a semicolon-delimited file", "mriflow generate --covariates "
+               "COHORT.csv", "recovered" if outcome == "ok" and (out / "young-f.nii.gz").is_file() else outcome,
+               last_line(error), [], time.perf_counter() - started)
+
+    # --n 1000000000 -> the first sample arrives in bounded memory
+    started = time.perf_counter()
+    out = probes.work / "huge-n"
+    process = start("generate", "--model", "4mm", "--out", str(out), "--n", "1000000000", "--steps", "1", "--no-labels",
+                    "--threads", "1")
+    peak = 0
+    while process.poll() is None and not (out / "sample_00000.nii.gz").exists() and time.perf_counter() - started < 300:
+        peak = max(peak, _peak_mib(process.pid))
+        time.sleep(0.1)
+    peak = max(peak, _peak_mib(process.pid))
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    arrived = (out / "sample_00000.nii.gz").exists()
+    probes.add("round 3", "generate --n 1000000000", "mriflow generate --model 4mm --n 1000000000 (killed after the "
+               "first sample)", "recovered" if arrived and peak < 2048 else f"no sample in 300 s, {peak} MiB",
+               f"first sample after {time.perf_counter() - started:.0f} s, peak resident memory {peak} MiB", [],
+               time.perf_counter() - started)
+
+
+def _peak_mib(pid: int) -> int:
+    """VmHWM of a live process in MiB (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
 # --- report --------------------------------------------------------------------------------------
 
 
@@ -530,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         killed_prepare(probes)
         killed_generate(probes, args.seed)
         two_at_once(probes)
+        round_three(probes, real, autoencoder)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
