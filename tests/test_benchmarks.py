@@ -181,3 +181,49 @@ def test_a_refined_decoder_gets_its_own_autoencoder_section_beside_its_source(tm
     refined = text.split("## autoencoder: small, decoder refined (2mm)")[1]
     assert "encoder frozen" in refined and "step 4000" in refined and "| 20.0 | 900 |" in refined
     assert "autoencoder_reconstruction_small_2mm_refined.png" in refined and "SSIM ≥ 0.92" in refined
+
+
+def test_the_long_run_queue_resumes_a_run_or_starts_warm_from_its_export_on_a_new_machine(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "longrun"))
+    import longrun
+
+    job = {"name": "toy", "command": "flow --preset wavelet --condition age,sex", "data": "2mm",
+           "export": str(tmp_path / "export"), "target_thread_hours": 1, "measure": {"split": "val", "n": 4}}
+    monkeypatch.setattr(longrun, "WORK", tmp_path / "work")
+    monkeypatch.setattr(longrun, "prepare_data", lambda job: tmp_path / "data")
+    launched = []
+
+    class Process:
+        pid = 4242
+
+    monkeypatch.setattr(longrun.subprocess, "Popen", lambda command, **kwargs: launched.append(command) or Process())
+    longrun.start(job)  # nothing anywhere: a fresh run
+    assert launched[-1][:3] == ["nice", "-n", "19"] and "--resume" not in launched[-1]
+    assert "--warm-start" not in launched[-1] and launched[-1][launched[-1].index("--threads") + 1] == "1"
+    assert launched[-1][launched[-1].index("--checkpoint-minutes") + 1] == "10"
+    (tmp_path / "export" / "flow").mkdir(parents=True)
+    (tmp_path / "export" / "flow" / "checkpoint.json").write_text("{}")
+    longrun.start(job)  # a new machine: warm from the committed export, its covariates kept
+    assert launched[-1][launched[-1].index("--warm-start") + 1] == str(tmp_path / "export" / "flow")
+    assert "--condition" not in launched[-1]
+    (tmp_path / "work" / "toy" / "checkpoints" / "step-00000010").mkdir(parents=True)
+    longrun.start(job)  # its own run folder: resumed
+    assert "--resume" in launched[-1] and "--warm-start" not in launched[-1]
+    assert (tmp_path / "work" / "toy.pid").read_text().strip() == "4242"
+
+
+def test_the_bake_off_counts_an_arms_cpu_minutes_to_its_latest_checkpoint_and_joins_its_curve(tmp_path):
+    import bakeoff
+
+    run = tmp_path / "arm"
+    (run / "checkpoints" / "step-00000020" ).mkdir(parents=True)
+    (run / "checkpoints" / "step-00000020" / "checkpoint.json").write_text("{}")
+    (run / "log.csv").write_text("step,loss,cpu_seconds\n10,1.0,600\n20,0.9,1200\n30,0.8,1800\n")
+    (run / "validation.csv").write_text("step,val_x_mse\n10,0.05\n20,0.04\n")
+    assert bakeoff.spent_cpu_minutes(run) == 20.0  # the steps after the checkpoint are lost on a resume
+    assert bakeoff.curve(run) == [{"step": 10, "cpu_minutes": 10.0, "val_x_mse": 0.05},
+                                  {"step": 20, "cpu_minutes": 20.0, "val_x_mse": 0.04}]
+    assert bakeoff.spent_cpu_minutes(tmp_path / "none") == 0.0
+    for name in bakeoff.ARMS:  # every arm builds a valid config of the flow-wavelet preset
+        config = bakeoff.arm_config(name)
+        assert config.representation == "haar2"

@@ -123,7 +123,7 @@ def start(job: dict) -> None:
     elif (where["export"] / "flow" / "checkpoint.json").is_file():
         command += ["--warm-start", str(where["export"] / "flow")]
         command = _without_condition(command)  # the export's covariates are kept
-        how = "warm start from " + str(where["export"].relative_to(ROOT))
+        how = "warm start from " + job["export"]
     else:
         how = "fresh"
     where["logs"].mkdir(parents=True, exist_ok=True)
