@@ -121,7 +121,9 @@ def measure_all(args: argparse.Namespace) -> dict:
     for name, (what, _) in ARMS.items():
         run = args.out / name
         latest = ckpt.latest_checkpoint(run) if run.is_dir() else None
-        if latest is None:
+        if latest is None or (args.arms and name not in args.arms):
+            if name in kept:
+                record["arms"][name] = kept[name]
             continue
         _, meta = ckpt.load_checkpoint(latest)
         if name in kept and kept[name].get("step") == meta["step"] and not args.again:
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=24, help="samples per arm for the measurement")
     parser.add_argument("--shipped", action="store_true", help="measure: also today's recipe (the shipped 2 mm model)")
     parser.add_argument("--again", action="store_true", help="measure: remeasure arms already in the results")
+    parser.add_argument("--arms", type=lambda text: text.split(","), default=None,
+                        help="measure: only these arms (comma-separated; the others keep their recorded figures)")
     args = parser.parse_args(argv)
     args.argv = argv or sys.argv[1:]
     if args.action == "train":

@@ -83,16 +83,23 @@ def test_the_generation_targets_are_judged_against_real_vs_real():
     def column(fd, coverage, recall):
         return {"fd": {"mean": fd}, "coverage": {"mean": coverage}, "recall": {"mean": recall}}
 
-    record = {"n": 32, "columns": {"real_vs_real": column(100.0, 0.8, 0.8), "real_vs_generated": column(125.0, 0.75, 0.7)},
+    record = {"n": 32, "columns": {"real_vs_real": column(100.0, 0.8, 0.8), "real_vs_generated": column(145.0, 0.75, 0.7)},
               "diversity": {"real": {"mean": 0.88}, "generated": {"mean": 0.91}},
-              "memorization": {"chance_rate": 0.03, "flagged_voxel": 0, "flagged_feature": 2},
-              "conditional_fidelity": {"age": {"generated": {"mae": 6.5}, "real": {"mae": 7.4}}}}
+              "memorization": {"chance_rate": 0.03, "flagged_voxel": 0, "flagged_feature": 2,
+                               "voxel": {"closest_record": {"p_value": 0.01, "share_closer_to_training": 0.86,
+                                                            "expected_without_memorization": 0.65}}},
+              "conditional_fidelity": {"age": {"generated": {"mae": 6.5}, "real": {"mae": 7.4}}},
+              "sharpness": {"sets": {"generated": {"laplacian": {"ratio": {"mean": 0.59, "sd": 0.02}}}}},
+              "seconds_per_volume_batch8": 2.4}
     checks = {c["target"]: c["met"] for c in target_checks(record)}
-    assert checks == {"FD ≤ 1.3 x Real vs Real": True, "coverage ≥ 0.9 x Real vs Real": True,
+    assert checks == {"FD ≤ 1.5 x Real vs Real": True, "coverage ≥ 0.9 x Real vs Real": True,
                       "recall ≥ 0.9 x Real vs Real": False, "generated MS-SSIM within 0.02 of real": False,
                       "age MAE (generated vs requested) ≤ the predictor's on real scans": True,
+                      "high-frequency energy 0.9-1.1 x real": False,
                       "samples flagged as copies (voxel space) ≤ the chance rate": True,
-                      "samples flagged as copies (feature space) ≤ the chance rate": False}
+                      "samples flagged as copies (feature space) ≤ the chance rate": False,
+                      "closest real subject not leaning to training subjects (p > 0.05)": False,
+                      "sampling ≤ 2.5 s per volume at batch 8 on one thread": True}
 
 
 def test_the_reliability_probes_are_judged_as_a_user_sees_them():
