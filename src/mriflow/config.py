@@ -50,6 +50,8 @@ class LoopConfig:
     min_lr_ratio: float = 0.05  # the cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max gradient norm per phase; 0 disables
     ema_decay: float = 0.999
+    ema_long_decay: float = 0.0  # > 0: a second, longer EMA of the same networks, validated beside the first and kept in
+                                 # the training state, so the length is chosen after training (export ..., ema="long")
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
     log_every: int = 10
     montage_every: int = 500

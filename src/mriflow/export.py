@@ -22,8 +22,12 @@ from mriflow.generator import AUTOENCODER_DIR, GENERATOR_DIR, LABELS_DIR, autoen
 
 
 def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "float16",
-                     autoencoder: str | Path | None = None) -> Path:
+                     autoencoder: str | Path | None = None, ema: str = "main") -> Path:
     """Copy a generator run's latest checkpoint and its autoencoder into out/flow and out/autoencoder.
+
+    `ema`: "main" ships the inference weights (the loop's EMA, loop.ema_decay); "long" the longer EMA the run kept
+    beside it (loop.ema_long_decay, from the checkpoint's training state), when its validation figures
+    (validation.csv's *_ema_long columns) say it is the better one: the EMA length chosen after training.
 
     `autoencoder`: ship this one instead of the generator's own, which it must refine: trained with
     `refine_decoder` from the generator's autoencoder, with the same encoder tensor for tensor (so the
@@ -39,6 +43,11 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
     directory = Path(meta.pop("path"))
     if meta.get("stage") not in FAMILIES:
         raise ValueError(f"{directory}: this is a {meta.get('stage')!r} checkpoint, not a generator ({', '.join(FAMILIES)})")
+    if ema not in ("main", "long"):
+        raise ValueError(f"ema must be 'main' or 'long', got {ema!r}")
+    if ema == "long":
+        weights = long_ema_weights(directory)
+        meta["ema"] = {"kind": "long", "decay": meta["config"]["loop"].get("ema_long_decay")}
     image_space = FAMILIES[meta["stage"]].space == "image" or "representation" in meta  # no autoencoder to ship
     autoencoder_dir = None if image_space else autoencoder_folder(meta, directory)
     if autoencoder is not None:
@@ -54,7 +63,8 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
     try:
         exported = {
             **meta,
-            "model_id": meta.get("model_id") or f"{ckpt.run_folder(directory).name}-step{meta.get('step', 0)}",
+            "model_id": (meta.get("model_id") or f"{ckpt.run_folder(directory).name}-step{meta.get('step', 0)}")
+                        + ("-ema-long" if ema == "long" else ""),
             "exported_from": {"path": str(directory), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE)},
         }
         if not image_space:
@@ -150,3 +160,14 @@ def refined_autoencoder(candidate: str | Path, original: Path) -> Path:
         raise ValueError(f"--autoencoder {candidate}: its encoder differs from {original}'s "
                          f"({', '.join(differing[:3]) or 'other tensors'}); its latents are not the generator's")
     return directory
+
+
+def long_ema_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The longer EMA's weights of a checkpoint (its training state's "ema.<network>@long." tensors) under the names
+    model.safetensors uses ("<network>."); refused when the run kept none."""
+    state = ckpt.load_train_state(directory)
+    weights = {f"{key[len('ema.'):].split('@long.', 1)[0]}.{key.split('@long.', 1)[1]}": value
+               for key, value in state.items() if key.startswith("ema.") and "@long." in key}
+    if not weights:
+        raise ValueError(f"{directory}: this run kept no longer EMA (loop.ema_long_decay was 0); export its main EMA")
+    return weights

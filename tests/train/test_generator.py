@@ -311,3 +311,30 @@ def test_a_run_whose_folder_is_gone_restarts_warm_from_its_exported_weights(tmp_
     train_generator("flow", data, None, tmp_path / "second", resume=True, warm_start=tmp_path / "exported" / "flow")
     _, resumed = ckpt.load_checkpoint(tmp_path / "second")
     assert resumed["step"] == 8 and resumed["warm_start"] == meta["warm_start"]
+
+
+def test_a_longer_ema_is_validated_beside_the_main_one_and_can_be_exported_instead(tmp_path):
+    """Issue 24.2: the EMA length chosen after training: the run keeps a second, longer EMA, validates both, resumes
+    both exactly, and export_generator(..., ema="long") ships it."""
+    from mriflow.export import export_generator
+
+    data = write_prepared_with_sex(tmp_path / "data", shape=SHAPE)
+    config = tiny_wavelet(max_steps=6, ema_decay=0.2, ema_long_decay=0.9)  # apart after the warm-up (step 2)
+    train_flow(data, None, tmp_path / "whole", condition=["age", "sex"], config=config)
+    train_flow(data, None, tmp_path / "split", condition=["age", "sex"], config=config, stop_at_step=3)
+    train_flow(data, None, tmp_path / "split", resume=True)
+    header = (tmp_path / "whole" / "validation.csv").read_text().splitlines()[0].split(",")
+    assert "val_x_mse" in header and "val_x_mse_ema_long" in header and header[1] == "val_x_mse"
+    whole, split = ckpt.load_train_state(tmp_path / "whole"), ckpt.load_train_state(tmp_path / "split")
+    assert any(key.startswith("ema.velocity@long.") for key in whole)
+    assert all(torch.equal(whole[k], split[k]) for k in whole if k.startswith("ema."))
+    main = export_generator(tmp_path / "whole", tmp_path / "main")
+    long = export_generator(tmp_path / "whole", tmp_path / "long", ema="long")
+    main_weights, _ = ckpt.load_checkpoint(main / "flow")
+    long_weights, long_meta = ckpt.load_checkpoint(long / "flow")
+    assert set(main_weights) == set(long_weights)
+    assert any(not torch.equal(main_weights[k], long_weights[k]) for k in main_weights)
+    assert long_meta["ema"] == {"kind": "long", "decay": 0.9} and long_meta["model_id"].endswith("-ema-long")
+    train_flow(data, None, tmp_path / "plain", config=tiny_wavelet(max_steps=1))
+    with pytest.raises(ValueError, match="kept no longer EMA"):
+        export_generator(tmp_path / "plain", tmp_path / "plain-long", ema="long")

@@ -94,6 +94,9 @@ class Stage(Protocol):
     # optional: def validate(self, networks: dict[str, nn.Module]) -> dict[str, float] (see the module docstring)
 
 
+LONG = "@long"  # the suffix of a network's longer EMA copy (loop.ema_long_decay) in the EMA dict and training state
+
+
 class StopRequest:
     """Ctrl+C (SIGINT) or SIGTERM while training: the step under way finishes, a checkpoint is written and `train`
     returns with "interrupted", so no more than that step is lost; a second signal stops at once (KeyboardInterrupt).
@@ -208,6 +211,9 @@ def train(
         optimizers[phase] = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         phase_parameters[phase] = [p for g in groups for p in g["params"]]
     ema = {name: make_ema(unwrap(stage.networks[name]), config.ema_decay) for name in stage.ema_networks}
+    if config.ema_long_decay > 0:  # "velocity@long": the same network averaged over longer (validated beside it)
+        ema.update({name + LONG: make_ema(unwrap(stage.networks[name]), config.ema_long_decay)
+                    for name in stage.ema_networks})
 
     # ---- resume ---------------------------------------------------------------------------------
     step, log_rows, validation_rows, best = 0, [], [], None
@@ -298,7 +304,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             step += 1
             for name, average in ema.items():
-                average.update_parameters(unwrap(stage.networks[name]))
+                average.update_parameters(unwrap(stage.networks[name.removesuffix(LONG)]))
             interval_seconds += time.perf_counter() - tick
             interval_steps += 1
 
@@ -463,9 +469,11 @@ def _tensorboard(out: Path, step: int):
 
 
 @contextlib.contextmanager
-def _inference_networks(stage: Stage, ema: dict[str, AveragedModel]) -> Iterator[dict[str, nn.Module]]:
-    """The EMA copies (other networks bare), in eval mode while in use, without gradients."""
-    networks = {name: ema[name].module if name in ema else unwrap(net) for name, net in stage.networks.items()}
+def _inference_networks(stage: Stage, ema: dict[str, AveragedModel], suffix: str = "") -> Iterator[dict[str, nn.Module]]:
+    """The EMA copies (other networks bare; `suffix` LONG: the longer EMA), in eval mode while in use, without
+    gradients."""
+    networks = {name: ema[name + suffix].module if name + suffix in ema else unwrap(net)
+                for name, net in stage.networks.items()}
     modes = {name: net.training for name, net in networks.items()}
     for net in networks.values():
         net.eval()
@@ -497,6 +505,9 @@ def _validate(stage: Stage, ema: dict[str, AveragedModel], out: Path, step: int,
         figures = {name: float(value) for name, value in stage.validate(networks).items()}
     if not figures:  # a stage that validates only where it has held-out data
         return best
+    if any(name.endswith(LONG) for name in ema):  # the longer EMA's figures beside, to choose its length afterwards
+        with _inference_networks(stage, ema, LONG) as networks:
+            figures.update({f"{name}_ema_long": float(value) for name, value in stage.validate(networks).items()})
     rows.append({"step": step, **figures})
     _write_log(out / "validation.csv", ["step", *figures], rows)
     for name, value in figures.items():
@@ -560,7 +571,10 @@ def _restore(directory: Path, stage: Stage, ema: dict[str, AveragedModel], optim
     for name, network in stage.networks.items():
         ckpt.load_weights_into(unwrap(network), state, f"network.{name}.", str(directory))
     for name, average in ema.items():
-        ckpt.load_weights_into(average.module, state, f"ema.{name}.", str(directory))
+        prefix = f"ema.{name}."
+        if name.endswith(LONG) and not any(key.startswith(prefix) for key in state):  # enabled on this resume
+            prefix = f"ema.{name.removesuffix(LONG)}."
+        ckpt.load_weights_into(average.module, state, prefix, str(directory))
         average.n_averaged.fill_(int(meta["step"]) + 1)  # 1 for the starting copy, 1 per step
     for phase, optimizer in optimizers.items():
         prefix = f"optimizer.{phase}."
@@ -588,8 +602,9 @@ def _warm_start(directory: Path, stage: Stage, ema: dict[str, AveragedModel]) ->
     """Load a checkpoint's inference weights (model.safetensors) into each averaged network and its EMA copy; its step."""
     weights, meta = ckpt.load_checkpoint(directory)
     for name, average in ema.items():
-        ckpt.load_weights_into(unwrap(stage.networks[name]), weights, f"{name}.", str(directory))
-        ckpt.load_weights_into(average.module, weights, f"{name}.", str(directory))
+        base = name.removesuffix(LONG)
+        ckpt.load_weights_into(unwrap(stage.networks[base]), weights, f"{base}.", str(directory))
+        ckpt.load_weights_into(average.module, weights, f"{base}.", str(directory))
         average.n_averaged.fill_(int(meta.get("step", 0)) + 1)
     return int(meta.get("step", 0))
 
