@@ -1,0 +1,116 @@
+"""`mriflow generate`: sample a trained generator, or a shipped model, into NIfTI volumes and their sidecars
+(`generate`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mriflow.cli.common import add_threads, is_main_process
+
+
+def add_commands(commands) -> None:
+    _add_generate(commands)
+
+
+def _add_generate(commands) -> None:
+    p = commands.add_parser(
+        "generate", allow_abbrev=False, help="sample synthetic volumes (NIfTI in template space + JSON sidecars)",
+        description="Sample volumes from a trained generator (default: the model shipped with mriflow). Any covariate "
+                    "the model knows is an option: --age 45 --sex F, or --NAME VALUE / --covariate NAME=VALUE for the "
+                    "others (e.g. region volumes); an unknown name is refused with the list of valid ones.")
+    p.add_argument("--model", default="default",
+                   help="generator run or checkpoint folder, a shipped model's name (4mm), or 'default' (shipped)")
+    p.add_argument("--out", required=True, help="output folder (existing samples are never overwritten)")
+    p.add_argument("--num-samples", "--n", dest="n", type=int,
+                   help="number of volumes (default 8; with --covariates, one per row); under torchrun spell it "
+                        "--num-samples (torchrun reads --n as its own --nnodes/--nproc-per-node)")
+    p.add_argument("--age", type=float, help="requested age in years")
+    p.add_argument("--sex", help="requested sex, e.g. F or M")
+    p.add_argument("--covariate", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other covariate of the model (repeatable)")
+    p.add_argument("--covariates", metavar="CSV",
+                   help="a synthetic cohort: one sample per row, columns = the model's covariates (empty = absent) "
+                        "and optionally id/subject naming the files; the row goes into the sidecar (replaces --n)")
+    p.add_argument("--solver", help="flow: euler, heun, midpoint, rk4, dopri5; diffusion: ddim, ddpm; gan: generator; "
+                                    "slices: euler, heun, midpoint, rk4 "
+                                    "(default: the model's)")
+    p.add_argument("--steps", type=int, help="solver steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (1 = conditional; default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses its own stream of (seed, i)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--trust-model-paths", action="store_true",
+                   help="let an exported --model read its autoencoder from outside its own folder")
+    p.add_argument("--privacy-filter", metavar="DATA",
+                   help="prepared dataset: reject and redraw samples closer to a training subject than held-out "
+                        "subjects (passed through the model's autoencoder) ever are")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--labels", metavar="RUN",
+                        help="what writes each sample's tissue map sample_XXXXX_labels.nii.gz: a label decoder run "
+                             "(mriflow train labels) of the model's autoencoder, or 'anatomy' (mriflow's anatomy network "
+                             "of the grid segments the sample); default: the model's own decoder when it has one, else "
+                             "the anatomy network on the 4 mm and 2 mm grids")
+    labels.add_argument("--no-labels", action="store_true", help="write no label maps")
+    p.add_argument("--label-map", metavar="NIFTI",
+                   help="a label-conditioned model (train flow --label-condition): the anatomy to draw, a label map on "
+                        "the model's grid (tissue classes 0-5 as in sample_XXXXX_labels.nii.gz, or DLMUSE labels)")
+    add_threads(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from mriflow.generate import generate
+    from mriflow.models.conditioning import parse_value
+
+    covariates: dict[str, Any] = {}
+    for item in args.covariate + covariate_options(args.unknown):
+        name, separator, value = item.partition("=")
+        if not separator or not name:
+            raise ValueError(f"--covariate {item!r}: expected NAME=VALUE, e.g. --covariate ventricles=25000")
+        covariates[name.strip()] = parse_value(value.strip())
+    if args.age is not None:
+        covariates["age"] = args.age
+    if args.sex is not None:
+        covariates["sex"] = args.sex
+    cohort = None
+    if args.covariates is not None:
+        from mriflow.generate import read_cohort
+
+        if covariates:
+            raise ValueError("--covariates CSV gives every sample its covariates; drop --age/--sex/--covariate "
+                             "(or put them in the CSV)")
+        cohort = read_cohort(args.covariates)
+        if args.n is not None and args.n != len(cohort):
+            raise ValueError(f"--n {args.n} differs from the {len(cohort)} rows of {args.covariates}; "
+                             "drop --n (one sample per row)")
+    result = generate(args.model, args.out, n=8 if args.n is None else args.n, covariates=covariates, solver=args.solver,
+                      steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                      device=args.device, privacy_filter=args.privacy_filter, cohort=cohort,
+                      trust_paths=args.trust_model_paths, labels=False if args.no_labels else args.labels,
+                      label_map=args.label_map)
+    if is_main_process():
+        print(result.summary() if hasattr(result, "summary") else result)
+    return 0
+
+
+def covariate_options(tokens: list[str]) -> list[str]:
+    """`--NAME VALUE` / `--NAME=VALUE` options that `generate` does not declare, as NAME=VALUE items.
+
+    The covariates a model knows are only known once it is loaded, so they pass through
+    here and are checked against the model's schema (unknown names are refused with the valid ones).
+    """
+    items, index = [], 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or token == "--":
+            raise ValueError(f"unrecognized argument {token!r}")
+        if "=" in token:
+            items.append(token[2:])
+        elif index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
+            items.append(f"{token[2:]}={tokens[index + 1]}")
+            index += 1
+        else:
+            raise ValueError(f"{token}: a covariate option needs a value, e.g. {token} 30")
+        index += 1
+    return items
