@@ -3,6 +3,7 @@ traceback; a bug keeps its traceback."""
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import shutil
@@ -13,7 +14,28 @@ from pathlib import Path
 import numpy as np
 
 from conftest import write_prepared
-from mriflow.cli import main
+from mriflow.cli import build_parser, main
+
+
+def commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
+    """Every command the parser runs, e.g. "prepare", "train flow", "evaluate utility"."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += commands(sub, f"{prefix}{name} ") or [prefix + name]
+    return found
+
+
+def test_help_lists_every_command_on_a_line_of_its_own_and_points_to_the_readme():
+    parser = build_parser()
+    every = commands(parser)
+    assert {"prepare", "train labels", "train gan", "evaluate utility", "app"} <= set(every)
+    lines = [line.strip() for line in parser.description.splitlines()]
+    for command in every:
+        listed = [line for line in lines if line == command or line.startswith(command + " ")]
+        assert len(listed) == 1, f"mriflow --help lists {command!r} {len(listed)} times"
+    assert "README" in parser.description and "400 lines" not in parser.format_help()
 
 
 def test_console_command_is_installed():

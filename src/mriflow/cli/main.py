@@ -12,20 +12,26 @@ from mriflow.cli import app, evaluate, generate, prepare, train
 from mriflow.cli.common import check_output_folder, fail, is_user_error, warning_line
 
 DESCRIPTION = """\
-    mriflow prepare IMAGES --out DIR [--masks DIR] [--covariates CSV] [--preset 4mm|2mm|1mm] ...
-    mriflow train autoencoder DATA --out RUN [--kind kl|vq] [--preset tiny|small|base|large] ...
-    mriflow train flow DATA --autoencoder RUN --out RUN2 [--condition age,sex] ...
-    mriflow train diffusion DATA --autoencoder RUN --out RUN3 [--condition age,sex] ...
-    mriflow train gan DATA --autoencoder RUN --out RUN5 [--condition age,sex] ...    (R3GAN losses, one-step sampling)
-    mriflow train slices DATA --out RUN4 [--condition age,sex] ...      (2D, image space: no autoencoder)
-    mriflow encode DATA --autoencoder RUN
-    mriflow generate [--model RUN|default] --out DIR [--n N] [--age A] [--sex F|M] [--solver heun] ...
-    mriflow evaluate reconstruction DATA --autoencoder RUN [--split val] [--out DIR]
-    mriflow evaluate generation --real DATA --fake DIR --out DIR [--backbone NAME] ...
-    mriflow app [--model M] [--host 127.0.0.1] [--port P] | mriflow app --turing --real DATA --fake DIR
+Synthetic 3D brain MRI: prepare real scans, train an autoencoder and a generator, sample
+NIfTI volumes with JSON sidecars, and measure them against real data.
 
-Every command also runs under `torchrun --nproc_per_node N -m mriflow ...` (training and
-generation share the work out across the processes).
+  prepare IMAGES --out DATA          real scans (NIfTI or BIDS) -> a prepared dataset
+  train autoencoder DATA --out AE    stage 1: the 3D autoencoder (KL or VQ)
+  train flow DATA --autoencoder AE   stage 2: a rectified flow in its latent space
+  train diffusion DATA ...           baseline: DDPM/DDIM in the same latent space
+  train gan DATA ...                 baseline: a GAN (R3GAN losses), one-step sampling
+  train slices DATA --out RUN        a 2D flow over axial slices, no autoencoder
+  train labels DATA ...              a label decoder: a tissue map beside each sample
+  encode DATA --autoencoder AE       cache the latents (training does it when needed)
+  generate [--model RUN] --out DIR   sample volumes (default: the shipped 2 mm model)
+  evaluate reconstruction DATA ...   the autoencoder's SSIM, PSNR, MS-SSIM on a split
+  evaluate generation ...            real against generated: FD, PRDC, privacy; a report
+  evaluate utility ...               train on synthetic, test on real: Dice, brain age
+  app                                a browser app: generate and view, a Turing test
+
+`mriflow COMMAND --help` lists a command's options; the README (README.md, the project
+page) walks through them on real data. Every command also runs under
+`torchrun --nproc_per_node N -m mriflow ...`.
 """
 
 # The command groups in the order of the pipeline; each adds its commands to the parser.

@@ -17,7 +17,11 @@ def add_commands(commands) -> None:
 
 
 def _add_train(commands) -> None:
-    train = commands.add_parser("train", help="train the autoencoder, or a latent generator (flow, diffusion baseline)")
+    from mriflow.families import FAMILIES
+    from mriflow.representations import REPRESENTATIONS
+
+    train = commands.add_parser("train", help=f"train the autoencoder, a generator ({', '.join(FAMILIES)}) or a label "
+                                              "decoder")
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     p = stages.add_parser("autoencoder", help="stage 1: 3D KL-VAE-GAN or VQ-GAN on a prepared dataset")
@@ -28,9 +32,6 @@ def _add_train(commands) -> None:
                         "bit for bit the same, so generators trained on RUN keep working (default 2000 steps, lr / 5)")
     _add_common_training(p, "autoencoder")
     p.set_defaults(func=_run_train_autoencoder)
-
-    from mriflow.families import FAMILIES
-    from mriflow.representations import REPRESENTATIONS
 
     for stage, family in FAMILIES.items():
         p = stages.add_parser(stage, help=family.summary)
