@@ -49,6 +49,8 @@ ARMS: dict[str, tuple[str, Callable]] = {
              _model(backbone="unet", channels=(64, 96, 96), attention_levels=(False, False, True), num_res_blocks=1,
                     num_head_channels=32, norm_num_groups=16)),
     "velocity": ("the network predicts the velocity, not the clean volume", _objective(prediction="velocity")),
+    "preconditioned": ("EDM's skip preconditioning: the clean volume at the noise end, x_t passed through at the data end",
+                       _objective(prediction="preconditioned")),
     "min-snr": ("min-SNR-5 weighting of the loss", _objective(weighting="min_snr")),
     "no-flip": ("no left-right flip augmentation", _model(flip_channel=False)),
     "sd3-times": ("SD3's logit-normal(0, 1) training times", _objective(time_mean=0.0, time_std=1.0)),

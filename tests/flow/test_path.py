@@ -70,7 +70,7 @@ def test_a_scalar_time_converts_like_one_time_per_sample():
 
 def test_unknown_prediction_kinds_are_refused():
     x = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="velocity, epsilon, data; got 'v'"):
+    with pytest.raises(ValueError, match="velocity, epsilon, data, preconditioned; got 'v'"):
         PATH.convert(x, x, torch.zeros(1), "v", "data")
     with pytest.raises(ValueError, match="got 'x0'"):
         PATH.convert(x, x, torch.zeros(1), "velocity", "x0")
@@ -157,3 +157,22 @@ def test_the_sigma_floor_bounds_the_divisor_near_the_data_end():
     torch.testing.assert_close(velocity, torch.full_like(x_t, 1 / 0.05))  # not 1 / 0.01
     exact = LinearPath(prediction="data").convert(x1_hat, x_t, torch.tensor([0.99]), "data", "velocity")
     torch.testing.assert_close(exact, torch.full_like(x_t, 100.0))
+
+
+def test_the_preconditioned_reading_is_data_at_the_noise_end_identity_at_the_data_end_and_round_trips():
+    generator = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(5, 1, 2, 3, 2, generator=generator), torch.randn(5, 1, 2, 3, 2, generator=generator)
+    t = torch.tensor([0.0, 0.2, 0.5, 0.8, 1.0])
+    path = LinearPath(prediction="preconditioned")
+    x_t = path.sample_xt(x0, x1, t)
+    features = torch.randn(x_t.shape, generator=generator)
+    data = path.convert(features, x_t, t, "preconditioned", "data")
+    torch.testing.assert_close(data[0], features[0])  # t = 0: x̂1 = F
+    torch.testing.assert_close(data[-1], x_t[-1])  # t = 1: x̂1 = x_t, whatever F is
+    velocity = path.convert(features, x_t, t, "preconditioned", "velocity")
+    assert torch.isfinite(velocity).all()  # finite on all of [0, 1], the data end included
+    torch.testing.assert_close(path.convert(velocity, x_t, t, "velocity", "preconditioned"), features)
+    torch.testing.assert_close(path.convert(velocity, x_t, t, "velocity", "data")[1:4], data[1:4])
+    # the target F reads back as the path's velocity x1 − x0
+    target = path.target(x0, x1, t)
+    torch.testing.assert_close(path.convert(target, x_t, t, "preconditioned", "velocity"), x1 - x0)

@@ -61,7 +61,8 @@ def test_covariates_broadcast_and_guidance_changes_samples():
         sample_latents(net, (2, *SHAPE), solver="rk45")
 
 
-def test_tiny_flow_learns_a_covariate_dependent_mode():
+@pytest.mark.parametrize("prediction", ["velocity", "preconditioned"])
+def test_tiny_flow_learns_a_covariate_dependent_mode(prediction):
     """1-channel 4×4×4 latents with mean −1 (group 0) or +1 (group 1): after 200 steps the
     conditional samples (Heun, 8 steps) must land on the mode of their group.
 
@@ -77,7 +78,7 @@ def test_tiny_flow_learns_a_covariate_dependent_mode():
     )
     net = VelocityNet(config)
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    objective = RectifiedFlowLoss(loss="l2", time_distribution="uniform")
+    objective = RectifiedFlowLoss(loss="l2", time_distribution="uniform", prediction=prediction)
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
         group = torch.randint(0, 2, (32,), generator=generator)
@@ -88,7 +89,8 @@ def test_tiny_flow_learns_a_covariate_dependent_mode():
         optimizer.step()
     for group, mode in ((0, -1.0), (1, 1.0)):
         request = (torch.tensor([float(group)]), torch.tensor([True]))
-        latents, nfe = sample_latents(net, (16, 1, 4, 4, 4), request, solver="heun", steps=8, seed=1)
+        latents, nfe = sample_latents(net, (16, 1, 4, 4, 4), request, solver="heun", steps=8, seed=1,
+                                      path=objective.path)
         sample_means = latents.mean(dim=(1, 2, 3, 4))  # (16,)
         assert nfe == 16
         assert (sample_means * mode > 0.4).all(), f"group {group}: sample means {sample_means.tolist()}"

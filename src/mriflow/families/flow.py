@@ -22,7 +22,7 @@ from mriflow.flow.solvers import SOLVERS
 from mriflow.models.velocity import VelocityNetConfig
 from mriflow.config import LoopConfig
 
-PREDICTIONS = ("velocity", "data")
+PREDICTIONS = ("velocity", "data", "preconditioned")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class FlowObjectiveConfig:
     time_std: float = 1.0
     time_shift: float = 1.0  # t' = t / (t + s (1 - t)); > 1 for larger latents (mriflow.flow.path.resolution_shift)
     huber_c: float | None = None
-    prediction: str = "velocity"  # the network's output: "velocity" | "data" (x-prediction, for image-space bands)
+    prediction: str = "velocity"  # the network's output: "velocity" | "data" (x-prediction, for image-space bands) |
+                                  # "preconditioned" (EDM's skip: data at the noise end, x_t passed through at the data end)
     weighting: str = "none"  # "none" | "min_snr" (min-SNR-γ, mriflow.flow.objective.min_snr_weight)
     min_snr_gamma: float = 5.0
     sigma_floor: float = 0.05  # x-prediction only: the smallest 1 − t a data prediction is divided by

@@ -68,7 +68,7 @@ class RectifiedFlowLoss:
     time_std: float = 1.0
     time_shift: float = 1.0
     huber_c: float | None = None
-    prediction: str = "velocity"  # what the network outputs: "velocity" | "data" (x-prediction)
+    prediction: str = "velocity"  # what the network outputs: "velocity" | "data" (x-prediction) | "preconditioned"
     weighting: str = "none"  # "none" | "min_snr"
     min_snr_gamma: float = 5.0
     sigma_floor: float = 0.05  # x-prediction: 1 − t is bounded below by this where it divides (JiT)
@@ -99,7 +99,8 @@ class RectifiedFlowLoss:
         prediction = velocity_net(x_t, t, covariates, covariates_present)
         kind = self.path.prediction
         v_hat = self.path.convert(prediction, x_t, t, kind, "velocity")
-        u = self.path.convert(self.path.target(x0, x1, t), x_t, t, kind, "velocity")
+        # the exact velocity; a data prediction's is read through the same clipped divisor as its output (JiT)
+        u = self.path.convert(x1, x_t, t, "data", "velocity") if kind == "data" else x1 - x0
         losses = regression_loss(v_hat, u, self.loss, self.huber_c)  # (B,)
         if self.weighting == "min_snr":
             losses = losses * min_snr_weight(t, self.min_snr_gamma)

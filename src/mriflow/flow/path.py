@@ -74,13 +74,22 @@ class LinearPath:
     "epsilon" names the noise end x0 and "data" the data end x1, as in VPDiffusionPath. `sigma_floor` > 0 bounds
     the divisor 1 − t from below (JiT's clip, 0.05), so a data prediction near t = 1 gives a finite velocity.
 
+    "preconditioned" is EDM's skip parameterisation (Karras et al. 2022) written for this path: with D = t² + (1 − t)²
+    (the variance of x_t for unit-variance data), the network's output F gives
+
+        x̂1 = t·x_t / D + (1 − t)·F / sqrt(D),      u = F / sqrt(D) − (1 − 2t)·x_t / D,      F = sqrt(D)·u + (1 − 2t)·x_t / sqrt(D)
+
+    so it predicts the clean data at the noise end (t = 0: x̂1 = F) and passes x_t through at the data end (t = 1:
+    x̂1 = x_t), where a plain data prediction has to rebuild every detail of its input; the velocity is finite on all
+    of [0, 1], and the velocity loss weighs F's error by 1/D, between 1 and 2 (EDM's unit weighting).
+
         >>> x1_hat = LinearPath().convert(v, x_t, t, "velocity", "data")
     """
 
-    kinds = ("velocity", "epsilon", "data")
+    kinds = ("velocity", "epsilon", "data", "preconditioned")
 
     def __init__(self, prediction: str = "velocity", sigma_floor: float = 0.0):
-        check_kind(prediction, ("velocity", "data"), "LinearPath's network")
+        check_kind(prediction, ("velocity", "data", "preconditioned"), "LinearPath's network")
         self.prediction = prediction
         self.sigma_floor = float(sigma_floor)
 
@@ -95,7 +104,10 @@ class LinearPath:
         return alpha * data + sigma * noise
 
     def target(self, noise: torch.Tensor, data: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the network should output at x_t: u = dx_t/dt = x1 − x0 (the same at every t), or x1 itself."""
+        """What the network should output at x_t: u = dx_t/dt = x1 − x0 (the same at every t), x1 itself, or the F
+        whose preconditioned reading is u."""
+        if self.prediction == "preconditioned":
+            return self.convert(data - noise, self.sample_xt(noise, data, t), t, "velocity", "preconditioned")
         return data - noise if self.prediction == "velocity" else data
 
     def convert(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, source: str,
@@ -107,6 +119,13 @@ class LinearPath:
         if source == target:
             return prediction
         alpha, sigma = self.coefficients(t, x_t)
+        if "preconditioned" in (source, target):
+            variance = alpha.square() + sigma.square()  # D
+            if target == "preconditioned":  # F = sqrt(D)·u + (1 − 2t)·x_t / sqrt(D), from the velocity u
+                velocity = self.convert(prediction, x_t, t, source, "velocity")
+                return variance.sqrt() * velocity + (1 - 2 * alpha) * x_t / variance.sqrt()
+            velocity = prediction / variance.sqrt() - (1 - 2 * alpha) * x_t / variance
+            return velocity if target == "velocity" else self.convert(velocity, x_t, t, "velocity", target)
         if self.sigma_floor > 0:
             sigma = sigma.clamp_min(self.sigma_floor)
         if source == "velocity":

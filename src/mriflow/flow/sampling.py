@@ -112,6 +112,12 @@ def integrate(predict, x_init: torch.Tensor, solver: str, path: LinearPath, t_st
     """
     if path.prediction == "velocity":
         return solve(predict, x_init, solver, t_steps=t_steps, rtol=rtol, atol=atol)
+    if path.prediction == "preconditioned":  # its velocity is finite up to t = 1
+
+        def preconditioned(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return path.convert(predict(x, t), x, t, path.prediction, "velocity")
+
+        return solve(preconditioned, x_init, solver, t_steps=t_steps, rtol=rtol, atol=atol)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return path.convert(predict(x, t), x, t, path.prediction, "velocity")
