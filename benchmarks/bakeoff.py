@@ -45,12 +45,12 @@ def _sampling(**changes) -> Callable:
 # name -> (what it changes, the change to the flow-wavelet config)
 ARMS: dict[str, tuple[str, Callable]] = {
     "default": ("flow-wavelet as shipped: haar2, DiT, x-prediction, logit-normal(-0.8, 0.8), flip flag", lambda c: c),
+    "preconditioned": ("EDM's skip preconditioning: the clean volume at the noise end, x_t passed through at the data end",
+                       _objective(prediction="preconditioned")),
     "unet": ("MONAI's U-Net (64-96-96 channels, attention at the deepest level; 7.4 M parameters) instead of the DiT",
              _model(backbone="unet", channels=(64, 96, 96), attention_levels=(False, False, True), num_res_blocks=1,
                     num_head_channels=32, norm_num_groups=16)),
     "velocity": ("the network predicts the velocity, not the clean volume", _objective(prediction="velocity")),
-    "preconditioned": ("EDM's skip preconditioning: the clean volume at the noise end, x_t passed through at the data end",
-                       _objective(prediction="preconditioned")),
     "min-snr": ("min-SNR-5 weighting of the loss", _objective(weighting="min_snr")),
     "no-flip": ("no left-right flip augmentation", _model(flip_channel=False)),
     "sd3-times": ("SD3's logit-normal(0, 1) training times", _objective(time_mean=0.0, time_std=1.0)),
