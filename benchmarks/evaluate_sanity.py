@@ -5,6 +5,8 @@ volumes, in a temporary folder (the prepared data is never changed):
 
   real val        the volumes as they are: Real vs Real, the best any generator can do
   blurred         Gaussian blur, sigma 1.5 voxels
+  blurred 1 voxel Gaussian blur, sigma 1 voxel: the sharpness section must read it as blurred (its high-frequency
+                  energy ratio more than two combined sds below the real set's) though the set metrics may not
   noised          additive Gaussian noise, sd 0.1, clipped to [0, 1]
   shuffled slices axial slices in a random order
   planted copies  the real val volumes plus, from the training split, exact copies of 5 subjects,
@@ -42,6 +44,7 @@ from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume, save_volume
 from mriflow.evaluate.generation import evaluate_generation
 from mriflow.evaluate.metrics import LOWER_IS_BETTER
+from mriflow.evaluate.verdict import verdict
 
 from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from privacy_calibration import AVERAGED, DEFORMATION_MM, deformed  # noqa: E402
@@ -53,6 +56,10 @@ PLANTED = 5
 
 def blurred(volume, rng):
     return gaussian_filter(volume, 1.5)
+
+
+def blurred_one_voxel(volume, rng):
+    return gaussian_filter(volume, 1.0)
 
 
 def noised(volume, rng):
@@ -107,6 +114,8 @@ def summarise(result: dict) -> dict:
         "msssim_real": result["diversity"]["real"]["mean"],
         "flagged_voxel": [r["generated"] for r in memorization["table"] if r["voxel_flagged"]],
         "flagged_feature": [r["generated"] for r in memorization["table"] if r.get("feature_flagged")],
+        "hf_ratio": {k: result["sharpness"]["sets"]["generated"]["laplacian"]["ratio"][k] for k in ("mean", "sd")},
+        "sharpness_reading": next((row[3] for row in verdict(result) if row[0].startswith("sharpness")), None),
     }
 
 
@@ -133,6 +142,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=args.keep is None)
     sets = {"real val": (other, None)}
     sets.update({name: (other, transform) for name, transform in BROKEN.items()})
+    sets["blurred 1 voxel"] = (other, blurred_one_voxel)  # read by the sharpness section, not the set metrics
     planted, kinds = planted_set(args.data, other, list(train["image"]), seed=len(sets))
     sets["planted copies"] = (planted, None)
     summaries, started = {}, time.perf_counter()
@@ -155,6 +165,13 @@ def main(argv=None) -> int:
         for metric, lower in LOWER_IS_BETTER.items():
             value = summaries[name]["metrics"][metric]["mean"]
             checks[f"{name}: {metric}"] = bool(value > clean[metric]["mean"]) if lower else bool(value < clean[metric]["mean"])
+    real_hf, soft_hf = summaries["real val"]["hf_ratio"], summaries["blurred 1 voxel"]["hf_ratio"]
+    checks["sharpness: a 1-voxel blur's high-frequency energy below real's by > 2 sds"] = bool(
+        soft_hf["mean"] < real_hf["mean"] - 2 * np.hypot(soft_hf["sd"], real_hf["sd"]))
+    checks["sharpness: the verdict reads a 1-voxel blur as blurred"] = str(
+        summaries["blurred 1 voxel"]["sharpness_reading"]).startswith("blurred")
+    checks["sharpness: the verdict reads real val as sharp as real"] = \
+        summaries["real val"]["sharpness_reading"] == "as sharp as real brains"
     names = {kind: {f"sample_{i:03d}" for i in indices} for kind, indices in kinds.items()}
     planted_flags = {}
     for space in ("voxel", "feature"):
@@ -180,13 +197,14 @@ def main(argv=None) -> int:
     if not args.no_docs:
         metrics = list(LOWER_IS_BETTER)
         header = "| generated set | " + " | ".join(f"{m} {'↓' if LOWER_IS_BETTER[m] else '↑'}" for m in metrics) + \
-                 " | MS-SSIM | flagged (voxel / feature) |"
-        lines = [header, "|" + "---|" * (len(metrics) + 3)]
+                 " | MS-SSIM | HF energy / real | flagged (voxel / feature) |"
+        lines = [header, "|" + "---|" * (len(metrics) + 4)]
         for name, summary in summaries.items():
             cells = [f"{summary['metrics'][m]['mean']:.3g} ± {summary['metrics'][m]['sd']:.2g}" for m in metrics]
             msssim = f"{summary['msssim_generated']:.3f}"
+            sharp = f"{summary['hf_ratio']['mean']:.2f} ± {summary['hf_ratio']['sd']:.2f}"
             flags = f"{len(summary['flagged_voxel'])} / {len(summary['flagged_feature'])}"
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {msssim} | {flags} |")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {msssim} | {sharp} | {flags} |")
         failed = [k for k, ok in checks.items() if not ok]
         body = f"""Real {args.split} split ({settings['n']} drawn per set, {settings['bootstrap_rounds']} bootstrap rounds) vs sets \
 built from the real {args.other_split} volumes of `{args.data}` ({grid}); backbone `{backbone['name']}`. \
