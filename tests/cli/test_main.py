@@ -30,7 +30,7 @@ def commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
 def test_help_lists_every_command_on_a_line_of_its_own_and_points_to_the_readme():
     parser = build_parser()
     every = commands(parser)
-    assert {"prepare", "train labels", "train gan", "evaluate utility", "app"} <= set(every)
+    assert {"prepare", "train labels", "train gan", "export", "evaluate utility", "app"} <= set(every)
     lines = [line.strip() for line in parser.description.splitlines()]
     for command in every:
         listed = [line for line in lines if line == command or line.startswith(command + " ")]

@@ -1,9 +1,12 @@
 """`mriflow generate`: sample a trained generator, or a shipped model, into NIfTI volumes and their sidecars
-(`generate`)."""
+(`generate`); `mriflow export`: a trained generator and its label decoder as a model folder that `generate
+--model` samples (`export`)."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 from typing import Any
 
 from mriflow.cli.common import add_threads, is_main_process
@@ -11,6 +14,7 @@ from mriflow.cli.common import add_threads, is_main_process
 
 def add_commands(commands) -> None:
     _add_generate(commands)
+    _add_export(commands)
 
 
 def _add_generate(commands) -> None:
@@ -114,3 +118,54 @@ def covariate_options(tokens: list[str]) -> list[str]:
             raise ValueError(f"{token}: a covariate option needs a value, e.g. {token} 30")
         index += 1
     return items
+
+
+def _add_export(commands) -> None:
+    p = commands.add_parser(
+        "export", help="a trained generator (and label decoder) as a model folder that travels: generate --model OUT",
+        description="Copy a generator run's latest checkpoint and its autoencoder into OUT/flow and OUT/autoencoder "
+                    "(float16 weights, no training state, every file <= 16 MB) and, with --labels, a label decoder "
+                    "into OUT/labels; `mriflow generate --model OUT` then samples it, tissue maps included. An "
+                    "image-space model (train slices, --representation) has no autoencoder: OUT/flow alone.")
+    p.add_argument("run", metavar="RUN",
+                   help="generator run or checkpoint folder (mriflow train flow, diffusion, gan or slices)")
+    p.add_argument("out", metavar="OUT", help="model folder to write into (new, or without flow/ and autoencoder/)")
+    p.add_argument("--autoencoder", metavar="RUN",
+                   help="ship this decoder refinement of the generator's autoencoder instead (mriflow train "
+                        "autoencoder --refine-decoder): the same encoder, so the same latents; anything else is refused")
+    p.add_argument("--labels", metavar="RUN",
+                   help="a label decoder run (mriflow train labels) of the generator's autoencoder, exported into "
+                        "OUT/labels: generate then writes a tissue map beside every sample by default")
+    p.add_argument("--ema", choices=("main", "long"), default="main",
+                   help="weights to ship: main (default, the run's EMA) or long (the longer EMA kept beside it with "
+                        "loop.ema_long_decay, when its validation figures say it is the better one)")
+    p.set_defaults(func=_run_export, out_argument="OUT")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from mriflow.export import export_generator, export_labels
+    from mriflow.generator import AUTOENCODER_DIR, GENERATOR_DIR, LABELS_DIR
+
+    out = Path(args.out)
+    existed = out.exists()
+    before = {name for name in (GENERATOR_DIR, AUTOENCODER_DIR) if (out / name).exists()}
+    written: list[str] = []
+    try:  # a refusal, of the label decoder too, leaves nothing half-exported behind
+        export_generator(args.run, out, autoencoder=args.autoencoder, ema=args.ema)
+        written = [name for name in (GENERATOR_DIR, AUTOENCODER_DIR) if name not in before and (out / name).exists()]
+        if args.labels is not None:
+            if AUTOENCODER_DIR not in written:
+                raise ValueError(f"--labels {args.labels}: {args.run} is an image-space model, without an autoencoder "
+                                 "whose latents a label decoder reads; drop --labels (generate segments its samples "
+                                 "with the anatomy network on the 4 mm and 2 mm grids)")
+            export_labels(args.labels, out)
+            written.append(LABELS_DIR)
+    except BaseException:
+        for name in written:
+            shutil.rmtree(out / name, ignore_errors=True)
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    print(f"exported: {', '.join(str(out / name) for name in written)}\n"
+          f"sample it: mriflow generate --model {out} --out DIR")
+    return 0

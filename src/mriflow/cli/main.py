@@ -24,6 +24,7 @@ NIfTI volumes with JSON sidecars, and measure them against real data.
   train labels DATA ...              a label decoder: a tissue map beside each sample
   encode DATA --autoencoder AE       cache the latents (training does it when needed)
   generate [--model RUN] --out DIR   sample volumes (default: the shipped 2 mm model)
+  export RUN OUT [--labels RUN]      a model folder that travels (generate --model OUT)
   evaluate reconstruction DATA ...   the autoencoder's SSIM, PSNR, MS-SSIM on a split
   evaluate generation ...            real against generated: FD, PRDC, privacy; a report
   evaluate utility ...               train on synthetic, test on real: Dice, brain age
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             if not os.environ.get("MRIFLOW_DEBUG"):
                 warnings.showwarning = warning_line(command)
             if getattr(args, "out", None):
-                check_output_folder(args.out)
+                check_output_folder(args.out, getattr(args, "out_argument", "--out"))
             if hasattr(args, "threads"):
                 from mriflow.utils.threads import set_threads
 
