@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from mriflow.data.inputs import table_delimiter
 from mriflow.generate_io import sample_name
 from mriflow.models.conditioning import parse_value
+from mriflow.utils.text import verb
 
 ID_COLUMNS = ("id", "subject", "sample")  # a cohort column that names its row's sample (the first present)
 
@@ -55,7 +56,8 @@ def cohort_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                              "'.', '_' and '-' (and no .nii/.json/_labels ending: _labels names label maps)")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(f"cohort: {column} {', '.join(repeated[:5])} appear(s) more than once; ids must be unique")
+        raise ValueError(f"cohort: {column} {', '.join(repeated[:5])} {verb(len(repeated), 'appears', 'appear')} more "
+                         "than once; ids must be unique")
     if any(name in ("generate", "montage") for name in names):
         raise ValueError(f"cohort: {column} 'generate' and 'montage' are taken by the run's own files")
     return names

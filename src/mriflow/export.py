@@ -19,6 +19,7 @@ import torch
 from mriflow import checkpoint as ckpt
 from mriflow.families import FAMILIES
 from mriflow.generator import AUTOENCODER_DIR, GENERATOR_DIR, LABELS_DIR, autoencoder_folder, latent_sources
+from mriflow.utils.text import verb
 
 
 def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "float16",
@@ -58,7 +59,8 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
     targets = [out / GENERATOR_DIR] + ([] if image_space else [out / AUTOENCODER_DIR])
     existing = [str(t) for t in targets if t.exists()]
     if existing:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); export into an empty folder")
+        raise FileExistsError(f"{', '.join(existing)} already {verb(len(existing), 'exists', 'exist')}; export into an "
+                              "empty folder")
 
     try:
         exported = {

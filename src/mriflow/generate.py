@@ -48,6 +48,7 @@ from mriflow.generate_io import batch_montage, labels_name, sample_name, write_l
 from mriflow.models.conditioning import resolve_request
 from mriflow import distributed
 from mriflow.utils.files import remove_stale_temporaries
+from mriflow.utils.text import counted, verb
 
 __all__ = [
     "generate", "GenerateResult", "requested_covariates", "refuse_existing", "privacy_reference", "MONTAGE_SAMPLES",
@@ -74,7 +75,7 @@ class GenerateResult:
     record: Path | None = None
 
     def summary(self) -> str:
-        text = f"{len(self.paths)} volumes in {self.out} ({self.seconds:.1f} s, NFE {self.nfe} per sample"
+        text = f"{counted(len(self.paths), 'volume')} in {self.out} ({self.seconds:.1f} s, NFE {self.nfe} per sample"
         if self.redraws or self.withheld:
             text += f", {self.redraws} redrawn by the privacy filter"
         text += ")"
@@ -281,8 +282,8 @@ def refuse_existing(out: Path, n: int, names: Sequence[str] | None = None, with_
     existing = [name for name in names + ["generate.json", "montage.png"] if (out / name).exists()]
     if existing:
         shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
-        raise FileExistsError(f"{out}: {shown} already exist(s); choose another output folder (existing "
-                              "samples are never overwritten)")
+        raise FileExistsError(f"{out}: {shown} already {verb(len(existing), 'exists', 'exist')}; choose another output "
+                              "folder (existing samples are never overwritten)")
 
 
 class Repeated(SequenceABC):

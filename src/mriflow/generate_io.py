@@ -17,6 +17,7 @@ import numpy as np
 import mriflow
 from mriflow.data.io import save_volume
 from mriflow.utils.files import atomic_path
+from mriflow.utils.text import verb
 
 SIDECAR_KEYS = ("covariates", "seed", "solver", "steps", "nfe", "guidance", "model_id", "model_checksum")
 
@@ -96,8 +97,8 @@ def write_labels(out_dir: str | Path, name: str, labels: np.ndarray, affine: np.
 
 
 def _taken(paths: Sequence[str]) -> str:
-    return (f"{', '.join(paths)} already exist(s), e.g. written by another run into the same folder; "
-            "choose another output folder (existing samples are never overwritten)")
+    return (f"{', '.join(paths)} already {verb(len(paths), 'exists', 'exist')}, e.g. written by another run into the "
+            "same folder; choose another output folder (existing samples are never overwritten)")
 
 
 def _write_json(path: Path, record: Mapping[str, Any], overwrite: bool = True) -> None:

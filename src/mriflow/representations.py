@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from mriflow.utils.text import counted
+
 REPRESENTATIONS = ("haar1", "haar2", "haar3")  # what `mriflow train ... --representation` accepts
 
 
@@ -135,8 +137,8 @@ class HaarPacket:
         """What a checkpoint records (meta["representation"]), enough for `representation_from_dict`."""
         return {"kind": "haar", "levels": self.levels, "band_mean": self.band_mean.tolist(),
                 "band_std": self.band_std.tolist(),
-                "description": f"3D orthonormal Haar wavelet packet, {self.levels} level(s): {self.channels} bands "
-                               "normalised by their training mean and sd"}
+                "description": f"3D orthonormal Haar wavelet packet, {counted(self.levels, 'level')}: "
+                               f"{self.channels} bands normalised by their training mean and sd"}
 
     @staticmethod
     def _stat(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,7 @@ def test_a_changed_study_is_refused_rather_than_mixed(tmp_path):
     store = make_store(tmp_path / "answers.sqlite")
     store.start_session("ann", IDS)
     store.answer("ann", "item01", "real", 3)
-    with pytest.raises(StudyMismatch, match="another study .12 items: real /data, per_class 6, 1 answers"):
+    with pytest.raises(StudyMismatch, match="another study .12 items: real /data, per_class 6, 1 answer[,)]"):
         store.begin_study("e" * 64, ITEMS, {})
     store.begin_study(STUDY, ITEMS, {})  # the same study again: accepted, nothing added
     assert store.fingerprint() == STUDY and store.items() == sorted(ITEMS, key=lambda i: i.id)

@@ -25,7 +25,7 @@ def test_train_autoencoder_then_encode_and_evaluate_reconstruction(tmp_path, cap
     assert "latents:" in capsys.readouterr().out
     assert main(["evaluate", "reconstruction", str(data), "--autoencoder", str(run), "--split", "test",
                  "--out", str(tmp_path / "reconstruction"), "--device", "cpu"]) == 0
-    assert "SSIM" in capsys.readouterr().out
+    assert "1 test subject: SSIM" in capsys.readouterr().out
     summary = json.loads((tmp_path / "reconstruction" / "summary.json").read_text())
     assert summary["split"] == "test" and summary["subjects"] == 1
 

@@ -293,7 +293,7 @@ def test_metrics_json_keys_and_report_sections_are_the_snapshot_ones(prepared, t
     # every part was filled, so the outline pins each of them
     assert all(part in actual["metrics_keys"] for part in ("reconstruction.ssim.mean", "memorization.decoded_copy_distance.voxel",
                                                            "conditional_fidelity.age.generated.mae", "morphometry.frechet_generated.value"))
-    assert any(w.startswith("1 generated volume(s) had values outside [0, 1]") for w in result["warnings"])
+    assert any(w.startswith("1 generated volume had values outside [0, 1]") for w in result["warnings"])
 
 
 class CountingPredictor:

@@ -42,7 +42,7 @@ def make_result(with_memorization=True, with_fidelity=False):
         "diversity": {"real": diversity_part([0.3, 0.35, 0.32]), "generated": diversity_part([0.5, 0.55, 0.52])},
         "memorization": {"skipped": "needs a non-empty 'train' split"},
         "conditional_fidelity": {"skipped": "no anatomy predictor with age/sex heads: not available"},
-        "warnings": ["2 generated volume(s) had values outside [0, 1] and were clipped"],
+        "warnings": ["2 generated volumes had values outside [0, 1] and were clipped"],
         "timing_s": {"total": 1.0},
     }
     result["diversity"]["settings"] = result["diversity"]["real"]["settings"]
@@ -78,7 +78,7 @@ def test_report_writes_three_documents_and_names_the_backbone(tmp_path):
     assert "| FD | lower |" in markdown and "| coverage | higher |" in markdown
     fd = result["columns"]["real_vs_generated"]["fd"]
     assert f"{fd['mean']:.3f}" in markdown or f"{fd['mean']:.1f}" in markdown
-    assert "Warning: 2 generated volume(s)" in markdown
+    assert "Warning: 2 generated volumes" in markdown
     assert "sample_18" in markdown and "sample_19" in markdown  # the planted copies' table rows
     assert "Skipped: no anatomy predictor" in markdown
     for name in ("montage", "bootstrap", "diversity", "memorization"):
@@ -154,7 +154,7 @@ def test_the_report_opens_with_a_verdict_against_the_yardsticks():
 def test_the_html_page_escapes_what_the_inputs_say(tmp_path):
     result = make_result(with_memorization=False)
     result["inputs"]["fake_dir"] = 'samples/<img src=x onerror="alert(1)">'  # a folder may be named anything
-    result["warnings"] = ["1 generated volume(s) had values outside [0, 1] and were clipped: <script>alert(2)</script>.nii.gz"]
+    result["warnings"] = ["1 generated volume had values outside [0, 1] and were clipped: <script>alert(2)</script>.nii.gz"]
     paths = write_report(result, tmp_path)
     page = paths["html"].read_text()
     assert "<script>" not in page and "<img src=x" not in page

@@ -9,6 +9,7 @@ from mriflow.utils import threads
 
 
 @pytest.mark.parametrize("cpus, load, processes, expected", [
+    (1, 0.5, 1, 1),   # one core: "1 usable CPU"
     (2, 0.0, 1, 2),   # an idle 2-core machine: both
     (2, 1.1, 1, 1),   # another job on one core: the free one
     (2, 3.0, 1, 1),   # fully busy: still one
@@ -20,7 +21,8 @@ def test_threads_are_the_free_cores_per_local_process(monkeypatch, cpus, load, p
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
     count, why = threads.free_cpus()
-    assert count == expected and f"{cpus} usable CPUs" in why and f"load average {load:.1f}" in why
+    assert count == expected and f"load average {load:.1f}" in why
+    assert why.split(",")[0].split(" shared")[0] == f"{cpus} usable {'CPU' if cpus == 1 else 'CPUs'}"
 
 
 def test_set_threads_applies_the_request_or_the_free_count_and_says_so(monkeypatch):

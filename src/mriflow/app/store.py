@@ -39,6 +39,8 @@ from typing import Any, Sequence
 
 from scipy import stats
 
+from mriflow.utils.text import counted
+
 TRUTHS = ("real", "synthetic")
 CONFIDENCE = (1, 5)  # 1 = guessing, 5 = certain
 RATER_NAME = re.compile(r"^[\w .@+-]{1,64}$")
@@ -157,8 +159,9 @@ class AnswerStore:
     def _held(self, db: sqlite3.Connection, recorded: dict[str, str], items: int) -> str:
         answers = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
         drawn = ", ".join(f"{k} {json.loads(recorded[k])}" for k in ("real", "split", "fake", "per_class") if k in recorded)
-        return (f"{self.path} holds the answers of another study ({items} items" + (f": {drawn}" if drawn else "")
-                + f", {answers} answers" + (f", begun {recorded['created']}" if "created" in recorded else "") + ")")
+        return (f"{self.path} holds the answers of another study ({counted(items, 'item')}"
+                + (f": {drawn}" if drawn else "") + f", {counted(answers, 'answer')}"
+                + (f", begun {recorded['created']}" if "created" in recorded else "") + ")")
 
     def fingerprint(self) -> str | None:
         with closing(self.connect()) as db:

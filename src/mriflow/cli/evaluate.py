@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from mriflow.cli.common import add_threads
+from mriflow.utils.text import counted
 
 
 def add_commands(commands) -> None:
@@ -78,7 +79,7 @@ def _run_evaluate_reconstruction(args: argparse.Namespace) -> int:
 
     summary = evaluate_reconstruction(args.data, args.autoencoder, split=args.split, out=args.out, device=args.device)
     metrics = summary["metrics"]
-    print(f"{summary['subjects']} {args.split} subjects: SSIM {metrics['ssim']['mean']:.4f}, "
+    print(f"{counted(summary['subjects'], args.split + ' subject')}: SSIM {metrics['ssim']['mean']:.4f}, "
           f"PSNR {metrics['psnr']['mean']:.2f} dB, MS-SSIM {metrics['ms_ssim']['mean']:.4f} "
           f"(brain: SSIM {metrics['ssim_brain']['mean']:.4f}, PSNR {metrics['psnr_brain']['mean']:.2f} dB)")
     return 0

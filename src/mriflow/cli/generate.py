@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mriflow.cli.common import add_threads, is_main_process
+from mriflow.utils.text import counted
 
 
 def add_commands(commands) -> None:
@@ -86,7 +87,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                              "(or put them in the CSV)")
         cohort = read_cohort(args.covariates)
         if args.n is not None and args.n != len(cohort):
-            raise ValueError(f"--n {args.n} differs from the {len(cohort)} rows of {args.covariates}; "
+            raise ValueError(f"--n {args.n} differs from the {counted(len(cohort), 'row')} of {args.covariates}; "
                              "drop --n (one sample per row)")
     result = generate(args.model, args.out, n=8 if args.n is None else args.n, covariates=covariates, solver=args.solver,
                       steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,

@@ -48,6 +48,7 @@ from mriflow.data.recipe import build_recipe, recipe_to_data
 from mriflow.data.split import SPLITS, assign_splits, check_fractions
 from mriflow.data.subject import SubjectTask
 from mriflow.utils.files import FileLock, package_versions, read_json, remove_stale_temporaries, sha256, write_text_atomic
+from mriflow.utils.text import counted
 
 SKULL_STRIP_CHOICES = ("auto", "mask", "deepbet", "none")
 # The manifest's own columns (as mriflow.data.dataset.MANIFEST_COLUMNS; not imported, which would pull torch into every worker).
@@ -91,9 +92,10 @@ class PrepareResult:
 
     def summary(self) -> str:
         """One line for the console, e.g. ``prepared 148 subjects (0 already done), skipped 2 (see .../prepare_report.csv)``."""
-        line = f"prepared {len(self.prepared)} subjects ({len(self.already_done)} already done), skipped {len(self.skipped)}"
+        line = (f"prepared {counted(len(self.prepared), 'subject')} ({len(self.already_done)} already done), "
+                f"skipped {len(self.skipped)}")
         if self.notes:
-            line += f", {len(self.notes)} covariate notes"
+            line += f", {counted(len(self.notes), 'covariate note')}"
         if self.skipped or self.notes:
             line += f" (see {self.report})"
         return line
@@ -194,8 +196,8 @@ def run_prepare(
         _write_report(out / "prepare_report.csv", skipped + notes)
         result = PrepareResult(out, sorted(records), newly_prepared, sorted(already_done), skipped, notes)
         if not records:
-            raise PrepareError(f"no subject could be prepared from {images}: {len(skipped)} input(s) skipped; "
-                               f"see {result.report} for the reason of each")
+            raise PrepareError(f"no subject could be prepared from {images}: {counted(len(skipped), 'input')} "
+                               f"skipped; see {result.report} for the reason of each")
 
         assignment, split_record = _split(records, covariate_table, split, seed)
         _write_manifest(out / "manifest.csv", records, assignment, covariate_table)

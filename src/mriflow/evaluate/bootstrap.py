@@ -23,6 +23,8 @@ from typing import Callable, Mapping
 import numpy as np
 from tqdm import tqdm
 
+from mriflow.utils.text import counted
+
 DEFAULT_ROUNDS = 20
 MAX_SAMPLE_SIZE = 200
 SAMPLE_FRACTION = 0.8
@@ -41,8 +43,8 @@ def default_sample_size(*set_sizes: int, cap: int = MAX_SAMPLE_SIZE, fraction: f
 
 def draw_indices(size: int, n: int, rng: np.random.Generator, replace: bool = False) -> np.ndarray:
     if not replace and n > size:
-        raise ValueError(f"n={n} is larger than the set it is drawn from ({size} volumes) without replacement; "
-                         f"pass a smaller --n")
+        raise ValueError(f"n={n} is larger than the set it is drawn from ({counted(size, 'volume')}) without "
+                         "replacement; pass a smaller --n")
     return np.sort(rng.choice(size, size=n, replace=replace))
 
 

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mriflow.utils.text import counted
+
 COLUMN_TITLES = {"real_vs_reconstruction": "Real vs Reconstruction", "real_vs_real": "Real vs Real",
                  "real_vs_generated": "Real vs Generated"}
 METRIC_TITLES = {"fd": "FD", "kid": "KID", "mmd": "MMD²", "precision": "precision", "recall": "recall",
@@ -120,7 +122,8 @@ def diversity_figure(diversity: dict) -> bytes:
     data = [diversity["real"]["values"], diversity["generated"]["values"]]
     axis.boxplot(data, showmeans=True)
     axis.set_xticks([1, 2])
-    axis.set_xticklabels([f"real ({len(data[0])} pairs)", f"generated ({len(data[1])} pairs)"], fontsize=8)
+    axis.set_xticklabels([f"real ({counted(len(data[0]), 'pair')})", f"generated ({counted(len(data[1]), 'pair')})"],
+                         fontsize=8)
     axis.set_ylabel("MS-SSIM of a pair (lower = more diverse)", fontsize=8)
     settings = diversity["settings"]
     axis.set_title(f"Diversity: window {settings['window']}, {settings['scales']} scales", fontsize=9)

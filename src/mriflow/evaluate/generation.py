@@ -66,6 +66,7 @@ from mriflow.evaluate.metrics import LOWER_IS_BETTER, median_bandwidth, psnr, se
 from mriflow.evaluate.other_networks import other_network_distances
 from mriflow.evaluate.privacy import TissueSpace, privacy_audit, tissue_space_for
 from mriflow.evaluate.sets import BATCH_SIZE, EvaluationSets, VolumeFiles, load_sets, read_clipped
+from mriflow.utils.text import counted
 
 NEAREST_K = 5
 COPY_EXAMPLES = 12  # training subjects reconstructed to show the distance of a copy after the decoder
@@ -255,7 +256,7 @@ class FeatureCache:
 
     def clipped_warnings(self, generated: Sequence[Path]) -> list[str]:
         clipped = [p.name for p in generated if p in self.clipped]
-        return [f"{len(clipped)} generated volume(s) had values outside [0, 1] and were clipped: "
+        return [f"{counted(len(clipped), 'generated volume')} had values outside [0, 1] and were clipped: "
                 f"{', '.join(clipped[:5])}"] if clipped else []
 
 

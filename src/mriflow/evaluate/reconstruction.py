@@ -33,6 +33,7 @@ from monai.metrics.regression import compute_ssim_and_cs
 from tqdm.auto import tqdm
 
 from mriflow.evaluate.metrics import ms_ssim, ms_ssim_settings, valid_region_mean
+from mriflow.utils.text import counted
 
 METRICS = ("mse", "nmse", "psnr", "ssim", "ms_ssim")
 
@@ -152,7 +153,7 @@ def evaluate_reconstruction(
 def _markdown(summary: dict[str, Any]) -> str:
     settings = summary["settings"]
     lines = [
-        f"# Reconstruction, {summary['split']} split ({summary['subjects']} subjects)",
+        f"# Reconstruction, {summary['split']} split ({counted(summary['subjects'], 'subject')})",
         "",
         f"Autoencoder `{summary['checkpoint']}` ({summary['kind']}, step {summary['step']}); data `{summary['data']}`.",
         "",

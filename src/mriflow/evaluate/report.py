@@ -22,6 +22,7 @@ import numpy as np
 
 from mriflow.evaluate.figures import COLUMN_TITLES, METRIC_TITLES, make_figures
 from mriflow.evaluate.verdict import mean_sd as _mean_sd, number as _number, verdict
+from mriflow.utils.text import counted
 
 TITLE = "mriflow evaluation report"
 
@@ -92,8 +93,9 @@ def report_sections(result: dict, figures: dict[str, bytes]) -> list[Section]:
         sections[-1].parts.append(part)
 
     checksum = backbone["weights_sha256"] or "none (this backbone has no weights)"
-    add(f"Real data: {inputs['real_dir']} (split {inputs['split']}, {inputs['counts']['real']} subjects); "
-        f"generated: {inputs['fake_dir']} ({inputs['counts']['generated']} volumes); grid {inputs['shape']}.")
+    add(f"Real data: {inputs['real_dir']} (split {inputs['split']}, {counted(inputs['counts']['real'], 'subject')}); "
+        f"generated: {inputs['fake_dir']} ({counted(inputs['counts']['generated'], 'volume')}); "
+        f"grid {inputs['shape']}.")
     add(f"Backbone: {backbone['name']} ({backbone['feature_dim']} features); weights SHA-256: {checksum}. "
         f"Set metrics are comparable only under the same backbone, weights and n.")
     if settings.get("protocol"):
@@ -220,12 +222,14 @@ def report_sections(result: dict, figures: dict[str, bytes]) -> list[Section]:
                 part = fidelity["age"].get(key)
                 if part:
                     rows.append([f"age MAE ({key})",
-                                 f"{part['mae']:.2f} y (r = {part['pearson_r']:.2f}, {part['count']} volumes)"])
+                                 f"{part['mae']:.2f} y (r = {part['pearson_r']:.2f}, "
+                                 f"{counted(part['count'], 'volume')})"])
         if fidelity.get("sex"):
             for key in ("generated", "real"):
                 part = fidelity["sex"].get(key)
                 if part:
-                    rows.append([f"sex accuracy ({key})", f"{part['accuracy']:.2f} ({part['count']} volumes)"])
+                    rows.append([f"sex accuracy ({key})",
+                                 f"{part['accuracy']:.2f} ({counted(part['count'], 'volume')})"])
         for volume in ("ventricles_ml", "total_brain_ml"):
             if fidelity.get(volume):
                 for key in ("generated", "real"):
@@ -234,7 +238,7 @@ def report_sections(result: dict, figures: dict[str, bytes]) -> list[Section]:
                 for key in ("generated", "real") if paired else ():
                     if paired[key]:
                         rows.append([f"{volume} vs {paired['covariate']} ({key})",
-                                     f"r = {paired[key]['pearson_r']:.2f} ({paired[key]['count']} volumes)"])
+                                     f"r = {paired[key]['pearson_r']:.2f} ({counted(paired[key]['count'], 'volume')})"])
         add(Table(["measure", "value"], rows))
         add(f"Predictor: {fidelity['predictor']} (weights SHA-256 {fidelity['predictor_weights_sha256']}). "
             f"Generated: requested covariate vs prediction; real: true covariate vs prediction "

@@ -41,6 +41,7 @@ from mriflow.data.dataset import read_manifest
 from mriflow.data.io import load_volume
 from mriflow.data.labels import TISSUE_CLASSES, dice_scores, tissue_lookup, tissue_map
 from mriflow.utils.files import write_text_atomic
+from mriflow.utils.text import counted
 
 REAL, SYNTHETIC_N, SYNTHETIC_KN, MIXED = "real", "synthetic (N)", "synthetic (kN)", "real + synthetic (kN)"
 COLOURS = {REAL: "tab:blue", SYNTHETIC_N: "tab:orange", SYNTHETIC_KN: "tab:green", MIXED: "tab:red"}  # one per condition
@@ -278,7 +279,7 @@ def evaluate_utility(
         raise ValueError(f"sizes must be between 1 and the {len(train)} training subjects, got {sizes}")
     largest = factor * sizes[-1]
     if len(fake) < largest:
-        print(f"note: {synthetic} holds {len(fake)} pairs, fewer than {factor} x {sizes[-1]} = {largest}; "
+        print(f"note: {synthetic} holds {counted(len(fake), 'pair')}, fewer than {factor} x {sizes[-1]} = {largest}; "
               f"the largest synthetic sets use all {len(fake)}")
     ages = train.ages[np.isfinite(train.ages)]
     mean, std = float(ages.mean()), float(ages.std() or 1.0)
@@ -337,7 +338,7 @@ def utility_table(result: dict[str, Any]) -> str:
     if result["segmentation"]:
         names = list(next(iter(result["segmentation"].values())))
         lines += ["Mean Dice over the foreground classes on the real test split (95 % bootstrap interval over "
-                  f"{result['test_subjects']} subjects); k = {result['factor']}:", "",
+                  f"{counted(result['test_subjects'], 'subject')}); k = {result['factor']}:", "",
                   "| N real | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for n, row in result["segmentation"].items():
             lines.append(f"| {n} | " + " | ".join(cell(row[c]["mean_dice"], 3) for c in names) + " |")

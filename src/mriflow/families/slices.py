@@ -43,6 +43,7 @@ from mriflow.flow.sampling import broadcast_covariates, sample_latents
 from mriflow.flow.solvers import FIXED_STEP_SOLVERS
 from mriflow.models.velocity import SpatiallyConditioned, VelocityNetConfig
 from mriflow.utils.seeding import sample_seed
+from mriflow.utils.text import counted
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class SliceFlow(RectifiedFlow):
         """Mean flow loss over slices (B, 1, H, W) in [−1, 1] at positions (B,) in [0, 1]."""
         if positions is None or positions.shape != slices.shape[:1]:
             raise ValueError(f"the slice model needs one position per slice: got {None if positions is None else tuple(positions.shape)} "
-                             f"for {slices.shape[0]} slices")
+                             f"for {counted(slices.shape[0], 'slice')}")
         return self.objective(with_positions(net, positions, slices.shape[2:]), slices, covariates, covariates_present)
 
     @torch.no_grad()

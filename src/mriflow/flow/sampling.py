@@ -22,6 +22,7 @@ from mriflow.flow.guidance import guided_prediction
 from mriflow.flow.path import LinearPath
 from mriflow.flow.solvers import SOLVERS, solve
 from mriflow.utils.seeding import batch_generators, per_sample_normal
+from mriflow.utils.text import counted
 
 
 @contextlib.contextmanager
@@ -48,7 +49,8 @@ def broadcast_covariates(
     if values.ndim == 1:
         values, present = values.expand(batch_size, -1), present.expand(batch_size, -1)
     if values.shape[0] != batch_size:
-        raise ValueError(f"covariates are given for {values.shape[0]} samples but the batch has {batch_size}")
+        raise ValueError(f"covariates are given for {counted(values.shape[0], 'sample')} but the batch has "
+                         f"{batch_size}")
     return values.to(device, torch.float32), present.to(device, torch.bool)
 
 

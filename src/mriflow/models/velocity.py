@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mriflow.models.conditioning import CovariateEmbedding
+from mriflow.utils.text import counted
 
 # fp16 weights of at most this many parameters fit the 16 MB limit on one weight file.
 MAX_PARAMETERS = 8_000_000
@@ -156,8 +157,8 @@ class VelocityNet(nn.Module):
         t = t.expand(batch) if t.ndim == 0 else t  # (B,)
         if covariates is not None and covariates.shape[-1] != self.num_covariates:
             raise ValueError(
-                f"got {covariates.shape[-1]} covariates; this network is conditioned on {self.num_covariates} "
-                f"({', '.join(self.config.covariate_names) or 'none'})"
+                f"got {counted(covariates.shape[-1], 'covariate')}; this network is conditioned on "
+                f"{self.num_covariates} ({', '.join(self.config.covariate_names) or 'none'})"
             )
         condition = None
         if self.num_covariates:

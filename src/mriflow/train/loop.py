@@ -79,6 +79,7 @@ from mriflow import distributed
 from mriflow.config import LoopConfig
 from mriflow.distributed import Distributed, unwrap
 from mriflow.utils.seeding import item_seed, seed_everything
+from mriflow.utils.text import counted
 
 
 class Stage(Protocol):
@@ -236,7 +237,7 @@ def train(
     per_epoch = len(sampler) // config.batch_size
     if per_epoch == 0:
         raise ValueError(
-            f"the training set has {len(dataset)} volume(s), fewer than batch_size ({config.batch_size}) x "
+            f"the training set has {counted(len(dataset), 'volume')}, fewer than batch_size ({config.batch_size}) x "
             f"processes ({context.world_size}); lower loop.batch_size"
         )
     loader = DataLoader(_SeededItems(dataset, config.seed), batch_size=config.batch_size, sampler=sampler,

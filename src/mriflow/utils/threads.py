@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from mriflow.utils.text import counted
+
 
 def free_cpus() -> tuple[int, str]:
     """(threads for this process, why): the usable cores per local process less the busy ones, at least 1."""
@@ -22,7 +24,7 @@ def free_cpus() -> tuple[int, str]:
     share = max(1, usable // processes)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     threads = max(1, min(share, round(usable - load) // processes))
-    where = f"{usable} usable CPUs" + (f" shared by {processes} processes" if processes > 1 else "")
+    where = counted(usable, "usable CPU") + (f" shared by {processes} processes" if processes > 1 else "")
     return threads, f"{where}, load average {load:.1f}"
 
 
