@@ -30,6 +30,14 @@ def test_train_autoencoder_then_encode_and_evaluate_reconstruction(tmp_path, cap
     assert summary["split"] == "test" and summary["subjects"] == 1
 
 
+def test_an_error_line_names_the_command_not_an_option_value(tmp_path, capsys):
+    """--kind vq of train autoencoder once read as the third word of the command: "mriflow train autoencoder vq"."""
+    assert main(["train", "autoencoder", str(tmp_path / "absent"), "--kind", "vq", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith(f"mriflow train autoencoder: error: {tmp_path / 'absent'} ")
+    assert main(["evaluate", "reconstruction", str(tmp_path), "--autoencoder", str(tmp_path / "absent")]) == 2
+    assert capsys.readouterr().err.startswith("mriflow evaluate reconstruction: error: ")
+
+
 def test_stop_at_step_ends_a_session_that_resume_finishes_on_the_same_schedule(tmp_path, capsys):
     data = write_prepared(tmp_path / "data", splits=("train", "train", "val", "test"))
     run = tmp_path / "ae"

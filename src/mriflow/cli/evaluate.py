@@ -18,7 +18,7 @@ def add_commands(commands) -> None:
 def _add_evaluate(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="reconstruction metrics, the generation report, or the utility of "
                                                     "synthetic data (train on synthetic, test on real)")
-    kinds = evaluate.add_subparsers(dest="kind", required=True, metavar="KIND")
+    kinds = evaluate.add_subparsers(dest="evaluation", required=True, metavar="KIND")  # not "kind": train autoencoder --kind
 
     p = kinds.add_parser("reconstruction", help="MSE, NMSE, PSNR, SSIM, MS-SSIM of the autoencoder on a split")
     p.add_argument("data", help="prepared dataset folder")

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and args.command != "generate":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.unknown = unknown
-    command = " ".join(v for v in (args.command, getattr(args, "stage", None), getattr(args, "kind", None)) if v)
+    # the words of the command, e.g. "train flow", "evaluate generation": the first word of every error line
+    command = " ".join(v for v in (args.command, getattr(args, "stage", None), getattr(args, "evaluation", None)) if v)
     try:
         with warnings.catch_warnings():
             if not os.environ.get("MRIFLOW_DEBUG"):
