@@ -1,8 +1,8 @@
 """The `mriflow` command line: a thin shell that parses arguments and calls the same functions a notebook calls.
 
-One module per command group, in the order of the pipeline: `prepare`, `train` (with `encode`), `generate`,
-`evaluate`, `app`. `main` builds the parser from them and turns a user's error into one line; `common` holds
-what the commands share (--threads, the output-folder check, the error line).
+One module per command group, in the order of the pipeline: `prepare`, `train` (with `encode`), `generate` (with
+`export`), `evaluate`, `app`. `main` builds the parser from them and turns a user's error into one line;
+`common` holds what the commands share (--threads, the output-folder check, the error line).
 """
 
 from mriflow.cli.common import OS_ERROR_ADVICE, USER_ERRORS
