@@ -19,6 +19,7 @@ guidance is 1 (the conditional velocity), since classifier-free guidance breaks 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -45,6 +46,8 @@ class EditResult:
     difference: list[np.ndarray]
     targets: list[dict[str, Any]]
     settings: dict[str, Any] = field(default_factory=dict)
+    latents: torch.Tensor | None = None  # (T, C, d, h, w): each edit's data end, what a label decoder reads
+    nfe: int = 0  # network evaluations per edited volume (its share of the inversion included)
 
 
 def check_invertible(generator: Generator, solver: str) -> LinearPath:
@@ -108,7 +111,89 @@ def edit_volume(generator: Generator, volume: np.ndarray, source: Mapping[str, A
     drawn = [integrate(generator, x0, condition, grid, solver) for condition in conditions]
     volumes = generator.decode(torch.cat([x1, *drawn]))  # (2 + T, D, H, W): the scan, the round trip, the edits
     edited = list(volumes[2:])
+    per_solve = steps * {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4}[solver]
     return EditResult(source=volumes[0], round_trip=volumes[1], edited=edited,
                       difference=[edit - volumes[1] for edit in edited], targets=wanted,
                       settings={"solver": solver, "steps": steps, "guidance": 1.0,
-                                "time_shift": settings.get("time_shift", 1.0), "source_covariates": dict(source)})
+                                "time_shift": settings.get("time_shift", 1.0), "source_covariates": dict(source)},
+                      latents=torch.cat(drawn[1:]), nfe=per_solve * (1 + len(drawn)) // max(1, len(targets)))
+
+
+def edit_scan(model: str | Path, scan: str | Path, out: str | Path, targets: Sequence[Mapping[str, Any]],
+              source: Mapping[str, Any] | None = None, steps: int = 16, solver: str = "heun", device: str = "auto",
+              labels: bool = True, trust_paths: bool = False, overwrite: bool = False) -> list[Path]:
+    """Edit one scan into files: OUT/<scan>_<target>.nii.gz per target with its tissue map (_labels) and difference map
+    (_diff: edit − round trip), OUT/<scan>_roundtrip.nii.gz, and a JSON sidecar per edit that says where it came from
+    (the scan's path and SHA-256, the inversion's covariates, solver and steps) and that it derives from a real
+    person, so the privacy filter does not apply. `source` defaults to the scan's row of the prepared folder it lies
+    in (DATA/images/SUBJECT.nii.gz with DATA/manifest.csv). Returns the edited volumes' paths."""
+    from mriflow import __version__
+    from mriflow.data.background import BACKGROUND_RULE
+    from mriflow.data.io import load_volume, save_volume
+    from mriflow.generate import load_generator
+    from mriflow.generate_io import labels_name, write_labels, write_sample
+    from mriflow.utils.files import sha256
+
+    scan, out = Path(scan), Path(out)
+    if not scan.is_file():
+        raise FileNotFoundError(f"--scan {scan}: no such file; give a prepared volume on the model's grid")
+    generator = load_generator(model, device, trust_paths, labels=None if labels else False)
+    source = dict(source) if source else recorded_covariates(scan, generator.schema.names)
+    volume, affine = load_volume(scan)
+    if not np.allclose(affine, generator.affine, atol=1e-3):
+        raise ValueError(f"--scan {scan}: its affine is not the model's template grid; prepare it with `mriflow prepare` "
+                         "at the model's preset")
+    result = edit_volume(generator, volume, source, targets, steps, solver)
+    stem = scan.name.removesuffix(".gz").removesuffix(".nii")
+    names = [f"{stem}_{target_label(target, source)}" for target in result.targets]
+    clashes = [str(out / f"{n}{s}") for n in [*names, f"{stem}_roundtrip"] for s in (".nii.gz", ".json")
+               if (out / f"{n}{s}").exists()]
+    if clashes and not overwrite:
+        raise FileExistsError(f"{clashes[0]} already exists; choose another --out (edits are never overwritten)")
+    maps = generator.decode_labels(result.latents, np.stack(result.edited)) if generator.labels is not None else None
+    common = {"seed": None, "solver": solver, "steps": steps, "guidance": 1.0, "nfe": result.nfe,
+              "model_id": generator.model_id, "model_checksum": generator.model_checksum,
+              "representation": generator.representation_name, "background": BACKGROUND_RULE,
+              "source": {"scan": str(scan.resolve()), "sha256": sha256(scan), "covariates": source},
+              "derived_from_real_person": True,
+              "privacy_filter": "does not apply: the volume is this person's scan, edited", "mriflow_version": __version__}
+    paths = []
+    for k, (name, target) in enumerate(zip(names, result.targets)):
+        sidecar = {**common, "covariates": target, "edit": {"from": source, "to": target}}
+        if maps is not None:
+            sidecar["labels"] = labels_name(name)
+        paths.append(write_sample(out, k, result.edited[k], generator.affine, sidecar, overwrite=overwrite, name=name))
+        save_volume(out / f"{name}_diff.nii.gz", result.difference[k], generator.affine)
+        if maps is not None:
+            write_labels(out, name, maps[k], generator.affine, overwrite=overwrite)
+    write_sample(out, len(names), result.round_trip, generator.affine,
+                 {**common, "covariates": source, "edit": {"from": source, "to": source}}, overwrite=overwrite,
+                 name=f"{stem}_roundtrip")
+    return paths
+
+
+def recorded_covariates(scan: Path, names: Sequence[str]) -> dict[str, Any]:
+    """The covariates the prepared folder holding `scan` recorded for it (DATA/images/SUBJECT.nii.gz)."""
+    from mriflow.data.dataset import read_manifest
+
+    root = scan.resolve().parent.parent
+    if not (root / "manifest.csv").is_file():
+        raise ValueError(f"--scan {scan}: not in a prepared folder whose manifest.csv records its covariates; give "
+                         f"them with --from (e.g. --from age=52,sex=F)")
+    manifest = read_manifest(root)
+    rows = manifest[manifest["image"].map(lambda p: (root / p).resolve() == scan.resolve())]
+    if rows.empty:
+        raise ValueError(f"--scan {scan}: {root / 'manifest.csv'} has no row for it; give its covariates with --from")
+    row = rows.iloc[0]
+    return {name: (None if pd_missing(row.get(name)) else row.get(name)) for name in names}
+
+
+def pd_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def target_label(target: Mapping[str, Any], source: Mapping[str, Any]) -> str:
+    """A file-name part for what an edit changes, e.g. "age-75" or "age-75_sex-F" ("same" when nothing)."""
+    changed = [f"{k}-{format(v, 'g') if isinstance(v, float) else v}" for k, v in target.items()
+               if source.get(k) != v]
+    return "_".join(changed) or "same"

@@ -8,7 +8,7 @@ import os
 import warnings
 
 from mriflow import __version__
-from mriflow.cli import app, evaluate, generate, prepare, train
+from mriflow.cli import app, edit, evaluate, generate, prepare, train
 from mriflow.cli.common import check_output_folder, fail, is_user_error, warning_line
 
 DESCRIPTION = """\
@@ -25,6 +25,7 @@ NIfTI volumes with JSON sidecars, and measure them against real data.
   encode DATA --autoencoder AE       cache the latents (training does it when needed)
   generate [--model RUN] --out DIR   sample volumes (default: the shipped 2 mm model)
   export RUN OUT [--labels RUN]      a model folder that travels (generate --model OUT)
+  edit --scan FILE --age 60,80 ...   a real scan at other ages or sex, by inverting the flow
   evaluate reconstruction DATA ...   the autoencoder's SSIM, PSNR, MS-SSIM on a split
   evaluate generation ...            real against generated: FD, PRDC, privacy; a report
   evaluate utility ...               train on synthetic, test on real: Dice, brain age
@@ -36,7 +37,7 @@ page) walks through them on real data. Every command also runs under
 """
 
 # The command groups in the order of the pipeline; each adds its commands to the parser.
-COMMAND_GROUPS = (prepare, train, generate, evaluate, app)
+COMMAND_GROUPS = (prepare, train, generate, edit, evaluate, app)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,86 @@
+"""`mriflow edit`: a prepared scan at other ages, with tissue maps, difference maps and sidecars that name the source."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import write_prepared_with_sex
+from mriflow.cli import main
+from mriflow.data.io import load_volume
+from mriflow.families.flow import FlowObjectiveConfig, FlowTrainingConfig
+from mriflow.models.velocity import VelocityNetConfig
+from mriflow.train.generator import train_flow
+from mriflow.train.loop import LoopConfig
+
+SHAPE = (16, 20, 16)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edit-cli")
+    data = write_prepared_with_sex(root / "data", shape=SHAPE)
+    config = FlowTrainingConfig(
+        model=VelocityNetConfig(in_channels=64, channels=(16, 16), attention_levels=(False, True), num_res_blocks=1,
+                                num_head_channels=8, norm_num_groups=4),
+        objective=FlowObjectiveConfig(prediction="preconditioned"), representation="haar2",
+        loop=LoopConfig(max_steps=2, batch_size=2, warmup_steps=1, log_every=1, montage_every=100, checkpoint_every=2,
+                        device="cpu"))
+    train_flow(data, None, root / "run", condition=["age", "sex"], config=config)
+    return data, root / "run"
+
+
+def test_edit_writes_each_target_with_its_difference_map_and_a_sidecar_naming_the_source(trained, tmp_path, capsys):
+    data, run = trained
+    scan = data / "images" / "sub02.nii.gz"  # age 34, sex F in the manifest
+    out = tmp_path / "edits"
+    assert main(["edit", "--model", str(run), "--scan", str(scan), "--age", "25,45", "--out", str(out),
+                 "--steps", "4", "--no-labels", "--threads", "1"]) == 0
+    names = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert names == ["sub02_age-25.nii.gz", "sub02_age-25_diff.nii.gz", "sub02_age-45.nii.gz",
+                     "sub02_age-45_diff.nii.gz", "sub02_roundtrip.nii.gz"]
+    edited, affine = load_volume(out / "sub02_age-45.nii.gz")
+    round_trip, _ = load_volume(out / "sub02_roundtrip.nii.gz")
+    difference, _ = load_volume(out / "sub02_age-45_diff.nii.gz")
+    np.testing.assert_allclose(difference, edited - round_trip, atol=1e-6)
+    assert np.allclose(affine, load_volume(scan)[1]) and edited.shape == SHAPE
+    sidecar = json.loads((out / "sub02_age-45.json").read_text())
+    assert sidecar["source"]["covariates"] == {"age": 34.0, "sex": "F"}  # read from the prepared manifest
+    assert sidecar["covariates"] == {"age": 45.0, "sex": "F"} and sidecar["derived_from_real_person"] is True
+    assert sidecar["source"]["scan"] == str(scan.resolve()) and len(sidecar["source"]["sha256"]) == 64
+    assert "does not apply" in sidecar["privacy_filter"] and sidecar["steps"] == 4 and sidecar["nfe"] > 0
+    # a second run into the folder is refused, nothing overwritten
+    before = (out / "sub02_age-45.nii.gz").read_bytes()
+    assert main(["edit", "--model", str(run), "--scan", str(scan), "--age", "45", "--out", str(out),
+                 "--steps", "4", "--no-labels"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "sub02_age-45.nii.gz").read_bytes() == before
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--age", "40", "--from", "age"], "--from 'age': give NAME=VALUE pairs"),
+    ([], "--age, --sex or --covariate: say what to change"),
+    (["--age", "40", "--solver", "dopri5"], "invalid choice"),
+])
+def test_bad_edit_requests_are_one_line(trained, tmp_path, capsys, arguments, message):
+    data, run = trained
+    code = None
+    try:
+        code = main(["edit", "--model", str(run), "--scan", str(data / "images" / "sub02.nii.gz"),
+                     "--out", str(tmp_path / "out"), *arguments])
+    except SystemExit as exit_:  # argparse's own refusal of a choice
+        code = exit_.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_scan_outside_a_prepared_folder_needs_its_covariates(trained, tmp_path, capsys):
+    data, run = trained
+    loose = tmp_path / "loose.nii.gz"
+    loose.write_bytes((data / "images" / "sub02.nii.gz").read_bytes())
+    assert main(["edit", "--model", str(run), "--scan", str(loose), "--age", "40", "--out", str(tmp_path / "o")]) == 2
+    assert "give them with --from" in capsys.readouterr().err
+    assert main(["edit", "--model", str(run), "--scan", str(loose), "--age", "40", "--from", "age=34,sex=F",
+                 "--out", str(tmp_path / "o"), "--steps", "2", "--no-labels"]) == 0
