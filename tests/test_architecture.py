@@ -17,7 +17,7 @@ LAYERS = [
     ("artifacts", ["mriflow.checkpoint", "mriflow.latents", "mriflow.families"]),
     ("training", ["mriflow.train"]),
     ("use", ["mriflow.generator", "mriflow.tissue_maps", "mriflow.export", "mriflow.cohort", "mriflow.generate",
-             "mriflow.generate_io", "mriflow.edit", "mriflow.evaluate"]),
+             "mriflow.generate_io", "mriflow.edit", "mriflow.api", "mriflow.evaluate"]),
     ("interface", ["mriflow.cli", "mriflow.__main__", "mriflow.app"]),
 ]
 
