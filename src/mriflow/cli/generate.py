@@ -26,7 +26,13 @@ def _add_generate(commands) -> None:
                     "others (e.g. region volumes); an unknown name is refused with the list of valid ones.")
     p.add_argument("--model", default="default",
                    help="generator run or checkpoint folder, a shipped model's name (4mm), or 'default' (shipped)")
-    p.add_argument("--out", required=True, help="output folder (existing samples are never overwritten)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="output folder (existing samples are never overwritten)")
+    where.add_argument("--bids", metavar="DIR",
+                       help="write a BIDS dataset instead: sub-<id>/anat/sub-<id>_T1w.nii.gz with sidecars, "
+                            "participants.tsv with the covariates, dataset_description.json (GeneratedBy: the model "
+                            "and command), tissue maps as derivatives/mriflow/ (_dseg.nii.gz, dseg.tsv); what generate "
+                            "writes stays in DIR/sourcedata/mriflow/")
     p.add_argument("--num-samples", "--n", dest="n", type=int,
                    help="number of volumes (default 8; with --covariates, one per row); under torchrun spell it "
                         "--num-samples (torchrun reads --n as its own --nnodes/--nproc-per-node)")
@@ -89,13 +95,20 @@ def _run_generate(args: argparse.Namespace) -> int:
         if args.n is not None and args.n != len(cohort):
             raise ValueError(f"--n {args.n} differs from the {counted(len(cohort), 'row')} of {args.covariates}; "
                              "drop --n (one sample per row)")
-    result = generate(args.model, args.out, n=8 if args.n is None else args.n, covariates=covariates, solver=args.solver,
+    if args.bids is not None and any(Path(args.bids).glob("sub-*")):  # before any sampling
+        raise FileExistsError(f"--bids {args.bids}: already holds sub-* folders; choose a new folder for the dataset")
+    out = Path(args.bids) / "sourcedata" / "mriflow" if args.bids is not None else args.out
+    result = generate(args.model, out, n=8 if args.n is None else args.n, covariates=covariates, solver=args.solver,
                       steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                       device=args.device, privacy_filter=args.privacy_filter, cohort=cohort,
                       trust_paths=args.trust_model_paths, labels=False if args.no_labels else args.labels,
                       label_map=args.label_map)
     if is_main_process():
         print(result.summary() if hasattr(result, "summary") else result)
+        if args.bids is not None:
+            from mriflow.bids import write_bids
+
+            print(f"BIDS dataset: {write_bids(out, Path(args.bids))}")
     return 0
 
 
