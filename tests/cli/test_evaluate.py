@@ -31,3 +31,34 @@ def test_evaluate_generation_of_a_shipped_model_with_its_autoencoder(tmp_path, c
     assert main(["evaluate", "generation", "--real", str(data), "--fake", str(samples), "--out", str(report),
                  "--bootstrap", "3", "--device", "cpu", "--force", "--backbone", "intensity"]) == 0
     assert json.loads((report / "metrics.json").read_text())["backbone"]["name"].startswith("intensity")
+
+
+def test_another_generators_volumes_on_their_own_grid_are_prepared_onto_the_real_grid_and_scored(tmp_path, capsys):
+    """Issue 26: score any generator's volumes (MAISI, BrLP, WDM...): --prepare-fake takes them through the recipe."""
+    import sys
+
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluate"))
+    from evaluation_helpers import write_evaluation_set  # noqa: E402
+
+    real = write_evaluation_set(tmp_path / "real")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for i, image in enumerate(sorted((real / "images").glob("*.nii.gz"))[:8]):
+        source = nib.load(str(image))
+        data = ndimage.zoom(np.asarray(source.dataobj, np.float32), 4 / 3, order=1)  # 3 mm voxels, another grid
+        affine = np.diag([3.0, 3.0, 3.0, 1.0])
+        affine[:3, 3] = source.affine[:3, 3] + np.array([2.0, -3.0, 1.0])
+        nib.save(nib.Nifti1Image(data * 800, affine), str(foreign / f"sample_{i:05d}.nii.gz"))  # other intensities too
+    report = tmp_path / "report"
+    arguments = ["evaluate", "generation", "--real", str(real), "--fake", str(foreign), "--out", str(report),
+                 "--backbone", "intensity", "--bootstrap", "2", "--device", "cpu"]
+    assert main(arguments) == 2
+    assert "--prepare-fake brain" in capsys.readouterr().err
+    assert main(arguments + ["--prepare-fake", "brain"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["inputs"]["counts"]["generated"] == 8
+    assert metrics["inputs"]["fake_dir"].endswith("fake-prepared/prepared/images")

@@ -32,6 +32,11 @@ def _add_evaluate(commands) -> None:
     p = kinds.add_parser("generation", help="FD/KID/MMD, PRDC with bootstrap, diversity, memorization, fidelity")
     p.add_argument("--real", required=True, help="prepared dataset folder (the real data)")
     p.add_argument("--fake", required=True, help="folder of generated NIfTI volumes on the same template grid")
+    p.add_argument("--prepare-fake", choices=("none", "brain", "head"), default="none",
+                   help="another generator's volumes (MAISI, BrLP, WDM, yours) on their own grid: take them through the "
+                        "real data's preparation recipe first (registered to MNI152, resampled to its grid, scaled "
+                        "to [0, 1]) into OUT/fake-prepared; brain: already skull-stripped, head: skull-stripped by "
+                        "deepbet (default none: the volumes are on the grid already)")
     p.add_argument("--out", required=True, help="report folder: report.md, report.html, metrics.json")
     p.add_argument("--force", action="store_true", help="replace the report already in --out (else it is refused)")
     p.add_argument("--split", default="test", help="real split to compare with (default test)")
@@ -114,6 +119,8 @@ def _run_evaluate_generation(args: argparse.Namespace) -> int:
     if existing and not args.force:  # before any work: an evaluation takes minutes
         raise FileExistsError(f"--out {args.out} already holds a report ({', '.join(existing)}); choose another folder, "
                               "or pass --force to replace it")
+    if args.prepare_fake != "none":
+        args.fake = str(prepare_fake(args.real, args.fake, Path(args.out) / "fake-prepared", args.prepare_fake))
 
     reconstruct = None
     if args.autoencoder and not Path(args.autoencoder).exists():  # 'default' or a shipped model's name: its autoencoder
@@ -164,3 +171,31 @@ def _reconstructor(autoencoder: str, device: str) -> Callable:
         return model.reconstruct(volumes.to(target)).float().clamp(0.0, 1.0).cpu()
 
     return reconstruct
+
+
+def prepare_fake(real: str, fake: str, out: Path, kind: str) -> Path:
+    """Another generator's volumes through the real data's recipe (its prepare.json preset): registered to MNI152,
+    resampled to the grid, scaled to [0, 1], skull-stripped by deepbet when they are heads; returns their images folder."""
+    from mriflow.data.dataset import read_preparation
+    from mriflow.data.prepare import run_prepare
+
+    preset = read_preparation(real).get("preset")
+    if preset is None:
+        raise ValueError(f"--prepare-fake: {real} has no prepare.json naming its grid; prepare the real data with "
+                         "`mriflow prepare` first")
+    from mriflow.generate_io import is_label_map
+
+    # prepare names a subject by its file name up to the first "_": sample_00003 would be "sample" for every file
+    inputs = out / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    volumes = [p for p in sorted(Path(fake).glob("*.nii*")) if not is_label_map(p)]
+    if not volumes:
+        raise ValueError(f"--fake {fake}: no NIfTI volumes to prepare")
+    for volume in volumes:
+        target = inputs / volume.name.replace("_", "-")
+        if not target.exists():
+            target.symlink_to(volume.resolve())
+    print(f"preparing {counted(len(volumes), 'generated volume')} of {fake} onto the {preset} grid in {out}")
+    run_prepare(inputs, out / "prepared", preset=preset, skull_strip="deepbet" if kind == "head" else "none",
+                register=True)
+    return out / "prepared" / "images"

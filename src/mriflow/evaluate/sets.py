@@ -141,7 +141,8 @@ def check_geometry(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> No
             f"{path}: {wrong} do not match the real data. This file has shape {actual_shape} and affine "
             f"{np.round(actual_affine, 4).tolist()}; expected shape {tuple(shape)} and affine "
             f"{np.round(affine, 4).tolist()} (tolerance {AFFINE_TOLERANCE}). Generate with the same preset grid "
-            f"as the prepared data, or resample the volume onto it.")
+            f"as the prepared data, or let evaluate prepare another generator's volumes onto it (--prepare-fake brain, "
+            f"or head for volumes with a skull).")
 
 
 def list_volumes(folder: Path) -> list[Path]:
