@@ -207,6 +207,9 @@ def test_generate_two_brains_side_by_side_view_scroll_and_download(browser, tmp_
         assert page.locator("#downloads-B a[data-kind='label map']").count() == int(has_labels)
         if has_labels:
             page.check("#labels-B")
+            # the overlay has a legend naming each tissue class beside its colour (issue 26)
+            page.wait_for_selector("#legend-B .legend-item")
+            assert "ventricles" in page.inner_text("#legend-B")
             page.wait_for_function("window.mriflow.viewers.B.volumes.length === 2")
         page.wait_for_timeout(500)
         page.screenshot(path=str(screenshots / "app_generate.png"), full_page=True)

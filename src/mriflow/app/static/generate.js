@@ -116,16 +116,47 @@
     if (sample.labels) $("labels-" + side).addEventListener("change", (e) => showLabels(side, sample, e.target.checked));
   }
 
-  // A sample's synthetic label map (sample_XXXXX_labels.nii.gz: class indices) over its image, one colour per class.
+  // One colour per tissue class (mriflow's classes: background, CSF, ventricles, grey matter, white matter,
+  // brainstem; more classes reuse the list), shown in the overlay and in its legend alike.
+  const CLASS_COLOURS = [[0, 0, 0], [66, 133, 244], [0, 200, 220], [255, 152, 0], [250, 240, 180], [220, 60, 200],
+                         [120, 200, 80], [230, 60, 60]];
+  const DEFAULT_CLASSES = ["background", "CSF", "ventricles", "grey matter", "white matter", "brainstem"];
+
+  function tissueColormap(count) {
+    // node k at intensity k / (count - 1) of the window [0, count - 1]: class k gets exactly its colour
+    const nodes = Array.from({ length: count }, (_, k) => k);
+    const colour = (k) => CLASS_COLOURS[k % CLASS_COLOURS.length];
+    return { R: nodes.map((k) => colour(k)[0]), G: nodes.map((k) => colour(k)[1]), B: nodes.map((k) => colour(k)[2]),
+             A: nodes.map((k) => (k === 0 ? 0 : 255)), I: nodes.map((k) => Math.round((255 * k) / Math.max(1, count - 1))) };
+  }
+
+  function legend(side, classes) {
+    let box = $("legend-" + side);
+    if (!box) {
+      box = document.createElement("div");
+      box.className = "legend";
+      box.id = "legend-" + side;
+      $("downloads-" + side).after(box);
+    }
+    box.innerHTML = classes ? classes.slice(1).map((name, i) => {
+      const [r, g, b] = CLASS_COLOURS[(i + 1) % CLASS_COLOURS.length];
+      return `<span class="legend-item"><span class="swatch" style="background:rgb(${r},${g},${b})"></span>${name.replace(/_/g, " ")}</span>`;
+    }).join("") : "";
+  }
+
+  // A sample's synthetic label map (sample_XXXXX_labels.nii.gz: class indices) over its image, one colour per class,
+  // with a legend naming them.
   async function showLabels(side, sample, on) {
-    let classes = 8;
+    let classes = DEFAULT_CLASSES;
     if (on && sample.sidecar) {
       const record = await (await fetch("/files/" + sample.sidecar)).json();
-      if (Array.isArray(record.label_classes)) classes = record.label_classes.length;
+      if (Array.isArray(record.label_classes) && record.label_classes.length > 1) classes = record.label_classes;
     }
+    viewers[side].addColormap("mriflow-tissue-" + classes.length, tissueColormap(classes.length));
     await V.load(viewers[side], "/files/" + sample.image, { name: sample.name + ".nii.gz" }, on ? {
-      url: "/files/" + sample.labels, name: sample.name + "_labels.nii.gz", colormap: "hsv", opacity: 0.45,
-      cal_min: 0.5, cal_max: classes - 0.5 } : null);
+      url: "/files/" + sample.labels, name: sample.name + "_labels.nii.gz", colormap: "mriflow-tissue-" + classes.length,
+      opacity: 0.45, cal_min: 0, cal_max: classes.length - 1 } : null);
+    legend(side, on ? classes : null);
     V.follow(viewers[side], Object.values(viewers));
     windowAll();
   }
