@@ -99,8 +99,8 @@ class RectifiedFlowLoss:
         prediction = velocity_net(x_t, t, covariates, covariates_present)
         kind = self.path.prediction
         v_hat = self.path.convert(prediction, x_t, t, kind, "velocity")
-        # the exact velocity; a data prediction's is read through the same clipped divisor as its output (JiT)
-        u = self.path.convert(x1, x_t, t, "data", "velocity") if kind == "data" else x1 - x0
+        # the path's target read as a velocity, as the output is: a data prediction's through the same clipped divisor
+        u = self.path.convert(self.path.target(x0, x1, t), x_t, t, kind, "velocity")
         losses = regression_loss(v_hat, u, self.loss, self.huber_c)  # (B,)
         if self.weighting == "min_snr":
             losses = losses * min_snr_weight(t, self.min_snr_gamma)
