@@ -1,8 +1,8 @@
 """The 2 mm bake-off at equal CPU time (issue 24, deliverables 2 and 3): today's recipe against the image-space flow,
 and each training switch of the image-space flow on and off, every arm on one thread for the same CPU minutes.
 
-Arms are the flow-wavelet preset (Haar packet of two levels, a 3D DiT, x-prediction, JiT's logit-normal times,
-non-leaky flip augmentation) with one switch changed (ARMS). Each is trained by `train ARM` in a child process
+Arms are the flow-wavelet preset (Haar packet of two levels, MONAI's U-Net, x-prediction, JiT's logit-normal times,
+non-leaky flip augmentation) with the network or one switch changed (ARMS). Each is trained by `train ARM` in a child process
 (`--max-cpu-minutes`: thread-minutes of this process, which a busy machine does not shrink), validated on the val
 split at every checkpoint (GeneratorStage.validate: the mean squared error of the network's clean-volume estimate at
 t = 0.3 … 0.9, fixed noise), and measured by `measure`: --n samples at requests sweeping age and sex against the val
@@ -42,15 +42,21 @@ def _sampling(**changes) -> Callable:
     return lambda config: dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **changes))
 
 
-# name -> (what it changes, the change to the flow-wavelet config)
+def _dit(config):
+    """The DiT the flow-wavelet preset first had: 2 x 2 x 2-band tokens (8 mm of brain each), width 256, 6 blocks."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, backbone="dit", dit_patch_size=2,
+                                                                 dit_hidden=256, dit_depth=6, dit_heads=4))
+
+
+# name -> (what it changes, the change to the flow-wavelet preset: Haar packet, MONAI U-Net 64-96-96, x-prediction,
+# JiT's logit-normal(-0.8, 0.8) times, flip flag). The first arms compare networks, the rest switch one thing each.
 ARMS: dict[str, tuple[str, Callable]] = {
-    "default": ("flow-wavelet as shipped: haar2, DiT, x-prediction, logit-normal(-0.8, 0.8), flip flag", lambda c: c),
-    "preconditioned": ("EDM's skip preconditioning: the clean volume at the noise end, x_t passed through at the data end",
-                       _objective(prediction="preconditioned")),
-    "unet": ("MONAI's U-Net (64-96-96 channels, attention at the deepest level; 7.4 M parameters) instead of the DiT",
-             _model(backbone="unet", channels=(64, 96, 96), attention_levels=(False, False, True), num_res_blocks=1,
-                    num_head_channels=32, norm_num_groups=16)),
-    "velocity": ("the network predicts the velocity, not the clean volume", _objective(prediction="velocity")),
+    "unet": ("flow-wavelet as shipped: haar2, MONAI U-Net 64-96-96 (7.4 M parameters), x-prediction, "
+             "logit-normal(-0.8, 0.8) times, flip flag", lambda c: c),
+    "dit": ("a 3D DiT instead of the U-Net (7.6 M parameters: 2 x 2 x 2-band tokens, width 256, 6 blocks)", _dit),
+    "dit-preconditioned": ("the DiT with EDM's skip preconditioning: the clean volume at the noise end, x_t passed "
+                           "through at the data end", lambda c: _objective(prediction="preconditioned")(_dit(c))),
+    "velocity": ("the U-Net predicts the velocity, not the clean volume", _objective(prediction="velocity")),
     "min-snr": ("min-SNR-5 weighting of the loss", _objective(weighting="min_snr")),
     "no-flip": ("no left-right flip augmentation", _model(flip_channel=False)),
     "sd3-times": ("SD3's logit-normal(0, 1) training times", _objective(time_mean=0.0, time_std=1.0)),
