@@ -22,6 +22,11 @@ from mriflow.train.autoencoder import AutoencoderLossConfig, AutoencoderTraining
 
 IXI_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi"
 
+# The evaluation's on-disk feature store (evaluate/feature_store.py) stays off in tests: a test that patches a
+# network must not leave rows behind for another, nor read rows from the machine's own cache.
+# tests/evaluate/test_feature_store.py turns it on in a temporary folder.
+os.environ["MRIFLOW_CACHE"] = "off"
+
 
 def head_phantom(shape=(48, 56, 44), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic T1-like head: skull shell, CSF, grey and white matter ellipsoids, two ventricles.

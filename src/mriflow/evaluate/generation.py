@@ -56,6 +56,7 @@ from mriflow.data.io import load_volume, strip_nifti_suffix
 from mriflow.evaluate.backbones import Backbone, anatomy_weights_for, get_backbone
 from mriflow.evaluate.bootstrap import DEFAULT_ROUNDS, bootstrap as run_bootstrap, default_sample_size
 from mriflow.evaluate.consistency import inter_slice_consistency
+from mriflow.evaluate.feature_store import FeatureStore
 from mriflow.evaluate.sharpness import high_frequency_fidelity
 from mriflow.evaluate.diversity import DEFAULT_MAX_PAIRS, pairwise_ms_ssim
 from mriflow.evaluate.fidelity import (
@@ -176,6 +177,8 @@ def evaluate_generation(
         "reconstruction": reconstructions.example if reconstructions else None,
     }
     result["timing_s"] = laps.record()
+    result["feature_store"] = {"rows_reused": features.reused,
+                               "folder": str(features.store.folder) if features.store is not None else None}
     write_report(result, out, montage)
     return result
 
@@ -224,6 +227,8 @@ class FeatureCache:
     tissue: TissueSpace | None = None  # the privacy audit's feature space where the grid has an anatomy network
     tissue_vectors: dict[Path, np.ndarray] = field(default_factory=dict)
     clipped: set[Path] = field(default_factory=set)  # files with values outside [0, 1]
+    store: FeatureStore | None = None  # backbone rows kept on disk between evaluations (evaluate/feature_store.py)
+    tissue_store: FeatureStore | None = None
 
     def add(self, paths: Sequence[Path], description: str) -> None:
         todo = [p for p in dict.fromkeys(paths) if p not in self.features]
@@ -237,12 +242,28 @@ class FeatureCache:
                 volumes.append(volume)
                 if self.mask is not None:
                     self.vectors[path] = masked_standardised(volume, self.mask, self.smoothing)
-            rows = self.backbone.features(np.stack(volumes)[:, None])  # (B, F)
-            for path, row in zip(batch, rows):
-                self.features[path] = row
+            self._rows(batch, volumes, self.features, self.store, self.backbone.features, lambda v: np.stack(v)[:, None])
             if self.tissue is not None and self.mask is not None:
-                for path, row in zip(batch, self.tissue(np.stack(volumes))):
-                    self.tissue_vectors[path] = row
+                self._rows(batch, volumes, self.tissue_vectors, self.tissue_store, self.tissue, np.stack)
+
+    @staticmethod
+    def _rows(batch, volumes, into: dict, store, network, stack) -> None:
+        """`network`'s rows of the batch into `into`, taken from `store` where it has them (the rest computed and
+        kept there)."""
+        kept = {path: store.get(path) for path in batch} if store is not None else {}
+        todo = [i for i, path in enumerate(batch) if kept.get(path) is None]
+        if todo:
+            for i, row in zip(todo, network(stack([volumes[i] for i in todo]))):
+                kept[batch[i]] = row
+                if store is not None:
+                    store.put(batch[i], row)
+        for path in batch:
+            into[path] = kept[path]
+
+    @property
+    def reused(self) -> int:
+        """Rows read from the feature store rather than computed."""
+        return sum(store.hits for store in (self.store, self.tissue_store) if store is not None)
 
     def matrix(self, paths: Sequence[Path]) -> np.ndarray:
         return np.stack([self.features[p] for p in paths])
@@ -264,7 +285,9 @@ def compute_features(sets: EvaluationSets, backbone: Backbone, progress: bool) -
     """Features of every volume of every set; voxel vectors too when a privacy audit is possible."""
     mask = population_mask(load_volume(sets.real_dir / p)[0] for p in sets.train_rows["mask"]) if sets.audit_possible else None
     tissue = tissue_space_for(backbone, sets.affine, sets.shape) if mask is not None else None
-    cache = FeatureCache(backbone, mask, smoothing_voxels(sets.affine, DEFAULT_SMOOTHING_MM), progress, tissue=tissue)
+    cache = FeatureCache(backbone, mask, smoothing_voxels(sets.affine, DEFAULT_SMOOTHING_MM), progress, tissue=tissue,
+                         store=FeatureStore.for_network(f"{backbone.name} features", backbone),
+                         tissue_store=FeatureStore.for_network(tissue.description, tissue.backbone) if tissue is not None else None)
     for paths, description in ((sets.real, f"real {sets.split}"), (sets.other, f"real {sets.other_split}"),
                                (sets.generated, "generated"), (sets.train, "train"), (sets.heldout, "held-out")):
         cache.add(paths, description)
