@@ -87,3 +87,25 @@ def test_a_store_that_cannot_be_written_only_costs_time(volumes, tmp_path):
     store = FeatureStore(blocker, "x")
     store.put(volumes[0], np.ones(3))
     assert store.get(volumes[0]) is None and store.misses == 1
+
+
+class CountingPredictor(CountingBackbone):
+    name = "counting predictor"
+
+    def predict(self, volumes):
+        rows = self.features(volumes)
+        return {"age": rows[:, 0] * 100, "sex_prob": rows[:, 1], "grey_ml": rows[:, 2] * 500}
+
+
+def test_anatomy_predictions_of_real_volumes_come_back_from_the_store_unchanged(volumes, tmp_path, monkeypatch):
+    from mriflow.evaluate.fidelity import _predict
+
+    monkeypatch.setenv("MRIFLOW_CACHE", str(tmp_path / "cache"))
+    first_network, again_network = CountingPredictor(), CountingPredictor()
+    first = _predict(first_network, volumes, FeatureStore.for_network("predictions", first_network))
+    again = _predict(again_network, volumes[::-1], FeatureStore.for_network("predictions", again_network))
+    assert first_network.seen == 5 and again_network.seen == 0
+    assert set(first) == set(again) == {"age", "sex_prob", "grey_ml"}
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name][::-1])
+    assert _predict(CountingPredictor(), []) == {}

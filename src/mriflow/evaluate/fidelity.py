@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from mriflow.evaluate.backbones import Backbone, PredictiveBackbone, get_backbone, shipped_anatomy_weights
+from mriflow.evaluate.feature_store import FeatureStore
 from mriflow.evaluate.morphometry import morphometry
 from mriflow.evaluate.sets import BATCH_SIZE, EvaluationSets, read_clipped, sidecar_record
 
@@ -59,21 +60,38 @@ class AnatomyPredictions:
 
 
 def predict_anatomy(backbone: Backbone, sets: EvaluationSets) -> AnatomyPredictions:
-    """Run the anatomy predictor once over the real, other real and generated volumes."""
+    """Run the anatomy predictor once over the real, other real and generated volumes (the real volumes' predictions
+    kept in the feature store between evaluations, evaluate/feature_store.py)."""
     predictor, reason = anatomy_predictor(backbone, sets.shape)
     if predictor is None:
         return AnatomyPredictions(None, reason)
-    return AnatomyPredictions(predictor, None, _predict(predictor, sets.real), _predict(predictor, sets.other),
+    store = FeatureStore.for_network("anatomy predictions", predictor)
+    return AnatomyPredictions(predictor, None, _predict(predictor, sets.real, store), _predict(predictor, sets.other, store),
                               _predict(predictor, sets.generated))
 
 
-def _predict(predictor: PredictiveBackbone, paths: Sequence[Path]) -> dict[str, np.ndarray]:
-    parts: dict[str, list] = {}
-    for start in range(0, len(paths), BATCH_SIZE):
-        volumes = np.stack([read_clipped(p)[0] for p in paths[start : start + BATCH_SIZE]])[:, None]
-        for name, values in predictor.predict(volumes).items():
-            parts.setdefault(name, []).append(np.asarray(values, np.float64))
-    return {name: np.concatenate(v) for name, v in parts.items()}
+def _predict(predictor: PredictiveBackbone, paths: Sequence[Path], store: FeatureStore | None = None) -> dict[str, np.ndarray]:
+    """{name: (N,) values} of the predictor over `paths`; with a store, each volume's record (a structured scalar of
+    its named values) is read from it where kept, and the rest computed and kept."""
+    records: dict[Path, np.ndarray] = {}
+    if store is not None:
+        records = {p: r for p in paths if (r := store.get(p)) is not None and r.dtype.names}
+    todo = [p for p in paths if p not in records]
+    for start in range(0, len(todo), BATCH_SIZE):
+        batch = todo[start : start + BATCH_SIZE]
+        values = {name: np.asarray(v, np.float64) for name, v in
+                  predictor.predict(np.stack([read_clipped(p)[0] for p in batch])[:, None]).items()}
+        for i, path in enumerate(batch):
+            record = np.zeros((), dtype=[(name, np.float64) for name in values])
+            for name, v in values.items():
+                record[name] = v[i]
+            records[path] = record
+            if store is not None:
+                store.put(path, record)
+    if not paths:
+        return {}
+    names = records[paths[0]].dtype.names
+    return {name: np.array([float(records[p][name]) for p in paths], np.float64) for name in names}
 
 
 @dataclass
