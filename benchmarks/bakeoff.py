@@ -82,7 +82,7 @@ def spent_cpu_minutes(run: Path) -> float:
     return float(rows[-1]["cpu_seconds"]) / 60 if rows else 0.0
 
 
-def train_arm(name: str, data: Path, out: Path, cpu_minutes: float) -> None:
+def train_arm(name: str, data: Path, out: Path, cpu_minutes: float) -> str | None:
     """Train one arm in this process until it has spent `cpu_minutes` of CPU time in all (an interrupted arm continues
     from its latest checkpoint with what is left): one thread, the arm's config, checkpoints every 10 minutes of wall
     time (each validated)."""
@@ -94,11 +94,12 @@ def train_arm(name: str, data: Path, out: Path, cpu_minutes: float) -> None:
     run = out / name
     left = cpu_minutes - spent_cpu_minutes(run)
     if left <= 0.5:
-        return
+        return None
     resume = (run / "checkpoints").is_dir()
-    train_generator("flow", data, None, run, condition=None if resume else ["age", "sex"],
-                    config=None if resume else arm_config(name), resume=resume,
-                    loop_overrides={"max_cpu_minutes": left, "checkpoint_minutes": 10})
+    result = train_generator("flow", data, None, run, condition=None if resume else ["age", "sex"],
+                             config=None if resume else arm_config(name), resume=resume,
+                             loop_overrides={"max_cpu_minutes": left, "checkpoint_minutes": 10})
+    return result.get("interrupted") if isinstance(result, dict) else None
 
 
 def curve(run: Path) -> list[dict]:
@@ -224,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             if name not in ARMS:
                 raise SystemExit(f"unknown arm {name!r}; arms: {', '.join(ARMS)}")
             print(f"training arm {name} for {args.cpu_minutes:g} CPU minutes", flush=True)
-            train_arm(name, args.data, args.out, args.cpu_minutes)
+            interrupted = train_arm(name, args.data, args.out, args.cpu_minutes)
+            if interrupted:  # Ctrl+C or SIGTERM: the arm kept a checkpoint; the next arms wait for the next run
+                print(f"stopped by {interrupted} in arm {name}; `train all` again continues it", flush=True)
+                return {"SIGINT": 130, "SIGTERM": 143}[interrupted]
         return 0
     record = measure_all(args)
     write_result("bakeoff-2mm", record)
