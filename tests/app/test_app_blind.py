@@ -296,3 +296,24 @@ def test_new_study_is_an_option_of_the_cli(tmp_path, bundle, capsys):
                             "--out", str(tmp_path / "out")], "another study", "--new-study")
     from mriflow.cli import build_parser
     assert build_parser().parse_args(["app", "--turing", "--new-study"]).new_study is True
+
+
+def test_item_ids_are_keyed_by_a_secret_the_app_never_serves(tmp_path):
+    """Knowing the folders (a prepared dataset's names are predictable) must not let a rater work out which id is
+    a real volume: ids are an HMAC under the study's secret, kept in the answer database only; a restart keeps them,
+    a new study draws new ones."""
+    real, fake = write_study(tmp_path, real_test=2, fakes=2)
+    db = tmp_path / "a.sqlite"
+    first = load_turing(real, fake, out=tmp_path / "out", db=db, reports=[], say=quiet)
+    unkeyed = {i.id for i in build_study(real, fake).items}
+    assert unkeyed.isdisjoint(i.id for i in first.study.items)
+    secret = AnswerStore(db).secret()
+    assert secret and len(secret) == 64
+    assert {i.id for i in build_study(real, fake, secret=secret).items} == {i.id for i in first.study.items}
+    client = app_for(first, tmp_path)
+    served = " ".join(client.get(url).text for url in ("/api/config", "/api/turing/session"))
+    assert secret not in served
+    again = load_turing(real, fake, out=tmp_path / "out", db=db, reports=[], say=quiet)
+    assert [i.id for i in again.study.items] == [i.id for i in first.study.items]
+    other = load_turing(real, fake, out=tmp_path / "out", db=tmp_path / "b.sqlite", reports=[], say=quiet)
+    assert {i.id for i in other.study.items}.isdisjoint(i.id for i in first.study.items)

@@ -147,22 +147,29 @@ def load_turing(real: str | Path, fake: str | Path, split: str = "test", per_cla
                 new_study: bool = False, say: Callable[[str], None] = print) -> Turing:
     """The Turing test of `real` (its `split`) against `fake`, its items encoded and its answer database open on
     this study (see the module's text); ValueError in one line for anything that does not fit."""
-    from mriflow.app.turing import build_study
+    from mriflow.app.turing import build_study, new_secret
 
     reports = [p for p in (DEFAULT_REPORTS,) if p.is_dir()] if reports is None else reports
-    study = build_study(real, fake, split=split, per_class=per_class)
     path = answer_database(db, out, reports)
+    # the items' ids are keyed by the study's secret: the one this database keeps, a new one for a new database
+    # (a database begun before secrets were kept goes on with the unkeyed ids it holds)
+    existing = AnswerStore(path) if path.exists() else None
+    secret = (existing.secret() if existing else None) or (
+        new_secret() if existing is None or existing.is_empty() else None)
+    study = build_study(real, fake, split=split, per_class=per_class, secret=secret)
     study.encode()
-    store = AnswerStore(path)
+    store = existing or AnswerStore(path)
     try:
-        store.begin_study(study.fingerprint, study.items, study.description)
+        store.begin_study(study.fingerprint, study.items, study.description, secret=secret)
     except StudyMismatch as error:
         if not new_study:
             raise StudyMismatch(f"--db {error}; give a new --db for this study, or add --new-study to move those "
                                 "answers aside (renamed beside it, nothing deleted) and start afresh") from None
         say(f"mriflow app: --new-study: the answers of the earlier study were moved to {move_aside(path)}")
-        store = AnswerStore(path)
-        store.begin_study(study.fingerprint, study.items, study.description)
+        store, secret = AnswerStore(path), new_secret()
+        study = build_study(real, fake, split=split, per_class=per_class, secret=secret)
+        study.encode()
+        store.begin_study(study.fingerprint, study.items, study.description, secret=secret)
     say(f"mriflow app: Turing test of {study.counts['real']} real ({split} split of {real}) and "
         f"{study.counts['synthetic']} generated volumes ({fake}); answers in {store.path}")
     return Turing(study, store)

@@ -134,7 +134,8 @@ class AnswerStore:
 
     # ------------------------------------------------------------------ study and sessions
 
-    def begin_study(self, fingerprint: str, items: Sequence[Item], description: dict[str, Any]) -> None:
+    def begin_study(self, fingerprint: str, items: Sequence[Item], description: dict[str, Any],
+                    secret: str | None = None) -> None:
         """Record the study (its fingerprint, its items, how it was drawn) in an empty database, or check that the
         database holds this study: StudyMismatch, with what it holds, when it holds another. A database written
         before fingerprints were recorded is taken for this study when its items are exactly this study's."""
@@ -147,7 +148,8 @@ class AnswerStore:
                         "fingerprint" not in recorded and held and held != {(i.id, i.truth) for i in items}):
                     raise StudyMismatch(self._held(db, recorded, len(held)))
                 if "fingerprint" not in recorded:
-                    meta = {"fingerprint": fingerprint, "created": now(), **{k: json.dumps(v) for k, v in description.items()}}
+                    meta = {"fingerprint": fingerprint, "created": now(), **{k: json.dumps(v) for k, v in description.items()},
+                            **({"secret": secret} if secret is not None else {})}
                     db.executemany("INSERT INTO study (key, value) VALUES (?, ?)", meta.items())
                     db.executemany("INSERT OR IGNORE INTO items (id, truth, source) VALUES (?, ?, ?)",
                                    [(i.id, i.truth, i.source) for i in items])
@@ -162,6 +164,18 @@ class AnswerStore:
         return (f"{self.path} holds the answers of another study ({counted(items, 'item')}"
                 + (f": {drawn}" if drawn else "") + f", {counted(answers, 'answer')}"
                 + (f", begun {recorded['created']}" if "created" in recorded else "") + ")")
+
+    def secret(self) -> str | None:
+        """The key of the items' ids (turing.item_id) of the study this database holds; None for an empty database
+        or one begun before secrets were kept."""
+        with closing(self.connect()) as db:
+            row = db.execute("SELECT value FROM study WHERE key = 'secret'").fetchone()
+        return row[0] if row else None
+
+    def is_empty(self) -> bool:
+        """No study recorded and no item: a new database."""
+        with closing(self.connect()) as db:
+            return db.execute("SELECT (SELECT COUNT(*) FROM study) + (SELECT COUNT(*) FROM items)").fetchone()[0] == 0
 
     def fingerprint(self) -> str | None:
         with closing(self.connect()) as db:

@@ -1,6 +1,7 @@
 """The items of a visual Turing test: real volumes (a split of a prepared dataset) and generated ones.
 
-Both classes are shown identically: each item is served under an opaque id, re-encoded by `encoding` (background
+Both classes are shown identically: each item is served under an opaque id (keyed by a secret of the study that
+only the answer database holds), re-encoded by `encoding` (background
 exactly 0, one quantisation, one header, one compression, one length), so neither the URL, the file name, the
 header, the compression nor the size tells a rater which class it is, and the viewer shows both with the same
 fixed window [0, 1]. The study draws the same number of volumes from each class (chance is then 50 %); the draw is
@@ -11,7 +12,9 @@ content) is what the answer database records, so that answers of two studies are
 from __future__ import annotations
 
 import hashlib
+import hmac
 import random
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +88,25 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     return tuple(int(n) for n in image.shape), image.affine
 
 
+def item_id(truth: str, path: Path, secret: str | None) -> str:
+    """An item's opaque id: an HMAC of its class and file under the study's secret (kept in the answer database,
+    which the app never serves), so that knowing the folders' layout does not let a rater work out which id is
+    real; without a secret (a database begun before secrets were kept) the plain SHA-256 those used."""
+    message = f"{truth}:{path.resolve()}".encode()
+    if secret is None:
+        return hashlib.sha256(message).hexdigest()[:16]
+    return hmac.new(bytes.fromhex(secret), message, hashlib.sha256).hexdigest()[:16]
+
+
+def new_secret() -> str:
+    return secrets.token_hex(32)
+
+
 def build_study(real: str | Path, fake: str | Path, split: str = "test", per_class: int | None = None,
-                seed: int = 0) -> Study:
+                seed: int = 0, secret: str | None = None) -> Study:
     """Draw the same number of real and generated volumes (`per_class`, default the smaller class capped at
-    DEFAULT_PER_CLASS); refuse folders that hold none or whose grids differ."""
+    DEFAULT_PER_CLASS); refuse folders that hold none or whose grids differ. `secret`: the study's key for the
+    items' ids (`item_id`)."""
     real, fake = Path(real), Path(fake)
     if not real.is_dir():
         raise FileNotFoundError(f"--real {real}: no such folder (a prepared dataset: manifest.csv + images/)")
@@ -111,9 +129,9 @@ def build_study(real: str | Path, fake: str | Path, split: str = "test", per_cla
             if own_shape != shape or not np.allclose(own_affine, affine, atol=AFFINE_TOLERANCE):
                 raise ValueError(f"{path}: grid {own_shape} differs from the real {split} data's {shape} (or its affine "
                                  "does); compare volumes on one grid: generate with a model of the data's preset")
-            item_id = hashlib.sha256(f"{truth}:{path.resolve()}".encode()).hexdigest()[:16]
-            items.append(Item(item_id, truth, str(path)))
-            paths[item_id] = path
+            identifier = item_id(truth, path, secret)
+            items.append(Item(identifier, truth, str(path)))
+            paths[identifier] = path
     description = {"real": str(real), "split": split, "fake": str(fake), "per_class": n}
     return Study(items, paths, np.asarray(affine, dtype=np.float64), tuple(shape[:3]),
                  {k: len(v) for k, v in chosen.items()}, fingerprint(items, paths), description)
