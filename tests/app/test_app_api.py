@@ -272,3 +272,16 @@ def test_a_study_is_refused_when_its_folders_do_not_fit(tmp_path):
         build_study(real, other)
     with pytest.raises(FileNotFoundError):
         build_study(tmp_path / "none", fake)
+
+
+def test_an_adaptive_solver_is_stopped_at_the_apps_evaluation_limit(generation, monkeypatch):
+    """dopri5 chooses its own steps, so the request check cannot bound it: the job stops when it reaches the limit,
+    says so in one line, writes nothing, and the worker goes on with the next request."""
+    client, state, _ = generation
+    monkeypatch.setattr(jobs, "MAX_EVALUATIONS", 5)  # dopri5 needs at least 6 (one step of its 6 stages)
+    before = sorted(state.out.iterdir())
+    job = poll(client, client.post("/api/generate", json={"seed": 1, "solver": "dopri5"}).json()["id"])
+    assert job["state"] == "error" and "5 network evaluations" in job["error"] and "\n" not in job["error"]
+    assert sorted(state.out.iterdir()) == before
+    job = poll(client, client.post("/api/generate", json={"seed": 1, "solver": "euler", "steps": 2}).json()["id"])
+    assert job["state"] == "done", job["error"]

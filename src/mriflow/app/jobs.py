@@ -9,7 +9,7 @@ Progress is the number of velocity-network evaluations so far against the number
 (steps x its stages; learnt from the first run of an adaptive solver).
 
 The work one client can ask for is bounded: a request needs at most MAX_EVALUATIONS network evaluations
-(steps x stages: rk4 up to 250 steps, euler up to 1000), and at most MAX_PENDING jobs wait or run at once; one
+(steps x stages: rk4 up to 250 steps, euler up to 1000; the adaptive dopri5 is stopped when it reaches them), and at most MAX_PENDING jobs wait or run at once; one
 more is refused (`QueueFull`, 429) until one finishes. Of finished jobs the newest MAX_KEPT are remembered.
 """
 
@@ -43,6 +43,10 @@ MAX_PENDING = 8  # jobs queued or running at once
 MAX_KEPT = 1000  # finished jobs remembered for /api/jobs/<id>
 MAX_SEED = 2**31 - 1
 LABELS_SUFFIX = "_labels.nii.gz"  # a synthetic label map beside its sample: sample_XXXXX_labels.nii.gz
+
+
+class EvaluationLimit(RuntimeError):
+    """A job reached MAX_EVALUATIONS network evaluations (an adaptive solver that would not settle)."""
 
 
 class QueueFull(RuntimeError):
@@ -87,6 +91,10 @@ class GenerationService:
         job = self.current
         if job is not None:
             job.calls += 1
+            if job.calls > MAX_EVALUATIONS:  # an adaptive solver (dopri5) is bounded here: its steps are not known
+                raise EvaluationLimit(f"stopped after {MAX_EVALUATIONS} network evaluations, the most the app spends "
+                                      f"on one request ({job.request.get('solver')} needed more); use a fixed-step "
+                                      "solver (heun, rk4) or `mriflow generate` for this")
 
     # ------------------------------------------------------------------ what the model knows
 
@@ -121,8 +129,8 @@ class GenerationService:
             raise ValueError(f"solver must be a string (one of {', '.join(self.generator.solvers)}), got {shown(solver)}")
         guidance = None if guidance is None else finite(guidance, "guidance", minimum=0.0)
         settings = self.generator.sampling_settings(solver or None, steps, guidance)
-        stages = STAGES_PER_STEP.get(settings["solver"], 1)
-        if settings["steps"] * stages > MAX_EVALUATIONS:
+        stages = STAGES_PER_STEP.get(settings["solver"])  # None: adaptive (dopri5), stopped at the limit in _count
+        if stages is not None and settings["steps"] * stages > MAX_EVALUATIONS:
             raise ValueError(f"steps: {settings['steps']} steps of {settings['solver']} ({stages} network evaluations "
                              f"each) is over the app's {MAX_EVALUATIONS} evaluations a request; use at most "
                              f"{MAX_EVALUATIONS // stages} steps (or `mriflow generate` for more)")
