@@ -1,8 +1,8 @@
 """Generation speed and straightness of the learned flow, for one generator (default: the shipped model).
 
 Speed: seconds per generated volume (noise -> solver -> decode), the median of `--repeats`
-timed runs after one warm-up, at batch 1 and batch 8, with the model's default solver
-settings unless given (issue: Heun, 8 steps), and the peak memory.
+timed runs after one warm-up, at batch 1 and batch 8 (--batch-sizes), in float32 and with --bf16 also under
+bfloat16 autocast, with the model's default solver settings unless given (Heun, 8 steps), and the peak memory.
 
 Straightness: for fixed seeds, samples drawn with Euler and Heun at 1, 2, 4, 8, 16, 32 steps
 are compared voxel by voxel with the adaptive dopri5 reference (rtol = atol = 1e-5):
@@ -51,21 +51,34 @@ def request(generator, covariates: dict) -> tuple[torch.Tensor, torch.Tensor] | 
     return resolve_request(generator.schema, known) if generator.schema.names else None
 
 
-def time_sampling(generator, settings, condition, batch_size: int, repeats: int) -> dict:
+def time_sampling(generator, settings, condition, batch_size: int, repeats: int, bf16: bool = False) -> dict:
+    """Median seconds of `repeats` batches after a warm-up; `bf16`: under bfloat16 autocast (the networks' matrix
+    products and convolutions in bf16, on a GPU; the sampler's state stays float32). A batch that does not fit
+    the GPU's memory is recorded as such."""
     seeds = [sample_seed(0, i) for i in range(batch_size)]
-    generator.sample(seeds, condition, settings)  # warm-up
+    cuda = generator.device.type == "cuda"
+    autocast = torch.autocast(generator.device.type, dtype=torch.bfloat16, enabled=bf16)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(generator.device)
     times = []
-    for _ in range(repeats):
-        if generator.device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        _, nfe = generator.sample(seeds, condition, settings)
-        if generator.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
+    try:
+        with autocast:
+            generator.sample(seeds, condition, settings)  # warm-up
+            for _ in range(repeats):
+                if cuda:
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                _, nfe = generator.sample(seeds, condition, settings)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"batch_size": batch_size, "bf16": bf16, "out_of_memory": True}
     seconds = statistics.median(times)
-    return {"batch_size": batch_size, "nfe": nfe, "seconds_per_batch": round(seconds, 3),
-            "seconds_per_volume": round(seconds / batch_size, 3), "repeats": repeats}
+    return {"batch_size": batch_size, "bf16": bf16, "nfe": nfe, "seconds_per_batch": round(seconds, 3),
+            "seconds_per_volume": round(seconds / batch_size, 4), "volumes_per_second": round(batch_size / seconds, 2),
+            "repeats": repeats, "peak_memory_mb": round(peak_memory_mb(generator.device), 1)}
 
 
 def straightness(generator, condition, samples: int) -> dict:
@@ -121,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=8, help="fixed seeds for the straightness figure")
+    parser.add_argument("--batch-sizes", type=lambda text: [int(n) for n in text.split(",")], default=[1, 8],
+                        help="batch sizes timed (comma-separated; default 1,8)")
+    parser.add_argument("--bf16", action="store_true", help="also time each batch size under bfloat16 autocast")
     parser.add_argument("--section", default=SECTION, help="the section of the document to write (default '## generate')")
     parser.add_argument("--document", default=str(DOCUMENT), help="markdown file to write the section into "
                         "(default docs/benchmarks.md; pictures go beside it)")
@@ -132,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     generator = load_generator(args.model, args.device)
     settings = generator.sampling_settings(args.solver, args.steps)
     condition = request(generator, {"age": 50.0, "sex": "F"})
-    speed = [time_sampling(generator, settings, condition, batch, args.repeats) for batch in (1, 8)]
+    speed = [time_sampling(generator, settings, condition, batch, args.repeats, bf16)
+             for bf16 in ((False, True) if args.bf16 else (False,)) for batch in args.batch_sizes]
     result = {
         "benchmark": "generate", "command": command, "model": generator.model_id, "model_checksum": generator.model_checksum,
         "stage": generator.stage, "image_shape": list(generator.image_shape), "latent_shape": list(generator.latent_shape),
@@ -145,14 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result(f"generate-{name}-{generator.device.type}", result, Path(args.results))
     docs = document.parent
     picture = conditioning_picture(generator, docs / "default_model_samples.png") if args.model == "default" else None
-    speed_rows = "\n".join(f"| {s['batch_size']} | {s['nfe']} | {s['seconds_per_volume']} | {s['seconds_per_batch']} |"
-                           for s in speed)
+    speed_rows = "\n".join(f"| {s['batch_size']} | {'bf16' if s['bf16'] else 'fp32'} | out of memory | | | |"
+                           if s.get("out_of_memory") else
+                           f"| {s['batch_size']} | {'bf16' if s['bf16'] else 'fp32'} | {s['nfe']} | {s['seconds_per_volume']} | "
+                           f"{s['volumes_per_second']} | {s['peak_memory_mb']:.0f} |" for s in speed)
     body = f"""Model `{result['model']}` ({result['stage']}, {' x '.join(map(str, result['image_shape']))} voxels), {settings['solver']} with {settings['steps']} steps, guidance {settings['guidance']}, age 50 / F; noise -> ODE -> decode, median of {args.repeats} runs after a warm-up. Machine: {result['machine']['cpus']} CPUs, {result['machine']['gpu'] or 'no GPU'}, {result['machine']['torch_threads']} torch threads, load average {result['machine']['load_average'][0]}; peak memory {result['peak_memory_mb']:.0f} MB.
 
     {command}
 
-| batch | NFE per sample | seconds per volume | seconds per batch |
-|---|---|---|---|
+| batch | precision | NFE per sample | seconds per volume | volumes per second | peak memory (MB) |
+|---|---|---|---|---|---|
 {speed_rows}
 """
     if result["straightness"]:

@@ -333,7 +333,8 @@ def large_presets_job(job: Job) -> dict[str, Any]:
 
 
 def generation_job(job: Job) -> dict[str, Any]:
-    """J5: seconds per volume of the shipped model(s) on the GPU (benchmarks/generate.py, its own section)."""
+    """J5: seconds per volume and volumes per second of the shipped model(s) on the GPU at batch sizes 1-64, in
+    float32 and under bf16 autocast (benchmarks/generate.py, its own section; issue 27.4)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import generate as benchmark
 
@@ -346,6 +347,7 @@ def generation_job(job: Job) -> dict[str, Any]:
         sections.append(f"## generate on a GPU: {model}")
         benchmark.main(["--model", model, "--device", device, "--repeats", "1" if job.rehearse else "5",
                         "--samples", "1" if job.rehearse else "8", "--section", sections[-1],
+                        "--batch-sizes", "1,2" if job.rehearse else "1,2,4,8,16,32,64", "--bf16",
                         "--document", str(job.out / "sections.md"), "--results", str(job.out)])
     return {"stage": "generate", "models": models, "sections": sections}
 
