@@ -60,6 +60,8 @@ ARMS: dict[str, tuple[str, Callable]] = {
     "min-snr": ("min-SNR-5 weighting of the loss", _objective(weighting="min_snr")),
     "no-flip": ("no left-right flip augmentation", _model(flip_channel=False)),
     "sd3-times": ("SD3's logit-normal(0, 1) training times", _objective(time_mean=0.0, time_std=1.0)),
+    "repa": ("REPA: the U-Net's first block aligned with the anatomy network's features (weight 0.5)",
+             lambda c: dataclasses.replace(c, alignment=dataclasses.replace(c.alignment, weight=0.5))),
 }
 
 

@@ -143,7 +143,7 @@ def test_an_error_while_generating_is_the_last_line_not_a_progress_bar_drawn_aft
 
     def taken_at_the_second(out, index, *args, **kwargs):  # another run into the folder was faster there
         if index == 1:
-            raise FileExistsError(f"{out}/sample_00001.json already exist(s); choose another output folder")
+            raise FileExistsError(f"{out}/sample_00001.json already exists; choose another output folder")
         return write_sample(out, index, *args, **kwargs)
 
     monkeypatch.setattr(generation, "write_sample", taken_at_the_second)

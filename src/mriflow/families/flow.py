@@ -54,6 +54,18 @@ class FlowObjectiveConfig:
 
 
 @dataclass(frozen=True)
+class AlignmentConfig:
+    """REPA-style feature alignment (mriflow.train.alignment): weight 0 turns it off (REPA's default weight is 0.5); `block`: which U-Net down block is aligned."""
+
+    weight: float = 0.0
+    block: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.block < 0:
+            raise ValueError(f"alignment.weight must be >= 0 and alignment.block >= 0, got {self.weight}, {self.block}")
+
+
+@dataclass(frozen=True)
 class FlowSamplingConfig:
     """Default sampler of a trained flow (mriflow.flow.sampling.sample_latents); also draws the montages."""
 
@@ -77,6 +89,7 @@ class FlowTrainingConfig:
     loop: LoopConfig = LoopConfig()
     representation: str = ""  # "" learns an autoencoder's latents (--autoencoder); "haar2" etc. the images behind a
                               # fixed transform (mriflow.representations), without an autoencoder
+    alignment: AlignmentConfig = AlignmentConfig()  # REPA-style feature alignment (image-space runs; weight 0: off)
 
 
 class RectifiedFlow(Family):

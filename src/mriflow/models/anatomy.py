@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -197,3 +199,33 @@ def read_anatomy_config(path: str | Path) -> tuple[AnatomyEncoderConfig, dict | 
                          f"recalibrate it with `python benchmarks/anatomy.py --data PREPARED --init {path} --epochs 0`")
     config = AnatomyEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     return config, json.loads(metadata.get(ANATOMY_RECORD_KEY, "null"))
+
+
+ANATOMY_WEIGHTS = "anatomy.safetensors"
+
+
+def default_anatomy_weights() -> Path:
+    """The 4 mm anatomy network shipped in the package (other grids: `anatomy_weights_for`)."""
+    return Path(str(resources.files("mriflow") / "weights" / ANATOMY_WEIGHTS))
+
+
+def shipped_anatomy_weights() -> dict[tuple[int, ...], Path]:
+    """The anatomy networks shipped in the package (weights/anatomy*.safetensors), by the volume shape
+    they were trained on."""
+    folder = default_anatomy_weights().parent
+    return {tuple(read_anatomy_config(path)[0].shape): path for path in sorted(folder.glob("anatomy*.safetensors"))}
+
+
+def anatomy_weights_for(shape: Sequence[int]) -> Path | None:
+    """The shipped anatomy network trained on volumes of `shape`, if there is one."""
+    return shipped_anatomy_weights().get(tuple(shape))
+
+
+def load_anatomy_encoder(path: str | Path) -> AnatomyEncoder:
+    """The anatomy network of a weights file (its config from the file's metadata), in float32 and eval mode."""
+    from safetensors.torch import load_file
+
+    config, _ = read_anatomy_config(path)
+    network = AnatomyEncoder(config)
+    network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()})
+    return network.eval()

@@ -55,6 +55,8 @@ class VelocityNetConfig:
     spatial_dims: int = 3  # 3: volumes (B, C, D, H, W); 2: slices (B, C, H, W) (the U-Net only; the slice model)
     flip_channel: bool = False  # non-leaky left-right flip augmentation: one more input channel, 1 where the training
                                 # volume was flipped, 0 otherwise and always 0 when sampling (`flipped` of forward)
+    align_block: int = 0  # with align_channels: the U-Net down block whose features (before its downsampling) a
+    align_channels: int = 0  # projection head maps to a teacher's align_channels (mriflow.train.alignment); 0: none
 
     def with_schema(self, schema) -> "VelocityNetConfig":
         """This config conditioned on the covariates of a mriflow.data.dataset.CovariateSchema."""
@@ -100,6 +102,8 @@ class VelocityNet(nn.Module):
         self.num_covariates = len(config.covariate_names)
         self.input_channels = config.in_channels + config.spatial_channels + int(config.flip_channel)
         if config.backbone == "dit":
+            if config.align_channels:
+                raise ValueError("model.align_channels: feature alignment is built for the unet backbone only")
             from mriflow.models.dit import DiT
 
             self.dit = DiT(self.input_channels, config.in_channels, config.dit_patch_size,
@@ -128,6 +132,28 @@ class VelocityNet(nn.Module):
                 config.covariate_kinds, config.covariate_categories, embedding_dim, config.covariate_drop_prob
             )
         self.multiple = 2 ** (len(config.channels) - 1)
+        if config.align_channels:
+            if not 0 <= config.align_block < len(config.channels):
+                raise ValueError(f"model.align_block {config.align_block}: the U-Net has down blocks 0 to "
+                                 f"{len(config.channels) - 1}")
+            width = config.channels[config.align_block]
+            conv = nn.Conv3d if config.spatial_dims == 3 else nn.Conv2d
+            self.align_head = nn.Sequential(conv(width, 2 * width, 1), nn.SiLU(), conv(2 * width, config.align_channels, 1))
+            block = self.unet.down_blocks[config.align_block]
+            if getattr(block, "downsampler", None) is not None:
+                block.downsampler.register_forward_pre_hook(_keep_input)
+            else:
+                block.register_forward_hook(_keep_output)
+
+    def take_aligned(self) -> torch.Tensor:
+        """The aligned block's features of the last training forward (B, channels[align_block], ...), then forgotten."""
+        block = self.unet.down_blocks[self.config.align_block] if self.config.align_channels else None
+        tapped = block.downsampler if getattr(block, "downsampler", None) is not None else block
+        features = getattr(tapped, "_aligned", None)
+        if features is None:
+            raise RuntimeError("no aligned features: call the network in training mode first (model.align_channels)")
+        tapped._aligned = None
+        return features
 
     def forward(
         self,
@@ -174,6 +200,16 @@ class VelocityNet(nn.Module):
         x = F.pad(x, [side for amount in reversed(pad) for side in (0, amount)])  # F.pad lists the last axis first
         out = self.unet(x, t * self.config.time_scale, class_labels=condition)
         return out[(slice(None), slice(None), *(slice(0, size) for size in spatial))]
+
+
+def _keep_input(module: nn.Module, args) -> None:
+    """Forward pre-hook of the aligned block's downsampler: keep its input while training (sampling keeps nothing).
+    Kept on the hooked module itself, so a copy of the network (its EMA) keeps its own."""
+    module._aligned = args[0] if module.training else None
+
+
+def _keep_output(module: nn.Module, _args, output) -> None:
+    module._aligned = output[0] if module.training else None
 
 
 class SpatiallyConditioned(nn.Module):

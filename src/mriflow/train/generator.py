@@ -62,6 +62,8 @@ from mriflow.train.generator_data import (PosteriorSamples, RepresentationSample
                                          geometry, load_config, representation_name, run_config, subjects_digest,
                                          validation_volumes)
 from mriflow.utils.seeding import seed_everything
+from mriflow.train.alignment import alignment_loss, alignment_teacher
+from mriflow.distributed import unwrap
 from mriflow.distributed import Distributed
 from mriflow.utils.files import DamagedFileError
 
@@ -82,7 +84,8 @@ class GeneratorStage:
 
     ema_networks = ("velocity",)
 
-    def __init__(self, family: Family, latent_shape: Sequence[int], decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, family: Family, latent_shape: Sequence[int], decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 teacher: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.family = family
         self.config = family.config
         velocity_net = VelocityNet(self.config.model)
@@ -91,6 +94,11 @@ class GeneratorStage:
         self.phases: dict[str, list[dict[str, Any]]] = {name: [{"params": list(net.parameters())}]
                                                         for name, net in self.networks.items()}
         self.metric_names = family.metric_names
+        # feature alignment (mriflow.train.alignment): the frozen teacher of the clean volumes, and the loss's weight
+        self.teacher = teacher
+        self.align_weight = float(getattr(getattr(self.config, "alignment", None), "weight", 0.0))
+        if teacher is not None:
+            self.metric_names = (*self.metric_names, "align")
         self.latent_shape = tuple(latent_shape)
         self.decode = decode
         self.validation: RepresentationSamples | None = None  # held-out volumes for `validate` (image-space runs)
@@ -126,7 +134,14 @@ class GeneratorStage:
             networks["velocity"] = FlipConditioned(networks["velocity"], batch["flipped"])
         if "spatial" in batch:
             networks["velocity"] = SpatiallyConditioned(networks["velocity"], batch["spatial"])
-        return self.family.phase_loss(phase, networks, batch["latent"], batch["covariates"], batch["covariates_present"])
+        result = self.family.phase_loss(phase, networks, batch["latent"], batch["covariates"], batch["covariates_present"])
+        if self.teacher is None or phase != "velocity" or result is None:
+            return result
+        loss, metrics = result
+        net = unwrap(self.networks["velocity"])
+        target = self.teacher(self.decode(batch["latent"].float()).clamp(0, 1))  # the clean volumes, flipped as the batch
+        aligned = alignment_loss(net.align_head(net.take_aligned()), target)
+        return loss + self.align_weight * aligned, {**metrics, "align": aligned.detach()}
 
     @torch.no_grad()
     def montage(self, batch: dict, networks: dict[str, nn.Module]) -> dict[str, np.ndarray] | None:
@@ -302,6 +317,9 @@ def train_generator(
                                       "latent_scale": latents.scale, "step": autoencoder_meta.get("step")}}
         check_same_subjects(saved, subjects, data_dir, str(warm or out))
         config = dataclasses.replace(config, model=config.model.with_schema(fitted_schema))
+        teacher = None
+        if getattr(config, "alignment", None) is not None and config.alignment.weight > 0:
+            teacher, config = alignment_teacher(config, representation, image_shape, latent_shape, context.device)
         if spatial_record is not None:
             from mriflow.train.labels import tissue_targets
 
@@ -311,7 +329,7 @@ def train_generator(
             data.spatial = tissue_fractions(targets, factor)
 
         seed_everything(config.loop.seed)  # identical initial weights in every process
-        stage = GeneratorStage(get_family(stage_name)(config), latent_shape, decode)
+        stage = GeneratorStage(get_family(stage_name)(config), latent_shape, decode, teacher)
         stage.validation = validation
         meta = {
             "stage": stage_name,

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from mriflow.data.labels import tissue_volumes_ml
 from mriflow.evaluate.backbones.base import as_tensor, load_into, load_state_dict
-from mriflow.models.anatomy import AnatomyEncoder, read_anatomy_config
+from mriflow.models.anatomy import (  # noqa: F401  (the shipped weights by grid, where they were first defined)
+    ANATOMY_WEIGHTS,
+    AnatomyEncoder,
+    anatomy_weights_for,
+    default_anatomy_weights,
+    read_anatomy_config,
+    shipped_anatomy_weights,
+)
 from mriflow.utils.files import sha256
 
-ANATOMY_WEIGHTS = "anatomy.safetensors"
-
-
-def default_anatomy_weights() -> Path:
-    """The 4 mm anatomy network shipped in the package (other grids: `anatomy_weights_for`)."""
-    return Path(str(resources.files("mriflow") / "weights" / ANATOMY_WEIGHTS))
-
-
-def shipped_anatomy_weights() -> dict[tuple[int, ...], Path]:
-    """The anatomy networks shipped in the package (weights/anatomy*.safetensors), by the volume shape
-    they were trained on."""
-    folder = default_anatomy_weights().parent
-    return {tuple(read_anatomy_config(path)[0].shape): path for path in sorted(folder.glob("anatomy*.safetensors"))}
-
-
-def anatomy_weights_for(shape: Sequence[int]) -> Path | None:
-    """The shipped anatomy network trained on volumes of `shape`, if there is one."""
-    return shipped_anatomy_weights().get(tuple(shape))
 
 
 class AnatomyBackbone:
