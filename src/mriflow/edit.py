@@ -119,14 +119,15 @@ def edit_volume(generator: Generator, volume: np.ndarray, source: Mapping[str, A
                       latents=torch.cat(drawn[1:]), nfe=per_solve * (1 + len(drawn)) // max(1, len(targets)))
 
 
-def edit_scan(model: str | Path, scan: str | Path, out: str | Path, targets: Sequence[Mapping[str, Any]],
+def edit_scan(model: str | Path | Generator, scan: str | Path, out: str | Path, targets: Sequence[Mapping[str, Any]],
               source: Mapping[str, Any] | None = None, steps: int = 16, solver: str = "heun", device: str = "auto",
               labels: bool = True, trust_paths: bool = False, overwrite: bool = False) -> list[Path]:
     """Edit one scan into files: OUT/<scan>_<target>.nii.gz per target with its tissue map (_labels) and difference map
     (_diff: edit − round trip), OUT/<scan>_roundtrip.nii.gz, and a JSON sidecar per edit that says where it came from
     (the scan's path and SHA-256, the inversion's covariates, solver and steps) and that it derives from a real
     person, so the privacy filter does not apply. `source` defaults to the scan's row of the prepared folder it lies
-    in (DATA/images/SUBJECT.nii.gz with DATA/manifest.csv). Returns the edited volumes' paths."""
+    in (DATA/images/SUBJECT.nii.gz with DATA/manifest.csv). `model` may be a loaded Generator (a batch of scans loads
+    it once). Returns the edited volumes' paths."""
     from mriflow import __version__
     from mriflow.data.background import BACKGROUND_RULE
     from mriflow.data.io import load_volume, save_volume
@@ -137,7 +138,8 @@ def edit_scan(model: str | Path, scan: str | Path, out: str | Path, targets: Seq
     scan, out = Path(scan), Path(out)
     if not scan.is_file():
         raise FileNotFoundError(f"--scan {scan}: no such file; give a prepared volume on the model's grid")
-    generator = load_generator(model, device, trust_paths, labels=None if labels else False)
+    generator = model if isinstance(model, Generator) else load_generator(model, device, trust_paths,
+                                                                            labels=None if labels else False)
     source = dict(source) if source else recorded_covariates(scan, generator.schema.names)
     volume, affine = load_volume(scan)
     if not np.allclose(affine, generator.affine, atol=1e-3):
@@ -197,3 +199,48 @@ def target_label(target: Mapping[str, Any], source: Mapping[str, Any]) -> str:
     changed = [f"{k}-{format(v, 'g') if isinstance(v, float) else v}" for k, v in target.items()
                if source.get(k) != v]
     return "_".join(changed) or "same"
+
+
+def read_batch(path: str | Path) -> list[tuple[Path, dict[str, Any] | None, list[dict[str, Any]]]]:
+    """A batch of edits from a CSV/TSV: a `scan` column (paths relative to the table's folder, or absolute), target
+    covariates in the other columns (age, sex, ...), the scan's own covariates in optional `from_<name>` columns
+    (default: its prepared manifest's row); an empty cell leaves that covariate out. Rows of one scan share its
+    inversion: [(scan, source or None, [target, ...])] in the table's order."""
+    from mriflow.data.inputs import table_delimiter
+    from mriflow.models.conditioning import parse_value
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--batch {path}: no such file; give a CSV with a scan column and target columns")
+    try:
+        table = pd.read_csv(path, sep=table_delimiter(path), engine="python", dtype=str, keep_default_na=False,
+                            skipinitialspace=True)
+    except Exception as error:  # pandas raises several types for malformed text
+        raise ValueError(f"--batch {path}: cannot be read as CSV/TSV ({str(error).splitlines()[0]})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    if "scan" not in table.columns or table.empty:
+        raise ValueError(f"--batch {path}: needs a 'scan' column and at least one row (columns: {', '.join(table.columns)})")
+    targets = [c for c in table.columns if c != "scan" and not c.startswith("from_")]
+    if not targets:
+        raise ValueError(f"--batch {path}: no target column; add e.g. age or sex beside scan")
+    batch: dict[Path, tuple[dict[str, Any] | None, list[dict[str, Any]]]] = {}
+    for number, row in enumerate(table.to_dict("records"), start=2):  # line numbers as a spreadsheet shows them
+        if not row["scan"].strip():
+            raise ValueError(f"--batch {path}, line {number}: the scan cell is empty")
+        scan = Path(row["scan"].strip())
+        scan = scan if scan.is_absolute() else path.parent / scan
+        if not scan.is_file():
+            raise FileNotFoundError(f"--batch {path}, line {number}: {scan}: no such file (scan paths are relative to "
+                                    "the table's folder)")
+        target = {c: parse_value(row[c].strip()) for c in targets if row[c].strip()}
+        if not target:
+            raise ValueError(f"--batch {path}, line {number}: no target value; fill in at least one of {', '.join(targets)}")
+        source = {c.removeprefix("from_"): parse_value(row[c].strip()) for c in table.columns
+                  if c.startswith("from_") and row[c].strip()} or None
+        known, edits = batch.setdefault(scan, (source, []))
+        if known != source:
+            raise ValueError(f"--batch {path}, line {number}: {scan} has other from_ covariates than on an earlier line")
+        edits.append(target)
+    return [(scan, source, edits) for scan, (source, edits) in batch.items()]
+

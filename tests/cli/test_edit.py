@@ -84,3 +84,50 @@ def test_a_scan_outside_a_prepared_folder_needs_its_covariates(trained, tmp_path
     assert "give them with --from" in capsys.readouterr().err
     assert main(["edit", "--model", str(run), "--scan", str(loose), "--age", "40", "--from", "age=34,sex=F",
                  "--out", str(tmp_path / "o"), "--steps", "2", "--no-labels"]) == 0
+
+
+def test_a_batch_table_edits_many_scans_sharing_each_scans_inversion(trained, tmp_path):
+    data, run = trained
+    table = tmp_path / "edits.csv"
+    table.write_text("scan;age;sex;from_age;from_sex\n"  # a semicolon table, as prepare and generate accept
+                     f"{data / 'images' / 'sub02.nii.gz'};60;;;\n"
+                     f"{data / 'images' / 'sub02.nii.gz'};70;M;;\n"
+                     f"{data / 'images' / 'sub03.nii.gz'};50;;45;F\n")
+    out = tmp_path / "batch"
+    assert main(["edit", "--model", str(run), "--batch", str(table), "--out", str(out), "--steps", "2", "--no-labels",
+                 "--threads", "1"]) == 0
+    edits = sorted(p.name for p in out.glob("*.nii.gz") if "_diff" not in p.name)
+    assert edits == ["sub02_age-60.nii.gz", "sub02_age-70_sex-M.nii.gz", "sub02_roundtrip.nii.gz",
+                     "sub03_age-50.nii.gz", "sub03_roundtrip.nii.gz"]
+    assert json.loads((out / "sub03_age-50.json").read_text())["source"]["covariates"] == {"age": 45.0, "sex": "F"}
+    assert json.loads((out / "sub02_age-70_sex-M.json").read_text())["covariates"] == {"age": 70.0, "sex": "M"}
+
+
+def test_a_folder_of_scans_is_edited_to_the_same_targets(trained, tmp_path):
+    data, run = trained
+    out = tmp_path / "folder"
+    assert main(["edit", "--model", str(run), "--scan", str(data / "images"), "--age", "50", "--out", str(out),
+                 "--steps", "2", "--no-labels", "--threads", "1"]) == 0
+    scans = sorted(p.name.removesuffix(".nii.gz") for p in (data / "images").glob("*.nii.gz"))
+    assert sorted(p.name for p in out.glob("*_age-50.nii.gz")) == [f"{s}_age-50.nii.gz" for s in scans]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("subject,age\nsub02,60\n", "needs a 'scan' column"),
+    ("scan\nimages/sub02.nii.gz\n", "no target column"),
+    ("scan,age\nimages/sub02.nii.gz,\n", "line 2: no target value"),
+    ("scan,age\nimages/nobody.nii.gz,60\n", "line 2: .*nobody.nii.gz: no such file"),
+])
+def test_a_bad_batch_table_is_one_line_naming_the_table_and_line(trained, tmp_path, capsys, text, message):
+    data, run = trained
+    table = data / "bad-batch.csv"  # scan paths relative to the table's folder
+    table.write_text(text)
+    try:
+        assert main(["edit", "--model", str(run), "--batch", str(table), "--out", str(tmp_path / "out")]) == 2
+    finally:
+        table.unlink()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--batch" in err
+    import re
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()

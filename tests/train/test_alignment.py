@@ -108,3 +108,17 @@ def test_alignment_is_refused_where_it_cannot_work_in_one_line():
         alignment_teacher(config, "haar2", (16, 20, 16), [64, 4, 5, 4], "cpu")
     with pytest.raises(ValueError, match="alignment.weight must be >= 0"):
         AlignmentConfig(weight=-1)
+
+
+def test_align_on_the_command_line_trains_a_new_run_with_it_and_is_refused_on_another_weights_resume(tmp_path, capsys):
+    from mriflow.cli import main
+
+    data = write_prepared_with_sex(tmp_path / "data", shape=GRID_4MM)
+    run = tmp_path / "run"
+    assert main(["train", "flow", str(data), "--preset", "wavelet", "--align", "0.5",
+                 "--condition", "age,sex", "--out", str(run), "--max-steps", "1", "--threads", "1"]) == 0
+    _, meta = ckpt.load_checkpoint(run)
+    assert meta["config"]["alignment"]["weight"] == 0.5 and meta["config"]["model"]["align_channels"] > 0
+    assert "align" in read_log(run)[0]
+    assert main(["train", "flow", str(data), "--out", str(run), "--resume", "--align", "0.25", "--max-steps", "2"]) == 2
+    assert "drop --align to resume" in capsys.readouterr().err

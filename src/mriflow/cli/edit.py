@@ -19,7 +19,13 @@ def add_commands(commands) -> None:
                     "tissue map, a difference map (edit minus the round trip under unchanged covariates), the round "
                     "trip itself and JSON sidecars that name the source scan. The edits derive from a real person: "
                     "share them as you would the scan.")
-    p.add_argument("--scan", required=True, help="a prepared volume on the model's grid (DATA/images/SUBJECT.nii.gz)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--scan", help="a prepared volume on the model's grid (DATA/images/SUBJECT.nii.gz), or a folder of "
+                                      "them (each edited to the same targets)")
+    which.add_argument("--batch", metavar="CSV",
+                       help="many edits: a table with a scan column (paths relative to it), target columns (age, sex, "
+                            "...) and optional from_<name> columns for a scan's own covariates; rows of one scan "
+                            "share its inversion")
     p.add_argument("--out", required=True, help="folder for the edits (new, or without these names)")
     p.add_argument("--model", default="default", help="generator run, checkpoint or model folder, or a shipped "
                                                        "model's name (default: the shipped default)")
@@ -67,12 +73,40 @@ def targets_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{"age": age, **shared} for age in ages] or [shared]
 
 
-def _run_edit(args: argparse.Namespace) -> int:
-    from mriflow.edit import edit_scan
+def jobs_of(args: argparse.Namespace) -> list[tuple[Path, dict[str, Any] | None, list[dict[str, Any]]]]:
+    """(scan, its covariates or None for its manifest row, targets) for each scan the arguments name."""
+    from mriflow.data.io import is_nifti
+    from mriflow.edit import read_batch
 
+    if args.batch:
+        if args.age or args.sex or args.covariate or args.source:
+            raise ValueError("--batch: the targets come from its columns; drop --age, --sex, --covariate and --from")
+        return read_batch(args.batch)
     source = pairs(args.source, "--from") if args.source else None
-    paths = edit_scan(args.model, args.scan, args.out, targets_of(args), source=source, steps=args.steps,
-                      solver=args.solver, device=args.device, labels=not args.no_labels,
-                      trust_paths=args.trust_model_paths)
+    scan = Path(args.scan)
+    scans = sorted(p for p in scan.iterdir() if is_nifti(p)) if scan.is_dir() else [scan]
+    if not scans:
+        raise ValueError(f"--scan {scan}: a folder without NIfTI volumes; give a prepared scan or its images/ folder")
+    if source is not None and len(scans) > 1:
+        raise ValueError(f"--from: one scan's covariates, but --scan {scan} holds {len(scans)}; use --batch with "
+                         "from_<name> columns")
+    targets = targets_of(args)
+    return [(path, source, targets) for path in scans]
+
+
+def _run_edit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mriflow.edit import edit_scan
+    from mriflow.generate import load_generator
+
+    jobs = jobs_of(args)
+    model = args.model
+    if len(jobs) > 1:  # loaded once for the batch
+        model = load_generator(args.model, args.device, args.trust_model_paths, labels=None if not args.no_labels else False)
+    paths = []
+    for scan, source, targets in tqdm(jobs, desc="edit", unit="scan", disable=len(jobs) < 2):
+        paths += edit_scan(model, scan, args.out, targets, source=source, steps=args.steps, solver=args.solver,
+                           device=args.device, labels=not args.no_labels, trust_paths=args.trust_model_paths)
     print("\n".join(str(path) for path in paths) + f"\nround trip and difference maps beside them in {Path(args.out)}")
     return 0

@@ -53,6 +53,10 @@ def _add_train(commands) -> None:
                             "given anatomy (needs label maps in the prepared data)")
         p.add_argument("--regions", metavar="CSV",
                        help="with --label-condition: the label maps' region list (index,name), default DLMUSE's")
+        if stage == "flow":
+            p.add_argument("--align", type=float, metavar="WEIGHT",
+                           help="REPA-style alignment of the U-Net's first block with the anatomy network's features of "
+                                "the clean volume, at this weight (REPA: 0.5; image-space runs on the 2 mm or 4 mm grid)")
         p.add_argument("--backbone", choices=("unet", "dit"),
                        help="the network: unet (default, MONAI's diffusion U-Net) or dit (a 3D diffusion transformer)")
         _add_common_training(p, stage)
@@ -113,7 +117,7 @@ def _run_train_generator(args: argparse.Namespace) -> int:
                              representation=args.representation,
                              loop_overrides={name: getattr(args, name) for name in ("max_cpu_minutes", "checkpoint_minutes")
                                              if getattr(args, name) is not None},
-                             warm_start=_generator_folder(args.warm_start))
+                             warm_start=_generator_folder(args.warm_start), alignment=getattr(args, "align", None))
     return _report_training(result)
 
 

@@ -227,6 +227,7 @@ def train_generator(
     representation: str | None = None,
     loop_overrides: Mapping[str, Any] | None = None,
     warm_start: str | Path | None = None,
+    alignment: float | None = None,
 ) -> dict[str, Any]:
     """Train the latent generator of family `stage_name` (a key of mriflow.families.FAMILIES); the arguments
     and the result are train_flow's, `config` being that family's training config; `lr` replaces the peak
@@ -247,7 +248,8 @@ def train_generator(
     long-run queue exported)
     to start a run without checkpoints from: its config, covariates, representation and inference weights at its step
     (mriflow.train.loop.train), as a resume would but with fresh optimizer moments. Ignored once `out` has a checkpoint
-    and `resume` is set."""
+    and `resume` is set. `alignment`: the weight of REPA-style feature alignment on a new run (mriflow.train.alignment).
+    """
     data_dir, out = Path(data_dir), Path(out)
     if label_condition and not get_family(stage_name).label_conditioning:
         raise ValueError(f"--label-condition: the {stage_name} family cannot learn a label-conditioned model; "
@@ -267,12 +269,17 @@ def train_generator(
         spatial_record = saved.get("spatial_condition")
         if label_condition and spatial_record is None:
             raise ValueError(f"{out} was trained without --label-condition; drop it to resume")
+        if alignment is not None and alignment != getattr(getattr(config, "alignment", None), "weight", None):
+            raise ValueError(f"--align {alignment:g}: {out} was trained with alignment weight "
+                             f"{getattr(getattr(config, 'alignment', None), 'weight', 0):g}; drop --align to resume")
         if checkpoint_dir is not None and saved["autoencoder"]["model_sha256"] != ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE):
             raise ValueError(f"{out} was trained on the latents of {saved['autoencoder']['path']}, but {checkpoint_dir} "
                              "holds other weights; pass that autoencoder checkpoint folder to resume")
     else:
         if backbone is not None:
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone=backbone))
+        if alignment is not None:  # --align: REPA-style alignment at this weight (mriflow.train.alignment)
+            config = dataclasses.replace(config, alignment=dataclasses.replace(config.alignment, weight=alignment))
         spatial_record = None
         if label_condition:
             from mriflow.train.labels import read_label_map
