@@ -278,9 +278,9 @@ def ixi_dir() -> Path:
     return IXI_DIR
 
 
-def write_prepared_with_sex(root: Path, shape=(16, 20, 16)) -> Path:
+def write_prepared_with_sex(root: Path, shape=(16, 20, 16), voxel_mm=4.0) -> Path:
     """write_prepared with 6 training subjects (6 ages: a continuous covariate) and 1 validation one, and a sex column."""
-    data = write_prepared(root, splits=("train",) * 6 + ("val",), shape=shape)
+    data = write_prepared(root, splits=("train",) * 6 + ("val",), shape=shape, voxel_mm=voxel_mm)
     manifest = pd.read_csv(data / "manifest.csv")
     manifest["sex"] = ["F", "M", "F", "M", "M", "F", "F"]
     manifest.to_csv(data / "manifest.csv", index=False)

@@ -317,3 +317,37 @@ def test_a_turing_session_of_ten_answers_is_stored_and_summarized(browser, study
             assert connection.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 10
     finally:
         app.stop()
+
+
+def test_a_real_scan_is_drawn_at_another_age_from_the_page(browser, tmp_path, screenshots):
+    """`mriflow app --scans DATA`: pick a scan, move the age slider, draw it; the round trip shows in A, the edit in
+    B and edit − round trip in the difference view, all on the model's grid."""
+    from conftest import write_prepared_with_sex
+
+    context, _ = browser
+    data = write_prepared_with_sex(tmp_path / "data", shape=DEFAULT_SHAPE, voxel_mm=DEFAULT_VOXEL_MM)  # the model's grid
+    assert np.allclose(nib.load(str(data / "images" / "sub02.nii.gz")).affine, DEFAULT_META["affine"])
+    app = App("--out", str(tmp_path / "out"), "--scans", str(data), cwd=tmp_path)
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(app.url + "/")
+        page.wait_for_selector("body[data-edit='1']", timeout=60_000)
+        assert page.is_visible("#edit-panel")
+        page.select_option("#edit-scan", "sub02")  # recorded: 34 years, F
+        set_range(page, "#edit-age", 70)
+        assert page.text_content("#edit-age-v") == "70"
+        page.fill("#edit-steps", "4")
+        page.click("#edit-run")
+        page.wait_for_function("window.mriflow.edited >= 1", timeout=GENERATE_TIMEOUT)
+        assert "sub02 at age 70.0" in page.text_content("#status-E")
+        assert "round trip of sub02 (age 34.0, sex F)" in page.text_content("#status-A")
+        dims = page.evaluate("[0, 1, 2].map((i) => [window.mriflow.viewers.A, window.mriflow.viewers.B,"
+                             " window.mriflow.viewers.D][i].volumes[0].dims)")
+        assert dims == [[3, *DEFAULT_SHAPE]] * 3
+        assert page.evaluate("window.mriflow.viewers.D.volumes.length") == 2  # the round trip under the difference
+        page.screenshot(path=str(screenshots / "app_edit.png"), full_page=True)
+        assert not errors, errors
+    finally:
+        app.stop()

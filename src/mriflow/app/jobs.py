@@ -42,6 +42,8 @@ MAX_EVALUATIONS = 1000  # network evaluations of one request (steps x the solver
 MAX_PENDING = 8  # jobs queued or running at once
 MAX_KEPT = 1000  # finished jobs remembered for /api/jobs/<id>
 MAX_SEED = 2**31 - 1
+EDIT_STEPS = 16  # Heun steps each way of an edit (mriflow edit's default)
+EDIT_EVALUATIONS_PER_STEP = 6  # Heun: 2 evaluations a step, for the inversion, the round trip and the edit
 LABELS_SUFFIX = "_labels.nii.gz"  # a synthetic label map beside its sample: sample_XXXXX_labels.nii.gz
 
 
@@ -65,21 +67,32 @@ class Job:
     seconds: float | None = None
     warnings: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    edit: dict[str, str] | None = None  # an edit's files (image, difference, round_trip, sidecar), relative to out
 
     def view(self) -> dict[str, Any]:
         progress = 1.0 if self.state == "done" else (min(self.calls / self.expected, 0.99) if self.expected else 0.0)
         return {"id": self.id, "state": self.state, "calls": self.calls, "expected": self.expected,
                 "progress": progress, "error": self.error, "folder": self.folder, "seconds": self.seconds,
-                "request": self.request, "warnings": self.warnings}
+                "request": self.request, "warnings": self.warnings, **({"edit": self.edit} if self.edit else {})}
 
 
 class GenerationService:
     """Loads the model once and runs generation jobs on one worker thread."""
 
-    def __init__(self, model: str, out: str | Path, device: str = "cpu", trust_paths: bool = False):
+    def __init__(self, model: str, out: str | Path, device: str = "cpu", trust_paths: bool = False,
+                 scans: str | Path | None = None):
         self.model = model
         self.out = Path(out)
         self.generator: Generator = load_generator(model, device, trust_paths)
+        self.scans: dict[str, dict[str, Any]] = {}  # subject -> {"path", "covariates", "split"}: what edits start from
+        if scans is not None:
+            from mriflow.edit import check_invertible
+
+            try:
+                check_invertible(self.generator, "heun")
+            except ValueError as error:
+                raise ValueError(f"--scans: {error}") from None
+            self.scans = scan_index(scans, self.generator.schema.names)
         self.jobs: dict[str, Job] = {}
         self.learnt: dict[tuple[str, int], int] = {}  # (solver, steps) -> calls, for adaptive solvers
         self.lock = threading.Lock()
@@ -108,9 +121,11 @@ class GenerationService:
             else:
                 entry["categories"] = list(c.categories)
             covariates.append(entry)
+        edit = {"scans": [{"id": k, "split": v["split"], "covariates": v["covariates"]} for k, v in self.scans.items()],
+                "steps": EDIT_STEPS, "max_steps": MAX_EVALUATIONS // EDIT_EVALUATIONS_PER_STEP} if self.scans else None
         return {"model": str(self.model), "model_id": g.model_id, "stage": g.stage, "covariates": covariates,
                 "solvers": list(g.solvers), "defaults": g.sampling_settings(), "image_shape": list(g.image_shape),
-                "affine": np.asarray(g.affine).tolist()}
+                "affine": np.asarray(g.affine).tolist(), "edit": edit}
 
     # ------------------------------------------------------------------ jobs
 
@@ -150,6 +165,9 @@ class GenerationService:
         stages = STAGES_PER_STEP.get(settings["solver"])
         job.expected = self.learnt.get((settings["solver"], settings["steps"]),
                                        settings["steps"] * stages if stages else None)
+        return self._enqueue(job, self._run, checked)
+
+    def _enqueue(self, job: Job, run, checked: dict[str, Any]) -> Job:
         with self.lock:
             pending = sum(j.state in ("queued", "running") for j in self.jobs.values())
             if pending >= MAX_PENDING:
@@ -159,8 +177,56 @@ class GenerationService:
             for key in finished[:max(0, len(finished) - MAX_KEPT + 1)]:  # oldest first: dicts keep insertion order
                 del self.jobs[key]
             self.jobs[job.id] = job
-        self.worker.submit(self._run, job, checked)
+        self.worker.submit(run, job, checked)
         return job
+
+    # ------------------------------------------------------------------ edits of real scans (mriflow.edit)
+
+    def submit_edit(self, request: Mapping[str, Any]) -> Job:
+        """{"scan": a subject of --scans, "covariates": the targets, "steps"?}: that scan inverted under its recorded
+        covariates and drawn again under these (Heun, `steps` each way). ValueError names what is wrong."""
+        if not self.scans:
+            raise ValueError("editing is off: start the app with --scans DATA (a prepared folder) to edit its scans")
+        scan = request.get("scan")
+        if not isinstance(scan, str) or scan not in self.scans:
+            raise ValueError(f"scan {shown(scan)}: not one of the {len(self.scans)} scans of --scans")
+        steps = request.get("steps", EDIT_STEPS)
+        most = MAX_EVALUATIONS // EDIT_EVALUATIONS_PER_STEP
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
+            raise ValueError(f"steps must be an integer from 1 to {most} for an edit, got {shown(steps)}")
+        target = {k: v for k, v in _covariates(request.get("covariates")).items() if v is not None}
+        if not target:
+            raise ValueError("covariates: say what to change, e.g. {\"age\": 75}")
+        with warnings.catch_warnings(record=True) as caught:  # e.g. an age outside the training range
+            warnings.simplefilter("always")
+            resolve_request(self.generator.schema, target)  # ValueError for an unknown name or category
+        job = Job(id=secrets.token_hex(6), request={"kind": "edit", "scan": scan, "covariates": target, "steps": steps,
+                                                    "solver": "heun", "from": self.scans[scan]["covariates"]},
+                  warnings=[str(w.message) for w in caught], expected=EDIT_EVALUATIONS_PER_STEP * steps)
+        return self._enqueue(job, self._run_edit, {"scan": scan, "target": target, "steps": steps})
+
+    def _run_edit(self, job: Job, checked: dict[str, Any]) -> None:
+        from mriflow.edit import edit_scan
+
+        job.state, start = "running", time.perf_counter()
+        self.current = job
+        try:
+            folder = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{job.id}"
+            scan = self.scans[checked["scan"]]
+            (edited,) = edit_scan(self.generator, scan["path"], self.out / folder, [checked["target"]],
+                                  source=scan["covariates"], steps=checked["steps"], solver="heun",
+                                  labels=self.generator.labels is not None)
+            stem = scan["path"].name.removesuffix(".gz").removesuffix(".nii")
+            files = {"image": edited, "difference": edited.with_name(edited.name.replace(".nii.gz", "_diff.nii.gz")),
+                     "round_trip": edited.with_name(f"{stem}_roundtrip.nii.gz"),
+                     "sidecar": edited.with_name(edited.name.replace(".nii.gz", ".json"))}
+            job.edit = {k: path.relative_to(self.out).as_posix() for k, path in files.items() if path.is_file()}
+            job.folder, job.state = folder, "done"
+        except Exception as error:  # reported to the page; the worker goes on with the next job
+            job.state, job.error = "error", str(error) or type(error).__name__
+        finally:
+            self.current = None
+            job.seconds = round(time.perf_counter() - start, 3)
 
     def _run(self, job: Job, checked: dict[str, Any]) -> None:
         g, settings = self.generator, checked["settings"]
@@ -222,6 +288,30 @@ def _covariates(given: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- what the output folder holds
+
+
+def scan_index(data: str | Path, names) -> dict[str, dict[str, Any]]:
+    """The scans of a prepared folder that the app may edit: {subject: {"path", "split", "covariates"}} with the
+    covariates the manifest records for the model's names (None where it has none), in the manifest's order."""
+    from mriflow.data.dataset import read_manifest
+
+    data = Path(data)
+    if not (data / "manifest.csv").is_file():
+        raise FileNotFoundError(f"--scans {data}: not a prepared folder (no manifest.csv); give one `mriflow prepare` wrote")
+    scans = {}
+    for row in read_manifest(data).to_dict("records"):
+        path = data / row["image"]
+        if path.is_file():
+            covariates = {n: (None if _missing(row.get(n)) else (float(row[n]) if isinstance(row[n], (int, float))
+                                                                   else str(row[n]))) for n in names}
+            scans[str(row["subject"])] = {"path": path, "split": str(row.get("split", "")), "covariates": covariates}
+    if not scans:
+        raise ValueError(f"--scans {data}: its manifest lists no image that is there")
+    return scans
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def sample_files(out: Path, folder: str) -> list[dict[str, Any]]:

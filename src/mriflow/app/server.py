@@ -68,6 +68,15 @@ def generate_spec(service: jobs.GenerationService | None) -> dict[str, Any]:
         "solver": {"enum": info["solvers"]}, "guidance": {"type": "number", "minimum": 0}})
 
 
+def edit_spec(service: jobs.GenerationService | None) -> dict[str, Any]:
+    """The body of an edit request: one of the app's scans (--scans) and the covariates to draw it under."""
+    spec = generate_spec(service)["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    scans = list(service.scans) if service is not None else []
+    return body_spec({"scan": {"enum": scans} if scans else {"type": "string"}, "covariates": spec["covariates"],
+                      "steps": {"type": "integer", "minimum": 1, "maximum": jobs.MAX_EVALUATIONS // jobs.EDIT_EVALUATIONS_PER_STEP}},
+                     ("scan", "covariates"))
+
+
 SESSION_BODY = body_spec({"rater": {"type": "string", "minLength": 1, "maxLength": 64}}, ("rater",))
 ANSWER_BODY = body_spec({
     "rater": {"type": "string"}, "item": {"type": "string"}, "answer": {"enum": list(TRUTHS)},
@@ -163,6 +172,11 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
     @app.post("/api/generate", status_code=202, openapi_extra=generate_spec(state.service))
     async def generate(request: Request):
         job = service().submit(await json_body(request))
+        return job.view()
+
+    @app.post("/api/edit", status_code=202, openapi_extra=edit_spec(state.service))
+    async def edit(request: Request):
+        job = service().submit_edit(await json_body(request))
         return job.view()
 
     @app.get("/api/jobs/{job_id}")
