@@ -30,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCUMENT, ROOT, command_line, link, machine, replace_section, write_result  # noqa: E402
 
 
+READING = ROOT / "benchmarks" / "results" / "bakeoff-2mm-reading.md"
+
+
 def _objective(**changes) -> Callable:
     return lambda config: dataclasses.replace(config, objective=dataclasses.replace(config.objective, **changes))
 
@@ -204,6 +207,8 @@ def section(record: dict, picture: Path) -> str:
                      f"{arm['age_mae']['generated'] if arm['age_mae']['generated'] is None else round(arm['age_mae']['generated'], 1)} | "
                      f"{arm.get('seconds_per_volume', float('nan')):.1f} |")
     lines += ["", link(picture, DOCUMENT)]
+    if READING.is_file():  # what the figures say, written by whoever ran it (kept across remeasurements)
+        lines += ["", READING.read_text().strip()]
     return "\n".join(lines)
 
 
