@@ -9,6 +9,8 @@ are compared voxel by voxel with the adaptive dopri5 reference (rtol = atol = 1e
 mean |x_solver - x_dopri5| over the volume, in [0, 1] intensity units. A perfectly straight
 flow gives the reference in one Euler step.
 
+End to end: `mriflow generate --n 4` timed as its own process beside the time its imports take (issue 27.3).
+
 Also draws a picture of the model's conditioning (ages 25, 50, 75 x sex F, M; same seed) to
 docs/default_model_samples.png. Writes benchmarks/results/generate-<model>-<device>.json and
 the "## generate" section of docs/benchmarks.md.
@@ -49,6 +51,26 @@ def peak_memory_mb(device: torch.device) -> float:
 def request(generator, covariates: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     known = {k: v for k, v in covariates.items() if k in generator.schema.names}
     return resolve_request(generator.schema, known) if generator.schema.names else None
+
+
+def end_to_end(model: str, device: str, n: int = 4) -> dict:
+    """What a new user waits for (issue 27.3): `mriflow generate --n N` as its own process, wall time from the command
+    to the last file (tissue maps included), beside the time to import what it imports (torch, MONAI, mriflow), the
+    floor of any command's start-up. One thread, as the README's first command on a laptop."""
+    import subprocess
+    import tempfile
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, monai.networks.nets, mriflow.generate"], check=True, env=env)
+    imports = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "mriflow", "generate", "--model", model, "--out", f"{out}/samples",
+                        "--n", str(n), "--device", device, "--threads", "1"], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+    return {"n": n, "wall_seconds": round(wall, 2), "import_seconds": round(imports, 2)}
 
 
 def time_sampling(generator, settings, condition, batch_size: int, repeats: int, bf16: bool = False) -> dict:
@@ -156,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings, "covariates": {"age": 50.0, "sex": "F"}, "speed": speed,
         "straightness": straightness(generator, condition, args.samples) if generator.stage == "flow" else None,
         "peak_memory_mb": round(peak_memory_mb(generator.device), 1), "machine": machine(),
+        "end_to_end": end_to_end(args.model, args.device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     name = "default" if args.model == "default" else Path(args.model).name
@@ -174,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
 |---|---|---|---|---|---|
 {speed_rows}
 """
+    e2e = result["end_to_end"]
+    body += (f"\nEnd to end (a new user's first command, one thread): `mriflow generate --model {args.model} --n {e2e['n']}` "
+             f"took {e2e['wall_seconds']:.1f} s of wall time, tissue maps included; importing torch, MONAI and mriflow "
+             f"alone {e2e['import_seconds']:.1f} s (the floor of any command's start-up).\n")
     if result["straightness"]:
         plot(result, docs / "flow_straightness.png")
         rows = result["straightness"]["rows"]
