@@ -262,6 +262,8 @@ def malformed_through_evaluate(probes: Probes, real: Path) -> None:
 def damaged_files(probes: Probes, real: Path, autoencoder: Path) -> None:
     from safetensors import safe_open
 
+    from mriflow import checkpoint as ckpt
+
     # prepare.json cut short -> train autoencoder names it
     started = time.perf_counter()
     data = probes.work / "damaged-prepare-json"
@@ -293,7 +295,7 @@ def damaged_files(probes: Probes, real: Path, autoencoder: Path) -> None:
     started = time.perf_counter()
     run_copy = probes.work / "damaged-checkpoint"
     shutil.copytree(autoencoder, run_copy)
-    weights = next(run_copy.glob("checkpoints/step-*/model.safetensors"))
+    weights = ckpt.latest_checkpoint(run_copy) / "model.safetensors"  # the one a command loads
     weights.write_bytes(weights.read_bytes()[:1000])
     before = snapshot(real)
     code, error = run("evaluate", "reconstruction", str(real), "--autoencoder", str(run_copy), "--split", "test",
@@ -554,9 +556,10 @@ def round_three(probes: Probes, real: Path, autoencoder: Path) -> None:
         time.sleep(0.05)
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
-    _, error = process.communicate(timeout=300)
+    output, error = process.communicate(timeout=300)
     latest = ckpt.latest_checkpoint(run_dir)
     line = last_line(error)
+    error = error + (output or "")  # "stopped by SIGINT ..." is printed as the run's result, on stdout
     if "Traceback" in error:
         outcome = "traceback"
     elif process.returncode == 130 and latest is not None and "stopped by SIGINT" in error:
