@@ -179,6 +179,8 @@ def plot(record: dict, path: Path) -> None:
                  yerr=[record["arms"][n][key]["sd"] for n in names], color="tab:blue")
         axis.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
         axis.set_title(title)
+        if key == "fd":  # arms far from real and today's model near it on one axis
+            axis.set_yscale("log")
         reference = key + "_real"
         first = record["arms"][names[0]]
         if reference in first:
