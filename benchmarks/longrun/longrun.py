@@ -220,9 +220,10 @@ def record(job: dict, args: argparse.Namespace) -> None:
     picture = ROOT / "docs" / f"longrun_{job['name']}.png"
     plot(curve, picture)
     replace_section(DOCUMENT, f"## long run: {job['name']}", section(curve, picture))
-    if where["export"].exists():
-        shutil.rmtree(where["export"])
-    export_generator(latest, where["export"])
+    if not args.no_export:
+        if where["export"].exists():
+            shutil.rmtree(where["export"])
+        export_generator(latest, where["export"])
     if hours >= float(job["target_thread_hours"]):
         header, jobs = load()
         for entry in jobs:
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", nargs="?", default="status", choices=("status", "start", "record", "stop"))
     parser.add_argument("--job", help="a job by name (default: the top open one)")
     parser.add_argument("--restart", action="store_true", help="record: start the next leg right after")
+    parser.add_argument("--no-export", action="store_true",
+                        help="record: measure and append the leg but export no weights (a superseded job's last figures)")
     args = parser.parse_args(argv)
     _, jobs = load()
     if args.action == "status":
