@@ -285,3 +285,22 @@ def write_prepared_with_sex(root: Path, shape=(16, 20, 16), voxel_mm=4.0) -> Pat
     manifest["sex"] = ["F", "M", "F", "M", "M", "F", "F"]
     manifest.to_csv(data / "manifest.csv", index=False)
     return data
+
+
+def train_tiny_image_flow(root: Path, shape=(16, 20, 16), max_steps: int = 2) -> tuple[Path, Path]:
+    """A tiny image-space flow (Haar packet, preconditioned prediction) trained `max_steps` on write_prepared_with_sex's
+    phantoms, conditioned on age and sex: what the edit tests invert. Returns (prepared folder, run folder)."""
+    from mriflow.families.flow import FlowObjectiveConfig, FlowTrainingConfig
+    from mriflow.models.velocity import VelocityNetConfig
+    from mriflow.train.generator import train_flow
+    from mriflow.train.loop import LoopConfig
+
+    data = write_prepared_with_sex(root / "data", shape=shape)
+    config = FlowTrainingConfig(
+        model=VelocityNetConfig(in_channels=64, channels=(16, 16), attention_levels=(False, True), num_res_blocks=1,
+                                num_head_channels=8, norm_num_groups=4),
+        objective=FlowObjectiveConfig(prediction="preconditioned"), representation="haar2",
+        loop=LoopConfig(max_steps=max_steps, batch_size=2, warmup_steps=1, log_every=1, montage_every=100,
+                        checkpoint_every=max_steps, device="cpu"))
+    train_flow(data, None, root / "run", condition=["age", "sex"], config=config)
+    return data, root / "run"

@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_prepared_with_sex
+from conftest import train_tiny_image_flow
 from mriflow.data.io import load_volume
 from mriflow.edit import edit_volume, encode_volume, integrate
-from mriflow.families.flow import FlowObjectiveConfig, FlowTrainingConfig
 from mriflow.generate import load_generator
-from mriflow.models.velocity import VelocityNetConfig
-from mriflow.train.generator import train_flow
-from mriflow.train.loop import LoopConfig
 
 SHAPE = (16, 20, 16)
 
@@ -22,16 +18,8 @@ SHAPE = (16, 20, 16)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny image-space flow (Haar packet, preconditioned prediction) trained a few steps on phantoms."""
-    root = tmp_path_factory.mktemp("edit")
-    data = write_prepared_with_sex(root / "data", shape=SHAPE)
-    config = FlowTrainingConfig(
-        model=VelocityNetConfig(in_channels=64, channels=(16, 16), attention_levels=(False, True), num_res_blocks=1,
-                                num_head_channels=8, norm_num_groups=4),
-        objective=FlowObjectiveConfig(prediction="preconditioned"), representation="haar2",
-        loop=LoopConfig(max_steps=4, batch_size=2, warmup_steps=1, log_every=1, montage_every=100, checkpoint_every=4,
-                        device="cpu"))
-    train_flow(data, None, root / "run", condition=["age", "sex"], config=config)
-    return load_generator(root / "run", "cpu"), data
+    data, run = train_tiny_image_flow(tmp_path_factory.mktemp("edit"), SHAPE, max_steps=4)
+    return load_generator(run, "cpu"), data
 
 
 def test_integrating_back_and_forth_on_one_grid_comes_back_to_the_start(model):

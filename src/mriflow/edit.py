@@ -206,19 +206,16 @@ def read_batch(path: str | Path) -> list[tuple[Path, dict[str, Any] | None, list
     covariates in the other columns (age, sex, ...), the scan's own covariates in optional `from_<name>` columns
     (default: its prepared manifest's row); an empty cell leaves that covariate out. Rows of one scan share its
     inversion: [(scan, source or None, [target, ...])] in the table's order."""
-    from mriflow.data.inputs import table_delimiter
+    from mriflow.data.inputs import read_text_table
     from mriflow.models.conditioning import parse_value
-    import pandas as pd
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--batch {path}: no such file; give a CSV with a scan column and target columns")
     try:
-        table = pd.read_csv(path, sep=table_delimiter(path), engine="python", dtype=str, keep_default_na=False,
-                            skipinitialspace=True)
+        table = read_text_table(path)
     except Exception as error:  # pandas raises several types for malformed text
         raise ValueError(f"--batch {path}: cannot be read as CSV/TSV ({str(error).splitlines()[0]})") from None
-    table.columns = [str(c).strip() for c in table.columns]
     if "scan" not in table.columns or table.empty:
         raise ValueError(f"--batch {path}: needs a 'scan' column and at least one row (columns: {', '.join(table.columns)})")
     targets = [c for c in table.columns if c != "scan" and not c.startswith("from_")]

@@ -34,3 +34,17 @@ def write_study(root: Path, real_test: int = 6, fakes: int = 6, shape=SHAPE, haz
         save_volume(fake / f"sample_{i:05d}.nii.gz", image, affine)
         save_volume(fake / f"sample_{i:05d}_labels.nii.gz", labels.astype(np.uint8), affine, dtype=np.uint8)
     return real, fake
+
+
+def poll(client, job_id: str, limit: float = 120.0) -> dict:
+    """A generation or edit job's view once it is done or failed (AssertionError after `limit` seconds)."""
+    import time
+
+    start = time.time()
+    while time.time() - start < limit:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["state"] in ("done", "error"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {limit} s")
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import time
 
 import nibabel as nib
 import numpy as np
@@ -17,17 +16,7 @@ from mriflow.app.server import LOOPBACK_NAMES, AppState, Turing, create_app
 from mriflow.app.store import AnswerStore, clopper_pearson
 from mriflow.app.turing import build_study
 
-from app_helpers import NIIVUE_STAND_IN, write_study
-
-
-def poll(client: TestClient, job_id: str, limit: float = 120.0) -> dict:
-    start = time.time()
-    while time.time() - start < limit:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        if job["state"] in ("done", "error"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish in {limit} s")
+from app_helpers import NIIVUE_STAND_IN, poll, write_study
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,16 @@ trip and the difference map beside the edit, bounded like every generation reque
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app_helpers import NIIVUE_STAND_IN
-from conftest import write_prepared_with_sex
+from app_helpers import NIIVUE_STAND_IN, poll
+from conftest import train_tiny_image_flow
 from mriflow.app import jobs
 from mriflow.app.server import AppState, create_app
 from mriflow.data.io import load_volume
-from mriflow.families.flow import FlowObjectiveConfig, FlowTrainingConfig
-from mriflow.models.velocity import VelocityNetConfig
-from mriflow.train.generator import train_flow
-from mriflow.train.loop import LoopConfig
 
 SHAPE = (16, 20, 16)
 
@@ -27,30 +22,13 @@ SHAPE = (16, 20, 16)
 @pytest.fixture(scope="module")
 def editing(tmp_path_factory):
     root = tmp_path_factory.mktemp("app-edit")
-    data = write_prepared_with_sex(root / "data", shape=SHAPE)
-    config = FlowTrainingConfig(
-        model=VelocityNetConfig(in_channels=64, channels=(16, 16), attention_levels=(False, True), num_res_blocks=1,
-                                num_head_channels=8, norm_num_groups=4),
-        objective=FlowObjectiveConfig(prediction="preconditioned"), representation="haar2",
-        loop=LoopConfig(max_steps=2, batch_size=2, warmup_steps=1, log_every=1, montage_every=100, checkpoint_every=2,
-                        device="cpu"))
-    train_flow(data, None, root / "run", condition=["age", "sex"], config=config)
+    data, _ = train_tiny_image_flow(root, SHAPE)
     (root / "niivue.umd.js").write_text(NIIVUE_STAND_IN)
     (root / "out").mkdir()
     service = jobs.GenerationService(str(root / "run"), root / "out", "cpu", scans=data)
     client = TestClient(create_app(AppState(out=root / "out", niivue=root / "niivue.umd.js", service=service)))
     yield client, service, data, root
     service.close()
-
-
-def poll(client: TestClient, job_id: str, limit: float = 120.0) -> dict:
-    start = time.time()
-    while time.time() - start < limit:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        if job["state"] in ("done", "error"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish in {limit} s")
 
 
 def test_the_config_lists_the_scans_with_their_recorded_covariates(editing):

@@ -7,29 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from conftest import write_prepared_with_sex
+from conftest import train_tiny_image_flow
 from mriflow.cli import main
 from mriflow.data.io import load_volume
-from mriflow.families.flow import FlowObjectiveConfig, FlowTrainingConfig
-from mriflow.models.velocity import VelocityNetConfig
-from mriflow.train.generator import train_flow
-from mriflow.train.loop import LoopConfig
 
 SHAPE = (16, 20, 16)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("edit-cli")
-    data = write_prepared_with_sex(root / "data", shape=SHAPE)
-    config = FlowTrainingConfig(
-        model=VelocityNetConfig(in_channels=64, channels=(16, 16), attention_levels=(False, True), num_res_blocks=1,
-                                num_head_channels=8, norm_num_groups=4),
-        objective=FlowObjectiveConfig(prediction="preconditioned"), representation="haar2",
-        loop=LoopConfig(max_steps=2, batch_size=2, warmup_steps=1, log_every=1, montage_every=100, checkpoint_every=2,
-                        device="cpu"))
-    train_flow(data, None, root / "run", condition=["age", "sex"], config=config)
-    return data, root / "run"
+    return train_tiny_image_flow(tmp_path_factory.mktemp("edit-cli"), SHAPE)
 
 
 def test_edit_writes_each_target_with_its_difference_map_and_a_sidecar_naming_the_source(trained, tmp_path, capsys):

@@ -15,6 +15,7 @@ more is refused (`QueueFull`, 429) until one finishes. Of finished jobs the newe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import threading
@@ -208,9 +209,7 @@ class GenerationService:
     def _run_edit(self, job: Job, checked: dict[str, Any]) -> None:
         from mriflow.edit import edit_scan
 
-        job.state, start = "running", time.perf_counter()
-        self.current = job
-        try:
+        with self._running(job):
             folder = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{job.id}"
             scan = self.scans[checked["scan"]]
             (edited,) = edit_scan(self.generator, scan["path"], self.out / folder, [checked["target"]],
@@ -221,8 +220,18 @@ class GenerationService:
                      "round_trip": edited.with_name(f"{stem}_roundtrip.nii.gz"),
                      "sidecar": edited.with_name(edited.name.replace(".nii.gz", ".json"))}
             job.edit = {k: path.relative_to(self.out).as_posix() for k, path in files.items() if path.is_file()}
-            job.folder, job.state = folder, "done"
-        except Exception as error:  # reported to the page; the worker goes on with the next job
+            job.folder = folder
+
+    @contextlib.contextmanager
+    def _running(self, job: Job):
+        """The job's life on the worker: running, counted, then done or failed with its message (the worker goes on
+        with the next job either way), and its seconds."""
+        job.state, start = "running", time.perf_counter()
+        self.current = job
+        try:
+            yield
+            job.state = "done"
+        except Exception as error:  # reported to the page
             job.state, job.error = "error", str(error) or type(error).__name__
         finally:
             self.current = None
@@ -230,9 +239,7 @@ class GenerationService:
 
     def _run(self, job: Job, checked: dict[str, Any]) -> None:
         g, settings = self.generator, checked["settings"]
-        job.state, start = "running", time.perf_counter()
-        self.current = job
-        try:
+        with self._running(job):
             stream = sample_seed(checked["seed"], 0)
             # a model with a label decoder (mriflow train labels) also gives the sample's tissue map
             volumes, label_maps, nfe = g.sample_pairs([stream], checked["condition"], settings)
@@ -248,12 +255,7 @@ class GenerationService:
                 write_labels(self.out / folder, sample_name(0), label_maps[0], g.affine)
             write_sample(self.out / folder, 0, volumes[0], g.affine, sidecar)
             self.learnt[(settings["solver"], settings["steps"])] = job.calls
-            job.folder, job.state = folder, "done"
-        except Exception as error:  # reported to the page; the worker goes on with the next job
-            job.state, job.error = "error", str(error) or type(error).__name__
-        finally:
-            self.current = None
-            job.seconds = round(time.perf_counter() - start, 3)
+            job.folder = folder
 
     def job(self, job_id: str) -> Job:
         with self.lock:

@@ -201,6 +201,15 @@ def table_delimiter(path: str | Path) -> str:
     return best if counts[best] else ","
 
 
+def read_text_table(path: str | Path) -> pd.DataFrame:
+    """A CSV/TSV (',' ';' tab or '|', from its header) as strings, empty cells "", column names stripped; pandas'
+    error when it cannot be parsed (callers name the argument it came from)."""
+    table = pd.read_csv(path, sep=table_delimiter(path), engine="python", dtype=str, keep_default_na=False,
+                        skipinitialspace=True)
+    table.columns = [str(c).strip() for c in table.columns]
+    return table
+
+
 def read_table(path: str | Path) -> tuple[pd.DataFrame, str]:
     """Read a CSV/TSV (',' ';' tab or '|', from its header) as strings with ids normalised; returns (table indexed by
     id, id column name)."""
@@ -208,13 +217,11 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, str]:
     if not path.is_file():
         raise FileNotFoundError(f"covariate file {path} does not exist")
     try:
-        table = pd.read_csv(path, sep=table_delimiter(path), engine="python", dtype=str, keep_default_na=False,
-                            skipinitialspace=True)
+        table = read_text_table(path)
     except Exception as error:  # pandas raises several types for malformed text
         raise ValueError(f"covariate file {path} could not be read as CSV/TSV: {error}") from error
     if table.shape[1] < 1 or table.empty:
         raise ValueError(f"covariate file {path} has no rows")
-    table.columns = [str(c).strip() for c in table.columns]
     id_column = next((c for c in ID_COLUMNS if c in table.columns), table.columns[0])
     table[id_column] = table[id_column].map(strip_subject_prefix)
     return table, id_column
