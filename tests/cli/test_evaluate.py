@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import write_prepared
 from mriflow.cli import main
 
@@ -33,8 +35,10 @@ def test_evaluate_generation_of_a_shipped_model_with_its_autoencoder(tmp_path, c
     assert json.loads((report / "metrics.json").read_text())["backbone"]["name"].startswith("intensity")
 
 
-def test_another_generators_volumes_on_their_own_grid_are_prepared_onto_the_real_grid_and_scored(tmp_path, capsys):
-    """Issue 26: score any generator's volumes (MAISI, BrLP, WDM...): --prepare-fake takes them through the recipe."""
+@pytest.mark.parametrize("grid", ["3 mm, shifted", "1.5 mm, x flipped, padded"])
+def test_another_generators_volumes_on_their_own_grid_are_prepared_onto_the_real_grid_and_scored(tmp_path, capsys, grid):
+    """Issue 26: score any generator's volumes (MAISI, BrLP, WDM...): --prepare-fake takes them through the recipe,
+    whatever their voxel size, orientation, field of view and intensities, back onto the real grid."""
     import sys
 
     import nibabel as nib
@@ -47,11 +51,18 @@ def test_another_generators_volumes_on_their_own_grid_are_prepared_onto_the_real
     real = write_evaluation_set(tmp_path / "real")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    for i, image in enumerate(sorted((real / "images").glob("*.nii.gz"))[:8]):
+    sources = sorted((real / "images").glob("*.nii.gz"))[:8]
+    for i, image in enumerate(sources):
         source = nib.load(str(image))
-        data = ndimage.zoom(np.asarray(source.dataobj, np.float32), 4 / 3, order=1)  # 3 mm voxels, another grid
-        affine = np.diag([3.0, 3.0, 3.0, 1.0])
-        affine[:3, 3] = source.affine[:3, 3] + np.array([2.0, -3.0, 1.0])
+        volume = np.asarray(source.dataobj, np.float32)
+        if grid == "3 mm, shifted":
+            data = ndimage.zoom(volume, 4 / 3, order=1)  # 3 mm voxels, another grid
+            affine = np.diag([3.0, 3.0, 3.0, 1.0])
+            affine[:3, 3] = source.affine[:3, 3] + np.array([2.0, -3.0, 1.0])
+        else:  # 1.5 mm voxels stored right to left (LAS), with 6 empty voxels of margin on every side
+            data = np.pad(ndimage.zoom(volume, 4 / 1.5, order=1)[::-1], 6)
+            affine = np.diag([-1.5, 1.5, 1.5, 1.0])
+            affine[:3, 3] = source.affine[:3, 3] + np.array([(data.shape[0] - 13) * 1.5, -9.0, -9.0])
         nib.save(nib.Nifti1Image(data * 800, affine), str(foreign / f"sample_{i:05d}.nii.gz"))  # other intensities too
     report = tmp_path / "report"
     arguments = ["evaluate", "generation", "--real", str(real), "--fake", str(foreign), "--out", str(report),
@@ -62,3 +73,8 @@ def test_another_generators_volumes_on_their_own_grid_are_prepared_onto_the_real
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["inputs"]["counts"]["generated"] == 8
     assert metrics["inputs"]["fake_dir"].endswith("fake-prepared/prepared/images")
+    # each volume is back where its source was: it correlates with the real scan it was made from
+    prepared = sorted((report / "fake-prepared" / "prepared" / "images").glob("*.nii.gz"))
+    for made, source in zip(prepared, sources):
+        a, b = np.asarray(nib.load(str(made)).dataobj, np.float64), np.asarray(nib.load(str(source)).dataobj, np.float64)
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8, (grid, made.name)
