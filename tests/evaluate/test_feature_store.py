@@ -109,3 +109,10 @@ def test_anatomy_predictions_of_real_volumes_come_back_from_the_store_unchanged(
     for name in first:
         np.testing.assert_array_equal(first[name], again[name][::-1])
     assert _predict(CountingPredictor(), []) == {}
+
+
+def test_generated_volumes_are_not_kept_in_the_store(volumes, tmp_path, monkeypatch):
+    monkeypatch.setenv("MRIFLOW_CACHE", str(tmp_path / "cache"))
+    cache = FeatureCache(CountingBackbone(), None, 1.0, store=FeatureStore.for_network("counting features", CountingBackbone()))
+    cache.add(volumes[:2], "generated", keep=False)
+    assert not list((tmp_path / "cache").rglob("*.npy")) and len(cache.matrix(volumes[:2])) == 2

@@ -296,6 +296,7 @@ def scan_index(data: str | Path, names) -> dict[str, dict[str, Any]]:
     """The scans of a prepared folder that the app may edit: {subject: {"path", "split", "covariates"}} with the
     covariates the manifest records for the model's names (None where it has none), in the manifest's order."""
     from mriflow.data.dataset import read_manifest
+    from mriflow.edit import pd_missing
 
     data = Path(data)
     if not (data / "manifest.csv").is_file():
@@ -304,16 +305,12 @@ def scan_index(data: str | Path, names) -> dict[str, dict[str, Any]]:
     for row in read_manifest(data).to_dict("records"):
         path = data / row["image"]
         if path.is_file():
-            covariates = {n: (None if _missing(row.get(n)) else (float(row[n]) if isinstance(row[n], (int, float))
+            covariates = {n: (None if pd_missing(row.get(n)) else (float(row[n]) if isinstance(row[n], (int, float))
                                                                    else str(row[n]))) for n in names}
             scans[str(row["subject"])] = {"path": path, "split": str(row.get("split", "")), "covariates": covariates}
     if not scans:
         raise ValueError(f"--scans {data}: its manifest lists no image that is there")
     return scans
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def sample_files(out: Path, folder: str) -> list[dict[str, Any]]:

@@ -230,7 +230,9 @@ class FeatureCache:
     store: FeatureStore | None = None  # backbone rows kept on disk between evaluations (evaluate/feature_store.py)
     tissue_store: FeatureStore | None = None
 
-    def add(self, paths: Sequence[Path], description: str) -> None:
+    def add(self, paths: Sequence[Path], description: str, keep: bool = True) -> None:
+        """Rows of `paths` (those not yet here); `keep`: read and write them through the on-disk store (the real
+        sets, scored again and again; not generated volumes, which would only fill it)."""
         todo = [p for p in dict.fromkeys(paths) if p not in self.features]
         batches = [todo[i : i + BATCH_SIZE] for i in range(0, len(todo), BATCH_SIZE)]
         for batch in tqdm(batches, desc=f"features: {description}", disable=not self.progress or not batches, leave=False):
@@ -242,9 +244,10 @@ class FeatureCache:
                 volumes.append(volume)
                 if self.mask is not None:
                     self.vectors[path] = masked_standardised(volume, self.mask, self.smoothing)
-            self._rows(batch, volumes, self.features, self.store, self.backbone.features, lambda v: np.stack(v)[:, None])
+            self._rows(batch, volumes, self.features, self.store if keep else None, self.backbone.features,
+                       lambda v: np.stack(v)[:, None])
             if self.tissue is not None and self.mask is not None:
-                self._rows(batch, volumes, self.tissue_vectors, self.tissue_store, self.tissue, np.stack)
+                self._rows(batch, volumes, self.tissue_vectors, self.tissue_store if keep else None, self.tissue, np.stack)
 
     @staticmethod
     def _rows(batch, volumes, into: dict, store, network, stack) -> None:
@@ -290,7 +293,7 @@ def compute_features(sets: EvaluationSets, backbone: Backbone, progress: bool) -
                          tissue_store=FeatureStore.for_network(tissue.description, tissue.backbone) if tissue is not None else None)
     for paths, description in ((sets.real, f"real {sets.split}"), (sets.other, f"real {sets.other_split}"),
                                (sets.generated, "generated"), (sets.train, "train"), (sets.heldout, "held-out")):
-        cache.add(paths, description)
+        cache.add(paths, description, keep=paths is not sets.generated)
     return cache
 
 
