@@ -234,3 +234,25 @@ def test_the_bake_off_counts_an_arms_cpu_minutes_to_its_latest_checkpoint_and_jo
     for name in bakeoff.ARMS:  # every arm builds a valid config of the flow-wavelet preset
         config = bakeoff.arm_config(name)
         assert config.representation == "haar2"
+
+
+def test_the_few_step_targets_compare_one_or_two_evaluations_with_the_teachers_sixteen():
+    import fewstep
+
+    def row(label, nfe, fd, recall, seconds, hf=1.0):
+        figure = lambda mean, sd=0.0: {"mean": mean, "sd": sd}  # noqa: E731
+        return {"label": label, "nfe": nfe, "fd": figure(fd, 10.0), "recall": figure(recall, 0.05),
+                "coverage": figure(0.5, 0.05), "hf_ratio": figure(hf, 0.05), "seconds_per_volume_batch8": seconds}
+
+    teacher = row("teacher heun 8", 16, 300.0, 0.5, 2.5)
+    close = row("distill-1 euler 1", 1, 309.0, 0.46, 0.2)
+    blurred = row("reflow-2 euler 2", 2, 305.0, 0.5, 0.3, hf=0.8)
+    slow = row("teacher euler 2", 2, 290.0, 0.6, 0.6)
+    many = row("reflow-2 euler 4", 4, 200.0, 0.9, 0.6)
+    verdict = fewstep.targets([teacher, close, blurred, slow, many])
+    assert verdict["status"] == "met" and verdict["met_by"] == ["distill-1 euler 1"]
+    assert verdict["rows"]["reflow-2 euler 2"]["hf"] is False and verdict["rows"]["teacher euler 2"]["seconds"] is False
+    assert "reflow-2 euler 4" not in verdict["rows"]  # 4 evaluations are not what the target asks for
+    far = row("distill-1 euler 1", 1, 311.0, 0.5, 0.2)
+    assert fewstep.targets([teacher, far])["status"] == "missed"
+    assert fewstep.targets([far])["status"] == "undetermined"

@@ -62,6 +62,27 @@ def _add_train(commands) -> None:
         _add_common_training(p, stage)
         p.set_defaults(func=_run_train_generator, stage=stage)
 
+    p = stages.add_parser("fewstep", help="a few-step student of a trained flow: its samples in 1 or 2 network "
+                                          "evaluations (reflow or distillation of the teacher's ODE)")
+    p.add_argument("teacher", help="the flow to learn from: a shipped model's name (2mm, 4mm), an exported model, "
+                                   "a run or a checkpoint folder")
+    p.add_argument("--out", required=True, help="run folder (the teacher's pairs, checkpoints, logs, montages)")
+    p.add_argument("--method", choices=("reflow", "distill"), default="reflow",
+                   help="reflow: a velocity field on the straight lines between the teacher's noise and samples (more "
+                        "steps still help); distill: trained at the student's grid times only (default reflow)")
+    p.add_argument("--steps", type=int, default=2, help="Euler steps (network evaluations) the student samples with")
+    p.add_argument("--pairs", type=int, default=512, help="teacher samples to learn from (the last quarter, at most 16, held out to pick the checkpoint)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, help="pairs per step (default 8)")
+    p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
+    p.add_argument("--max-cpu-minutes", type=float, metavar="MINUTES",
+                   help="stop with a checkpoint after this much CPU time of this call (thread-minutes)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint (and its pairs)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_threads(p)
+    p.set_defaults(func=_run_train_fewstep)
+
     p = stages.add_parser("labels", help="a label decoder: tissue maps for every generated volume, from the same latent")
     p.add_argument("data", help="prepared dataset folder with label maps (mriflow prepare --masks LABELS)")
     p.add_argument("--autoencoder", required=True, help="autoencoder run or checkpoint folder (the generator's)")
@@ -136,6 +157,21 @@ def _run_train_slices(args: argparse.Namespace) -> int:
     condition = [name.strip() for name in args.condition.split(",") if name.strip()] or None
     result = train_slices(args.data, args.out, condition=condition, preset=args.preset, max_steps=args.max_steps,
                           resume=args.resume, max_minutes=args.max_minutes, lr=args.lr, stop_at_step=args.stop_at_step)
+    return _report_training(result)
+
+
+def _run_train_fewstep(args: argparse.Namespace) -> int:
+    from mriflow.generator import load_generator
+    from mriflow.train.fewstep import train_fewstep
+
+    if args.steps < 1 or args.pairs < 1:
+        raise ValueError(f"--steps and --pairs must be >= 1, got {args.steps} and {args.pairs}")
+    teacher = load_generator(args.teacher, device=args.device, labels=False)
+    overrides = {name: getattr(args, option) for name, option in (("max_steps", "max_steps"), ("batch_size", "batch_size"),
+                 ("max_minutes", "max_minutes"), ("max_cpu_minutes", "max_cpu_minutes"), ("lr", "lr"))
+                 if getattr(args, option) is not None}
+    result = train_fewstep(teacher, args.out, method=args.method, steps=args.steps, pairs=args.pairs,
+                           resume=args.resume, loop_overrides={**overrides, "device": args.device})
     return _report_training(result)
 
 

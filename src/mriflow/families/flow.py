@@ -80,6 +80,27 @@ class FlowSamplingConfig:
             raise ValueError(f"sampling.steps must be >= 1 and sampling.time_shift > 0, got {self.steps}, {self.time_shift}")
 
 
+FEWSTEP_METHODS = ("", "reflow", "distill")
+
+
+@dataclass(frozen=True)
+class FewStepConfig:
+    """A student drawn in few network evaluations from a trained flow, its teacher (mriflow.train.fewstep): `method`
+    "" (not a student), "reflow" (a velocity field trained on the straight lines between the teacher's noise and its
+    samples; any number of Euler steps) or "distill" (trained only at the `steps` grid times to jump to the teacher's
+    trajectory point at the next). `teacher_guidance`: the guidance scale the teacher's samples were drawn with, which
+    the student has learned, so it samples with guidance 1."""
+
+    method: str = ""
+    steps: int = 1
+    teacher_guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("fewstep.method", self.method, FEWSTEP_METHODS)
+        if self.steps < 1:
+            raise ValueError(f"fewstep.steps must be >= 1, got {self.steps}")
+
+
 @dataclass(frozen=True)
 class FlowTrainingConfig:
     # covariate_names/kinds/categories of the model are filled from `condition` and the training split
@@ -90,6 +111,7 @@ class FlowTrainingConfig:
     representation: str = ""  # "" learns an autoencoder's latents (--autoencoder); "haar2" etc. the images behind a
                               # fixed transform (mriflow.representations), without an autoencoder
     alignment: AlignmentConfig = AlignmentConfig()  # REPA-style feature alignment (image-space runs; weight 0: off)
+    fewstep: FewStepConfig = FewStepConfig()  # a few-step student of a teacher flow (method "": not one)
 
 
 class RectifiedFlow(Family):
@@ -106,6 +128,13 @@ class RectifiedFlow(Family):
 
     def loss(self, net, latents, covariates, covariates_present):
         return self.objective(net, latents, covariates, covariates_present)
+
+    def check_sampling(self, settings: Mapping[str, Any]) -> None:
+        fewstep = getattr(self.config, "fewstep", None)  # the slice model's config has none
+        if fewstep is not None and fewstep.method and float(settings["guidance"]) != 1.0:
+            raise ValueError(f"--guidance {settings['guidance']:g}: this few-step model learned its teacher's samples at "
+                             f"guidance {fewstep.teacher_guidance:g}, which it draws with guidance 1; leave --guidance out, "
+                             "or sample the teacher for another scale")
 
     def sample(self, net: nn.Module, shape: Sequence[int], covariates, settings: Mapping[str, Any],
                device: torch.device | str, sample_seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
