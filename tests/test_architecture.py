@@ -91,3 +91,15 @@ def test_a_module_over_400_lines_says_why_at_its_top(module):
     if len(source.splitlines()) > MAX_LINES:
         docstring = ast.get_docstring(ast.parse(source)) or ""
         assert "Over 400 lines" in docstring, f"{module} has {len(source.splitlines())} lines and no reason at its top"
+
+
+def test_generate_starts_without_the_imports_only_other_commands_need():
+    """Issue 27.3: pandas (tables: prepare, evaluate, cohorts) and torchdiffeq (scipy.integrate: dopri5 alone) are
+    imported where they are used, so `mriflow generate` does not spend a second importing them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import mriflow.cli.main, mriflow.generate, mriflow.api; "
+            "print(sorted(m for m in ('pandas', 'torchdiffeq', 'matplotlib') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

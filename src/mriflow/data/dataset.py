@@ -19,15 +19,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
 from mriflow.data.io import load_volume
 from mriflow.utils.files import read_json
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `generate` starts without it
+    import pandas as pd
 
 MANIFEST_COLUMNS = ("subject", "image", "mask", "labels", "split")
 # A numeric column with at most this many distinct values is treated as categorical
@@ -96,6 +98,8 @@ class CovariateSchema:
         A column is categorical when it is non-numeric, or numeric with at most
         MAX_NUMERIC_CATEGORIES distinct values; `kinds` overrides the guess.
         """
+        import pandas as pd  # here: half a second of start-up that `generate` does not need
+
         kinds = dict(kinds or {})
         covariates = []
         for name in names:
@@ -146,6 +150,8 @@ class CovariateSchema:
 
 def read_manifest(root: str | Path) -> pd.DataFrame:
     """Read ``manifest.csv`` of a prepared folder, with a clear message when it is not one."""
+    import pandas as pd  # here: half a second of start-up that `generate` does not need
+
     root = Path(root)
     path = root / "manifest.csv"
     if not path.is_file():

@@ -20,11 +20,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
-
-import pandas as pd
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from mriflow.data.io import is_nifti, strip_nifti_suffix
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `generate` starts without it
+    import pandas as pd
 
 # Id columns of a covariate table, in order of preference; else the first column.
 ID_COLUMNS = ("subject", "participant_id", "MRID", "subject_id")
@@ -204,6 +205,8 @@ def table_delimiter(path: str | Path) -> str:
 def read_text_table(path: str | Path) -> pd.DataFrame:
     """A CSV/TSV (',' ';' tab or '|', from its header) as strings, empty cells "", column names stripped; pandas'
     error when it cannot be parsed (callers name the argument it came from)."""
+    import pandas as pd  # here: half a second of start-up that `generate` does not need
+
     table = pd.read_csv(path, sep=table_delimiter(path), engine="python", dtype=str, keep_default_na=False,
                         skipinitialspace=True)
     table.columns = [str(c).strip() for c in table.columns]

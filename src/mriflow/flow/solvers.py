@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torchdiffeq import odeint
 
 from mriflow.flow.path import time_grid
 
@@ -74,6 +73,8 @@ def dopri5(
     velocity: Velocity, x_init: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5, t_start: float = 0.0, t_end: float = 1.0
 ) -> tuple[torch.Tensor, int]:
     """Adaptive Dormand–Prince 5(4) from torchdiffeq; steps until the local error is within atol + rtol·|x|."""
+    from torchdiffeq import odeint  # here: it imports scipy.integrate, half a second that only dopri5 needs
+
     nfe = 0
 
     def func(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
