@@ -165,13 +165,22 @@ def edit_scan(model: str | Path | Generator, scan: str | Path, out: str | Path, 
         if maps is not None:
             sidecar["labels"] = labels_name(name)
         paths.append(write_sample(out, k, result.edited[k], generator.affine, sidecar, overwrite=overwrite, name=name))
-        save_volume(out / f"{name}_diff.nii.gz", result.difference[k], generator.affine)
+        save_volume(edit_files(paths[-1], scan)["difference"], result.difference[k], generator.affine)
         if maps is not None:
             write_labels(out, name, maps[k], generator.affine, overwrite=overwrite)
     write_sample(out, len(names), result.round_trip, generator.affine,
                  {**common, "covariates": source, "edit": {"from": source, "to": source}}, overwrite=overwrite,
                  name=f"{stem}_roundtrip")
     return paths
+
+
+def edit_files(edited: Path, scan: Path) -> dict[str, Path]:
+    """The files `edit_scan` writes beside an edited volume OUT/<scan>_<target>.nii.gz: "image" (itself), "difference"
+    (its _diff map), "sidecar" (its JSON) and "round_trip" (the scan's round trip, shared by every target)."""
+    name = edited.name.removesuffix(".nii.gz")
+    stem = Path(scan).name.removesuffix(".gz").removesuffix(".nii")
+    return {"image": edited, "difference": edited.with_name(f"{name}_diff.nii.gz"),
+            "round_trip": edited.with_name(f"{stem}_roundtrip.nii.gz"), "sidecar": edited.with_name(f"{name}.json")}
 
 
 def recorded_covariates(scan: Path, names: Sequence[str]) -> dict[str, Any]:

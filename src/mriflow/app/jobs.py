@@ -207,7 +207,7 @@ class GenerationService:
         return self._enqueue(job, self._run_edit, {"scan": scan, "target": target, "steps": steps})
 
     def _run_edit(self, job: Job, checked: dict[str, Any]) -> None:
-        from mriflow.edit import edit_scan
+        from mriflow.edit import edit_files, edit_scan
 
         with self._running(job):
             folder = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{job.id}"
@@ -215,11 +215,8 @@ class GenerationService:
             (edited,) = edit_scan(self.generator, scan["path"], self.out / folder, [checked["target"]],
                                   source=scan["covariates"], steps=checked["steps"], solver="heun",
                                   labels=self.generator.labels is not None)
-            stem = scan["path"].name.removesuffix(".gz").removesuffix(".nii")
-            files = {"image": edited, "difference": edited.with_name(edited.name.replace(".nii.gz", "_diff.nii.gz")),
-                     "round_trip": edited.with_name(f"{stem}_roundtrip.nii.gz"),
-                     "sidecar": edited.with_name(edited.name.replace(".nii.gz", ".json"))}
-            job.edit = {k: path.relative_to(self.out).as_posix() for k, path in files.items() if path.is_file()}
+            job.edit = {k: path.relative_to(self.out).as_posix() for k, path in edit_files(edited, scan["path"]).items()
+                        if path.is_file()}
             job.folder = folder
 
     @contextlib.contextmanager
