@@ -35,6 +35,10 @@ def add_commands(commands) -> None:
                    help="another target covariate (repeatable), applied to every edit")
     p.add_argument("--from", dest="source", metavar="NAME=VALUE,...",
                    help="the scan's own covariates, e.g. age=52,sex=F (default: its row of the prepared manifest)")
+    p.add_argument("--prepare", choices=("brain", "head"),
+                   help="the scan is a raw T1 from outside mriflow (any voxel size, orientation, field of view): take it "
+                        "through the preparation recipe onto the model's grid first (OUT/prepared/; brain: already "
+                        "skull-stripped, head: stripped by deepbet); give its covariates with --from or from_ columns")
     p.add_argument("--steps", type=int, default=16, help="solver steps each way (default 16)")
     p.add_argument("--solver", default="heun", choices=("euler", "heun", "midpoint", "rk4"))
     p.add_argument("--no-labels", action="store_true", help="write no tissue maps")
@@ -94,6 +98,22 @@ def jobs_of(args: argparse.Namespace) -> list[tuple[Path, dict[str, Any] | None,
     return [(path, source, targets) for path in scans]
 
 
+def prepared_jobs(jobs, generator, out: Path, kind: str):
+    """The jobs with each raw scan replaced by itself taken through the recipe onto the model's grid (out/prepared)."""
+    from mriflow.cli.common import prepare_outside
+
+    grid = generator.meta.get("grid")
+    if not grid:
+        raise ValueError(f"--prepare: the model {generator.path} does not name the grid it was trained on; prepare the "
+                         "scan with `mriflow prepare` at the model's preset and edit the prepared volume")
+    unknown = [str(scan) for scan, source, _ in jobs if source is None]
+    if unknown:
+        raise ValueError(f"--prepare: a raw scan has no manifest row with its covariates ({unknown[0]}); give them "
+                         "with --from age=52,sex=F (or from_<name> columns in --batch)")
+    prepared = prepare_outside(sorted({scan for scan, _, _ in jobs}), out, grid, kind, "--scan")
+    return [(prepared[scan], source, targets) for scan, source, targets in jobs]
+
+
 def _run_edit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -102,8 +122,10 @@ def _run_edit(args: argparse.Namespace) -> int:
 
     jobs = jobs_of(args)
     model = args.model
-    if len(jobs) > 1:  # loaded once for the batch
+    if len(jobs) > 1 or args.prepare:  # loaded once for the batch (and for its grid)
         model = load_generator(args.model, args.device, args.trust_model_paths, labels=None if not args.no_labels else False)
+    if args.prepare:
+        jobs = prepared_jobs(jobs, model, Path(args.out), args.prepare)
     paths = []
     for scan, source, targets in tqdm(jobs, desc="edit", unit="scan", disable=len(jobs) < 2):
         paths += edit_scan(model, scan, args.out, targets, source=source, steps=args.steps, solver=args.solver,

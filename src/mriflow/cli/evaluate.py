@@ -177,25 +177,16 @@ def prepare_fake(real: str, fake: str, out: Path, kind: str) -> Path:
     """Another generator's volumes through the real data's recipe (its prepare.json preset): registered to MNI152,
     resampled to the grid, scaled to [0, 1], skull-stripped by deepbet when they are heads; returns their images folder."""
     from mriflow.data.dataset import read_preparation
-    from mriflow.data.prepare import run_prepare
 
     preset = read_preparation(real).get("preset")
     if preset is None:
         raise ValueError(f"--prepare-fake: {real} has no prepare.json naming its grid; prepare the real data with "
                          "`mriflow prepare` first")
+    from mriflow.cli.common import prepare_outside
     from mriflow.generate_io import is_label_map
 
-    # prepare names a subject by its file name up to the first "_": sample_00003 would be "sample" for every file
-    inputs = out / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
     volumes = [p for p in sorted(Path(fake).glob("*.nii*")) if not is_label_map(p)]
     if not volumes:
         raise ValueError(f"--fake {fake}: no NIfTI volumes to prepare")
-    for volume in volumes:
-        target = inputs / volume.name.replace("_", "-")
-        if not target.exists():
-            target.symlink_to(volume.resolve())
-    print(f"preparing {counted(len(volumes), 'generated volume')} of {fake} onto the {preset} grid in {out}")
-    run_prepare(inputs, out / "prepared", preset=preset, skull_strip="deepbet" if kind == "head" else "none",
-                register=True)
+    prepare_outside(volumes, out, preset, kind, "--fake", strict=False)
     return out / "prepared" / "images"
