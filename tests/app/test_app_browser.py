@@ -351,3 +351,48 @@ def test_a_real_scan_is_drawn_at_another_age_from_the_page(browser, tmp_path, sc
         assert not errors, errors
     finally:
         app.stop()
+
+
+def test_a_scan_of_ones_own_is_uploaded_prepared_and_drawn_at_another_age_from_the_page(browser, tmp_path, screenshots):
+    """`mriflow app --uploads`: choose a raw T1 (1.5 mm, right to left, with a margin), give its age and sex, upload
+    it; once prepared onto the model's grid it is drawn at another age like any scan."""
+    import gzip
+
+    from scipy import ndimage
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluate"))
+    from evaluation_helpers import write_evaluation_set  # noqa: E402
+
+    context, _ = browser
+    source = nib.load(str(write_evaluation_set(tmp_path / "real") / "images" / "sub03.nii.gz"))  # the 4 mm grid
+    data = np.pad(ndimage.zoom(np.asarray(source.dataobj, np.float32), 4 / 1.5, order=1)[::-1], 6)
+    affine = np.diag([-1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = source.affine[:3, 3] + np.array([(data.shape[0] - 13) * 1.5, -9.0, -9.0])
+    raw = tmp_path / "my_t1.nii.gz"
+    raw.write_bytes(gzip.compress(nib.Nifti1Image(data * 800, affine).to_bytes()))
+    app = App("--out", str(tmp_path / "out"), "--model", "4mm", "--uploads", cwd=tmp_path)
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(app.url + "/")
+        page.wait_for_selector("body[data-edit='1']", timeout=60_000)
+        assert page.is_visible("#upload-box")
+        page.set_input_files("#upload-file", str(raw))
+        page.fill("#upload-age", "52")
+        page.select_option("#upload-sex", "F")
+        page.click("#upload-run")
+        page.wait_for_function("window.mriflow.uploaded", timeout=GENERATE_TIMEOUT)
+        assert "prepared my_t1.nii.gz as upload-" in page.text_content("#status-E")
+        set_range(page, "#edit-age", 75)
+        page.fill("#edit-steps", "2")
+        page.click("#edit-run")
+        page.wait_for_function("window.mriflow.edited >= 1", timeout=GENERATE_TIMEOUT)
+        assert "at age 75.0" in page.text_content("#status-E")
+        assert "(age 52.0, sex F)" in page.text_content("#status-A")
+        dims = page.evaluate("window.mriflow.viewers.B.volumes[0].dims")
+        assert dims == [3, *source.shape]
+        page.screenshot(path=str(screenshots / "app_upload.png"), full_page=True)
+        assert not errors, errors
+    finally:
+        app.stop()

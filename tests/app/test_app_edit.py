@@ -61,7 +61,7 @@ def test_an_edit_is_drawn_with_its_round_trip_and_difference_and_says_where_it_c
 
 
 @pytest.mark.parametrize("body, words", [
-    ({"scan": "nobody", "covariates": {"age": 60}}, "not one of the 7 scans"),
+    ({"scan": "nobody", "covariates": {"age": 60}}, "7 scans (--scans, uploads)"),
     ({"scan": "sub02", "covariates": {}}, "say what to change"),
     ({"scan": "sub02", "covariates": {"shoe": 3}}, "shoe"),
     ({"scan": "sub02", "covariates": {"age": 60}, "steps": 10_000}, "steps must be an integer from 1 to"),

@@ -23,16 +23,19 @@ SHOWN = 40  # characters of a refused value quoted back
 
 
 class BodyLimit:
-    """ASGI middleware: a request that declares a body over `limit` bytes gets 413 before any route runs."""
+    """ASGI middleware: a request that declares a body over `limit` bytes (`limits[path]` for the routes named there,
+    e.g. an upload's) gets 413 before any route runs."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY, limits: dict[str, int] | None = None):
+        self.app, self.limit, self.limits = app, limit, dict(limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             declared = dict(scope["headers"]).get(b"content-length", b"0")
-            if not declared.isdigit() or int(declared) > self.limit:
-                body = json.dumps({"detail": TOO_LARGE if declared.isdigit() else "Content-Length is not a number"})
+            limit = self.limits.get(scope.get("path", ""), self.limit)
+            if not declared.isdigit() or int(declared) > limit:
+                too_large = TOO_LARGE if limit == self.limit else f"the request body is over {limit} bytes, the most this route reads"
+                body = json.dumps({"detail": too_large if declared.isdigit() else "Content-Length is not a number"})
                 await send({"type": "http.response.start", "status": 413 if declared.isdigit() else 400,
                             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
                 await send({"type": "http.response.body", "body": body.encode()})
@@ -101,3 +104,16 @@ def finite(value: Any, name: str, minimum: float | None = None) -> float:
         bound = "" if minimum is None else f" >= {minimum:g}"
         raise ValueError(f"{name} must be a finite number{bound}, got {shown(value)}")
     return number
+
+
+async def file_body(request: Request, limit: int) -> bytes:
+    """A file sent as the body itself (Content-Type: application/octet-stream: a page on another site cannot send it
+    unasked, 415 otherwise), at most `limit` bytes counted as it arrives (413)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/octet-stream":
+        raise HTTPException(415, "send the file itself as the body (Content-Type: application/octet-stream)")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise HTTPException(413, f"the upload is over {limit // 2**20} MB, the most this app reads")
+    return bytes(raw)

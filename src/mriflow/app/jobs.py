@@ -31,6 +31,7 @@ import numpy as np
 
 from mriflow.app.bodies import finite, shown
 from mriflow.app.paths import OutsideRootError, existing_file, inside
+from mriflow.app.scans import UploadFolder, check_kind, read_upload, scan_index
 from mriflow.data.io import load_volume
 from mriflow.utils.seeding import sample_seed
 from mriflow.generate import Generator, load_generator, requested_covariates
@@ -81,19 +82,26 @@ class GenerationService:
     """Loads the model once and runs generation jobs on one worker thread."""
 
     def __init__(self, model: str, out: str | Path, device: str = "cpu", trust_paths: bool = False,
-                 scans: str | Path | None = None):
+                 scans: str | Path | None = None, uploads: bool = False):
         self.model = model
         self.out = Path(out)
         self.generator: Generator = load_generator(model, device, trust_paths)
         self.scans: dict[str, dict[str, Any]] = {}  # subject -> {"path", "covariates", "split"}: what edits start from
-        if scans is not None:
+        self.uploads: UploadFolder | None = None  # where uploaded scans are prepared (app.scans)
+        if scans is not None or uploads:
             from mriflow.edit import check_invertible
 
+            option = "--scans" if scans is not None else "--uploads"
             try:
                 check_invertible(self.generator, "heun")
+                if uploads and not self.generator.meta.get("grid"):
+                    raise ValueError(f"the model {self.generator.path} does not name its grid, so an upload cannot be "
+                                     "prepared onto it")
             except ValueError as error:
-                raise ValueError(f"--scans: {error}") from None
-            self.scans = scan_index(scans, self.generator.schema.names)
+                raise ValueError(f"{option}: {error}") from None
+            if scans is not None:
+                self.scans = scan_index(scans, self.generator.schema.names)
+            self.uploads = UploadFolder() if uploads else None
         self.jobs: dict[str, Job] = {}
         self.learnt: dict[tuple[str, int], int] = {}  # (solver, steps) -> calls, for adaptive solvers
         self.lock = threading.Lock()
@@ -123,7 +131,8 @@ class GenerationService:
                 entry["categories"] = list(c.categories)
             covariates.append(entry)
         edit = {"scans": [{"id": k, "split": v["split"], "covariates": v["covariates"]} for k, v in self.scans.items()],
-                "steps": EDIT_STEPS, "max_steps": MAX_EVALUATIONS // EDIT_EVALUATIONS_PER_STEP} if self.scans else None
+                "steps": EDIT_STEPS, "max_steps": MAX_EVALUATIONS // EDIT_EVALUATIONS_PER_STEP,
+                "uploads": self.uploads is not None} if self.scans or self.uploads else None
         return {"model": str(self.model), "model_id": g.model_id, "stage": g.stage, "covariates": covariates,
                 "solvers": list(g.solvers), "defaults": g.sampling_settings(), "image_shape": list(g.image_shape),
                 "affine": np.asarray(g.affine).tolist(), "edit": edit}
@@ -186,11 +195,12 @@ class GenerationService:
     def submit_edit(self, request: Mapping[str, Any]) -> Job:
         """{"scan": a subject of --scans, "covariates": the targets, "steps"?}: that scan inverted under its recorded
         covariates and drawn again under these (Heun, `steps` each way). ValueError names what is wrong."""
-        if not self.scans:
-            raise ValueError("editing is off: start the app with --scans DATA (a prepared folder) to edit its scans")
+        if not self.scans and self.uploads is None:
+            raise ValueError("editing is off: start the app with --scans DATA (a prepared folder) to edit its scans, or "
+                             "--uploads to edit uploaded ones")
         scan = request.get("scan")
         if not isinstance(scan, str) or scan not in self.scans:
-            raise ValueError(f"scan {shown(scan)}: not one of the {len(self.scans)} scans of --scans")
+            raise ValueError(f"scan {shown(scan)}: not one of the app's {len(self.scans)} scans (--scans, uploads)")
         steps = request.get("steps", EDIT_STEPS)
         most = MAX_EVALUATIONS // EDIT_EVALUATIONS_PER_STEP
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
@@ -218,6 +228,34 @@ class GenerationService:
             job.edit = {k: path.relative_to(self.out).as_posix() for k, path in edit_files(edited, scan["path"]).items()
                         if path.is_file()}
             job.folder = folder
+
+    def submit_upload(self, data: bytes, covariates: Mapping[str, Any], kind: Any) -> Job:
+        """A T1 uploaded as NIfTI bytes (app.scans), with its own covariates: prepared onto the model's grid by the
+        worker, then one of the scans `submit_edit` takes (its id in the job's request). ValueError names the fault."""
+        if self.uploads is None:
+            raise ValueError("uploads are off: start the app with --uploads to edit scans of your own")
+        kind = check_kind(kind)
+        given = {k: v for k, v in _covariates(dict(covariates)).items() if v is not None}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resolve_request(self.generator.schema, given)  # ValueError for an unknown name or category
+        missing = [name for name in self.generator.schema.names if name not in given]
+        if missing:
+            raise ValueError(f"give the scan's own {', '.join(missing)}: the flow is inverted under them")
+        image = read_upload(data)
+        scan_id = f"upload-{secrets.token_hex(4)}"
+        path = self.uploads.save(scan_id, image)
+        job = Job(id=secrets.token_hex(6), request={"kind": "upload", "scan": scan_id, "covariates": given,
+                                                    "prepare": kind}, warnings=[str(w.message) for w in caught])
+        return self._enqueue(job, self._run_upload, {"path": path, "scan": scan_id, "covariates": given, "kind": kind})
+
+    def _run_upload(self, job: Job, checked: dict[str, Any]) -> None:
+        from mriflow.data.outside import prepare_outside
+
+        with self._running(job):
+            prepared = prepare_outside([checked["path"]], checked["path"].parent.parent, self.generator.meta["grid"],
+                                       checked["kind"], "upload", progress=False)[checked["path"]]
+            self.scans[checked["scan"]] = {"path": prepared, "split": "uploaded", "covariates": checked["covariates"]}
 
     @contextlib.contextmanager
     def _running(self, job: Job):
@@ -262,6 +300,8 @@ class GenerationService:
 
     def close(self) -> None:
         self.worker.shutdown(wait=False, cancel_futures=True)
+        if self.uploads is not None:
+            self.uploads.close()
 
 
 def _finite(value: float) -> float | None:
@@ -287,27 +327,6 @@ def _covariates(given: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- what the output folder holds
-
-
-def scan_index(data: str | Path, names) -> dict[str, dict[str, Any]]:
-    """The scans of a prepared folder that the app may edit: {subject: {"path", "split", "covariates"}} with the
-    covariates the manifest records for the model's names (None where it has none), in the manifest's order."""
-    from mriflow.data.dataset import read_manifest
-    from mriflow.edit import pd_missing
-
-    data = Path(data)
-    if not (data / "manifest.csv").is_file():
-        raise FileNotFoundError(f"--scans {data}: not a prepared folder (no manifest.csv); give one `mriflow prepare` wrote")
-    scans = {}
-    for row in read_manifest(data).to_dict("records"):
-        path = data / row["image"]
-        if path.is_file():
-            covariates = {n: (None if pd_missing(row.get(n)) else (float(row[n]) if isinstance(row[n], (int, float))
-                                                                   else str(row[n]))) for n in names}
-            scans[str(row["subject"])] = {"path": path, "split": str(row.get("split", "")), "covariates": covariates}
-    if not scans:
-        raise ValueError(f"--scans {data}: its manifest lists no image that is there")
-    return scans
 
 
 def sample_files(out: Path, folder: str) -> list[dict[str, Any]]:

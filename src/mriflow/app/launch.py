@@ -92,7 +92,8 @@ def serve(state: AppState, sock: socket.socket, host: str = "127.0.0.1", announc
 def run(model: str = "default", out: str | Path = "app-output", host: str = "127.0.0.1", port: int = 8765,
         reports: list[str] | None = None, turing: bool = False, real: str | None = None, fake: str | None = None,
         split: str = "test", per_class: int | None = None, db: str | None = None, device: str = "cpu",
-        trust_paths: bool = False, new_study: bool = False, scans: str | Path | None = None) -> None:
+        trust_paths: bool = False, new_study: bool = False, scans: str | Path | None = None,
+        uploads: bool = False) -> None:
     """`mriflow app`: check everything a user gave (NiiVue installed, model, folders), then serve."""
     from mriflow.app.niivue import locate_niivue
 
@@ -110,8 +111,8 @@ def run(model: str = "default", out: str | Path = "app-output", host: str = "127
         if turing:
             if not real or not fake:
                 raise ValueError("--turing needs --real DATA (a prepared dataset) and --fake DIR (generated volumes)")
-            if scans:
-                raise ValueError("--scans: a Turing test shows no edits; drop --scans or --turing")
+            if scans or uploads:
+                raise ValueError("--scans, --uploads: a Turing test shows no edits; drop them or --turing")
             state.turing = load_turing(real, fake, split, per_class, db, out=state.out, reports=roots,
                                        new_study=new_study)
         else:
@@ -119,7 +120,7 @@ def run(model: str = "default", out: str | Path = "app-output", host: str = "127
                 raise ValueError("--real, --fake, --db and --new-study belong to the Turing test: add --turing")
             state.reports = roots
             state.out.mkdir(parents=True, exist_ok=True)
-            state.service = jobs.GenerationService(model, state.out, device, trust_paths, scans=scans)
+            state.service = jobs.GenerationService(model, state.out, device, trust_paths, scans=scans, uploads=uploads)
             print(f"mriflow app: model {state.service.generator.model_id}; samples go to {state.out}/")
     except BaseException:
         sock.close()

@@ -28,7 +28,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from mriflow.app import jobs
-from mriflow.app.bodies import BodyLimit, json_body, number, text
+from mriflow.app.bodies import BodyLimit, file_body, json_body, number, text
+from mriflow.app.scans import KINDS, MAX_UPLOAD
 from mriflow.app.paths import MissingFile, OutsideRootError, existing_file, inside
 from mriflow.app.store import CONFIDENCE, TRUTHS, AnswerStore, check_rater
 from mriflow.app.turing import Study
@@ -77,6 +78,12 @@ def edit_spec(service: jobs.GenerationService | None) -> dict[str, Any]:
                      ("scan", "covariates"))
 
 
+UPLOAD_SPEC = {
+    "parameters": [{"name": "kind", "in": "query", "schema": {"enum": list(KINDS)}},
+                   {"name": "age", "in": "query", "schema": {"type": "number"}},
+                   {"name": "sex", "in": "query", "schema": {"type": "string"}}],
+    "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                          "format": "binary"}}}}}
 SESSION_BODY = body_spec({"rater": {"type": "string", "minLength": 1, "maxLength": 64}}, ("rater",))
 ANSWER_BODY = body_spec({
     "rater": {"type": "string"}, "item": {"type": "string"}, "answer": {"enum": list(TRUTHS)},
@@ -96,7 +103,7 @@ class AppState:
 def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastAPI:
     app = FastAPI(title="mriflow", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.mriflow = state
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, limits={"/api/scans": MAX_UPLOAD})
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
@@ -178,6 +185,16 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
     async def edit(request: Request):
         job = service().submit_edit(await json_body(request))
         return job.view()
+
+    @app.post("/api/scans", status_code=202, openapi_extra=UPLOAD_SPEC)
+    async def upload(request: Request, kind: str = "brain"):
+        """A T1 of the user's (the NIfTI file as the body; its covariates as query parameters, e.g. ?age=52&sex=F):
+        prepared onto the model's grid, then one of the scans /api/edit takes (the job's request.scan)."""
+        from mriflow.models.conditioning import parse_value
+
+        data = await file_body(request, MAX_UPLOAD)
+        covariates = {name: parse_value(value) for name, value in request.query_params.items() if name != "kind"}
+        return service().submit_upload(data, covariates, kind).view()
 
     @app.get("/api/jobs/{job_id}")
     def job(job_id: str):

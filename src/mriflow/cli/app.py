@@ -34,6 +34,9 @@ def _add_app(commands) -> None:
     p.add_argument("--scans", metavar="DATA",
                    help="a prepared folder whose scans the page can draw at another age or sex (the flow inverted; "
                         "flow models only)")
+    p.add_argument("--uploads", action="store_true",
+                   help="let the page upload a T1 of the user's (NIfTI, up to 64 MB; with its age and sex) to draw at "
+                        "another age: prepared onto the model's grid in a private folder removed when the app stops")
     turing = p.add_argument_group("visual Turing test")
     turing.add_argument("--turing", action="store_true", help="run a visual Turing test instead of the generator")
     turing.add_argument("--real", metavar="DATA", help="prepared dataset folder (manifest.csv + images/)")
@@ -59,7 +62,8 @@ def _run_app(args: argparse.Namespace) -> int:
     try:
         run(model=args.model, out=args.out, host=args.host, port=args.port, reports=args.reports, turing=args.turing,
             real=args.real, fake=args.fake, split=args.split, per_class=args.per_class, db=args.db, device=args.device,
-            trust_paths=args.trust_model_paths, new_study=args.new_study, scans=args.scans)
+            trust_paths=args.trust_model_paths, new_study=args.new_study, scans=args.scans,
+            uploads=args.uploads)
     except KeyboardInterrupt:
         pass
     return 0

@@ -80,38 +80,3 @@ def is_image_file_error(error: BaseException) -> bool:
     images = sys.modules.get("nibabel.filebasedimages")
     return images is not None and isinstance(error, images.ImageFileError)
 
-
-def prepare_outside(volumes: list[Path], out: Path, preset: str, kind: str, argument: str,
-                    strict: bool = True) -> dict[Path, Path]:
-    """Volumes from outside mriflow (any voxel size, orientation, field of view, intensities) through the preparation
-    recipe onto grid `preset` in out/prepared: registered to MNI152, resampled, scaled to [0, 1], skull-stripped by
-    deepbet when they are heads (`kind` "head"; "brain": already stripped). Returns {volume: its prepared image}; with
-    `strict`, a volume the recipe skipped is one line naming it and why (`argument`: the option it came from), else it
-    is left out (prepare_report.csv says why)."""
-    from mriflow.data.io import strip_nifti_suffix
-    from mriflow.data.prepare import run_prepare
-    from mriflow.utils.text import counted
-
-    # prepare names a subject by its file name up to the first "_": sample_00003 would be "sample" for every file
-    inputs = out / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    links = {}
-    for volume in volumes:
-        target = inputs / volume.name.replace("_", "-")
-        if not target.exists():
-            target.symlink_to(volume.resolve())
-        links[volume] = strip_nifti_suffix(target.name)
-    print(f"preparing {counted(len(volumes), 'volume')} onto the {preset} grid in {out}")
-    result = run_prepare(inputs, out / "prepared", preset=preset, skull_strip="deepbet" if kind == "head" else "none",
-                         register=True)
-    prepared = {}
-    for volume, subject in links.items():
-        image = out / "prepared" / "images" / f"{subject}.nii.gz"
-        if not image.is_file() and not strict:
-            continue
-        if not image.is_file():
-            reason = next((skip.reason for skip in result.skipped if skip.subject == subject), "skipped")
-            raise ValueError(f"{argument} {volume}: the preparation recipe could not take it onto the {preset} grid "
-                             f"({reason}); see {out / 'prepared' / 'prepare_report.csv'}")
-        prepared[volume] = image
-    return prepared

@@ -100,7 +100,7 @@ def jobs_of(args: argparse.Namespace) -> list[tuple[Path, dict[str, Any] | None,
 
 def prepared_jobs(jobs, generator, out: Path, kind: str):
     """The jobs with each raw scan replaced by itself taken through the recipe onto the model's grid (out/prepared)."""
-    from mriflow.cli.common import prepare_outside
+    from mriflow.data.outside import prepare_outside
 
     grid = generator.meta.get("grid")
     if not grid:

@@ -182,7 +182,7 @@ def prepare_fake(real: str, fake: str, out: Path, kind: str) -> Path:
     if preset is None:
         raise ValueError(f"--prepare-fake: {real} has no prepare.json naming its grid; prepare the real data with "
                          "`mriflow prepare` first")
-    from mriflow.cli.common import prepare_outside
+    from mriflow.data.outside import prepare_outside
     from mriflow.generate_io import is_label_map
 
     volumes = [p for p in sorted(Path(fake).glob("*.nii*")) if not is_label_map(p)]

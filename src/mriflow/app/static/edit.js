@@ -27,6 +27,44 @@
   if (sex) for (const k of sex.categories) $("edit-sex").add(new Option(k, k));
   else $("edit-sex-box").hidden = true;
   $("edit-steps").value = edit.steps; $("edit-steps").max = edit.max_steps;
+  if (edit.uploads) {
+    // a scan of the user's own: prepared onto the model's grid by the app, then one of the scans above
+    $("upload-box").hidden = false;
+    if (age) $("upload-age").value = Math.round(age.mean); else $("upload-age-box").hidden = true;
+    if (sex) for (const k of sex.categories) $("upload-sex").add(new Option(k, k)); else $("upload-sex-box").hidden = true;
+  }
+
+  async function waitFor(job, status, bar, doing) {
+    while (job.state === "queued" || job.state === "running") {
+      await new Promise((r) => setTimeout(r, 200));
+      job = await (await fetch("/api/jobs/" + job.id)).json();
+      bar.style.width = (100 * job.progress).toFixed(0) + "%";
+      status.textContent = job.state === "running" ? doing(job) : job.state + "…";
+    }
+    return job;
+  }
+
+  async function upload() {
+    const status = $("status-E"), bar = $("progress-E"), file = $("upload-file").files[0];
+    status.classList.remove("error");
+    if (!file) { status.classList.add("error"); status.textContent = "choose a NIfTI file (.nii or .nii.gz) first"; return; }
+    const query = new URLSearchParams({ kind: $("upload-kind").value });
+    if (age) query.set("age", $("upload-age").value);
+    if (sex) query.set("sex", $("upload-sex").value);
+    status.textContent = "uploading…"; bar.style.width = "0";
+    const response = await fetch("/api/scans?" + query, { method: "POST",
+      headers: { "Content-Type": "application/octet-stream" }, body: file });
+    let job = await response.json();
+    if (!response.ok) { status.classList.add("error"); status.textContent = job.detail; return; }
+    job = await waitFor(job, status, bar, () => "preparing: registration to MNI152 and resampling onto the model's grid…");
+    if (job.state === "error") { status.classList.add("error"); status.textContent = "failed: " + job.error; return; }
+    const id = job.request.scan;
+    $("edit-scan").add(new Option(`${id}: ${file.name} (${shown(job.request.covariates)}; uploaded)`, id));
+    $("edit-scan").value = id;
+    bar.style.width = "100%";
+    status.textContent = `prepared ${file.name} as ${id} in ${job.seconds.toFixed(1)} s: choose an age and draw it`;
+    window.mriflow.uploaded = id;
+  }
 
   async function run() {
     const status = $("status-E"), bar = $("progress-E");
@@ -38,12 +76,7 @@
       body: JSON.stringify({ scan: $("edit-scan").value, covariates, steps: +$("edit-steps").value }) });
     let job = await response.json();
     if (!response.ok) { status.classList.add("error"); status.textContent = job.detail; return; }
-    while (job.state === "queued" || job.state === "running") {
-      await new Promise((r) => setTimeout(r, 200));
-      job = await (await fetch("/api/jobs/" + job.id)).json();
-      bar.style.width = (100 * job.progress).toFixed(0) + "%";
-      status.textContent = job.state === "running" ? `inverting and drawing: network evaluation ${job.calls} of ${job.expected}` : job.state + "…";
-    }
+    job = await waitFor(job, status, bar, (j) => `inverting and drawing: network evaluation ${j.calls} of ${j.expected}`);
     if (job.state === "error") { status.classList.add("error"); status.textContent = "failed: " + job.error; return; }
     bar.style.width = "100%";
     const files = job.edit;
@@ -68,6 +101,11 @@
     if (busy) return;
     busy = true; $("edit-run").disabled = true;
     try { await run(); } finally { busy = false; $("edit-run").disabled = false; }
+  });
+  $("upload-run").addEventListener("click", async () => {
+    if (busy) return;
+    busy = true; $("upload-run").disabled = true; $("edit-run").disabled = true;
+    try { await upload(); } finally { busy = false; $("upload-run").disabled = false; $("edit-run").disabled = false; }
   });
   document.body.dataset.edit = "1";
 })().catch((error) => {
