@@ -1,9 +1,9 @@
 """The one training loop shared by every stage (autoencoder, latent flow, diffusion baseline).
 
 Over 400 lines on purpose: `train` reads top to bottom in one pass (as nanoGPT's train.py), and the
-pieces it calls below it (the resumable sampler, logs, montages, validation, and the save and restore
-of every network, optimizer and random state) are read with it, since exact resume is their
-agreement; a stage's own logic lives in its stage module, not here.
+pieces it calls below it (the resumable sampler, logs, montages, validation) are read with it; the save
+and restore of every network, optimizer and random state that exact resume needs are in
+mriflow.train.checkpointing; a stage's own logic lives in its stage module, not here.
 
 It reads top to bottom: processes and devices, run folder, networks and optimizers, EMA,
 resume, data, then the loop (learning rate, micro-batches x phases, optimizer steps, EMA,
@@ -60,8 +60,6 @@ import csv
 import io
 import json
 import math
-import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -78,6 +76,7 @@ from mriflow import checkpoint as ckpt
 from mriflow import distributed
 from mriflow.config import LoopConfig
 from mriflow.distributed import Distributed, unwrap
+from mriflow.train.checkpointing import LONG, restore_training, save_training, warm_start_weights
 from mriflow.utils.seeding import item_seed, seed_everything
 from mriflow.utils.text import counted
 
@@ -95,7 +94,6 @@ class Stage(Protocol):
     # optional: def validate(self, networks: dict[str, nn.Module]) -> dict[str, float] (see the module docstring)
 
 
-LONG = "@long"  # the suffix of a network's longer EMA copy (loop.ema_long_decay) in the EMA dict and training state
 
 
 class StopRequest:
@@ -219,13 +217,13 @@ def train(
     # ---- resume ---------------------------------------------------------------------------------
     step, log_rows, validation_rows, best = 0, [], [], None
     if resume and (latest := ckpt.latest_checkpoint(out)) is not None:
-        step, best = _restore(latest, stage, ema, optimizers, context)
+        step, best = restore_training(latest, stage, ema, optimizers, context)
         log_rows = _read_log(out / "log.csv", up_to_step=step)
         validation_rows = _read_log(out / "validation.csv", up_to_step=step)
         if is_main:
             print(f"resuming {out} from {latest.name} (step {step})")
     elif warm_start is not None:
-        step = _warm_start(Path(warm_start), stage, ema)
+        step = warm_start_weights(Path(warm_start), stage, ema)
         if is_main:
             print(f"{out}: warm start from {warm_start} (step {step}; optimizer moments start afresh)")
     elif resume and is_main:
@@ -353,7 +351,7 @@ def train(
             if step % config.checkpoint_every == 0 or step == final_step or due:
                 if is_main and hasattr(stage, "validate"):
                     best = _validate(stage, ema, out, step, validation_rows, best, writer)
-                last_saved = _save(out, stage, ema, optimizers, context, config, meta, step, epoch, metrics, best)
+                last_saved = save_training(out, stage, ema, optimizers, context, config, meta, step, epoch, metrics, best)
                 saved_at = time.perf_counter()
                 distributed.barrier()
 
@@ -518,103 +516,3 @@ def _validate(stage: Stage, ema: dict[str, AveragedModel], out: Path, step: int,
     if math.isfinite(score) and (best is None or score < next(iter(best["validation"].values()))):
         best = {"step": step, "checkpoint": str(out / ckpt.CHECKPOINTS_DIR / f"step-{step:08d}"), "validation": figures}
     return best
-
-
-def _save(out: Path, stage: Stage, ema: dict[str, AveragedModel], optimizers: dict[str, torch.optim.Optimizer],
-          context: Distributed, config: LoopConfig, meta: dict[str, Any], step: int, epoch: int,
-          metrics: dict[str, float], best: dict[str, Any] | None = None) -> Path:
-    """Write RUN/checkpoints/step-XXXXXXXX (rank 0) and prune old ones but the best; every process contributes
-    its RNG state."""
-    states = distributed.all_gather_objects(_rng_state())
-    directory = out / ckpt.CHECKPOINTS_DIR / f"step-{step:08d}"
-    if not context.is_main:
-        return directory
-    exported = {name: ema[name].module if name in ema else unwrap(stage.networks[name])
-                for name in (stage.ema_networks or stage.networks)}
-    weights = {f"{name}.{key}": value for name, net in exported.items() for key, value in net.state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
-    for name, network in stage.networks.items():
-        state.update({f"network.{name}.{k}": v for k, v in unwrap(network).state_dict().items()})
-    for name, average in ema.items():  # the bare module's names, as before AveragedModel; n_averaged is the step
-        state.update({f"ema.{name}.{k}": v for k, v in average.module.state_dict().items()})
-    optimizer_groups = {}
-    for phase, optimizer in optimizers.items():
-        saved = optimizer.state_dict()
-        optimizer_groups[phase] = saved["param_groups"]
-        for index, values in saved["state"].items():
-            state.update({f"optimizer.{phase}.{index}.{k}": torch.as_tensor(v) for k, v in values.items()})
-    rng_meta = []
-    for rank, rng in enumerate(states):
-        state[f"rng.{rank}.torch"] = rng["torch"]
-        state[f"rng.{rank}.numpy"] = torch.from_numpy(rng["numpy"][1].astype(np.int64))
-        for index, cuda_state in enumerate(rng["cuda"]):
-            state[f"rng.{rank}.cuda.{index}"] = cuda_state
-        rng_meta.append({"python": rng["python"], "numpy": [rng["numpy"][0], *rng["numpy"][2:]], "cuda": len(rng["cuda"])})
-    full_meta = {**meta, "step": step, "epoch": epoch, "world_size": context.world_size,
-                 "batch_size": config.batch_size, "grad_accumulation": config.grad_accumulation,
-                 "optimizer": optimizer_groups, "rng": rng_meta, "metrics": metrics,
-                 **({"best": best} if best is not None else {})}
-    ckpt.save_checkpoint(directory, weights, full_meta, train_state=state, weights_dtype=config.weights_dtype)
-    complete = sorted((p for p in (out / ckpt.CHECKPOINTS_DIR).glob("step-*") if (p / ckpt.META_FILE).is_file()),
-                      key=lambda p: int(p.name.split("-")[1]))
-    for old in complete[: -config.keep_checkpoints]:
-        if best is None or old.name != Path(best["checkpoint"]).name:
-            shutil.rmtree(old, ignore_errors=True)
-    return directory
-
-
-def _restore(directory: Path, stage: Stage, ema: dict[str, AveragedModel], optimizers: dict[str, torch.optim.Optimizer],
-             context: Distributed) -> tuple[int, dict[str, Any] | None]:
-    """Load networks, EMA, optimizers and this process's random states; returns the checkpoint's step and its
-    record of the best validated checkpoint (None when the stage does not validate)."""
-    _, meta = ckpt.load_checkpoint(directory)
-    state = ckpt.load_train_state(directory)
-    for name, network in stage.networks.items():
-        ckpt.load_weights_into(unwrap(network), state, f"network.{name}.", str(directory))
-    for name, average in ema.items():
-        prefix = f"ema.{name}."
-        if name.endswith(LONG) and not any(key.startswith(prefix) for key in state):  # enabled on this resume
-            prefix = f"ema.{name.removesuffix(LONG)}."
-        ckpt.load_weights_into(average.module, state, prefix, str(directory))
-        average.n_averaged.fill_(int(meta["step"]) + 1)  # 1 for the starting copy, 1 per step
-    for phase, optimizer in optimizers.items():
-        prefix = f"optimizer.{phase}."
-        values: dict[int, dict[str, torch.Tensor]] = {}
-        for key, tensor in state.items():
-            if key.startswith(prefix):
-                index, name = key[len(prefix):].split(".", 1)
-                values.setdefault(int(index), {})[name] = tensor
-        optimizer.load_state_dict({"state": values, "param_groups": meta["optimizer"][phase]})
-    if meta.get("world_size") == context.world_size:
-        rank, rng = context.rank, meta["rng"][context.rank]
-        numpy_state = state[f"rng.{rank}.numpy"].numpy().astype(np.uint32)
-        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        np.random.set_state((rng["numpy"][0], numpy_state, *rng["numpy"][1:]))
-        torch.set_rng_state(state[f"rng.{rank}.torch"])
-        if torch.cuda.is_available() and rng["cuda"]:
-            torch.cuda.set_rng_state_all([state[f"rng.{rank}.cuda.{i}"] for i in range(rng["cuda"])])
-    elif context.is_main:
-        print(f"{directory}: saved with {meta.get('world_size')} process(es), resumed with {context.world_size}; "
-              "random streams restart from the seed (the loss curve will differ slightly)")
-    return int(meta["step"]), meta.get("best")
-
-
-def _warm_start(directory: Path, stage: Stage, ema: dict[str, AveragedModel]) -> int:
-    """Load a checkpoint's inference weights (model.safetensors) into each averaged network and its EMA copy; its step."""
-    weights, meta = ckpt.load_checkpoint(directory)
-    for name, average in ema.items():
-        base = name.removesuffix(LONG)
-        ckpt.load_weights_into(unwrap(stage.networks[base]), weights, f"{base}.", str(directory))
-        ckpt.load_weights_into(average.module, weights, f"{base}.", str(directory))
-        average.n_averaged.fill_(int(meta.get("step", 0)) + 1)
-    return int(meta.get("step", 0))
-
-
-def _rng_state() -> dict[str, Any]:
-    python = random.getstate()
-    return {
-        "python": [python[0], list(python[1]), python[2]],
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
