@@ -119,3 +119,28 @@ def test_the_cli_trains_a_student_and_refuses_a_grid_the_pairs_do_not_hold(teach
     # a resume keeps the run's method and steps, and refuses another teacher
     assert main(["train", "fewstep", "4mm", "--out", str(run), "--resume", "--device", "cpu"]) == 2
     assert "another teacher" in capsys.readouterr().err
+
+
+def test_under_torchrun_rank_zero_draws_the_pairs_and_both_processes_train(teacher, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from mriflow.generator import load_generator\n"
+        "from mriflow.train.fewstep import train_fewstep\n"
+        "teacher = load_generator(sys.argv[1], device='cpu', labels=False)\n"
+        "result = train_fewstep(teacher, sys.argv[2], method='reflow', steps=1, pairs=6, validation_pairs=2,\n"
+        "                       loop_overrides={'max_steps': 2, 'batch_size': 2, 'device': 'cpu'})\n"
+        "assert result['step'] == 2 and torch.distributed.is_initialized() is False\n")
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                str(script), str(teacher.path), str(tmp_path / "student")],
+                               capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    index = json.loads((tmp_path / "student" / "pairs" / "index.json").read_text())
+    assert sum(s["count"] for s in index["shards"]) == 6  # drawn once, not once per process
+    meta = json.loads((ckpt.latest_checkpoint(tmp_path / "student") / ckpt.META_FILE).read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 2

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mriflow import checkpoint as ckpt
+from mriflow import distributed
 from mriflow.config import LoopConfig, from_dict, to_dict
 from mriflow.families import get_family
 from mriflow.families.flow import FewStepConfig, FlowSamplingConfig
@@ -347,15 +348,29 @@ def train_fewstep(
     teacher_grid = time_grid(int(settings["steps"]), shift, dtype=torch.float64)
     grid_positions([float(teacher_grid[i]) for i in stored_indices(int(settings["steps"]))], steps, shift)  # before any work
     config = student_config(teacher.meta["config"], method, steps, float(settings["guidance"]), loop_config)
-    index = draw_pairs(teacher, out / PAIRS_DIR, pairs, seed)
+    joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
+    context = distributed.setup(config.loop.device)
+    try:
+        if context.is_main:  # under torchrun rank 0 draws the pairs (DistributedSampler shares them out), the rest wait
+            draw_pairs(teacher, out / PAIRS_DIR, pairs, seed)
+        distributed.barrier()
+        return _train(teacher, out, config, pairs, validation_pairs, resume, context)
+    finally:
+        if not joined_group:
+            distributed.teardown()
+
+
+def _train(teacher, out: Path, config, pairs: int, validation_pairs: int, resume: bool, context) -> dict[str, Any]:
+    index = json.loads((out / PAIRS_DIR / "index.json").read_text())
     train_rows = range(0, pairs - validation_pairs)
     data = TeacherPairs(out / PAIRS_DIR, train_rows)
-    validation = TeacherPairs(out / PAIRS_DIR, range(pairs - validation_pairs, pairs)) if validation_pairs else None
+    validation = (TeacherPairs(out / PAIRS_DIR, range(pairs - validation_pairs, pairs))
+                  if validation_pairs and context.is_main else None)
     family = get_family("flow")(config)
     student = VelocityNet(config.model)
     student.load_state_dict(teacher.velocity_net.state_dict())
     student.train()
-    decode = (lambda z: teacher.decode(z.to(teacher.device))) if hasattr(teacher, "decode") else None
+    decode = (lambda z: teacher.decode(z.to(teacher.device))) if context.is_main else None
     stage = FewStepStage(family, student, index["times"], decode, validation)
     meta = {key: value for key, value in teacher.meta.items()
             if key not in ("path", "step", "metrics", "checksums", "exported_from", "model_id", "best", "epoch",
@@ -365,5 +380,5 @@ def train_fewstep(
     if "autoencoder" in meta:  # where this machine has the teacher's autoencoder (an exported model's is relative)
         meta["autoencoder"] = {**meta["autoencoder"], "path": str(ckpt.resolve_checkpoint(
             Path(teacher.path) / meta["autoencoder"]["path"]).resolve())}
-    return loop.train(stage, data, config.loop, out, meta, resume=resume)
+    return loop.train(stage, data, config.loop, out, meta, resume=resume, context=context)
 
