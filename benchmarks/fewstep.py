@@ -136,8 +136,24 @@ def measure(args: argparse.Namespace) -> dict:
     write_result(result_name, record)
     picture = DOCUMENT.parent / f"fewstep_2mm_{args.split}.png"
     plot(record, picture)
+    samples_picture(record, args.out / "measure" / args.split, DOCUMENT.parent / f"fewstep_2mm_{args.split}_samples.png")
     replace_section(DOCUMENT, f"## few-step sampling (2mm, {args.split})", section(record, picture))
     return record
+
+
+def samples_picture(record: dict, folder: Path, path: Path, index: int = 12) -> None:
+    """One request (sample `index`: the same noise, age and sex in every row) drawn by every sampler, three planes each."""
+    from mriflow.data.io import load_volume
+    from mriflow.utils.montage import three_plane_montage
+
+    volumes = {}
+    for row in sorted(record["rows"], key=lambda r: (r["arm"] != "teacher", r["arm"], r["nfe"])):
+        image = folder / row["label"].replace(" ", "-") / "samples" / f"sample_{index:05d}.nii.gz"
+        if image.is_file():
+            volumes[f"{row['label']} ({row['nfe']} NFE)"] = load_volume(image)[0]
+    if volumes:
+        sidecar = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
+        three_plane_montage(volumes, path, title=f"one request drawn by each sampler: {sidecar['covariates']}, the same noise")
 
 
 def within(row: dict, reference: dict, key: str, lower_is_better: bool) -> bool:
@@ -197,7 +213,8 @@ def section(record: dict, picture: Path) -> str:
     lines = [f"Command: `{record['command']}` (pairs: {record['pairs']['count']} samples of the teacher "
              f"{record['pairs']['teacher']['model_id']} with its own sampler, "
              f"`python benchmarks/fewstep.py pairs`; arms: `python benchmarks/fewstep.py train`). One CPU thread.",
-             "", f"![quality vs evaluations]({link(picture, DOCUMENT)})", "",
+             "", f"Quality against evaluations and seconds: {link(picture, DOCUMENT)}; one request drawn by every sampler "
+                 f"(same noise, age and sex): {link(picture.with_name(picture.stem + '_samples.png'), DOCUMENT)}", "",
              "| sampler | trained (steps, CPU min) | NFE | FD | precision | recall | coverage | MS-SSIM (real) | HF / real | "
              "age MAE (real) | s / volume, batch 8 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(record["rows"], key=lambda r: (r["arm"] != "teacher", r["arm"], r["nfe"])):
