@@ -356,20 +356,11 @@ def test_a_real_scan_is_drawn_at_another_age_from_the_page(browser, tmp_path, sc
 def test_a_scan_of_ones_own_is_uploaded_prepared_and_drawn_at_another_age_from_the_page(browser, tmp_path, screenshots):
     """`mriflow app --uploads`: choose a raw T1 (1.5 mm, right to left, with a margin), give its age and sex, upload
     it; once prepared onto the model's grid it is drawn at another age like any scan."""
-    import gzip
-
-    from scipy import ndimage
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluate"))
-    from evaluation_helpers import write_evaluation_set  # noqa: E402
+    from evaluation_helpers import scanner_copy  # noqa: E402
 
     context, _ = browser
-    source = nib.load(str(write_evaluation_set(tmp_path / "real") / "images" / "sub03.nii.gz"))  # the 4 mm grid
-    data = np.pad(ndimage.zoom(np.asarray(source.dataobj, np.float32), 4 / 1.5, order=1)[::-1], 6)
-    affine = np.diag([-1.5, 1.5, 1.5, 1.0])
-    affine[:3, 3] = source.affine[:3, 3] + np.array([(data.shape[0] - 13) * 1.5, -9.0, -9.0])
-    raw = tmp_path / "my_t1.nii.gz"
-    raw.write_bytes(gzip.compress(nib.Nifti1Image(data * 800, affine).to_bytes()))
+    raw, volume, _ = scanner_copy(tmp_path)
     app = App("--out", str(tmp_path / "out"), "--model", "4mm", "--uploads", cwd=tmp_path)
     try:
         page = context.new_page()
@@ -391,7 +382,7 @@ def test_a_scan_of_ones_own_is_uploaded_prepared_and_drawn_at_another_age_from_t
         assert "at age 75.0" in page.text_content("#status-E")
         assert "(age 52.0, sex F)" in page.text_content("#status-A")
         dims = page.evaluate("window.mriflow.viewers.B.volumes[0].dims")
-        assert dims == [3, *source.shape]
+        assert dims == [3, *volume.shape]
         page.screenshot(path=str(screenshots / "app_upload.png"), full_page=True)
         assert not errors, errors
     finally:

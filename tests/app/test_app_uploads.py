@@ -11,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from scipy import ndimage
 
 from app_helpers import NIIVUE_STAND_IN, poll
 from mriflow.app import jobs, scans
@@ -19,7 +18,7 @@ from mriflow.app.server import AppState, create_app
 from mriflow.data.io import load_volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluate"))
-from evaluation_helpers import write_evaluation_set  # noqa: E402
+from evaluation_helpers import scanner_copy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +34,9 @@ def uploading(tmp_path_factory):
 
 
 def raw_scan(root: Path) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """A phantom brain on the 4 mm grid stored as a scanner might: 1.5 mm voxels, right to left, a margin, other
-    intensities; (its .nii.gz bytes, the 4 mm volume it came from, that volume's affine)."""
-    real = write_evaluation_set(root / "real")
-    source = nib.load(str(real / "images" / "sub03.nii.gz"))
-    volume = np.asarray(source.dataobj, np.float32)
-    data = np.pad(ndimage.zoom(volume, 4 / 1.5, order=1)[::-1], 6)
-    affine = np.diag([-1.5, 1.5, 1.5, 1.0])
-    affine[:3, 3] = source.affine[:3, 3] + np.array([(data.shape[0] - 13) * 1.5, -9.0, -9.0])
-    return gzip.compress(nib.Nifti1Image(data * 800, affine).to_bytes()), volume, source.affine
+    """scanner_copy's .nii.gz bytes, the 4 mm volume it came from and that volume's affine."""
+    raw, volume, affine = scanner_copy(root)
+    return raw.read_bytes(), volume, affine
 
 
 def post(client, data: bytes, query: str = "age=50&sex=F", content_type: str = "application/octet-stream"):

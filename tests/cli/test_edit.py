@@ -127,34 +127,24 @@ def test_a_raw_scan_is_prepared_onto_the_models_grid_before_it_is_edited(tmp_pat
     goes through the preparation recipe onto the shipped 4 mm model's grid, then is edited; its covariates come from
     --from, which a raw scan cannot do without."""
     import nibabel as nib
-    from scipy import ndimage
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluate"))
-    from evaluation_helpers import write_evaluation_set  # noqa: E402
+    from evaluation_helpers import scanner_copy  # noqa: E402
 
-    real = write_evaluation_set(tmp_path / "real")
-    source = nib.load(str(real / "images" / "sub03.nii.gz"))
-    volume = np.asarray(source.dataobj, np.float32)
-    data = np.pad(ndimage.zoom(volume, 4 / 1.5, order=1)[::-1], 6)
-    affine = np.diag([-1.5, 1.5, 1.5, 1.0])
-    affine[:3, 3] = source.affine[:3, 3] + np.array([(data.shape[0] - 13) * 1.5, -9.0, -9.0])
-    raw = tmp_path / "raw" / "my_scan.nii.gz"
-    raw.parent.mkdir()
-    nib.save(nib.Nifti1Image(data * 800, affine), str(raw))
-
+    raw, volume, affine = scanner_copy(tmp_path)
     out = tmp_path / "edits"
     arguments = ["edit", "--model", "4mm", "--scan", str(raw), "--prepare", "brain", "--age", "70", "--out", str(out),
                  "--steps", "2", "--solver", "euler", "--device", "cpu", "--no-labels"]
     assert main(arguments) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "--from" in error[0] and "my_scan" in error[0]
+    assert len(error) == 1 and "--from" in error[0] and "my_t1" in error[0]
     assert main(arguments + ["--from", "age=50,sex=F"]) == 0
-    prepared = out / "prepared" / "images" / "my-scan.nii.gz"
-    edited = out / "my-scan_age-70.nii.gz"
-    assert prepared.is_file() and edited.is_file() and (out / "my-scan_roundtrip.nii.gz").is_file()
+    prepared = out / "prepared" / "images" / "my-t1.nii.gz"
+    edited = out / "my-t1_age-70.nii.gz"
+    assert prepared.is_file() and edited.is_file() and (out / "my-t1_roundtrip.nii.gz").is_file()
     image = nib.load(str(edited))
-    assert np.allclose(image.affine, source.affine) and image.shape == source.shape  # the model's (4 mm) grid
+    assert np.allclose(image.affine, affine) and image.shape == volume.shape  # the model's (4 mm) grid
     back = np.asarray(nib.load(str(prepared)).dataobj, np.float64)
     assert np.corrcoef(back.ravel(), volume.ravel())[0, 1] > 0.8  # where the scan was, whatever its voxels
-    sidecar = json.loads((out / "my-scan_age-70.json").read_text())
+    sidecar = json.loads((out / "my-t1_age-70.json").read_text())
     assert sidecar["source"]["scan"] == str(prepared.resolve()) and sidecar["edit"]["to"]["age"] == 70.0

@@ -58,3 +58,21 @@ def write_fakes(folder, prepared, subjects, transform=lambda v: v, sidecar=None)
         if sidecar:
             (folder / f"sample_{i:03d}.json").write_text(json.dumps(sidecar(i, subject)))
     return folder
+
+
+def scanner_copy(root: Path, subject: str = "sub03") -> tuple[Path, np.ndarray, np.ndarray]:
+    """A phantom of write_evaluation_set stored as a scanner might: 1.5 mm voxels, right to left (LAS), a margin of 6
+    empty voxels, other intensities, gzipped as root/raw/my_t1.nii.gz; (that file, the 4 mm volume it came from, its
+    affine on the 4 mm template grid)."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    source = nib.load(str(write_evaluation_set(root / "real") / "images" / f"{subject}.nii.gz"))
+    volume = np.asarray(source.dataobj, np.float32)
+    data = np.pad(ndimage.zoom(volume, 4 / 1.5, order=1)[::-1], 6)
+    affine = np.diag([-1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = source.affine[:3, 3] + np.array([(data.shape[0] - 13) * 1.5, -9.0, -9.0])
+    raw = root / "raw" / "my_t1.nii.gz"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data * 800, affine), str(raw))
+    return raw, volume, source.affine
