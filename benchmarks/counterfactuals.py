@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ages", default="30,50,70,80", help="the ages every subject is drawn at")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--solver", default="heun")
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance both ways")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         source = {"age": float(row.age), "sex": str(row.sex)}
         other_sex = "F" if source["sex"] == "M" else "M"
         targets = [{"age": a} for a in ages] + [{"age": source["age"] + 20}, {"sex": other_sex}]
-        result = edit_volume(generator, volume, source, targets, steps=args.steps, solver=args.solver)
+        result = edit_volume(generator, volume, source, targets, steps=args.steps, solver=args.solver,
+                             guidance=args.guidance)
         edited = result.edited
         round_ssim, round_psnr = ssim_psnr(result.round_trip, volume)
         older = edited[len(ages)]
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
           "measured": f"{edits_per_decade[k]:+.1f} ml vs {population[k]['per_decade']:+.1f} "
                       f"[{population[k]['low']:+.1f}, {population[k]['high']:+.1f}]"} for k in population]
     name = args.name or (args.model if not Path(args.model).exists() else Path(args.model).name)
+    if args.guidance != 1.0 and not args.name:  # its own section: guidance 1 is the reference
+        name += f"-guidance{args.guidance:g}"
     record = {"benchmark": "counterfactuals", "command": command_line(__file__, argv), "model_id": generator.model_id,
               "grid": grid, "steps": args.steps, "solver": args.solver, "summary": summary, "targets": targets,
               "subjects": rows, "machine": machine()}
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     draw(example, ages, picture)
     checks = "\n".join(f"| {t['target']} | {t['measured']} | {'met' if t['met'] else 'missed'} |" for t in targets)
     body = f"""`{record['command']}`: {len(rows)} test subjects of `{args.data}` edited with the model `{generator.model_id}`
-({args.solver}, {args.steps} steps each way, guidance 1): each inverted under its recorded age and sex and drawn again at
+({args.solver}, {args.steps} steps each way, guidance {args.guidance:g}): each inverted under its recorded age and sex and drawn again at
 {', '.join(f'{a:g}' for a in ages)} years, at its age + 20 and as the other sex. Sex edits read as the requested sex by the
 anatomy network: {summary['sex_edits_read_as_requested']:.0%}.
 

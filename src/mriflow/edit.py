@@ -12,8 +12,11 @@ edit alone: edited − round trip.
     >>> result = edit_volume(generator, volume, {"age": 52, "sex": "F"}, [{"age": 75}], steps=16)
     >>> result.edited[0], result.round_trip, result.difference[0]       # (D, H, W) each, in [0, 1]
 
-Only families whose sampler is the flow's ODE can be inverted (mriflow.families.flow and its image-space use);
-guidance is 1 (the conditional velocity), since classifier-free guidance breaks the ODE's invertibility.
+Only families whose sampler is the flow's ODE can be inverted (mriflow.families.flow and its image-space use).
+`guidance` w ≠ 1 runs both ways on the guided field v_u + w·(v_c − v_u) (under the source covariates back, the
+target's forth): still an ODE, so still invertible in the limit of small steps, but its larger curvature costs
+round-trip fidelity at a given number of steps (DDIM inversion's known trade, null-text inversion); w > 1 strengthens
+what the covariates change (the age effect), at 1 the conditional velocity alone (the default).
 """
 
 from __future__ import annotations
@@ -79,13 +82,13 @@ def encode_volume(generator: Generator, volume: np.ndarray) -> torch.Tensor:
 
 
 def integrate(generator: Generator, x: torch.Tensor, covariates: tuple[torch.Tensor, torch.Tensor] | None,
-              t_steps: torch.Tensor, solver: str) -> torch.Tensor:
+              t_steps: torch.Tensor, solver: str, guidance: float = 1.0) -> torch.Tensor:
     """Integrate the flow's ODE from x at t_steps[0] to t_steps[-1] (either direction) under `covariates`
-    (conditional velocity, no guidance)."""
+    (the conditional velocity; with `guidance` ≠ 1 the guided one)."""
     path = check_invertible(generator, solver)
     values, present = (None, None) if covariates is None else (covariates[0][None], covariates[1][None])
     with evaluating(generator.velocity_net):
-        predict = guided_prediction(generator.velocity_net, values, present, 1.0)
+        predict = guided_prediction(generator.velocity_net, values, present, guidance)
 
         def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return path.convert(predict(x_t, t), x_t, t, path.prediction, "velocity")
@@ -95,33 +98,35 @@ def integrate(generator: Generator, x: torch.Tensor, covariates: tuple[torch.Ten
 
 
 def edit_volume(generator: Generator, volume: np.ndarray, source: Mapping[str, Any],
-                targets: Sequence[Mapping[str, Any]], steps: int = 16, solver: str = "heun") -> EditResult:
+                targets: Sequence[Mapping[str, Any]], steps: int = 16, solver: str = "heun",
+                guidance: float = 1.0) -> EditResult:
     """Invert `volume` under the covariates `source` and draw it again under each of `targets` (a covariate left out of
-    a target keeps its source value); see the module docstring."""
+    a target keeps its source value), both ways at `guidance`; see the module docstring."""
     if steps < 1:
         raise ValueError(f"--steps {steps}: at least 1")
     path = check_invertible(generator, solver)
-    settings = generator.sampling_settings(solver, steps, 1.0)
+    settings = generator.sampling_settings(solver, steps, guidance)  # refuses a guidance the model has no use for
     # the whole grid both ways (a data prediction's velocity is read through its clipped divisor up to t = 1 too)
     grid = path.time_grid(steps, settings.get("time_shift", 1.0), dtype=torch.float32)
     x1 = encode_volume(generator, volume)
     wanted = [{**dict(source), **dict(target)} for target in targets]
     conditions = [resolve_request(generator.schema, request) for request in (source, *wanted)]
-    x0 = integrate(generator, x1, conditions[0], grid.flip(0), solver)
-    drawn = [integrate(generator, x0, condition, grid, solver) for condition in conditions]
+    x0 = integrate(generator, x1, conditions[0], grid.flip(0), solver, guidance)
+    drawn = [integrate(generator, x0, condition, grid, solver, guidance) for condition in conditions]
     volumes = generator.decode(torch.cat([x1, *drawn]))  # (2 + T, D, H, W): the scan, the round trip, the edits
     edited = list(volumes[2:])
     per_solve = steps * {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4}[solver]
     return EditResult(source=volumes[0], round_trip=volumes[1], edited=edited,
                       difference=[edit - volumes[1] for edit in edited], targets=wanted,
-                      settings={"solver": solver, "steps": steps, "guidance": 1.0,
+                      settings={"solver": solver, "steps": steps, "guidance": float(guidance),
                                 "time_shift": settings.get("time_shift", 1.0), "source_covariates": dict(source)},
                       latents=torch.cat(drawn[1:]), nfe=per_solve * (1 + len(drawn)) // max(1, len(targets)))
 
 
 def edit_scan(model: str | Path | Generator, scan: str | Path, out: str | Path, targets: Sequence[Mapping[str, Any]],
               source: Mapping[str, Any] | None = None, steps: int = 16, solver: str = "heun", device: str = "auto",
-              labels: bool = True, trust_paths: bool = False, overwrite: bool = False) -> list[Path]:
+              labels: bool = True, trust_paths: bool = False, overwrite: bool = False,
+              guidance: float = 1.0) -> list[Path]:
     """Edit one scan into files: OUT/<scan>_<target>.nii.gz per target with its tissue map (_labels) and difference map
     (_diff: edit − round trip), OUT/<scan>_roundtrip.nii.gz, and a JSON sidecar per edit that says where it came from
     (the scan's path and SHA-256, the inversion's covariates, solver and steps) and that it derives from a real
@@ -145,7 +150,7 @@ def edit_scan(model: str | Path | Generator, scan: str | Path, out: str | Path, 
     if not np.allclose(affine, generator.affine, atol=1e-3):
         raise ValueError(f"--scan {scan}: its affine is not the model's template grid; prepare it with `mriflow prepare` "
                          "at the model's preset")
-    result = edit_volume(generator, volume, source, targets, steps, solver)
+    result = edit_volume(generator, volume, source, targets, steps, solver, guidance)
     stem = scan.name.removesuffix(".gz").removesuffix(".nii")
     names = [f"{stem}_{target_label(target, source)}" for target in result.targets]
     clashes = [str(out / f"{n}{s}") for n in [*names, f"{stem}_roundtrip"] for s in (".nii.gz", ".json")
@@ -153,7 +158,7 @@ def edit_scan(model: str | Path | Generator, scan: str | Path, out: str | Path, 
     if clashes and not overwrite:
         raise FileExistsError(f"{clashes[0]} already exists; choose another --out (edits are never overwritten)")
     maps = generator.decode_labels(result.latents, np.stack(result.edited)) if generator.labels is not None else None
-    common = {"seed": None, "solver": solver, "steps": steps, "guidance": 1.0, "nfe": result.nfe,
+    common = {"seed": None, "solver": solver, "steps": steps, "guidance": float(guidance), "nfe": result.nfe,
               "model_id": generator.model_id, "model_checksum": generator.model_checksum,
               "representation": generator.representation_name, "background": BACKGROUND_RULE,
               "source": {"scan": str(scan.resolve()), "sha256": sha256(scan), "covariates": source},

@@ -41,6 +41,9 @@ def add_commands(commands) -> None:
                         "skull-stripped, head: stripped by deepbet); give its covariates with --from or from_ columns")
     p.add_argument("--steps", type=int, default=16, help="solver steps each way (default 16)")
     p.add_argument("--solver", default="heun", choices=("euler", "heun", "midpoint", "rk4"))
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance both ways (default 1: the conditional velocity); above 1 the covariates "
+                        "change more, at some cost to the round trip's fidelity")
     p.add_argument("--no-labels", action="store_true", help="write no tissue maps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--trust-model-paths", action="store_true",
@@ -129,6 +132,7 @@ def _run_edit(args: argparse.Namespace) -> int:
     paths = []
     for scan, source, targets in tqdm(jobs, desc="edit", unit="scan", disable=len(jobs) < 2):
         paths += edit_scan(model, scan, args.out, targets, source=source, steps=args.steps, solver=args.solver,
-                           device=args.device, labels=not args.no_labels, trust_paths=args.trust_model_paths)
+                           device=args.device, labels=not args.no_labels, trust_paths=args.trust_model_paths,
+                           guidance=args.guidance)
     print("\n".join(str(path) for path in paths) + f"\nround trip and difference maps beside them in {Path(args.out)}")
     return 0
