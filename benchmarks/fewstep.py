@@ -153,7 +153,7 @@ def samples_picture(record: dict, folder: Path, path: Path, index: int = 12) -> 
             volumes[f"{row['label']} ({row['nfe']} NFE)"] = load_volume(image)[0]
     if volumes:
         sidecar = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
-        three_plane_montage(volumes, path, title=f"one request drawn by each sampler: {sidecar['covariates']}, the same noise")
+        three_plane_montage(volumes, path, title=f"same noise, {sidecar['covariates']}")
 
 
 def within(row: dict, reference: dict, key: str, lower_is_better: bool) -> bool:
