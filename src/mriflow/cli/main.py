@@ -22,6 +22,7 @@ NIfTI volumes with JSON sidecars, and measure them against real data.
   train gan DATA ...                 baseline: a GAN (R3GAN losses), one-step sampling
   train slices DATA --out RUN        a 2D flow over axial slices, no autoencoder
   train labels DATA ...              a label decoder: a tissue map beside each sample
+  train fewstep MODEL --out RUN      a student of a flow: its samples in 1 or 2 evaluations
   encode DATA --autoencoder AE       cache the latents (training does it when needed)
   generate [--model RUN] --out DIR   sample volumes (default: the shipped 2 mm model)
   export RUN OUT [--labels RUN]      a model folder that travels (generate --model OUT)
