@@ -121,6 +121,8 @@ def measure(args: argparse.Namespace) -> dict:
             plans.append((f"{name} euler {steps}", name, student, "euler", steps,
                           {"step": student.meta["step"], "cpu_minutes": round(spent_cpu_minutes(run), 1)}))
     for label, arm, generator, solver, steps, trained in plans:
+        if args.rows and label not in args.rows:
+            continue
         if label in kept and not args.again and (trained is None or kept[label].get("trained") == trained):
             record["rows"].append(kept[label])
             continue
@@ -258,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", type=lambda s: [a for a in s.split(",") if a], help=f"among {', '.join(ARMS)}")
     p.add_argument("--arms-only", action="store_true", help="leave the teacher's rows as they are")
     p.add_argument("--again", action="store_true", help="measure rows already measured at the same step again")
+    p.add_argument("--rows", type=lambda s: [a.strip() for a in s.split(",") if a.strip()],
+                   help="measure only these rows, by label (e.g. 'teacher heun 8,reflow-2 euler 1': the test split's "
+                        "one figure for the chosen sampler beside the teacher's)")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
     for name in getattr(args, "arms", None) or []:
