@@ -119,6 +119,10 @@ def test_the_cli_trains_a_student_and_refuses_a_grid_the_pairs_do_not_hold(teach
     # a resume keeps the run's method and steps, and refuses another teacher
     assert main(["train", "fewstep", "4mm", "--out", str(run), "--resume", "--device", "cpu"]) == 2
     assert "another teacher" in capsys.readouterr().err
+    # a resume keeps the run's 4 pairs (the default --pairs 512 draws none) and its schedule
+    assert main(["train", "fewstep", str(teacher.path), "--out", str(run), "--resume", "--device", "cpu"]) == 0
+    index = json.loads((run / "pairs" / "index.json").read_text())
+    assert sum(s["count"] for s in index["shards"]) == 4
 
 
 def test_under_torchrun_rank_zero_draws_the_pairs_and_both_processes_train(teacher, tmp_path):

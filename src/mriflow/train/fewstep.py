@@ -316,7 +316,7 @@ def train_fewstep(
     `out`: draw (or complete) its `pairs` teacher pairs in out/pairs (the last `validation_pairs` held out: by
     default a quarter, at most 16), then train with `method` ("reflow" | "distill")
     for `steps` Euler steps. `loop_overrides`: fields of the loop config (max_steps, lr, batch_size, max_minutes,
-    max_cpu_minutes, checkpoint_minutes...). A resume keeps the run's own method, steps and loop config. Returns the
+    max_cpu_minutes, checkpoint_minutes...). A resume keeps the run's own method, steps, pairs and loop config. Returns the
     loop's result ({"step", "metrics", "checkpoint", "best"})."""
     out = Path(out)
     if method not in METHODS:
@@ -335,6 +335,8 @@ def train_fewstep(
             raise ValueError(f"{out} was trained from another teacher ({saved.get('fewstep_teacher', {}).get('path')}); "
                              "pass that model to resume")
         method, steps = fewstep.get("method", method), int(fewstep.get("steps", steps))
+        record = saved.get("fewstep_teacher", {})  # the run's own pairs, whatever --pairs says now
+        pairs, validation_pairs = int(record.get("pairs", pairs)), int(record.get("validation_pairs", validation_pairs))
         loop_config = from_dict(LoopConfig, saved["config"]["loop"], f"{latest}/checkpoint.json loop")
         if loop_overrides:
             loop_config = dataclasses.replace(loop_config, **{k: v for k, v in loop_overrides.items()
