@@ -13,17 +13,20 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
 from mriflow import checkpoint as ckpt
+from mriflow.config import to_dict
 from mriflow.families import FAMILIES
 from mriflow.generator import AUTOENCODER_DIR, GENERATOR_DIR, LABELS_DIR, autoencoder_folder, latent_sources
 from mriflow.utils.text import verb
 
 
 def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "float16",
-                     autoencoder: str | Path | None = None, ema: str = "main") -> Path:
+                     autoencoder: str | Path | None = None, ema: str = "main",
+                     sampling: Mapping[str, Any] | None = None) -> Path:
     """Copy a generator run's latest checkpoint and its autoencoder into out/flow and out/autoencoder.
 
     `ema`: "main" ships the inference weights (the loop's EMA, loop.ema_decay); "long" the longer EMA the run kept
@@ -33,6 +36,9 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
     `autoencoder`: ship this one instead of the generator's own, which it must refine: trained with
     `refine_decoder` from the generator's autoencoder, with the same encoder tensor for tensor (so the
     same latents); anything else is refused.
+
+    `sampling`: the exported model's default sampler instead of the run's (e.g. {"solver": "euler", "steps": 1} for a
+    few-step student measured best at one step); keys of the family's sampling config, checked as a run's config is.
 
     Only model.safetensors and checkpoint.json travel (no train_state), weights cast to
     `weights_dtype`; the generator's meta["autoencoder"] then points at "../autoencoder"
@@ -49,6 +55,8 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
     if ema == "long":
         weights = long_ema_weights(directory)
         meta["ema"] = {"kind": "long", "decay": meta["config"]["loop"].get("ema_long_decay")}
+    if sampling:
+        meta["config"] = default_sampler(meta, directory, sampling)
     image_space = FAMILIES[meta["stage"]].space == "image" or "representation" in meta  # no autoencoder to ship
     autoencoder_dir = None if image_space else autoencoder_folder(meta, directory)
     if autoencoder is not None:
@@ -91,6 +99,21 @@ def export_generator(run: str | Path, out: str | Path, weights_dtype: str = "flo
             shutil.rmtree(target, ignore_errors=True)
         raise
     return out
+
+
+def default_sampler(meta: Mapping[str, Any], directory: Path, sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's config with `sampling` merged into its sampler defaults, refused in one line when a key is
+    not the family's or a value is invalid (the family's own check included: a few-step student keeps guidance 1)."""
+    family_class = FAMILIES[meta["stage"]]
+    current = dict(meta["config"].get("sampling") or {})
+    unknown = sorted(set(sampling) - set(to_dict(family_class.Config().sampling)))
+    if unknown:
+        raise ValueError(f"{directory}: a {meta['stage']} model's sampler has no {', '.join(unknown)}; "
+                         f"its settings: {', '.join(sorted(to_dict(family_class.Config().sampling)))}")
+    config = {**meta["config"], "sampling": {**current, **sampling}}
+    family = family_class.from_config(config, f"{directory} with the exported sampler")
+    family.check_sampling(family.default_sampling())
+    return config
 
 
 def export_labels(run: str | Path, model_dir: str | Path, weights_dtype: str = "float16") -> Path:

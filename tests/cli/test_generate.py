@@ -122,3 +122,24 @@ def test_an_export_refusal_is_one_line_with_exit_code_2_and_leaves_nothing_half_
     assert main(["export", str(tmp_path / "absent"), str(tmp_path / "model2")]) == 2
     error = capsys.readouterr().err
     assert str(tmp_path / "absent") in error and error.count("\n") == 1 and not (tmp_path / "model2").exists()
+
+
+def test_export_can_set_the_models_default_sampler_and_refuses_an_invalid_one(tmp_path, capsys):
+    """A few-step student is shipped with the steps it was measured best at: `generate` then uses them by default."""
+    run = save_tiny_generator(tmp_path / "flow", save_tiny_autoencoder(tmp_path / "autoencoder"))
+    model = tmp_path / "model"
+    assert main(["export", str(run), str(model), "--solver", "euler", "--steps", "1"]) == 0
+    sampling = json.loads((model / "flow" / ckpt.META_FILE).read_text())["config"]["sampling"]
+    assert sampling["solver"] == "euler" and sampling["steps"] == 1
+    samples = tmp_path / "samples"
+    assert main(["generate", "--model", str(model), "--out", str(samples), "--n", "1", "--device", "cpu"]) == 0
+    sidecar = json.loads((samples / "sample_00000.json").read_text())
+    assert (sidecar["solver"], sidecar["steps"], sidecar["nfe"]) == ("euler", 1, 1)
+    capsys.readouterr()
+
+    for option, value, message in (("--steps", "0", "sampling.steps must be >= 1"),
+                                   ("--solver", "ddim", "sampling.solver")):
+        other = tmp_path / f"other{option}"
+        assert main(["export", str(run), str(other), option, value]) == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1 and not other.exists()

@@ -25,7 +25,8 @@ def _add_generate(commands) -> None:
                     "the model knows is an option: --age 45 --sex F, or --NAME VALUE / --covariate NAME=VALUE for the "
                     "others (e.g. region volumes); an unknown name is refused with the list of valid ones.")
     p.add_argument("--model", default="default",
-                   help="generator run or checkpoint folder, a shipped model's name (4mm), or 'default' (shipped)")
+                   help="generator run or checkpoint folder, a shipped model's name (2mm-fewstep, 2mm, 4mm), or 'default' "
+                        "(2mm-fewstep: one network evaluation per brain)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="output folder (existing samples are never overwritten)")
     where.add_argument("--bids", metavar="DIR",
@@ -153,6 +154,10 @@ def _add_export(commands) -> None:
     p.add_argument("--ema", choices=("main", "long"), default="main",
                    help="weights to ship: main (default, the run's EMA) or long (the longer EMA kept beside it with "
                         "loop.ema_long_decay, when its validation figures say it is the better one)")
+    p.add_argument("--solver", help="the exported model's default sampler (default: the run's), e.g. euler for a "
+                                    "few-step student (mriflow train fewstep)")
+    p.add_argument("--steps", type=int, help="the exported model's default number of steps (default: the run's), "
+                                             "e.g. 1 for a student measured best at one evaluation")
     p.set_defaults(func=_run_export, out_argument="OUT")
 
 
@@ -165,7 +170,8 @@ def _run_export(args: argparse.Namespace) -> int:
     before = {name for name in (GENERATOR_DIR, AUTOENCODER_DIR) if (out / name).exists()}
     written: list[str] = []
     try:  # a refusal, of the label decoder too, leaves nothing half-exported behind
-        export_generator(args.run, out, autoencoder=args.autoencoder, ema=args.ema)
+        sampling = {key: value for key, value in (("solver", args.solver), ("steps", args.steps)) if value is not None}
+        export_generator(args.run, out, autoencoder=args.autoencoder, ema=args.ema, sampling=sampling)
         written = [name for name in (GENERATOR_DIR, AUTOENCODER_DIR) if name not in before and (out / name).exists()]
         if args.labels is not None:
             if AUTOENCODER_DIR not in written:

@@ -24,8 +24,8 @@ NIfTI volumes with JSON sidecars, and measure them against real data.
   train labels DATA ...              a label decoder: a tissue map beside each sample
   train fewstep MODEL --out RUN      a student of a flow: its samples in 1 or 2 evaluations
   encode DATA --autoencoder AE       cache the latents (training does it when needed)
-  generate [--model RUN] --out DIR   sample volumes (default: the shipped 2 mm model)
-  export RUN OUT [--labels RUN]      a model folder that travels (generate --model OUT)
+  generate [--model RUN] --out DIR   sample volumes (default: the shipped 2 mm model, 1 evaluation each)
+  export RUN OUT [--steps K]         a model folder that travels (generate --model OUT)
   edit --scan FILE --age 60,80 ...   a real scan at other ages or sex, by inverting the flow
   evaluate reconstruction DATA ...   the autoencoder's SSIM, PSNR, MS-SSIM on a split
   evaluate generation ...            real against generated: FD, PRDC, privacy; a report
