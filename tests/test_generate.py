@@ -315,7 +315,8 @@ def test_two_processes_write_the_files_of_one(runs, tmp_path):
 
 
 @pytest.mark.parametrize("name, grid, parts, labels_source", [
-    ("2mm", "2mm", {"flow", "autoencoder"}, "anatomy"),  # the default: tissue maps by the 2 mm anatomy network
+    ("2mm", "2mm", {"flow", "autoencoder"}, "anatomy"),  # tissue maps by the 2 mm anatomy network
+    ("2mm-fewstep", "2mm", {"flow", "autoencoder"}, "anatomy"),  # the default, its one-evaluation student
     ("4mm", "4mm", {"flow", "autoencoder", "labels"}, "decoder"),
 ])
 def test_each_shipped_model_generates_brains_with_tissue_maps_on_its_template_grid(tmp_path, name, grid, parts,
@@ -348,9 +349,23 @@ def test_each_shipped_model_generates_brains_with_tissue_maps_on_its_template_gr
     assert (tissue[volume < 0.02] == 0).mean() > 0.95  # no tissue where the image is empty
 
 
-def test_the_default_is_the_2mm_model(tmp_path):
-    """The README's first command: `mriflow generate --out samples` without --model gives 2 mm brains."""
-    assert load_generator("default", "cpu").image_shape == tuple(get_grid("2mm").shape)
+def test_the_default_is_the_2mm_models_one_evaluation_student(tmp_path):
+    """The README's first command: `mriflow generate --out samples` without --model gives 2 mm brains in one network
+    evaluation each, by a student of the shipped 16-evaluation model that says so; `--steps` still changes the count."""
+    default, teacher = load_generator("default", "cpu"), load_generator("2mm", "cpu")
+    assert default.image_shape == teacher.image_shape == tuple(get_grid("2mm").shape)
+    assert default.sampling_settings()["steps"] == 1 and default.sampling_settings()["solver"] == "euler"
+    assert teacher.sampling_settings()["steps"] == 8  # Heun: 16 evaluations
+    assert default.meta["fewstep_teacher"]["model_sha256"] == teacher.model_checksum.removeprefix("sha256:")
+    assert default.family.config.fewstep.method == "reflow"  # a velocity field: any number of Euler steps
+    # the two share the autoencoder's weights, so they decode the same latents to the same volumes
+    for name, tensor in default.autoencoder.state_dict().items():
+        assert torch.equal(tensor, teacher.autoencoder.state_dict()[name]), name
+    result = generate("default", tmp_path / "s", n=2, covariates={"age": 70, "sex": "M"}, **FAST)
+    sidecar = json.loads(result.paths[0].with_name("sample_00000.json").read_text())
+    assert (sidecar["solver"], sidecar["steps"], sidecar["nfe"]) == ("euler", 1, 1)
+    more = generate("default", tmp_path / "m", n=1, covariates={"age": 70, "sex": "M"}, steps=3, **FAST)
+    assert json.loads(more.paths[0].with_name("sample_00000.json").read_text())["nfe"] == 3
 
 
 def test_a_model_without_a_label_decoder_gets_its_tissue_maps_from_the_grids_anatomy_network(tmp_path):

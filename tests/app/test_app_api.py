@@ -44,6 +44,10 @@ def test_the_model_schema_becomes_the_controls(generation):
     assert covariates["age"]["minimum"] == schema["age"].minimum and covariates["age"]["maximum"] == schema["age"].maximum
     assert covariates["sex"]["categories"] == list(schema["sex"].categories)
     assert config["defaults"]["solver"] in config["solvers"]
+    # the default is a few-step student: its guidance is fixed, and the page says so instead of failing a request
+    assert config["guidance_fixed"] is True and config["defaults"]["guidance"] == 1.0
+    refused = client.post("/api/generate", json={"covariates": {"age": 30, "sex": "F"}, "guidance": 2.0})
+    assert refused.status_code == 400 and "guidance" in refused.json()["detail"]
     assert client.get("/vendor/niivue.umd.js").text == NIIVUE_STAND_IN
     assert "Generate A and B" in client.get("/").text
 

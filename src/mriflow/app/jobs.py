@@ -133,9 +133,15 @@ class GenerationService:
         edit = {"scans": [{"id": k, "split": v["split"], "covariates": v["covariates"]} for k, v in self.scans.items()],
                 "steps": EDIT_STEPS, "max_steps": MAX_EVALUATIONS // EDIT_EVALUATIONS_PER_STEP,
                 "uploads": self.uploads is not None} if self.scans or self.uploads else None
+        defaults = g.sampling_settings()
+        try:  # a model that takes no other guidance (a GAN, a few-step student): the page greys the field out
+            g.family.check_sampling({**defaults, "guidance": defaults["guidance"] + 1.0})
+            guidance_fixed = False
+        except ValueError:
+            guidance_fixed = True
         return {"model": str(self.model), "model_id": g.model_id, "stage": g.stage, "covariates": covariates,
-                "solvers": list(g.solvers), "defaults": g.sampling_settings(), "image_shape": list(g.image_shape),
-                "affine": np.asarray(g.affine).tolist(), "edit": edit}
+                "solvers": list(g.solvers), "defaults": defaults, "guidance_fixed": guidance_fixed,
+                "image_shape": list(g.image_shape), "affine": np.asarray(g.affine).tolist(), "edit": edit}
 
     # ------------------------------------------------------------------ jobs
 

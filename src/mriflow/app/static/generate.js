@@ -13,6 +13,10 @@
   for (const solver of model.solvers) $("solver").add(new Option(solver, solver, false, solver === model.defaults.solver));
   $("steps").value = model.defaults.steps;
   $("guidance").value = model.defaults.guidance;
+  if (model.guidance_fixed) {  // a few-step student draws its teacher's guidance; the server refuses another
+    $("guidance").disabled = true;
+    $("guidance").title = "this model takes no other guidance (a few-step student learned its teacher's)";
+  }
   const presets = { A: {}, B: {} };
   for (const c of model.covariates) {
     if (c.name === "age" && c.kind === "continuous") { presets.A.age = Math.max(c.minimum, 30); presets.B.age = Math.min(c.maximum, 80); }
