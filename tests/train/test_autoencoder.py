@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import read_log, tiny_config, write_prepared
+from conftest import read_log, save_tiny_generator, tiny_config, write_prepared
 from mriflow import checkpoint as ckpt
 from mriflow.train.autoencoder import train_autoencoder
 
@@ -66,3 +66,47 @@ def test_refining_the_decoder_keeps_every_encoder_tensor_and_survives_an_interru
     with pytest.raises(ValueError, match="only kl ones can be refined"):
         train_autoencoder(data, tmp_path / "other", refine_decoder=tmp_path / "vq")
     assert not (tmp_path / "other").exists()
+
+
+def test_a_lighter_decoder_learns_the_same_latents_from_scratch_and_ships_with_the_generator(tmp_path, capsys):
+    """`--refine-decoder RUN --decoder-channels ...`: a new, smaller decoder for RUN's encoder (the decoder is what a
+    one-evaluation sampler spends its time in), trained from scratch; a generator of RUN's latents exports with it."""
+    from mriflow.cli import main
+    from mriflow.export import export_generator
+    from mriflow.generate import load_generator
+    from mriflow.train.autoencoder import encoder_state
+
+    data = write_prepared(tmp_path / "data")
+    train_autoencoder(data, tmp_path / "source", config=tiny_config(max_steps=3, adversarial_start=1))
+    assert main(["train", "autoencoder", str(data), "--refine-decoder", str(tmp_path / "source"), "--out",
+                 str(tmp_path / "light"), "--decoder-channels", "4,8", "--decoder-res-blocks", "1,1",
+                 "--max-steps", "4"]) == 0
+    source, _ = ckpt.load_autoencoder(tmp_path / "source")
+    light, meta = ckpt.load_autoencoder(tmp_path / "light")
+    model = meta["config"]["model"]
+    assert model["decoder_channels"] == [4, 8] and model["decoder_num_res_blocks"] == [1, 1]
+    assert model["decoder_latent_attention"] is False and meta["decoder_refined_from"]["new_decoder"] is True
+    assert meta["config"]["loss"]["adversarial_start"] == 2  # critics from half-way
+    assert meta["config"]["loop"]["lr"] == pytest.approx(tiny_config().loop.lr)  # from scratch: the full rate
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(light.decoder) < count(source.decoder) / 3
+    theirs, mine = encoder_state(source), encoder_state(light)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    x = torch.rand(1, 1, 16, 20, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(light.encode(x).mean, source.encode(x).mean, rtol=0, atol=0)
+        assert light.reconstruct(x).shape == x.shape
+
+    run = save_tiny_generator(tmp_path / "flow", ckpt.resolve_checkpoint(tmp_path / "source"))
+    release = export_generator(run, tmp_path / "release", autoencoder=tmp_path / "light")
+    exported = load_generator(release, "cpu")
+    assert exported.autoencoder.config.decoder_levels == ((4, 8), (1, 1), False)
+    assert exported.sample([1], None, exported.sampling_settings())[0].shape == (1, 16, 20, 16)
+
+    capsys.readouterr()
+    assert main(["train", "autoencoder", str(data), "--out", str(tmp_path / "alone"), "--decoder-channels", "4,8"]) == 2
+    assert "pass --refine-decoder RUN" in capsys.readouterr().err and not (tmp_path / "alone").exists()
+    assert main(["train", "autoencoder", str(data), "--refine-decoder", str(tmp_path / "source"), "--out",
+                 str(tmp_path / "odd"), "--decoder-channels", "6,8"]) == 2
+    error = capsys.readouterr().err
+    assert "multiples of norm_num_groups=4" in error and error.count("\n") == 1 and not (tmp_path / "odd").exists()

@@ -62,6 +62,11 @@ class AutoencoderConfig:
     commitment_cost: float = 0.25  # VQ beta
     codebook_decay: float = 0.99  # VQ EMA decay of the codebook
     gradient_checkpointing: bool = False  # recompute each block's activations in backward (1 mm)
+    # A decoder of its own size (empty / None: the encoder's): a lighter decoder trained for the same encoder, so the
+    # same latents decode faster (`mriflow train autoencoder --refine-decoder RUN --decoder-channels 16,32`)
+    decoder_channels: tuple[int, ...] = ()
+    decoder_num_res_blocks: tuple[int, ...] = ()
+    decoder_latent_attention: bool | None = None
 
     def __post_init__(self) -> None:
         levels = len(self.channels)
@@ -83,6 +88,20 @@ class AutoencoderConfig:
             )
         if self.latent_channels < 1:
             raise ValueError(f"model.latent_channels must be >= 1, got {self.latent_channels}")
+        if len(self.decoder_levels[0]) != levels or len(self.decoder_levels[1]) != levels:
+            raise ValueError(f"model.decoder_channels and model.decoder_num_res_blocks need one entry per level ({levels}, "
+                             f"as model.channels) or none; got {len(self.decoder_channels)} and "
+                             f"{len(self.decoder_num_res_blocks)}")
+        if any(c < 1 or c % self.norm_num_groups for c in self.decoder_levels[0]):
+            raise ValueError(f"model.decoder_channels {self.decoder_channels} must all be positive multiples of "
+                             f"norm_num_groups={self.norm_num_groups}")
+
+    @property
+    def decoder_levels(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+        """(channels, residual blocks per level, latent attention) of the decoder: its own, else the encoder's."""
+        return (tuple(self.decoder_channels) or tuple(self.channels),
+                tuple(self.decoder_num_res_blocks) or tuple(self.num_res_blocks),
+                self.latent_attention if self.decoder_latent_attention is None else self.decoder_latent_attention)
 
     @property
     def downsampling_factor(self) -> int:
@@ -139,7 +158,10 @@ class Autoencoder(nn.Module):
             use_flash_attention=True,  # PyTorch's scaled_dot_product_attention: same weights, less memory
         )
         self.encoder = Encoder(in_channels=inner_channels, out_channels=config.latent_channels, **levels)
-        self.decoder = Decoder(in_channels=config.latent_channels, out_channels=inner_channels, **levels)
+        decoder_channels, decoder_blocks, decoder_attention = config.decoder_levels
+        self.decoder = Decoder(in_channels=config.latent_channels, out_channels=inner_channels,
+                               **{**levels, "channels": decoder_channels, "num_res_blocks": decoder_blocks,
+                                  "with_nonlocal_attn": decoder_attention})
         if config.kind == "kl":
             self.quant_conv_mean = _conv1x1(config.latent_channels)
             self.quant_conv_logvar = _conv1x1(config.latent_channels)

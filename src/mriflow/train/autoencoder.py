@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -244,6 +244,8 @@ def train_autoencoder(
     max_minutes: float | None = None,
     lr: float | None = None,
     refine_decoder: str | Path | None = None,
+    decoder: Mapping[str, Any] | None = None,
+    loop_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train an autoencoder on the training split of prepared folder `data_dir` into run folder `out`.
 
@@ -252,7 +254,10 @@ def train_autoencoder(
     learning rate) replaced when given. With `resume`, the run's own config is used (only `max_steps`,
     `max_minutes` and `lr` may change). `refine_decoder`: an autoencoder run or checkpoint whose decoder
     to train further, its encoder frozen (see the module docstring; default REFINE_STEPS steps at a fifth
-    of its learning rate). Returns {"step", "metrics", "checkpoint"}.
+    of its learning rate). `decoder`: with `refine_decoder`, a new decoder of these sizes for the same encoder
+    ({"decoder_channels": (16, 32), "decoder_num_res_blocks": (1, 2), "decoder_latent_attention": False}: a lighter,
+    faster one), trained from scratch. `loop_overrides`: loop fields (max_cpu_minutes, checkpoint_minutes) to replace.
+    Returns {"step", "metrics", "checkpoint"}.
     """
     from mriflow.data.dataset import PreparedDataset, read_preparation
 
@@ -269,8 +274,11 @@ def train_autoencoder(
     elif refine_decoder is not None:
         if kind is not None or config is not None:
             raise ValueError("--refine-decoder takes the source run's autoencoder and config; drop --kind")
-        source, config, preset = _refinement(refine_decoder, max_steps, lr)
+        source, config, preset = _refinement(refine_decoder, max_steps, lr, decoder)
     else:
+        if decoder:
+            raise ValueError("--decoder-channels and --decoder-res-blocks size a new decoder for an existing encoder: "
+                             "pass --refine-decoder RUN")
         if config is None:
             config = load_config(preset or "tiny", kind, max_steps)
             preset = preset or "tiny"
@@ -281,6 +289,9 @@ def train_autoencoder(
         config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, max_minutes=max_minutes))
     if lr is not None:
         config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, lr=lr))
+    if loop_overrides:
+        config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, **{
+            key: value for key, value in loop_overrides.items() if value is not None}))
     preparation = read_preparation(data_dir)
     joined_group = torch.distributed.is_initialized()  # a caller's own process group is left alone
     context = distributed.setup(config.loop.device)
@@ -292,7 +303,7 @@ def train_autoencoder(
     seed_everything(config.loop.seed)  # identical initial weights in every process
     stage = AutoencoderStage(config, perceptual)
     if source is not None and latest is None:
-        _load_source(stage, Path(source["path"]))
+        _load_source(stage, Path(source["path"]), decoder_too=not source.get("new_decoder"))
     meta = {
         "stage": "autoencoder",
         "preset": preset,
@@ -330,9 +341,11 @@ def encoder_state(autoencoder: Autoencoder) -> dict[str, torch.Tensor]:
             for prefix, module in encoder_modules(autoencoder).items() for key, value in module.state_dict().items()}
 
 
-def _refinement(source_run: str | Path, max_steps: int | None, lr: float | None
-                ) -> tuple[dict[str, Any], AutoencoderTrainingConfig, str | None]:
-    """(record of the source, the refinement's config, the source's preset) for `refine_decoder`."""
+def _refinement(source_run: str | Path, max_steps: int | None, lr: float | None,
+                decoder: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], AutoencoderTrainingConfig, str | None]:
+    """(record of the source, the refinement's config, the source's preset) for `refine_decoder`. `decoder`: a new
+    decoder's sizes (model fields decoder_channels, decoder_num_res_blocks, decoder_latent_attention): it starts
+    from scratch at the source's learning rate, the critics from half-way (it must reconstruct before it is judged)."""
     directory = ckpt.resolve_checkpoint(source_run)  # a clear error when it is neither a run nor a checkpoint
     _, saved = ckpt.load_checkpoint(directory)
     if saved.get("stage") != "autoencoder":
@@ -341,22 +354,52 @@ def _refinement(source_run: str | Path, max_steps: int | None, lr: float | None
     if config.model.kind != "kl":
         raise ValueError(f"--refine-decoder {source_run}: a {config.model.kind} autoencoder; only kl ones can be refined "
                          "(a VQ codebook moves with its running averages while the decoder trains, and the latents with it)")
+    steps = max_steps or REFINE_STEPS
+    try:
+        fresh = new_decoder(config.model, decoder)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--refine-decoder {source_run}: {error}") from None
+    model = dataclasses.replace(config.model, **dict(decoder)) if fresh else config.model
     config = dataclasses.replace(
         config,
+        model=model,
         decoder_only=True,
-        loss=dataclasses.replace(config.loss, adversarial_start=0),  # the decoder already reconstructs: critics from step 0
-        loop=dataclasses.replace(config.loop, max_steps=max_steps or REFINE_STEPS, lr=lr or config.loop.lr / 5,
+        # a refined decoder already reconstructs: critics from step 0; a new one learns to first
+        loss=dataclasses.replace(config.loss, adversarial_start=steps // 2 if fresh else 0),
+        loop=dataclasses.replace(config.loop, max_steps=steps, lr=lr or (_fresh_lr(saved, config) if fresh else config.loop.lr / 5),
                                  warmup_steps=min(config.loop.warmup_steps, 100)),
     )
     record = {"path": str(directory.resolve()), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE),
-              "step": saved.get("step")}
+              "step": saved.get("step"), **({"new_decoder": True} if fresh else {})}
     return record, config, saved.get("preset")
 
 
-def _load_source(stage: AutoencoderStage, directory: Path) -> None:
-    """The source's exported (EMA) autoencoder weights, and its critics when its training state holds them."""
+def _fresh_lr(saved: Mapping[str, Any], config: AutoencoderTrainingConfig) -> float:
+    """A new decoder's learning rate: its preset's (a refined source ran at a fifth of it), else the source's."""
+    try:
+        return load_config(saved["preset"]).loop.lr if saved.get("preset") else config.loop.lr
+    except (FileNotFoundError, ValueError):
+        return config.loop.lr
+
+
+def new_decoder(model: AutoencoderConfig, decoder: Mapping[str, Any] | None) -> bool:
+    """Whether `decoder` (model fields) gives the decoder another architecture than `model`'s."""
+    if not decoder:
+        return False
+    wanted = dataclasses.replace(model, **dict(decoder))
+    return wanted.decoder_levels != model.decoder_levels
+
+
+def _load_source(stage: AutoencoderStage, directory: Path, decoder_too: bool = True) -> None:
+    """The source's exported (EMA) autoencoder weights, and its critics when its training state holds them; without
+    `decoder_too` only the encoder side and the latent convolutions (a new decoder starts from scratch)."""
     weights, _ = ckpt.load_checkpoint(directory)
-    ckpt.load_weights_into(stage.networks["autoencoder"], weights, "autoencoder.", str(directory / ckpt.MODEL_FILE))
+    autoencoder = stage.networks["autoencoder"]
+    if decoder_too:
+        ckpt.load_weights_into(autoencoder, weights, "autoencoder.", str(directory / ckpt.MODEL_FILE))
+    else:
+        for name, module in {**encoder_modules(autoencoder), "post_quant_conv": autoencoder.post_quant_conv}.items():
+            ckpt.load_weights_into(module, weights, f"autoencoder.{name}.", str(directory / ckpt.MODEL_FILE))
     if not (directory / ckpt.TRAIN_STATE_FILE).is_file():
         return
     state = ckpt.load_train_state(directory)
