@@ -256,3 +256,21 @@ def test_the_few_step_targets_compare_one_or_two_evaluations_with_the_teachers_s
     far = row("distill-1 euler 1", 1, 311.0, 0.5, 0.2)
     assert fewstep.targets([teacher, far])["status"] == "missed"
     assert fewstep.targets([far])["status"] == "undetermined"
+
+
+def test_a_lighter_decoder_meets_its_targets_only_as_good_as_the_models_own_and_fast_enough():
+    import decoders
+
+    def row(label, fd, coverage, seconds, hf=0.55):
+        figure = lambda mean, sd=0.0: {"mean": mean, "sd": sd}  # noqa: E731
+        return {"label": label, "fd": figure(fd, 30.0), "recall": figure(0.9, 0.1), "coverage": figure(coverage, 0.1),
+                "hf_ratio": figure(hf, 0.01), "seconds_per_volume_batch8": seconds}
+
+    own = row("own decoder", 270.0, 0.7, 1.3)
+    light = row("light", 295.0, 0.65, 0.4)
+    verdict = decoders.targets([own, light, row("blurred", 280.0, 0.7, 0.4, hf=0.5), row("slow", 260.0, 0.7, 0.6),
+                                row("worse", 301.0, 0.7, 0.3)])
+    assert verdict["status"] == "met" and verdict["met_by"] == ["light"]
+    assert verdict["rows"]["blurred"]["hf"] is False and verdict["rows"]["slow"]["seconds"] is False
+    assert verdict["rows"]["worse"]["fd"] is False and "own decoder" not in verdict["rows"]
+    assert decoders.targets([own])["status"] == "missed"  # nothing to compare: no decoder met them

@@ -4,6 +4,7 @@ import dataclasses
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -260,9 +261,17 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_a_resume_continues_t
 
 
 def test_the_cpu_budget_stops_the_run_with_a_checkpoint_and_the_log_counts_cpu_seconds(tmp_path):
-    result = train(ToyStage(), ToyData(), toy_loop(max_steps=10_000, checkpoint_every=10_000, max_cpu_minutes=0.002),
+    class Drawn(ToyStage):
+        def montage(self, batch, networks):
+            return {"volume": np.linspace(0, 1, 8 * 8 * 8).reshape(8, 8, 8)}
+
+    result = train(Drawn(), ToyData(), toy_loop(max_steps=10_000, checkpoint_every=10_000, max_cpu_minutes=0.002,
+                                                log_every=10_000, montage_every=10_000),
                    tmp_path, meta={"config": {}})
     rows = read_log(tmp_path)
     assert 0 < result["step"] < 10_000 and result["checkpoint"].endswith(f"step-{result['step']:08d}")
+    # the last step is logged and drawn as a planned last step is, though neither interval reached it
+    assert [int(row["step"]) for row in rows] == [result["step"]]
+    assert (tmp_path / "montages" / f"step-{result['step']:08d}.png").is_file()
     cpu = [float(row["cpu_seconds"]) for row in rows]
     assert cpu == sorted(cpu) and cpu[-1] >= 0.12  # at least the 0.002-minute budget was spent

@@ -307,6 +307,19 @@ def train(
             interval_seconds += time.perf_counter() - tick
             interval_steps += 1
 
+            # -- stop early on the wall-clock or CPU budget, checkpoint on the clock (the same decision on every process),
+            #    decided before the log, the montage and the checkpoint, which all write the last step
+            if config.max_minutes > 0 or config.max_cpu_minutes > 0:
+                over = ((config.max_minutes > 0 and time.perf_counter() - started > 60 * config.max_minutes)
+                        or (config.max_cpu_minutes > 0 and time.process_time() - cpu_started > 60 * config.max_cpu_minutes))
+                if distributed.all_reduce_min(torch.tensor(float(over), device=device)).item() > 0:
+                    final_step = step
+            if distributed.all_reduce_min(torch.tensor(float(stop.received is None), device=device)).item() == 0:
+                final_step = step  # a signal in any process: checkpoint now and return
+            due = torch.tensor(float(config.checkpoint_minutes > 0
+                                     and time.perf_counter() - saved_at > 60 * config.checkpoint_minutes), device=device)
+            due = config.checkpoint_minutes > 0 and distributed.all_reduce_min(due).item() > 0
+
             # -- log (all processes reduce, rank 0 writes)
             if step % config.log_every == 0 or step == final_step:
                 reduced_sums = distributed.all_reduce_mean(sums)
@@ -334,18 +347,6 @@ def train(
             # -- montage of real vs output (rank 0)
             if is_main and (step % config.montage_every == 0 or step == final_step):
                 _write_montage(stage, batch, ema, out, step, writer)
-
-            # -- stop early on the wall-clock or CPU budget, checkpoint on the clock (the same decision on every process)
-            if config.max_minutes > 0 or config.max_cpu_minutes > 0:
-                over = ((config.max_minutes > 0 and time.perf_counter() - started > 60 * config.max_minutes)
-                        or (config.max_cpu_minutes > 0 and time.process_time() - cpu_started > 60 * config.max_cpu_minutes))
-                if distributed.all_reduce_min(torch.tensor(float(over), device=device)).item() > 0:
-                    final_step = step
-            if distributed.all_reduce_min(torch.tensor(float(stop.received is None), device=device)).item() == 0:
-                final_step = step  # a signal in any process: checkpoint now and return
-            due = torch.tensor(float(config.checkpoint_minutes > 0
-                                     and time.perf_counter() - saved_at > 60 * config.checkpoint_minutes), device=device)
-            due = config.checkpoint_minutes > 0 and distributed.all_reduce_min(due).item() > 0
 
             # -- checkpoint (all processes gather their random states; rank 0 writes), validated first (rank 0)
             if step % config.checkpoint_every == 0 or step == final_step or due:

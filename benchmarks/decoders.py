@@ -1,0 +1,201 @@
+"""A lighter decoder for the default 2 mm model (issue 27): quality and seconds per volume through each decoder.
+
+The default model draws a brain in one network evaluation (0.13 s per volume at batch 8 on one thread) and then
+spends 1.2 s in the autoencoder's decoder. A lighter decoder for the same encoder (the same latents:
+`mriflow train autoencoder --refine-decoder AE --decoder-channels 16,32 ...`) is exported with the model
+(`export_generator(..., autoencoder=RUN)`, which refuses any decoder of another encoder) and measured beside the
+model's own decoder on one split, from the same requests and noise: the samples (FD, precision, recall, coverage on
+the anatomy network's features, MS-SSIM, high-frequency energy, age MAE, copies flagged), the split's real scans
+reconstructed (SSIM, PSNR, inside the brain too), and seconds per volume at batch 8 on one thread, decoder alone and
+in all. Decoders are chosen on the val split.
+
+    python benchmarks/decoders.py --data runs/longrun/data-2mm --model 2mm-fewstep \
+        --decoder light-16-32=runs/decoder/light-16-32 --split val --n 24
+
+Writes benchmarks/results/decoders-2mm-<split>.json, docs/decoders_2mm_<split>.png (one request through every
+decoder, and a real scan's reconstructions) and the "## lighter decoder (2mm, <split>)" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from common import DOCUMENT, RESULTS, command_line, link, machine, replace_section, write_result  # noqa: E402
+
+SECONDS_BATCH = 8
+TARGET_SECONDS = 0.5  # issue 27: under 0.5 s per volume at batch 8 on one thread
+
+
+def decoder_record(run: Path) -> dict:
+    """How a decoder run was trained: steps, CPU minutes, its sizes and parameters."""
+    from bakeoff import spent_cpu_minutes  # noqa: E402  (benchmarks/ is on sys.path)
+
+    from mriflow import checkpoint as ckpt
+
+    model, meta = ckpt.load_autoencoder(run)
+    sizes = model.config.decoder_levels
+    return {"run": str(run), "step": meta.get("step"), "cpu_minutes": round(spent_cpu_minutes(Path(run)), 1),
+            "channels": list(sizes[0]), "res_blocks": list(sizes[1]), "attention": sizes[2],
+            "parameters": sum(p.numel() for p in model.decoder.parameters())}
+
+
+def decode_seconds(generator, repeats: int = 2) -> float:
+    """Seconds per volume of the decoder alone at batch SECONDS_BATCH (one thread), best of `repeats`."""
+    import torch
+
+    latents = torch.randn(SECONDS_BATCH, *generator.latent_shape, generator=torch.Generator().manual_seed(0))
+    generator.decode(latents[:1])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        generator.decode(latents)
+        best = min(best, (time.perf_counter() - started) / SECONDS_BATCH)
+    return best
+
+
+def reconstruction(generator, data: Path, split: str, out: Path) -> dict:
+    """The split's real scans through the generator's autoencoder: SSIM and PSNR, whole volume and inside the brain."""
+    from mriflow.evaluate.reconstruction import evaluate_reconstruction
+
+    summary = evaluate_reconstruction(data, generator.path.parent / "autoencoder", split, out, device="cpu")
+    return {key: summary["metrics"][key]["mean"] for key in ("ssim", "psnr", "ssim_brain", "psnr_brain")}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "longrun"))
+    from fewstep import measure_one  # noqa: E402
+
+    from mriflow.export import export_generator
+    from mriflow.generator import load_generator, shipped_models
+
+    torch.set_num_threads(1)
+    model = shipped_models().get(args.model, Path(args.model))
+    rows = []
+    plans = [("own decoder", None)] + [tuple(item.split("=", 1)) for item in args.decoder]
+    for label, run in plans:
+        folder = model
+        trained = None
+        if run is not None:
+            folder = args.out / "models" / label
+            shutil.rmtree(folder, ignore_errors=True)
+            export_generator(model / "flow", folder, autoencoder=run)  # refuses a decoder of another encoder
+            trained = decoder_record(Path(run))
+        generator = load_generator(folder, device="cpu", labels=False)
+        print(f"measuring {label}")
+        settings = generator.sampling_settings()
+        row = {"label": label, "decoder": trained, "model_id": generator.model_id,
+               **measure_one(generator, settings, args.data, args.out / "measure" / args.split / label, args.split,
+                             args.n),
+               "decode_seconds_per_volume": decode_seconds(generator),
+               "reconstruction": reconstruction(generator, args.data, args.split,
+                                                args.out / "measure" / args.split / label / "reconstruction")}
+        if trained is None:
+            autoencoder = generator.autoencoder
+            sizes = autoencoder.config.decoder_levels
+            row["decoder"] = {"channels": list(sizes[0]), "res_blocks": list(sizes[1]), "attention": sizes[2],
+                              "parameters": sum(p.numel() for p in autoencoder.decoder.parameters())}
+        rows.append(row)
+    record = {"benchmark": "decoders", "grid": "2mm", "split": args.split, "n": args.n, "model": args.model,
+              "command": command_line(__file__, args.argv), "machine": machine(), "rows": rows}
+    record["targets"] = targets(rows)
+    write_result(f"decoders-2mm-{args.split}", record)
+    picture = DOCUMENT.parent / f"decoders_2mm_{args.split}.png"
+    montage(rows, args.out / "measure" / args.split, picture)
+    replace_section(DOCUMENT, f"## lighter decoder (2mm, {args.split})", section(record, picture))
+    return record
+
+
+def within(row: dict, reference: dict, key: str, lower_is_better: bool) -> bool:
+    value, ref, sd = row[key]["mean"], reference[key]["mean"], reference[key]["sd"]
+    return value <= ref + sd if lower_is_better else value >= ref - sd
+
+
+def targets(rows: list[dict]) -> dict:
+    """Each lighter decoder against the model's own: FD within its bootstrap sd, recall, coverage and sharpness no
+    lower by more than one sd (issue 27's quality targets), and under TARGET_SECONDS per volume in all."""
+    reference = rows[0]
+    verdicts = {}
+    for row in rows[1:]:
+        verdicts[row["label"]] = {"fd": within(row, reference, "fd", True),
+                                  "recall": within(row, reference, "recall", False),
+                                  "coverage": within(row, reference, "coverage", False),
+                                  "hf": within(row, reference, "hf_ratio", False),
+                                  "seconds": row["seconds_per_volume_batch8"] < TARGET_SECONDS}
+    met = [label for label, checks in verdicts.items() if all(checks.values())]
+    return {"status": "met" if met else "missed", "rows": verdicts, "met_by": met}
+
+
+def montage(rows: list[dict], folder: Path, path: Path, index: int = 12) -> None:
+    """One request (the same noise, age and sex) through every decoder, and a real scan with its reconstructions."""
+    from mriflow.data.io import load_volume
+    from mriflow.utils.montage import three_plane_montage
+
+    volumes = {}
+    for row in rows:
+        sample = folder / row["label"] / "samples" / f"sample_{index:05d}.nii.gz"
+        if sample.is_file():
+            volumes[f"sample, {row['label']}"] = load_volume(sample)[0]
+    if volumes:
+        three_plane_montage(volumes, path, title="one request through each decoder (same latent)")
+
+
+def cell(value: dict, digits: int = 0) -> str:
+    return f"{value['mean']:.{digits}f} ± {value['sd']:.{digits}f}"
+
+
+def section(record: dict, picture: Path) -> str:
+    lines = [f"Command: `{record['command']}`. Model `{record['model']}` at its own sampler (one Euler step), "
+             f"{record['n']} samples at requests sweeping age and sex against the {record['split']} split; one CPU "
+             f"thread. The same request through each decoder: {link(picture, DOCUMENT)}.", "",
+             "| decoder | channels, blocks, attention | parameters | trained (steps, CPU min) | FD | recall | coverage | "
+             "MS-SSIM (real) | HF / real | age MAE (real) | reconstruction SSIM / PSNR (brain) | decoder s / vol | "
+             "s / volume, batch 8 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        d = r["decoder"]
+        trained = f"{d['step']}, {d['cpu_minutes']}" if "step" in d else "shipped"
+        rec = r["reconstruction"]
+        lines.append(f"| {r['label']} | {'/'.join(map(str, d['channels']))}, {'/'.join(map(str, d['res_blocks']))}, "
+                     f"{'yes' if d['attention'] else 'no'} | {d['parameters'] / 1e6:.2f} M | {trained} | {cell(r['fd'])} | "
+                     f"{cell(r['recall'], 2)} | {cell(r['coverage'], 2)} | {r['ms_ssim']['generated']:.3f} "
+                     f"({r['ms_ssim']['real']:.3f}) | {cell(r['hf_ratio'], 2)} | {r['age_mae']['generated']:.1f} "
+                     f"({r['age_mae']['real']:.1f}) | {rec['ssim']:.3f} / {rec['psnr']:.1f} dB ({rec['ssim_brain']:.3f} / "
+                     f"{rec['psnr_brain']:.1f} dB) | {r['decode_seconds_per_volume']:.3f} | "
+                     f"{r['seconds_per_volume_batch8']:.3f} |")
+    verdict = record["targets"]
+    lines += ["", f"Targets (issue 27: against the model's own decoder, FD within its bootstrap sd, recall, coverage and "
+                  f"HF no lower by more than one sd; under {TARGET_SECONDS} s per volume at batch 8 in all): "
+                  f"**{verdict['status']}**" + (f" by {', '.join(verdict['met_by'])}" if verdict.get("met_by") else "") + "."]
+    for label, checks in (verdict.get("rows") or {}).items():
+        lines.append(f"- {label}: " + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in checks.items()))
+    reading = RESULTS / f"decoders-2mm-{record['split']}-reading.md"
+    if reading.is_file():
+        lines += ["", reading.read_text().strip()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the prepared 2 mm dataset (its val and test splits)")
+    parser.add_argument("--model", default="2mm-fewstep", help="a shipped model's name or an exported model folder")
+    parser.add_argument("--decoder", action="append", default=[], metavar="NAME=RUN",
+                        help="a decoder run of the model's encoder (mriflow train autoencoder --refine-decoder)")
+    parser.add_argument("--split", default="val", choices=("val", "test"))
+    parser.add_argument("--n", type=int, default=24)
+    parser.add_argument("--out", type=Path, default=Path("runs/decoder"))
+    args = parser.parse_args(argv)
+    args.argv = argv
+    bad = [item for item in args.decoder if "=" not in item]
+    if bad:
+        parser.error(f"--decoder {bad[0]}: give NAME=RUN")
+    measure(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
