@@ -77,7 +77,7 @@ def test_a_lighter_decoder_learns_the_same_latents_from_scratch_and_ships_with_t
     from mriflow.train.autoencoder import encoder_state
 
     data = write_prepared(tmp_path / "data")
-    train_autoencoder(data, tmp_path / "source", config=tiny_config(max_steps=3, adversarial_start=1))
+    train_autoencoder(data, tmp_path / "source", config=tiny_config(max_steps=3, adversarial_start=1, max_minutes=30.0))
     assert main(["train", "autoencoder", str(data), "--refine-decoder", str(tmp_path / "source"), "--out",
                  str(tmp_path / "light"), "--decoder-channels", "4,8", "--decoder-res-blocks", "1,1",
                  "--max-steps", "4"]) == 0
@@ -88,6 +88,7 @@ def test_a_lighter_decoder_learns_the_same_latents_from_scratch_and_ships_with_t
     assert model["decoder_latent_attention"] is False and meta["decoder_refined_from"]["new_decoder"] is True
     assert meta["config"]["loss"]["adversarial_start"] == 2  # critics from half-way
     assert meta["config"]["loop"]["lr"] == pytest.approx(tiny_config().loop.lr)  # from scratch: the full rate
+    assert meta["config"]["loop"]["max_minutes"] == 0  # the source's wall budget (its legs) is not inherited
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(light.decoder) < count(source.decoder) / 3
     theirs, mine = encoder_state(source), encoder_state(light)

@@ -367,7 +367,8 @@ def _refinement(source_run: str | Path, max_steps: int | None, lr: float | None,
         # a refined decoder already reconstructs: critics from step 0; a new one learns to first
         loss=dataclasses.replace(config.loss, adversarial_start=steps // 2 if fresh else 0),
         loop=dataclasses.replace(config.loop, max_steps=steps, lr=lr or (_fresh_lr(saved, config) if fresh else config.loop.lr / 5),
-                                 warmup_steps=min(config.loop.warmup_steps, 100)),
+                                 warmup_steps=min(config.loop.warmup_steps, 100),
+                                 max_minutes=0.0),  # not the source's wall budget (--max-minutes sets one)
     )
     record = {"path": str(directory.resolve()), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE),
               "step": saved.get("step"), **({"new_decoder": True} if fresh else {})}
