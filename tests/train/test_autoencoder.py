@@ -104,7 +104,18 @@ def test_a_lighter_decoder_learns_the_same_latents_from_scratch_and_ships_with_t
     assert exported.autoencoder.config.decoder_levels == ((4, 8), (1, 1), False)
     assert exported.sample([1], None, exported.sampling_settings())[0].shape == (1, 16, 20, 16)
 
+    # distilled: it learns the source decoder's output for the same latent too, without critics
+    assert main(["train", "autoencoder", str(data), "--refine-decoder", str(tmp_path / "source"), "--out",
+                 str(tmp_path / "distilled"), "--decoder-channels", "4,8", "--distill", "1", "--max-steps", "3"]) == 0
+    _, meta = ckpt.load_autoencoder(tmp_path / "distilled")
+    loss = meta["config"]["loss"]
+    assert loss["distill_weight"] == 1.0 and not loss["volume_critic"] and not loss["slice_critic"]
+    rows = read_log(tmp_path / "distilled")
+    assert all(float(row["distill"]) > 0 for row in rows) and all(row["critic_loss"] == "" for row in rows)
+
     capsys.readouterr()
+    assert main(["train", "autoencoder", str(data), "--out", str(tmp_path / "plain"), "--distill", "1"]) == 2
+    assert "pass --refine-decoder RUN" in capsys.readouterr().err and not (tmp_path / "plain").exists()
     assert main(["train", "autoencoder", str(data), "--out", str(tmp_path / "alone"), "--decoder-channels", "4,8"]) == 2
     assert "pass --refine-decoder RUN" in capsys.readouterr().err and not (tmp_path / "alone").exists()
     assert main(["train", "autoencoder", str(data), "--refine-decoder", str(tmp_path / "source"), "--out",

@@ -39,6 +39,9 @@ def _add_train(commands) -> None:
     p.add_argument("--decoder-attention", choices=("on", "off"),
                    help="with --decoder-channels: the attention block at the latent level (default off: on a 2 mm "
                         "latent it costs a third of the decoder's time)")
+    p.add_argument("--distill", type=float, metavar="WEIGHT",
+                   help="with --refine-decoder: the decoder also learns RUN's decoder output for the same latent (L1 at "
+                        "this weight, critics off): a new, lighter decoder learns the one it replaces")
     _add_common_training(p, "autoencoder")
     p.set_defaults(func=_run_train_autoencoder)
 
@@ -140,6 +143,7 @@ def _run_train_autoencoder(args: argparse.Namespace) -> int:
     result = train_autoencoder(args.data, args.out, kind=args.kind, preset=args.preset, max_steps=args.max_steps,
                                resume=args.resume, max_minutes=args.max_minutes, lr=args.lr,
                                stop_at_step=args.stop_at_step, refine_decoder=args.refine_decoder, decoder=decoder,
+                               distill=args.distill or 0.0,
                                loop_overrides={"max_cpu_minutes": args.max_cpu_minutes,
                                                "checkpoint_minutes": args.checkpoint_minutes})
     return _report_training(result)

@@ -137,6 +137,7 @@ class AutoencoderOutput(NamedTuple):
     latent: LatentDistribution
     quantization_loss: torch.Tensor  # VQ commitment loss; 0 for KL
     codebook_indices: torch.Tensor | None  # VQ code of each latent position, (B, d, h, w)
+    sample: torch.Tensor | None = None  # the latent the reconstruction was decoded from (sampled, quantised)
 
 
 class Autoencoder(nn.Module):
@@ -218,7 +219,7 @@ class Autoencoder(nn.Module):
         latent = self.encode(x)
         z = latent.sample() if sample_posterior else latent.mean
         z, quantization_loss, indices = self.quantize(z)
-        return AutoencoderOutput(self._decode_quantized(z), latent, quantization_loss, indices)
+        return AutoencoderOutput(self._decode_quantized(z), latent, quantization_loss, indices, z)
 
     def _decode_quantized(self, z: torch.Tensor) -> torch.Tensor:
         h = self._run(self.decoder.blocks, self.post_quant_conv(z))

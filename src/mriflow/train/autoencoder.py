@@ -82,8 +82,13 @@ class AutoencoderLossConfig:
     critic_lr: float = 2e-4
     critic_betas: tuple[float, float] = (0.5, 0.9)
     critic: DiscriminatorConfig = DiscriminatorConfig()
+    # L1 to the output of the refinement source's own decoder for the same latent (a new, lighter decoder learns the
+    # one it replaces: a deterministic target, where the real image behind a lossy latent is not); 0: off
+    distill_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.distill_weight < 0:
+            raise ValueError(f"loss.distill_weight must be >= 0, got {self.distill_weight}")
         if self.adversarial not in ADVERSARIAL_LOSSES:
             raise ValueError(f"loss.adversarial must be one of {', '.join(ADVERSARIAL_LOSSES)}, got {self.adversarial!r}")
 
@@ -117,8 +122,10 @@ def load_config(preset: str = "tiny", kind: str | None = None, max_steps: int | 
 class AutoencoderStage:
     """The autoencoder as a `loop.Stage`: phases "generator" then "critic" (see the module docstring)."""
 
-    def __init__(self, config: AutoencoderTrainingConfig, perceptual: nn.Module | None = None):
+    def __init__(self, config: AutoencoderTrainingConfig, perceptual: nn.Module | None = None,
+                 teacher: Autoencoder | None = None):
         self.config = config
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None  # loss.distill_weight
         loss = config.loss
         autoencoder = Autoencoder(config.model)
         if config.decoder_only:
@@ -140,6 +147,7 @@ class AutoencoderStage:
         self.metric_names = (
             "generator_loss", "l1", regulariser, *(("codebook_perplexity",) if regulariser == "quantization" else ()),
             "perceptual", "adversarial", "adaptive_weight", "feature_matching", "critic_loss", "critic_real", "critic_fake",
+            *(("distill",) if teacher is not None else ()),
         )
         self.perceptual = perceptual
         self._fake: torch.Tensor | None = None  # the generator phase's reconstruction, for the critic phase
@@ -167,6 +175,12 @@ class AutoencoderStage:
                 perceptual = self.perceptual(real, fake)
             reconstruction_loss = reconstruction_loss + weights.perceptual_weight * perceptual
             metrics["perceptual"] = perceptual.detach()
+        if self.teacher is not None and weights.distill_weight > 0:
+            with torch.no_grad():
+                target = self.teacher.decode(output.sample).float()
+            distill = F.l1_loss(fake, target)
+            reconstruction_loss = reconstruction_loss + weights.distill_weight * distill
+            metrics["distill"] = distill.detach()
         if output.latent.logvar is not None:
             kl = kl_divergence(output.latent.mean, output.latent.logvar)
             total = reconstruction_loss + weights.kl_weight * kl
@@ -246,6 +260,7 @@ def train_autoencoder(
     refine_decoder: str | Path | None = None,
     decoder: Mapping[str, Any] | None = None,
     loop_overrides: Mapping[str, Any] | None = None,
+    distill: float = 0.0,
 ) -> dict[str, Any]:
     """Train an autoencoder on the training split of prepared folder `data_dir` into run folder `out`.
 
@@ -256,7 +271,8 @@ def train_autoencoder(
     to train further, its encoder frozen (see the module docstring; default REFINE_STEPS steps at a fifth
     of its learning rate). `decoder`: with `refine_decoder`, a new decoder of these sizes for the same encoder
     ({"decoder_channels": (16, 32), "decoder_num_res_blocks": (1, 2), "decoder_latent_attention": False}: a lighter,
-    faster one), trained from scratch. `loop_overrides`: loop fields (max_cpu_minutes, checkpoint_minutes) to replace.
+    faster one), trained from scratch; `distill` > 0: learning the source decoder's output too (at this weight, critics
+    off). `loop_overrides`: loop fields (max_cpu_minutes, checkpoint_minutes) to replace.
     Returns {"step", "metrics", "checkpoint"}.
     """
     from mriflow.data.dataset import PreparedDataset, read_preparation
@@ -274,11 +290,11 @@ def train_autoencoder(
     elif refine_decoder is not None:
         if kind is not None or config is not None:
             raise ValueError("--refine-decoder takes the source run's autoencoder and config; drop --kind")
-        source, config, preset = _refinement(refine_decoder, max_steps, lr, decoder)
+        source, config, preset = _refinement(refine_decoder, max_steps, lr, decoder, distill)
     else:
-        if decoder:
-            raise ValueError("--decoder-channels and --decoder-res-blocks size a new decoder for an existing encoder: "
-                             "pass --refine-decoder RUN")
+        if decoder or distill:
+            raise ValueError("--decoder-channels, --decoder-res-blocks and --distill train a decoder for an existing "
+                             "encoder: pass --refine-decoder RUN")
         if config is None:
             config = load_config(preset or "tiny", kind, max_steps)
             preset = preset or "tiny"
@@ -301,7 +317,12 @@ def train_autoencoder(
 
     perceptual, perceptual_record = _perceptual(config.loss, context.device)
     seed_everything(config.loop.seed)  # identical initial weights in every process
-    stage = AutoencoderStage(config, perceptual)
+    teacher = None
+    if config.loss.distill_weight > 0:
+        if source is None:
+            raise ValueError("--distill learns the decoder of the autoencoder being refined: pass --refine-decoder RUN")
+        teacher = ckpt.load_autoencoder(Path(source["path"]), context.device)[0]
+    stage = AutoencoderStage(config, perceptual, teacher)
     if source is not None and latest is None:
         _load_source(stage, Path(source["path"]), decoder_too=not source.get("new_decoder"))
     meta = {
@@ -342,10 +363,13 @@ def encoder_state(autoencoder: Autoencoder) -> dict[str, torch.Tensor]:
 
 
 def _refinement(source_run: str | Path, max_steps: int | None, lr: float | None,
-                decoder: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], AutoencoderTrainingConfig, str | None]:
+                decoder: Mapping[str, Any] | None = None, distill: float = 0.0
+                ) -> tuple[dict[str, Any], AutoencoderTrainingConfig, str | None]:
     """(record of the source, the refinement's config, the source's preset) for `refine_decoder`. `decoder`: a new
     decoder's sizes (model fields decoder_channels, decoder_num_res_blocks, decoder_latent_attention): it starts
-    from scratch at the source's learning rate, the critics from half-way (it must reconstruct before it is judged)."""
+    from scratch at the source's learning rate, the critics from half-way (it must reconstruct before it is judged).
+    `distill` > 0: it also learns the source decoder's output for the same latent at this weight, without critics (the
+    source's sharpness is in that target already)."""
     directory = ckpt.resolve_checkpoint(source_run)  # a clear error when it is neither a run nor a checkpoint
     _, saved = ckpt.load_checkpoint(directory)
     if saved.get("stage") != "autoencoder":
@@ -364,8 +388,10 @@ def _refinement(source_run: str | Path, max_steps: int | None, lr: float | None,
         config,
         model=model,
         decoder_only=True,
-        # a refined decoder already reconstructs: critics from step 0; a new one learns to first
-        loss=dataclasses.replace(config.loss, adversarial_start=steps // 2 if fresh else 0),
+        # a refined decoder already reconstructs: critics from step 0; a new one learns to first; a distilled one
+        # learns its source's output, critics and all
+        loss=dataclasses.replace(config.loss, adversarial_start=steps // 2 if fresh else 0, distill_weight=distill,
+                                 **({"volume_critic": False, "slice_critic": False} if distill > 0 else {})),
         loop=dataclasses.replace(config.loop, max_steps=steps, lr=lr or (_fresh_lr(saved, config) if fresh else config.loop.lr / 5),
                                  warmup_steps=min(config.loop.warmup_steps, 100),
                                  max_minutes=0.0),  # not the source's wall budget (--max-minutes sets one)
