@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="generator run or checkpoint folder, or 'default'")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--solver", default="heun")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--solver", help="default: the model's own (the shipped default: euler)")
+    parser.add_argument("--steps", type=int, help="default: the model's own (the shipped default: 1)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=8, help="fixed seeds for the straightness figure")
     parser.add_argument("--batch-sizes", type=lambda text: [int(n) for n in text.split(",")], default=[1, 8],
