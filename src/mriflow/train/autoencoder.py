@@ -268,7 +268,7 @@ def train_autoencoder(
     `max_steps`, `max_minutes` (a wall-clock budget; the run stops with a checkpoint) and `lr` (the peak
     learning rate) replaced when given. With `resume`, the run's own config is used (only `max_steps`,
     `max_minutes` and `lr` may change). `refine_decoder`: an autoencoder run or checkpoint whose decoder
-    to train further, its encoder frozen (see the module docstring; default REFINE_STEPS steps at a fifth
+    to train further, its encoder frozen (see mriflow.train.refinement; default REFINE_STEPS steps at a fifth
     of its learning rate). `decoder`: with `refine_decoder`, a new decoder of these sizes for the same encoder
     ({"decoder_channels": (16, 32), "decoder_num_res_blocks": (1, 2), "decoder_latent_attention": False}: a lighter,
     faster one), trained from scratch; `distill` > 0: learning the source decoder's output too (at this weight, critics
@@ -290,7 +290,9 @@ def train_autoencoder(
     elif refine_decoder is not None:
         if kind is not None or config is not None:
             raise ValueError("--refine-decoder takes the source run's autoencoder and config; drop --kind")
-        source, config, preset = _refinement(refine_decoder, max_steps, lr, decoder, distill)
+        from mriflow.train.refinement import refinement
+
+        source, config, preset = refinement(refine_decoder, max_steps, lr, decoder, distill)
     else:
         if decoder or distill:
             raise ValueError("--decoder-channels, --decoder-res-blocks and --distill train a decoder for an existing "
@@ -324,7 +326,9 @@ def train_autoencoder(
         teacher = ckpt.load_autoencoder(Path(source["path"]), context.device)[0]
     stage = AutoencoderStage(config, perceptual, teacher)
     if source is not None and latest is None:
-        _load_source(stage, Path(source["path"]), decoder_too=not source.get("new_decoder"))
+        from mriflow.train.refinement import load_source
+
+        load_source(stage, Path(source["path"]), decoder_too=not source.get("new_decoder"))
     meta = {
         "stage": "autoencoder",
         "preset": preset,
@@ -345,9 +349,6 @@ def train_autoencoder(
             distributed.teardown()
 
 
-REFINE_STEPS = 2000
-
-
 ENCODER_PARTS = ("encoder", "quant_conv_mean", "quant_conv_logvar", "quantizer")  # what makes the latent
 
 
@@ -360,80 +361,6 @@ def encoder_state(autoencoder: Autoencoder) -> dict[str, torch.Tensor]:
     """The encoder side's tensors by name (fp32, CPU): what two autoencoders must share to share latents."""
     return {f"{prefix}.{key}": value.detach().float().cpu()
             for prefix, module in encoder_modules(autoencoder).items() for key, value in module.state_dict().items()}
-
-
-def _refinement(source_run: str | Path, max_steps: int | None, lr: float | None,
-                decoder: Mapping[str, Any] | None = None, distill: float = 0.0
-                ) -> tuple[dict[str, Any], AutoencoderTrainingConfig, str | None]:
-    """(record of the source, the refinement's config, the source's preset) for `refine_decoder`. `decoder`: a new
-    decoder's sizes (model fields decoder_channels, decoder_num_res_blocks, decoder_latent_attention): it starts
-    from scratch at the source's learning rate, the critics from half-way (it must reconstruct before it is judged).
-    `distill` > 0: it also learns the source decoder's output for the same latent at this weight, without critics (the
-    source's sharpness is in that target already)."""
-    directory = ckpt.resolve_checkpoint(source_run)  # a clear error when it is neither a run nor a checkpoint
-    _, saved = ckpt.load_checkpoint(directory)
-    if saved.get("stage") != "autoencoder":
-        raise ValueError(f"--refine-decoder {source_run}: a {saved.get('stage')!r} checkpoint, not an autoencoder's")
-    config = from_dict(AutoencoderTrainingConfig, saved["config"], str(directory))
-    if config.model.kind != "kl":
-        raise ValueError(f"--refine-decoder {source_run}: a {config.model.kind} autoencoder; only kl ones can be refined "
-                         "(a VQ codebook moves with its running averages while the decoder trains, and the latents with it)")
-    steps = max_steps or REFINE_STEPS
-    try:
-        fresh = new_decoder(config.model, decoder)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"--refine-decoder {source_run}: {error}") from None
-    model = dataclasses.replace(config.model, **dict(decoder)) if fresh else config.model
-    config = dataclasses.replace(
-        config,
-        model=model,
-        decoder_only=True,
-        # a refined decoder already reconstructs: critics from step 0; a new one learns to first; a distilled one
-        # learns its source's output, critics and all
-        loss=dataclasses.replace(config.loss, adversarial_start=steps // 2 if fresh else 0, distill_weight=distill,
-                                 **({"volume_critic": False, "slice_critic": False} if distill > 0 else {})),
-        loop=dataclasses.replace(config.loop, max_steps=steps, lr=lr or (_fresh_lr(saved, config) if fresh else config.loop.lr / 5),
-                                 warmup_steps=min(config.loop.warmup_steps, 100),
-                                 max_minutes=0.0),  # not the source's wall budget (--max-minutes sets one)
-    )
-    record = {"path": str(directory.resolve()), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE),
-              "step": saved.get("step"), **({"new_decoder": True} if fresh else {})}
-    return record, config, saved.get("preset")
-
-
-def _fresh_lr(saved: Mapping[str, Any], config: AutoencoderTrainingConfig) -> float:
-    """A new decoder's learning rate: its preset's (a refined source ran at a fifth of it), else the source's."""
-    try:
-        return load_config(saved["preset"]).loop.lr if saved.get("preset") else config.loop.lr
-    except (FileNotFoundError, ValueError):
-        return config.loop.lr
-
-
-def new_decoder(model: AutoencoderConfig, decoder: Mapping[str, Any] | None) -> bool:
-    """Whether `decoder` (model fields) gives the decoder another architecture than `model`'s."""
-    if not decoder:
-        return False
-    wanted = dataclasses.replace(model, **dict(decoder))
-    return wanted.decoder_levels != model.decoder_levels
-
-
-def _load_source(stage: AutoencoderStage, directory: Path, decoder_too: bool = True) -> None:
-    """The source's exported (EMA) autoencoder weights, and its critics when its training state holds them; without
-    `decoder_too` only the encoder side and the latent convolutions (a new decoder starts from scratch)."""
-    weights, _ = ckpt.load_checkpoint(directory)
-    autoencoder = stage.networks["autoencoder"]
-    if decoder_too:
-        ckpt.load_weights_into(autoencoder, weights, "autoencoder.", str(directory / ckpt.MODEL_FILE))
-    else:
-        for name, module in {**encoder_modules(autoencoder), "post_quant_conv": autoencoder.post_quant_conv}.items():
-            ckpt.load_weights_into(module, weights, f"autoencoder.{name}.", str(directory / ckpt.MODEL_FILE))
-    if not (directory / ckpt.TRAIN_STATE_FILE).is_file():
-        return
-    state = ckpt.load_train_state(directory)
-    for name in stage.critics:
-        prefix = f"network.{name}."
-        if any(key.startswith(prefix) for key in state):
-            ckpt.load_weights_into(stage.networks[name], state, prefix, str(directory / ckpt.TRAIN_STATE_FILE))
 
 
 def _override(config: AutoencoderTrainingConfig, kind: str | None, max_steps: int | None) -> AutoencoderTrainingConfig:

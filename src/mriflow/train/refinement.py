@@ -1,0 +1,92 @@
+"""Decoder refinement (`mriflow train autoencoder --refine-decoder RUN`): the decoder of an existing autoencoder
+trained further, or a new one (`--decoder-channels`, lighter and faster) trained from scratch, with the encoder frozen
+so that the latents stay bit for bit the source's and every generator trained on them decodes through the new decoder
+(`mriflow export --autoencoder`). `--distill W` makes the new decoder learn the source decoder's output too.
+Split from mriflow.train.autoencoder, which runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+from mriflow import checkpoint as ckpt
+from mriflow.config import from_dict
+from mriflow.models.autoencoder import AutoencoderConfig
+from mriflow.train.autoencoder import AutoencoderStage, AutoencoderTrainingConfig, encoder_modules, load_config
+
+REFINE_STEPS = 2000
+
+
+def refinement(source_run: str | Path, max_steps: int | None, lr: float | None,
+                decoder: Mapping[str, Any] | None = None, distill: float = 0.0
+                ) -> tuple[dict[str, Any], AutoencoderTrainingConfig, str | None]:
+    """(record of the source, the refinement's config, the source's preset) for `refine_decoder`. `decoder`: a new
+    decoder's sizes (model fields decoder_channels, decoder_num_res_blocks, decoder_latent_attention): it starts
+    from scratch at the source's learning rate, the critics from half-way (it must reconstruct before it is judged).
+    `distill` > 0: it also learns the source decoder's output for the same latent at this weight, without critics (the
+    source's sharpness is in that target already)."""
+    directory = ckpt.resolve_checkpoint(source_run)  # a clear error when it is neither a run nor a checkpoint
+    _, saved = ckpt.load_checkpoint(directory)
+    if saved.get("stage") != "autoencoder":
+        raise ValueError(f"--refine-decoder {source_run}: a {saved.get('stage')!r} checkpoint, not an autoencoder's")
+    config = from_dict(AutoencoderTrainingConfig, saved["config"], str(directory))
+    if config.model.kind != "kl":
+        raise ValueError(f"--refine-decoder {source_run}: a {config.model.kind} autoencoder; only kl ones can be refined "
+                         "(a VQ codebook moves with its running averages while the decoder trains, and the latents with it)")
+    steps = max_steps or REFINE_STEPS
+    try:
+        fresh = new_decoder(config.model, decoder)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--refine-decoder {source_run}: {error}") from None
+    model = dataclasses.replace(config.model, **dict(decoder)) if fresh else config.model
+    config = dataclasses.replace(
+        config,
+        model=model,
+        decoder_only=True,
+        # a refined decoder already reconstructs: critics from step 0; a new one learns to first; a distilled one
+        # learns its source's output, critics and all
+        loss=dataclasses.replace(config.loss, adversarial_start=steps // 2 if fresh else 0, distill_weight=distill,
+                                 **({"volume_critic": False, "slice_critic": False} if distill > 0 else {})),
+        loop=dataclasses.replace(config.loop, max_steps=steps, lr=lr or (fresh_lr(saved, config) if fresh else config.loop.lr / 5),
+                                 warmup_steps=min(config.loop.warmup_steps, 100),
+                                 max_minutes=0.0),  # not the source's wall budget (--max-minutes sets one)
+    )
+    record = {"path": str(directory.resolve()), "model_sha256": ckpt.sha256(directory / ckpt.MODEL_FILE),
+              "step": saved.get("step"), **({"new_decoder": True} if fresh else {})}
+    return record, config, saved.get("preset")
+
+
+def fresh_lr(saved: Mapping[str, Any], config: AutoencoderTrainingConfig) -> float:
+    """A new decoder's learning rate: its preset's (a refined source ran at a fifth of it), else the source's."""
+    try:
+        return load_config(saved["preset"]).loop.lr if saved.get("preset") else config.loop.lr
+    except (FileNotFoundError, ValueError):
+        return config.loop.lr
+
+
+def new_decoder(model: AutoencoderConfig, decoder: Mapping[str, Any] | None) -> bool:
+    """Whether `decoder` (model fields) gives the decoder another architecture than `model`'s."""
+    if not decoder:
+        return False
+    wanted = dataclasses.replace(model, **dict(decoder))
+    return wanted.decoder_levels != model.decoder_levels
+
+
+def load_source(stage: AutoencoderStage, directory: Path, decoder_too: bool = True) -> None:
+    """The source's exported (EMA) autoencoder weights, and its critics when its training state holds them; without
+    `decoder_too` only the encoder side and the latent convolutions (a new decoder starts from scratch)."""
+    weights, _ = ckpt.load_checkpoint(directory)
+    autoencoder = stage.networks["autoencoder"]
+    if decoder_too:
+        ckpt.load_weights_into(autoencoder, weights, "autoencoder.", str(directory / ckpt.MODEL_FILE))
+    else:
+        for name, module in {**encoder_modules(autoencoder), "post_quant_conv": autoencoder.post_quant_conv}.items():
+            ckpt.load_weights_into(module, weights, f"autoencoder.{name}.", str(directory / ckpt.MODEL_FILE))
+    if not (directory / ckpt.TRAIN_STATE_FILE).is_file():
+        return
+    state = ckpt.load_train_state(directory)
+    for name in stage.critics:
+        prefix = f"network.{name}."
+        if any(key.startswith(prefix) for key in state):
+            ckpt.load_weights_into(stage.networks[name], state, prefix, str(directory / ckpt.TRAIN_STATE_FILE))
