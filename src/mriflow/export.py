@@ -106,10 +106,11 @@ def default_sampler(meta: Mapping[str, Any], directory: Path, sampling: Mapping[
     not the family's or a value is invalid (the family's own check included: a few-step student keeps guidance 1)."""
     family_class = FAMILIES[meta["stage"]]
     current = dict(meta["config"].get("sampling") or {})
-    unknown = sorted(set(sampling) - set(to_dict(family_class.Config().sampling)))
+    known = to_dict(family_class.Config().sampling)
+    unknown = sorted(set(sampling) - set(known))
     if unknown:
         raise ValueError(f"{directory}: a {meta['stage']} model's sampler has no {', '.join(unknown)}; "
-                         f"its settings: {', '.join(sorted(to_dict(family_class.Config().sampling)))}")
+                         f"its settings: {', '.join(sorted(known))}")
     config = {**meta["config"], "sampling": {**current, **sampling}}
     family = family_class.from_config(config, f"{directory} with the exported sampler")
     family.check_sampling(family.default_sampling())

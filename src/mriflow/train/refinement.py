@@ -12,7 +12,6 @@ from typing import Any, Mapping
 
 from mriflow import checkpoint as ckpt
 from mriflow.config import from_dict
-from mriflow.models.autoencoder import AutoencoderConfig
 from mriflow.train.autoencoder import AutoencoderStage, AutoencoderTrainingConfig, encoder_modules, load_config
 
 REFINE_STEPS = 2000
@@ -36,10 +35,10 @@ def refinement(source_run: str | Path, max_steps: int | None, lr: float | None,
                          "(a VQ codebook moves with its running averages while the decoder trains, and the latents with it)")
     steps = max_steps or REFINE_STEPS
     try:
-        fresh = new_decoder(config.model, decoder)
+        model = dataclasses.replace(config.model, **dict(decoder or {}))
     except (TypeError, ValueError) as error:
         raise ValueError(f"--refine-decoder {source_run}: {error}") from None
-    model = dataclasses.replace(config.model, **dict(decoder)) if fresh else config.model
+    fresh = model.decoder_levels != config.model.decoder_levels  # a decoder of another architecture: from scratch
     config = dataclasses.replace(
         config,
         model=model,
@@ -63,14 +62,6 @@ def fresh_lr(saved: Mapping[str, Any], config: AutoencoderTrainingConfig) -> flo
         return load_config(saved["preset"]).loop.lr if saved.get("preset") else config.loop.lr
     except (FileNotFoundError, ValueError):
         return config.loop.lr
-
-
-def new_decoder(model: AutoencoderConfig, decoder: Mapping[str, Any] | None) -> bool:
-    """Whether `decoder` (model fields) gives the decoder another architecture than `model`'s."""
-    if not decoder:
-        return False
-    wanted = dataclasses.replace(model, **dict(decoder))
-    return wanted.decoder_levels != model.decoder_levels
 
 
 def load_source(stage: AutoencoderStage, directory: Path, decoder_too: bool = True) -> None:
