@@ -9,7 +9,7 @@ import torch
 
 from conftest import train_tiny_image_flow
 from mriflow.data.io import load_volume
-from mriflow.edit import edit_volume, encode_volume, integrate
+from mriflow.edit import edit_volume, encode_volume, integrate, transfer_detail
 from mriflow.generate import load_generator
 
 SHAPE = (16, 20, 16)
@@ -43,8 +43,46 @@ def test_an_edit_keeps_the_person_and_follows_the_new_covariates_of_its_own_requ
     assert result.source.min() >= 0 and result.source.max() <= 1
     correlation = np.corrcoef(result.round_trip.ravel(), result.source.ravel())[0, 1]
     assert correlation > 0.95  # the round trip is the scan, to the solver's error
-    np.testing.assert_allclose(result.difference[0], result.edited[0] - result.round_trip)
-    assert result.settings["guidance"] == 1.0 and result.settings["source_covariates"] == {"age": 27, "sex": "M"}
+    np.testing.assert_allclose(result.difference[0], result.edited[0] - volume, atol=1e-6)  # the change to the scan
+    assert result.settings["guidance"] == 1.0 and result.settings["detail"] == "scan" and result.settings["source_covariates"] == {"age": 27, "sex": "M"}
+
+
+def test_an_edit_keeps_the_scans_own_detail_and_an_unchanged_one_is_the_scan(model):
+    """detail="scan": the scan plus (model edit − round trip), so what the model cannot represent is kept and an edit
+    under unchanged covariates returns the scan itself; detail="model" returns the model's drawing."""
+    generator, data = model
+    volume, _ = load_volume(data / "images" / "sub01.nii.gz")
+    source = {"age": 27, "sex": "M"}
+    kept = edit_volume(generator, volume, source, [source, {"age": 60}], steps=8)
+    np.testing.assert_array_equal(kept.edited[0], volume)  # unchanged: the scan itself, not its round trip
+    inside = (kept.drawn[1] > 0) & (volume > 0)
+    expected = np.clip(volume + kept.drawn[1] - kept.round_trip, 0, 1)
+    np.testing.assert_allclose(kept.edited[1][inside], expected[inside], atol=1e-6)  # the scan moved by the edit
+    assert np.all(kept.edited[1][(kept.drawn[1] == 0) & (kept.round_trip > 0)] == 0)  # what the edit emptied
+    own = edit_volume(generator, volume, source, [source, {"age": 60}], steps=8, detail="model")
+    assert own.settings["detail"] == "model"
+    np.testing.assert_array_equal(own.edited[1], own.drawn[1])
+    np.testing.assert_allclose(own.difference[1], own.drawn[1] - own.round_trip)  # against the model's round trip
+    assert np.abs(own.edited[0] - volume).mean() > np.abs(kept.edited[0] - volume).mean()
+    with pytest.raises(ValueError, match="--detail sharp: choose one of scan, model"):
+        edit_volume(generator, volume, source, [{"age": 60}], detail="sharp")
+
+
+def test_detail_transfer_follows_the_edited_brain_outline():
+    """Where the edited brain ends the output is 0 even if the scan had brain there; where it grows, the edit shows."""
+    scan = np.zeros((12, 12, 12), np.float32)
+    scan[2:10, 2:10, 2:10] = 0.6
+    round_trip = np.where(scan > 0, 0.5, 0).astype(np.float32)
+    edited = np.zeros_like(scan)
+    edited[3:11, 2:10, 2:10] = 0.5  # shifted by one voxel
+    edited[5, 5, 5] = 0.2  # a darker spot inside
+    out = transfer_detail(scan, round_trip, edited)
+    assert np.all(out[2] == 0)  # the scan's slab the edit left
+    assert np.all(out[:2] == 0) and np.all(out[11:] == 0)  # outside both brains
+    np.testing.assert_array_equal(transfer_detail(scan, round_trip, round_trip), scan)  # nothing changed: the scan
+    np.testing.assert_allclose(out[10, 5, 5], 0.5)  # grown: the edit itself (scan 0, round trip 0)
+    np.testing.assert_allclose(out[6, 6, 6], 0.6)  # unchanged inside: the scan's value
+    np.testing.assert_allclose(out[5, 5, 5], 0.3)  # the change added to the scan
 
 
 def test_what_cannot_be_inverted_is_refused(model, tmp_path):

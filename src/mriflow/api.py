@@ -133,12 +133,15 @@ class Model:
                         device=options.pop("device", self.generator.device), **options)
 
     def edit(self, volume: np.ndarray | nib.Nifti1Image, source: dict[str, Any], targets: Sequence[dict[str, Any]],
-             steps: int = 16, solver: str = "heun") -> list[nib.Nifti1Image]:
-        """A real prepared scan drawn again under each target's covariates by inverting the flow (mriflow.edit)."""
+             steps: int = 16, solver: str = "heun", guidance: float = 1.0,
+             detail: str = "scan") -> list[nib.Nifti1Image]:
+        """A real prepared scan drawn again under each target's covariates by inverting the flow (mriflow.edit);
+        `detail="scan"` keeps the scan's own detail (scan + edit − round trip), "model" returns the model's drawing."""
         from mriflow.edit import edit_volume
 
         array = np.asarray(volume.dataobj, np.float32) if isinstance(volume, nib.Nifti1Image) else np.asarray(volume)
-        result = edit_volume(self.generator, array, source, targets, steps=steps, solver=solver)
+        result = edit_volume(self.generator, array, source, targets, steps=steps, solver=solver, guidance=guidance,
+                             detail=detail)
         return [_image(edited, self.generator.affine, np.float32) for edited in result.edited]
 
 

@@ -137,7 +137,8 @@ def test_a_rater_sees_no_truth_and_no_file_of_the_server(study_app, tmp_path):
     client, _ = study_app
     (tmp_path / "out").mkdir(exist_ok=True)
     (tmp_path / "out" / "note.txt").write_text("x")
-    for url in ("/files/note.txt", "/api/outputs", "/api/reports", "/api/difference/a/b/difference.nii.gz"):
+    for url in ("/files/note.txt", "/api/outputs", "/api/reports", "/api/difference/a/b/difference.nii.gz",
+                "/api/scans/sub00/volume.nii.gz"):
         assert client.get(url).status_code == 404, url
     config = client.get("/api/config").json()
     assert config["turing"] == {"items": 6, "per_class": {"real": 3, "synthetic": 3}} and "out" not in config

@@ -51,8 +51,13 @@ def test_an_edit_is_drawn_with_its_round_trip_and_difference_and_says_where_it_c
     edited, affine = load_volume(root / "out" / files["image"])
     round_trip, _ = load_volume(root / "out" / files["round_trip"])
     difference, _ = load_volume(root / "out" / files["difference"])
-    np.testing.assert_allclose(difference, edited - round_trip, atol=1e-6)
-    assert np.allclose(affine, load_volume(data / "images" / "sub02.nii.gz")[1])
+    scan, scan_affine = load_volume(data / "images" / "sub02.nii.gz")
+    np.testing.assert_allclose(difference, edited - scan, atol=1e-6)  # the change to the scan, whose detail is kept
+    assert np.abs(round_trip - scan).mean() > 0  # the model's own round trip, offered for download
+    assert np.allclose(affine, scan_affine)
+    served = client.get("/api/scans/sub02/volume.nii.gz")  # what viewer A shows the edit against
+    assert served.status_code == 200 and served.content == (data / "images" / "sub02.nii.gz").read_bytes()
+    assert client.get("/api/scans/nobody/volume.nii.gz").status_code == 404
     sidecar = json.loads((root / "out" / files["sidecar"]).read_text())
     assert sidecar["covariates"] == {"age": 60.0, "sex": "F"} and sidecar["derived_from_real_person"] is True
     assert sidecar["source"]["covariates"] == {"age": 34.0, "sex": "F"}

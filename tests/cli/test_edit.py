@@ -33,13 +33,14 @@ def test_edit_writes_each_target_with_its_difference_map_and_a_sidecar_naming_th
     edited, affine = load_volume(out / "sub02_age-45.nii.gz")
     round_trip, _ = load_volume(out / "sub02_roundtrip.nii.gz")
     difference, _ = load_volume(out / "sub02_age-45_diff.nii.gz")
-    np.testing.assert_allclose(difference, edited - round_trip, atol=1e-6)
+    np.testing.assert_allclose(difference, edited - load_volume(scan)[0], atol=1e-6)  # the change to the scan
     assert np.allclose(affine, load_volume(scan)[1]) and edited.shape == SHAPE
     sidecar = json.loads((out / "sub02_age-45.json").read_text())
     assert sidecar["source"]["covariates"] == {"age": 34.0, "sex": "F"}  # read from the prepared manifest
     assert sidecar["covariates"] == {"age": 45.0, "sex": "F"} and sidecar["derived_from_real_person"] is True
     assert sidecar["source"]["scan"] == str(scan.resolve()) and len(sidecar["source"]["sha256"]) == 64
     assert "does not apply" in sidecar["privacy_filter"] and sidecar["steps"] == 4 and sidecar["nfe"] > 0
+    assert sidecar["detail"]["kept"] == "scan"  # the default: the scan's own detail with the edit's change
     # a second run into the folder is refused, nothing overwritten
     before = (out / "sub02_age-45.nii.gz").read_bytes()
     assert main(["edit", "--model", str(run), "--scan", str(scan), "--age", "45", "--out", str(out),

@@ -196,6 +196,15 @@ def create_app(state: AppState, allowed_hosts: list[str] | None = None) -> FastA
         covariates = {name: parse_value(value) for name, value in request.query_params.items() if name != "kind"}
         return service().submit_upload(data, covariates, kind).view()
 
+    @app.get("/api/scans/{scan_id}/volume.nii.gz")
+    def scan_volume(scan_id: str, download: bool = False):
+        """One of the scans /api/edit takes (--scans or uploaded and prepared), what its edits are drawn over."""
+        not_in_turing()
+        known = service().scans.get(scan_id)
+        if known is None or not Path(known["path"]).is_file():
+            raise HTTPException(404, f"no scan {scan_id!r} in this app; choose one of /api/config's scans")
+        return file_response(Path(known["path"]), download)
+
     @app.get("/api/jobs/{job_id}")
     def job(job_id: str):
         found = service().job(job_id)

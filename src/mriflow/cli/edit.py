@@ -20,9 +20,9 @@ def add_commands(commands) -> None:
         description="Invert a prepared scan to its noise with the model under the scan's covariates (its row of the "
                     "prepared folder's manifest, or --from) and draw it again under each target: --age 40,60,80 makes "
                     "three edits that share one inversion. Writes each edit (NIfTI on the template grid) with its "
-                    "tissue map, a difference map (edit minus the round trip under unchanged covariates), the round "
-                    "trip itself and JSON sidecars that name the source scan. The edits derive from a real person: "
-                    "share them as you would the scan.")
+                    "tissue map, a difference map (edit minus the scan; with --detail model, minus the round trip "
+                    "under unchanged covariates), the model's round trip and JSON sidecars that name the source "
+                    "scan. The edits derive from a real person: share them as you would the scan.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--scan", help="a prepared volume on the model's grid (DATA/images/SUBJECT.nii.gz), or a folder of "
                                       "them (each edited to the same targets)")
@@ -49,6 +49,10 @@ def add_commands(commands) -> None:
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance both ways (default 1: the conditional velocity); above 1 the covariates "
                         "change more, at some cost to the round trip's fidelity")
+    p.add_argument("--detail", default="scan", choices=("scan", "model"),
+                   help="whose detail an edit carries: scan (default) = the scan plus what the edit changes (edit minus "
+                        "round trip), so the person's own fine anatomy stays and an unchanged edit is the scan itself; "
+                        "model = the model's own drawing (as sharp as its autoencoder)")
     p.add_argument("--no-labels", action="store_true", help="write no tissue maps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--trust-model-paths", action="store_true",
@@ -138,6 +142,6 @@ def _run_edit(args: argparse.Namespace) -> int:
     for scan, source, targets in tqdm(jobs, desc="edit", unit="scan", disable=len(jobs) < 2):
         paths += edit_scan(model, scan, args.out, targets, source=source, steps=args.steps, solver=args.solver,
                            device=args.device, labels=not args.no_labels, trust_paths=args.trust_model_paths,
-                           guidance=args.guidance)
+                           guidance=args.guidance, detail=args.detail)
     print("\n".join(str(path) for path in paths) + f"\nround trip and difference maps beside them in {Path(args.out)}")
     return 0

@@ -1,5 +1,5 @@
 // This brain at another age (mriflow app --scans DATA): a real scan inverted to its noise under its recorded
-// covariates and drawn again under new ones; the round trip in viewer A, the edit in B, edit − round trip in the
+// covariates and drawn again under new ones; the scan in viewer A, the edit in B, edit − scan in the
 // difference view.
 "use strict";
 (async function () {
@@ -80,17 +80,18 @@
     if (job.state === "error") { status.classList.add("error"); status.textContent = "failed: " + job.error; return; }
     bar.style.width = "100%";
     const files = job.edit;
-    await V.load(viewers.A, "/files/" + files.round_trip, { name: "round_trip.nii.gz" });
+    const scanUrl = `/api/scans/${encodeURIComponent(job.request.scan)}/volume.nii.gz`;
+    await V.load(viewers.A, scanUrl, { name: "scan.nii.gz" });
     await V.load(viewers.B, "/files/" + files.image, { name: "edit.nii.gz" });
-    await V.load(viewers.D, "/files/" + files.round_trip, { name: "round_trip.nii.gz" },
+    await V.load(viewers.D, scanUrl, { name: "scan.nii.gz" },
                  { url: "/files/" + files.difference, name: "difference.nii.gz", colormap: "warm", cal_min: 0.05, cal_max: 0.4,
                    colormapNegative: "winter", cal_minNeg: -0.4, cal_maxNeg: -0.05 });
     for (const nv of all) V.follow(nv, all);
-    $("status-A").textContent = `round trip of ${job.request.scan} (${shown(job.request.from)})`;
+    $("status-A").textContent = `${job.request.scan} as scanned (${shown(job.request.from)})`;
     $("status-B").textContent = `${job.request.scan} edited to ${shown(job.request.covariates)}: ${job.seconds.toFixed(1)} s` +
       (job.warnings.length ? " — note: " + job.warnings.join("; ") : "");
-    $("status-D").textContent = "edit − round trip over the round trip (warm: brighter in the edit, cool: darker)";
-    for (const [side, path, what] of [["A", files.round_trip, "round trip"], ["B", files.image, "edit"], ["D", files.difference, "difference"]])
+    $("status-D").textContent = "edit − scan over the scan (warm: brighter in the edit, cool: darker)";
+    for (const [side, path, what] of [["A", files.round_trip, "the model's round trip"], ["B", files.image, "edit"], ["D", files.difference, "difference"]])
       $("downloads-" + side).innerHTML = `<a href="/files/${path}?download=true" download>${what} (NIfTI)</a>` +
         (side === "B" && files.sidecar ? `<a href="/files/${files.sidecar}?download=true" download>sidecar (JSON)</a>` : "");
     status.textContent = `done: ${job.request.scan} at ${shown(job.request.covariates)} (${job.request.steps} Heun steps each way)`;
