@@ -86,6 +86,7 @@ def test_a_lighter_decoder_learns_the_same_latents_from_scratch_and_ships_with_t
     model = meta["config"]["model"]
     assert model["decoder_channels"] == [4, 8] and model["decoder_num_res_blocks"] == [1, 1]
     assert model["decoder_latent_attention"] is False and meta["decoder_refined_from"]["new_decoder"] is True
+    assert meta["decoder_refined_from"]["decoder_warm_start"]["of"] > 0  # the run says how much started as the source
     assert meta["config"]["loss"]["adversarial_start"] == 2  # critics from half-way
     assert meta["config"]["loop"]["lr"] == pytest.approx(tiny_config().loop.lr)  # from scratch: the full rate
     assert meta["config"]["loop"]["max_minutes"] == 0  # the source's wall budget (its legs) is not inherited
@@ -122,3 +123,31 @@ def test_a_lighter_decoder_learns_the_same_latents_from_scratch_and_ships_with_t
                  str(tmp_path / "odd"), "--decoder-channels", "6,8"]) == 2
     error = capsys.readouterr().err
     assert "multiples of norm_num_groups=4" in error and error.count("\n") == 1 and not (tmp_path / "odd").exists()
+
+
+def test_a_decoder_without_latent_attention_starts_as_the_sources_less_that_section():
+    """warm_start_decoder: the shipped decoder minus its latent attention keeps every other block's tensors; a decoder
+    of other channels takes nothing that does not fit."""
+    from mriflow.models.autoencoder import Autoencoder
+    from mriflow.train.refinement import warm_start_decoder
+
+    model = dataclasses.replace(tiny_config().model, latent_attention=True)
+    source = Autoencoder(model)
+    weights = {f"autoencoder.{k}": v for k, v in source.state_dict().items()}
+    plain = Autoencoder(dataclasses.replace(model, decoder_latent_attention=False))
+    warm = warm_start_decoder(plain.decoder, weights)
+    assert warm == {"copied": len(plain.decoder.state_dict()), "of": len(plain.decoder.state_dict())}
+    old_blocks, new_blocks = source.decoder.blocks, plain.decoder.blocks
+    assert len(old_blocks) == len(new_blocks) + 3
+    torch.testing.assert_close(new_blocks[0].state_dict(), old_blocks[0].state_dict())
+    for new, old in zip(new_blocks[1:], old_blocks[4:]):  # after the residual-attention-residual section
+        torch.testing.assert_close(new.state_dict(), old.state_dict())
+    same = Autoencoder(model)
+    assert warm_start_decoder(same.decoder, weights)["copied"] == len(same.decoder.state_dict())  # attention kept too
+    torch.testing.assert_close(same.decoder.state_dict(), source.decoder.state_dict())
+    other = Autoencoder(dataclasses.replace(model, decoder_channels=(4, 8), decoder_latent_attention=False))
+    before = {k: v.clone() for k, v in other.decoder.state_dict().items()}
+    warm = warm_start_decoder(other.decoder, weights)
+    assert warm["copied"] < warm["of"]
+    changed = [k for k, v in other.decoder.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) == warm["copied"]  # only what fitted was touched

@@ -328,7 +328,9 @@ def train_autoencoder(
     if source is not None and latest is None:
         from mriflow.train.refinement import load_source
 
-        load_source(stage, Path(source["path"]), decoder_too=not source.get("new_decoder"))
+        warm = load_source(stage, Path(source["path"]), decoder_too=not source.get("new_decoder"))
+        if warm is not None:  # a new decoder: how much of it starts as the source's
+            source = {**source, "decoder_warm_start": warm}
     meta = {
         "stage": "autoencoder",
         "preset": preset,

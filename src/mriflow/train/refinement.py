@@ -1,5 +1,6 @@
 """Decoder refinement (`mriflow train autoencoder --refine-decoder RUN`): the decoder of an existing autoencoder
-trained further, or a new one (`--decoder-channels`, lighter and faster) trained from scratch, with the encoder frozen
+trained further, or a new one (`--decoder-channels`, `--decoder-attention off`: lighter and faster) started from the
+source's decoder blocks that fit it (warm_start_decoder) and from scratch elsewhere, with the encoder frozen
 so that the latents stay bit for bit the source's and every generator trained on them decodes through the new decoder
 (`mriflow export --autoencoder`). `--distill W` makes the new decoder learn the source decoder's output too.
 Split from mriflow.train.autoencoder, which runs it."""
@@ -9,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
+
+import torch
+from torch import nn
 
 from mriflow import checkpoint as ckpt
 from mriflow.config import from_dict
@@ -64,20 +68,57 @@ def fresh_lr(saved: Mapping[str, Any], config: AutoencoderTrainingConfig) -> flo
         return config.loop.lr
 
 
-def load_source(stage: AutoencoderStage, directory: Path, decoder_too: bool = True) -> None:
+def load_source(stage: AutoencoderStage, directory: Path, decoder_too: bool = True) -> dict[str, int] | None:
     """The source's exported (EMA) autoencoder weights, and its critics when its training state holds them; without
-    `decoder_too` only the encoder side and the latent convolutions (a new decoder starts from scratch)."""
+    `decoder_too` the encoder side and the latent convolutions, and of the decoder what fits a new one
+    (warm_start_decoder: {"copied", "of"} tensors, returned)."""
     weights, _ = ckpt.load_checkpoint(directory)
     autoencoder = stage.networks["autoencoder"]
+    warm = None
     if decoder_too:
         ckpt.load_weights_into(autoencoder, weights, "autoencoder.", str(directory / ckpt.MODEL_FILE))
     else:
         for name, module in {**encoder_modules(autoencoder), "post_quant_conv": autoencoder.post_quant_conv}.items():
             ckpt.load_weights_into(module, weights, f"autoencoder.{name}.", str(directory / ckpt.MODEL_FILE))
-    if not (directory / ckpt.TRAIN_STATE_FILE).is_file():
-        return
-    state = ckpt.load_train_state(directory)
-    for name in stage.critics:
-        prefix = f"network.{name}."
-        if any(key.startswith(prefix) for key in state):
-            ckpt.load_weights_into(stage.networks[name], state, prefix, str(directory / ckpt.TRAIN_STATE_FILE))
+        warm = warm_start_decoder(autoencoder.decoder, weights)
+    if (directory / ckpt.TRAIN_STATE_FILE).is_file():
+        state = ckpt.load_train_state(directory)
+        for name in stage.critics:
+            prefix = f"network.{name}."
+            if any(key.startswith(prefix) for key in state):
+                ckpt.load_weights_into(stage.networks[name], state, prefix, str(directory / ckpt.TRAIN_STATE_FILE))
+    return warm
+
+
+LATENT_ATTENTION_BLOCKS = (1, 2, 3)  # MONAI's Decoder with_nonlocal_attn: residual, attention, residual after conv_in
+
+
+def warm_start_decoder(decoder: nn.Module, weights: Mapping[str, torch.Tensor],
+                       prefix: str = "autoencoder.decoder.blocks.") -> dict[str, int]:
+    """Copy into a new MONAI decoder each block of the source decoder's (`weights`) whose tensors it has by the same
+    names and shapes, pairing blocks in order once either side's latent attention section is set aside: a decoder
+    without latent attention but the source's channels starts as the source's decoder less that section, one with
+    other channels from scratch. {"copied": tensors copied, "of": the new decoder's tensors}."""
+    source: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        if key.startswith(prefix):
+            index, _, rest = key[len(prefix):].partition(".")
+            source.setdefault(int(index), {})[rest] = value
+
+    def attention_at_two(keys) -> bool:
+        return any(key.startswith("attn.") for key in keys)
+
+    target = {index: block for index, block in enumerate(decoder.blocks) if block.state_dict()}
+    skip_source = LATENT_ATTENTION_BLOCKS if attention_at_two(source.get(2, {})) else ()
+    skip_target = LATENT_ATTENTION_BLOCKS if attention_at_two(target[2].state_dict() if 2 in target else {}) else ()
+    if skip_source and skip_target:  # both have it: pair it too
+        skip_source = skip_target = ()
+    pairs = zip([i for i in sorted(target) if i not in skip_target], [i for i in sorted(source) if i not in skip_source])
+    copied = 0
+    for new_index, old_index in pairs:
+        block, tensors = target[new_index], source[old_index]
+        own = block.state_dict()
+        if set(own) == set(tensors) and all(own[k].shape == tensors[k].shape for k in own):
+            block.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+            copied += len(own)
+    return {"copied": copied, "of": len(decoder.state_dict())}
