@@ -342,11 +342,12 @@ def test_a_real_scan_is_drawn_at_another_age_from_the_page(browser, tmp_path, sc
         page.click("#edit-run")
         page.wait_for_function("window.mriflow.edited >= 1", timeout=GENERATE_TIMEOUT)
         assert "sub02 at age 70.0" in page.text_content("#status-E")
-        assert "round trip of sub02 (age 34.0, sex F)" in page.text_content("#status-A")
+        assert "sub02 as scanned (age 34.0, sex F)" in page.text_content("#status-A")  # the edit is drawn over the scan
         dims = page.evaluate("[0, 1, 2].map((i) => [window.mriflow.viewers.A, window.mriflow.viewers.B,"
                              " window.mriflow.viewers.D][i].volumes[0].dims)")
         assert dims == [[3, *DEFAULT_SHAPE]] * 3
-        assert page.evaluate("window.mriflow.viewers.D.volumes.length") == 2  # the round trip under the difference
+        assert page.evaluate("window.mriflow.viewers.D.volumes.length") == 2  # the scan under the difference
+        assert page.evaluate("window.mriflow.viewers.A.volumes[0].name") == "scan.nii.gz"
         page.screenshot(path=str(screenshots / "app_edit.png"), full_page=True)
         assert not errors, errors
     finally:

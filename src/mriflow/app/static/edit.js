@@ -34,16 +34,6 @@
     if (sex) for (const k of sex.categories) $("upload-sex").add(new Option(k, k)); else $("upload-sex-box").hidden = true;
   }
 
-  async function waitFor(job, status, bar, doing) {
-    while (job.state === "queued" || job.state === "running") {
-      await new Promise((r) => setTimeout(r, 200));
-      job = await (await fetch("/api/jobs/" + job.id)).json();
-      bar.style.width = (100 * job.progress).toFixed(0) + "%";
-      status.textContent = job.state === "running" ? doing(job) : job.state + "…";
-    }
-    return job;
-  }
-
   async function upload() {
     const status = $("status-E"), bar = $("progress-E"), file = $("upload-file").files[0];
     status.classList.remove("error");
@@ -56,7 +46,7 @@
       headers: { "Content-Type": "application/octet-stream" }, body: file });
     let job = await response.json();
     if (!response.ok) { status.classList.add("error"); status.textContent = job.detail; return; }
-    job = await waitFor(job, status, bar, () => "preparing: registration to MNI152 and resampling onto the model's grid…");
+    job = await V.waitFor(job, status, bar, () => "preparing: registration to MNI152 and resampling onto the model's grid…");
     if (job.state === "error") { status.classList.add("error"); status.textContent = "failed: " + job.error; return; }
     const id = job.request.scan;
     $("edit-scan").add(new Option(`${id}: ${file.name} (${shown(job.request.covariates)}; uploaded)`, id));
@@ -76,7 +66,7 @@
       body: JSON.stringify({ scan: $("edit-scan").value, covariates, steps: +$("edit-steps").value }) });
     let job = await response.json();
     if (!response.ok) { status.classList.add("error"); status.textContent = job.detail; return; }
-    job = await waitFor(job, status, bar, (j) => `inverting and drawing: network evaluation ${j.calls} of ${j.expected}`);
+    job = await V.waitFor(job, status, bar, (j) => `inverting and drawing: network evaluation ${j.calls} of ${j.expected}`);
     if (job.state === "error") { status.classList.add("error"); status.textContent = "failed: " + job.error; return; }
     bar.style.width = "100%";
     const files = job.edit;

@@ -89,13 +89,8 @@
                                                      body: JSON.stringify(request(side)) });
     let job = await response.json();
     if (!response.ok) { status.classList.add("error"); status.textContent = job.detail; return; }
-    while (job.state === "queued" || job.state === "running") {
-      await new Promise((r) => setTimeout(r, 200));
-      job = await (await fetch("/api/jobs/" + job.id)).json();
-      bar.style.width = (100 * job.progress).toFixed(0) + "%";
-      status.textContent = job.state === "running"
-        ? `sampling: network evaluation ${job.calls}${job.expected ? " of " + job.expected : ""}` : job.state + "…";
-    }
+    job = await V.waitFor(job, status, bar,
+                          (j) => `sampling: network evaluation ${j.calls}${j.expected ? " of " + j.expected : ""}`);
     if (job.state === "error") { status.classList.add("error"); status.textContent = "failed: " + job.error; return; }
     bar.style.width = "100%";
     state[side] = job;

@@ -81,5 +81,17 @@ window.mriflowViewer = (function () {
     nv.drawScene();
   }
 
-  return { make, load, setWindow, setZoom, scroll, voxel, link, follow };
+  // A queued job (/api/generate, /api/edit, /api/scans) polled until it ends, its progress shown in `bar` and
+  // `doing(job)` in `status` while it runs; the finished job (state done or error).
+  async function waitFor(job, status, bar, doing) {
+    while (job.state === "queued" || job.state === "running") {
+      await new Promise((r) => setTimeout(r, 200));
+      job = await (await fetch("/api/jobs/" + job.id)).json();
+      bar.style.width = (100 * job.progress).toFixed(0) + "%";
+      status.textContent = job.state === "running" ? doing(job) : job.state + "…";
+    }
+    return job;
+  }
+
+  return { make, load, setWindow, setZoom, scroll, voxel, link, follow, waitFor };
 })();
