@@ -100,3 +100,32 @@ def sample_requests(generator, out: Path, n: int, seed: int, settings: dict | No
                      {"covariates": request, "seed": seed, "sample_seed": stream, **settings, "nfe": nfe,
                       "model_id": generator.model_id, "model_checksum": generator.model_checksum})
     return {"ages": ages.tolist(), "seconds_per_volume": seconds / n, "nfe": nfe, "settings": settings}
+
+
+def within(row: dict, reference: dict, key: str, lower_is_better: bool) -> bool:
+    """`row`'s mean of `key` no worse than `reference`'s by more than the reference's bootstrap sd."""
+    value, ref, sd = row[key]["mean"], reference[key]["mean"], reference[key]["sd"]
+    return value <= ref + sd if lower_is_better else value >= ref - sd
+
+
+def quality_checks(row: dict, reference: dict, seconds: float) -> dict[str, bool]:
+    """Issue 27's targets for one sampler or decoder against its reference: FD within the reference's bootstrap sd,
+    recall, coverage and sharpness no lower by more than one sd, and under `seconds` per volume at batch 8."""
+    return {"fd": within(row, reference, "fd", True), "recall": within(row, reference, "recall", False),
+            "coverage": within(row, reference, "coverage", False), "hf": within(row, reference, "hf_ratio", False),
+            "seconds": row["seconds_per_volume_batch8"] < seconds}
+
+
+def verdict(checks_by_label: dict[str, dict[str, bool]]) -> dict:
+    """{"status": met when one row meets every check, "rows", "met_by"}."""
+    met = [label for label, checks in checks_by_label.items() if all(checks.values())]
+    return {"status": "met" if met else "missed", "rows": checks_by_label, "met_by": met}
+
+
+def verdict_lines(record_verdict: dict, what: str) -> list[str]:
+    """The markdown lines that state a `verdict`: "Targets (what): **status** by ...", then one line per row."""
+    met_by = record_verdict.get("met_by")
+    lines = [f"Targets ({what}): **{record_verdict['status']}**" + (f" by {', '.join(met_by)}" if met_by else "") + "."]
+    for label, checks in (record_verdict.get("rows") or {}).items():
+        lines.append(f"- {label}: " + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in checks.items()))
+    return lines

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import DOCUMENT, RESULTS, command_line, link, machine, replace_section, write_result  # noqa: E402
+from common import (DOCUMENT, RESULTS, command_line, link, machine, quality_checks, replace_section, verdict,  # noqa: E402
+                    verdict_lines, write_result)
 
 SECONDS_BATCH = 8
 TARGET_SECONDS = 0.5  # issue 27: under 0.5 s per volume at batch 8 on one thread
@@ -111,24 +112,10 @@ def measure(args: argparse.Namespace) -> dict:
     return record
 
 
-def within(row: dict, reference: dict, key: str, lower_is_better: bool) -> bool:
-    value, ref, sd = row[key]["mean"], reference[key]["mean"], reference[key]["sd"]
-    return value <= ref + sd if lower_is_better else value >= ref - sd
-
-
 def targets(rows: list[dict]) -> dict:
     """Each lighter decoder against the model's own: FD within its bootstrap sd, recall, coverage and sharpness no
     lower by more than one sd (issue 27's quality targets), and under TARGET_SECONDS per volume in all."""
-    reference = rows[0]
-    verdicts = {}
-    for row in rows[1:]:
-        verdicts[row["label"]] = {"fd": within(row, reference, "fd", True),
-                                  "recall": within(row, reference, "recall", False),
-                                  "coverage": within(row, reference, "coverage", False),
-                                  "hf": within(row, reference, "hf_ratio", False),
-                                  "seconds": row["seconds_per_volume_batch8"] < TARGET_SECONDS}
-    met = [label for label, checks in verdicts.items() if all(checks.values())]
-    return {"status": "met" if met else "missed", "rows": verdicts, "met_by": met}
+    return verdict({row["label"]: quality_checks(row, rows[0], TARGET_SECONDS) for row in rows[1:]})
 
 
 def montage(rows: list[dict], folder: Path, path: Path, index: int = 12) -> None:
@@ -167,12 +154,9 @@ def section(record: dict, picture: Path) -> str:
                      f"({r['age_mae']['real']:.1f}) | {rec['ssim']:.3f} / {rec['psnr']:.1f} dB ({rec['ssim_brain']:.3f} / "
                      f"{rec['psnr_brain']:.1f} dB) | {r['decode_seconds_per_volume']:.3f} | "
                      f"{r['seconds_per_volume_batch8']:.3f} |")
-    verdict = record["targets"]
-    lines += ["", f"Targets (issue 27: against the model's own decoder, FD within its bootstrap sd, recall, coverage and "
-                  f"HF no lower by more than one sd; under {TARGET_SECONDS} s per volume at batch 8 in all): "
-                  f"**{verdict['status']}**" + (f" by {', '.join(verdict['met_by'])}" if verdict.get("met_by") else "") + "."]
-    for label, checks in (verdict.get("rows") or {}).items():
-        lines.append(f"- {label}: " + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in checks.items()))
+    lines += ["", *verdict_lines(record["targets"], "issue 27: against the model's own decoder, FD within its bootstrap "
+                                 "sd, recall, coverage and HF no lower by more than one sd; under "
+                                 f"{TARGET_SECONDS} s per volume at batch 8 in all")]
     reading = RESULTS / f"decoders-2mm-{record['split']}-reading.md"
     if reading.is_file():
         lines += ["", reading.read_text().strip()]

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 from bakeoff import spent_cpu_minutes  # noqa: E402  (benchmarks/ is on sys.path)
-from common import DOCUMENT, RESULTS, command_line, link, machine, replace_section, sample_requests, write_result  # noqa: E402
+from common import (DOCUMENT, RESULTS, command_line, link, machine, quality_checks, replace_section,  # noqa: E402
+                    sample_requests, verdict, verdict_lines, write_result)
 
 ARMS = {  # name: (method, steps, the Euler steps it is measured at)
     "distill-1": ("distill", 1, (1,)),
@@ -158,26 +159,12 @@ def samples_picture(record: dict, folder: Path, path: Path, index: int = 12) -> 
         three_plane_montage(volumes, path, title=f"same noise, {sidecar['covariates']}")
 
 
-def within(row: dict, reference: dict, key: str, lower_is_better: bool) -> bool:
-    value, ref, sd = row[key]["mean"], reference[key]["mean"], reference[key]["sd"]
-    return value <= ref + sd if lower_is_better else value >= ref - sd
-
-
 def targets(rows: list[dict]) -> dict:
     """Issue 27's targets for each row at 1 or 2 evaluations against the teacher's 16."""
     reference = next((r for r in rows if r["label"] == "teacher heun 8"), None)
     if reference is None:
         return {"status": "undetermined", "text": "no 16-evaluation teacher row"}
-    verdicts = {}
-    for row in rows:
-        if row["nfe"] > 2:
-            continue
-        checks = {"fd": within(row, reference, "fd", True), "recall": within(row, reference, "recall", False),
-                  "coverage": within(row, reference, "coverage", False), "hf": within(row, reference, "hf_ratio", False),
-                  "seconds": row["seconds_per_volume_batch8"] < 0.5}
-        verdicts[row["label"]] = checks
-    met = [label for label, checks in verdicts.items() if all(checks.values())]
-    return {"status": "met" if met else "missed", "rows": verdicts, "met_by": met}
+    return verdict({row["label"]: quality_checks(row, reference, 0.5) for row in rows if row["nfe"] <= 2})
 
 
 def plot(record: dict, path: Path) -> None:
@@ -225,12 +212,9 @@ def section(record: dict, picture: Path) -> str:
                      f"{cell(r['recall'], 2)} | {cell(r['coverage'], 2)} | {r['ms_ssim']['generated']:.3f} "
                      f"({r['ms_ssim']['real']:.3f}) | {cell(r['hf_ratio'], 2)} | {r['age_mae']['generated']:.1f} "
                      f"({r['age_mae']['real']:.1f}) | {r['seconds_per_volume_batch8']:.3f} |")
-    verdict = record["targets"]
-    lines += ["", f"Targets (issue 27, against the teacher's 16 evaluations: FD within its bootstrap sd, recall, coverage "
-                  f"and HF no lower by more than one sd, under 0.5 s per volume at batch 8): **{verdict['status']}**"
-                  + (f" by {', '.join(verdict['met_by'])}" if verdict.get("met_by") else "") + "."]
-    for label, checks in (verdict.get("rows") or {}).items():
-        lines.append(f"- {label}: " + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in checks.items()))
+    lines += ["", *verdict_lines(record["targets"], "issue 27, against the teacher's 16 evaluations: FD within its "
+                                 "bootstrap sd, recall, coverage and HF no lower by more than one sd, under 0.5 s per "
+                                 "volume at batch 8")]
     reading = RESULTS / f"fewstep-2mm-{record['split']}-reading.md"
     if reading.is_file():
         lines += ["", reading.read_text().strip()]
