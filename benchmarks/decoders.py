@@ -19,6 +19,7 @@ decoder, and a real scan's reconstructions) and the "## lighter decoder (2mm, <s
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -79,6 +80,12 @@ def measure(args: argparse.Namespace) -> dict:
     model = shipped_models().get(args.model, Path(args.model))
     rows = []
     plans = [("own decoder", None)] + [tuple(item.split("=", 1)) for item in args.decoder]
+    earlier = RESULTS / f"decoders-2mm-{args.split}.json"
+    kept = {}
+    if args.reuse and earlier.is_file():  # rows measured before, for decoders not named again (own decoder included)
+        named = {label for label, _ in plans[1:]}
+        kept = {row["label"]: row for row in json.loads(earlier.read_text())["rows"] if row["label"] not in named}
+        plans = ([] if "own decoder" in kept else plans[:1]) + plans[1:]
     for label, run in plans:
         folder = model
         trained = None
@@ -102,6 +109,8 @@ def measure(args: argparse.Namespace) -> dict:
             row["decoder"] = {"channels": list(sizes[0]), "res_blocks": list(sizes[1]), "attention": sizes[2],
                               "parameters": sum(p.numel() for p in autoencoder.decoder.parameters())}
         rows.append(row)
+    if kept:
+        rows = [kept.pop("own decoder", None) or rows.pop(0)] + list(kept.values()) + rows
     record = {"benchmark": "decoders", "grid": "2mm", "split": args.split, "n": args.n, "model": args.model,
               "command": command_line(__file__, args.argv), "machine": machine(), "rows": rows}
     record["targets"] = targets(rows)
@@ -170,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder", action="append", default=[], metavar="NAME=RUN",
                         help="a decoder run of the model's encoder (mriflow train autoencoder --refine-decoder)")
     parser.add_argument("--split", default="val", choices=("val", "test"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the earlier result's rows of the decoders not named again (own decoder included), as "
+                             "they were measured then; measure only the named ones")
     parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("runs/decoder"))
     args = parser.parse_args(argv)
