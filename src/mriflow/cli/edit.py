@@ -52,7 +52,8 @@ def add_commands(commands) -> None:
     p.add_argument("--detail", default="scan", choices=("scan", "model"),
                    help="whose detail an edit carries: scan (default) = the scan plus what the edit changes (edit minus "
                         "round trip), so the person's own fine anatomy stays and an unchanged edit is the scan itself; "
-                        "model = the model's own drawing (as sharp as its autoencoder)")
+                        "model = the model's own drawing (as sharp as its autoencoder, but with the stronger age effect: "
+                        "the scan's detail keeps some of its age; docs/benchmarks.md 'counterfactuals')")
     p.add_argument("--no-labels", action="store_true", help="write no tissue maps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--trust-model-paths", action="store_true",
