@@ -8,8 +8,8 @@ trip under unchanged covariates comes back to the scan up to the solver's error 
 autoencoder's reconstruction), which `edit_volume` returns beside the edits.
 
 What an edit returns keeps the scan's own detail by default (`detail="scan"`): the scan plus what the edit changed,
-scan + (edited − round trip), clipped to [0, 1], inside the scan's brain outline as the edit moved it. The model's round trip is only as
-sharp as its representation (a latent model's autoencoder blurs: SSIM 0.93 against the scan at 2 mm), and that
+scan + (edited − round trip), clipped to [0, 1], inside the scan's brain outline as the edit moved it. The model's
+round trip is only as sharp as its representation (a latent model's autoencoder blurs: SSIM 0.93 against the scan at 2 mm), and that
 loss is the same in the round trip and the edit, so it cancels in their difference: under unchanged covariates the
 output is the scan itself, under new ones the scan with the change the flow draws between the two. `detail="model"`
 returns the model's own drawing instead (what an image-space model gives up to its solver's error). The trade, measured
@@ -162,10 +162,11 @@ def edit_scan(model: str | Path | Generator, scan: str | Path, out: str | Path, 
               labels: bool = True, trust_paths: bool = False, overwrite: bool = False,
               guidance: float = 1.0, detail: str = "scan") -> list[Path]:
     """Edit one scan into files: OUT/<scan>_<target>.nii.gz per target with its tissue map (_labels) and difference map
-    (_diff: edit − scan, or edit − round trip with detail "model"), OUT/<scan>_roundtrip.nii.gz, and a JSON sidecar per edit that says where it came from
-    (the scan's path and SHA-256, the inversion's covariates, solver and steps) and that it derives from a real
-    person, so the privacy filter does not apply; `detail` as in `edit_volume`. `source` defaults to the scan's row of the prepared folder it lies
-    in (DATA/images/SUBJECT.nii.gz with DATA/manifest.csv). `model` may be a loaded Generator (a batch of scans loads
+    (_diff: edit − scan, or edit − round trip with detail "model"), OUT/<scan>_roundtrip.nii.gz, and a JSON sidecar
+    per edit that says where it came from (the scan's path and SHA-256, the inversion's covariates, solver and steps)
+    and that it derives from a real person, so the privacy filter does not apply; `detail` as in `edit_volume`.
+    `source` defaults to the scan's row of the prepared folder it lies in (DATA/images/SUBJECT.nii.gz with
+    DATA/manifest.csv). `model` may be a loaded Generator (a batch of scans loads
     it once). Returns the edited volumes' paths."""
     from mriflow import __version__
     from mriflow.data.background import BACKGROUND_RULE

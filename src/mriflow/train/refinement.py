@@ -26,7 +26,8 @@ def refinement(source_run: str | Path, max_steps: int | None, lr: float | None,
                 ) -> tuple[dict[str, Any], AutoencoderTrainingConfig, str | None]:
     """(record of the source, the refinement's config, the source's preset) for `refine_decoder`. `decoder`: a new
     decoder's sizes (model fields decoder_channels, decoder_num_res_blocks, decoder_latent_attention): it starts
-    from scratch at the source's learning rate, the critics from half-way (it must reconstruct before it is judged).
+    from the source's blocks that fit it (`load_source`), elsewhere from scratch, at its preset's learning rate, the
+    critics from half-way (it must reconstruct before it is judged).
     `distill` > 0: it also learns the source decoder's output for the same latent at this weight, without critics (the
     source's sharpness is in that target already)."""
     directory = ckpt.resolve_checkpoint(source_run)  # a clear error when it is neither a run nor a checkpoint
@@ -42,7 +43,7 @@ def refinement(source_run: str | Path, max_steps: int | None, lr: float | None,
         model = dataclasses.replace(config.model, **dict(decoder or {}))
     except (TypeError, ValueError) as error:
         raise ValueError(f"--refine-decoder {source_run}: {error}") from None
-    fresh = model.decoder_levels != config.model.decoder_levels  # a decoder of another architecture: from scratch
+    fresh = model.decoder_levels != config.model.decoder_levels  # another architecture: warm where it fits
     config = dataclasses.replace(
         config,
         model=model,
