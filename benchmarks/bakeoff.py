@@ -179,7 +179,7 @@ def plot(record: dict, path: Path) -> None:
     for axis, key, title in ((axes[1], "fd", "FD (val, anatomy features)"), (axes[2], "hf_ratio", "high-frequency energy / real")):
         axis.bar(range(len(names)), [record["arms"][n][key]["mean"] for n in names],
                  yerr=[record["arms"][n][key]["sd"] for n in names], color="tab:blue")
-        axis.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         axis.set_title(title)
         if key == "fd":  # arms far from real and today's model near it on one axis
             axis.set_yscale("log")
