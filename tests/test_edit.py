@@ -9,7 +9,7 @@ import torch
 
 from conftest import train_tiny_image_flow
 from mriflow.data.io import load_volume
-from mriflow.edit import edit_volume, encode_volume, integrate, transfer_detail
+from mriflow.edit import DETAILS, edit_volume, encode_volume, integrate, move_detail, transfer_detail
 from mriflow.generate import load_generator
 
 SHAPE = (16, 20, 16)
@@ -64,7 +64,7 @@ def test_an_edit_keeps_the_scans_own_detail_and_an_unchanged_one_is_the_scan(mod
     np.testing.assert_array_equal(own.edited[1], own.drawn[1])
     np.testing.assert_allclose(own.difference[1], own.drawn[1] - own.round_trip)  # against the model's round trip
     assert np.abs(own.edited[0] - volume).mean() > np.abs(kept.edited[0] - volume).mean()
-    with pytest.raises(ValueError, match="--detail sharp: choose one of scan, model"):
+    with pytest.raises(ValueError, match="--detail sharp: choose one of scan, moved, model"):
         edit_volume(generator, volume, source, [{"age": 60}], detail="sharp")
 
 
@@ -83,6 +83,31 @@ def test_detail_transfer_follows_the_edited_brain_outline():
     np.testing.assert_allclose(out[10, 5, 5], 0.5)  # grown: the edit itself (scan 0, round trip 0)
     np.testing.assert_allclose(out[6, 6, 6], 0.6)  # unchanged inside: the scan's value
     np.testing.assert_allclose(out[5, 5, 5], 0.3)  # the change added to the scan
+
+
+def test_moved_detail_follows_the_anatomy_the_edit_moved():
+    """detail="moved": when the edit shifts a structure, the scan's own texture moves with it (to where a shifted
+    scan has it), where adding the change would leave the texture in its old place; unchanged, the scan itself."""
+    from scipy import ndimage
+
+    z, y, x = np.indices((24, 28, 24)).astype(np.float32)
+
+    def brain(centre: float) -> np.ndarray:  # a smooth model-like drawing: a ball with a bright soft core
+        r = np.sqrt((z - centre) ** 2 + (y - 14) ** 2 + (x - 12) ** 2)
+        return np.where(r < 9, 0.3 + 0.5 * np.exp(-(r / 6) ** 2), 0).astype(np.float32)
+
+    round_trip, edited = brain(11), brain(13)  # the edit moves the brain two voxels along the first axis
+    texture = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal(round_trip.shape), 0.7) * 0.1
+    scan = np.where(round_trip > 0, (round_trip + texture).clip(0.01, 1), 0).astype(np.float32)
+    shifted = np.roll(scan, 2, axis=0)  # the scan as the edit would have it: its detail two voxels further
+    inner = ndimage.binary_erosion(edited > 0, iterations=3)
+    moved, added = move_detail(scan, round_trip, edited), transfer_detail(scan, round_trip, edited)
+    follows = lambda out: np.corrcoef((out - edited)[inner], (shifted - edited)[inner])[0, 1]  # noqa: E731
+    assert follows(moved) > 0.7 and follows(added) < 0.4  # the texture went with the anatomy only when moved
+    assert np.abs(moved - shifted)[inner].mean() < 0.6 * np.abs(added - shifted)[inner].mean()
+    assert np.all(moved[edited == 0] == 0) and moved.min() >= 0 and moved.max() <= 1
+    np.testing.assert_array_equal(move_detail(scan, round_trip, round_trip), scan)  # nothing changed: the scan
+    assert set(DETAILS) == {"scan", "moved", "model"}
 
 
 def test_what_cannot_be_inverted_is_refused(model, tmp_path):

@@ -45,10 +45,16 @@ from mriflow.generator import Generator
 from mriflow.models.conditioning import resolve_request
 
 INVERTIBLE_SOLVERS = ("euler", "heun", "midpoint", "rk4")
+DEFAULT_DETAIL = "scan"  # what `mriflow edit` delivers unless --detail says otherwise (docs/benchmarks.md "counterfactuals")
 DETAILS = {"scan": "the scan plus the edit's change (edited − round trip), clipped to [0, 1]; exactly 0 outside the "
                    "scan's brain as the edit moved its outline (less the voxels it emptied, plus those it filled): the "
                    "scan's own detail kept (mriflow.edit.transfer_detail)",
+           "moved": "the scan's detail moved with the edit: the deformation carrying the round trip onto the edit "
+                    "(symmetric demons) applied to the scan, plus what it does not explain (edited − moved round "
+                    "trip), clipped to [0, 1]; 0 outside the moved brain (mriflow.edit.move_detail)",
            "model": "the model's own drawing of the edited brain (its representation's detail)"}
+SCAN_BACKGROUND = ("exactly 0 outside the scan's brain as the edit moved its outline (the scan's zero background, less "
+                   "the voxels the edit emptied, plus those it filled)")
 
 
 @dataclass
@@ -124,6 +130,54 @@ def transfer_detail(scan: np.ndarray, round_trip: np.ndarray, edited: np.ndarray
     return np.where(inside, np.clip(scan + (edited - round_trip), 0.0, 1.0), 0.0).astype(np.float32)
 
 
+def edit_deformation(round_trip: np.ndarray, edited: np.ndarray, iterations: int = 60,
+                     smoothing: float = 1.5) -> np.ndarray:
+    """The displacement (D, H, W, 3) in voxels, along the array's axes, that carries the model's round trip onto its
+    edit: round_trip(x + u(x)) ≈ edited(x), by SimpleITK's symmetric-forces demons (both are the model's own drawings
+    of one person, so intensities match and a demons force is the right one); the field is smoothed by a Gaussian of
+    `smoothing` voxels each iteration, which keeps it smooth and invertible at these sizes."""
+    import SimpleITK as sitk
+
+    fixed = sitk.GetImageFromArray(np.ascontiguousarray(edited, np.float32))
+    moving = sitk.GetImageFromArray(np.ascontiguousarray(round_trip, np.float32))
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(iterations)
+    demons.SetStandardDeviations(smoothing)
+    field = demons.Execute(fixed, moving)  # vectors in (x, y, z) = the array's (W, H, D) axes
+    return sitk.GetArrayFromImage(field)[..., ::-1].astype(np.float32)
+
+
+def warp(volume: np.ndarray, displacement: np.ndarray, order: int = 1) -> np.ndarray:
+    """volume(x + u(x)) sampled with splines of `order` (1: linear), 0 outside the grid."""
+    from scipy import ndimage
+
+    grid = np.indices(volume.shape, dtype=np.float32)
+    coordinates = grid + np.moveaxis(displacement, -1, 0)
+    return ndimage.map_coordinates(np.asarray(volume, np.float32), coordinates, order=order, mode="constant", cval=0.0)
+
+
+def move_detail(scan: np.ndarray, round_trip: np.ndarray, edited: np.ndarray) -> np.ndarray:
+    """The scan's detail moved with the edit: the deformation that carries the model's round trip onto its edit
+    (edit_deformation) applied to the scan and to the round trip, then transfer_detail on the moved pair. Where the
+    edit moves anatomy (ventricles widening, cortex thinning) the scan's own edges move with it instead of staying
+    where they were; what no deformation explains (a change of contrast) is added as the intensity change. An
+    unchanged target returns the scan itself."""
+    scan = np.asarray(scan, np.float32)
+    if np.array_equal(edited, round_trip):
+        return transfer_detail(scan, round_trip, edited)
+    displacement = edit_deformation(round_trip, edited)
+    moved_scan = np.where(warp((scan > 0).astype(np.float32), displacement) >= 0.5, warp(scan, displacement), 0.0)
+    moved_trip = np.where(warp((round_trip > 0).astype(np.float32), displacement) >= 0.5,
+                          warp(round_trip, displacement), 0.0)
+    return transfer_detail(moved_scan, moved_trip, edited)
+
+
+def deliver(detail: str, scan: np.ndarray, round_trip: np.ndarray, edited: np.ndarray) -> np.ndarray:
+    """One edit as `detail` (DETAILS) asks: the model's drawing, or the scan's detail added or moved with the change."""
+    return {"model": lambda: np.asarray(edited, np.float32), "scan": lambda: transfer_detail(scan, round_trip, edited),
+            "moved": lambda: move_detail(scan, round_trip, edited)}[detail]()
+
+
 def edit_volume(generator: Generator, volume: np.ndarray, source: Mapping[str, Any],
                 targets: Sequence[Mapping[str, Any]], steps: int = 16, solver: str = "heun",
                 guidance: float = 1.0, detail: str = "scan") -> EditResult:
@@ -146,11 +200,10 @@ def edit_volume(generator: Generator, volume: np.ndarray, source: Mapping[str, A
     volumes = generator.decode(torch.cat([x1, *drawn]))  # (2 + T, D, H, W): the scan, the round trip, the edits
     model_edits = list(volumes[2:])
     scan = np.asarray(volume, np.float32).clip(0.0, 1.0)
-    edited = ([transfer_detail(scan, volumes[1], edit) for edit in model_edits] if detail == "scan"
-              else model_edits)
+    edited = [deliver(detail, scan, volumes[1], edit) for edit in model_edits]
     per_solve = steps * {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4}[solver]
     return EditResult(source=volumes[0], round_trip=volumes[1], edited=edited,
-                      difference=[edit - (scan if detail == "scan" else volumes[1]) for edit in edited], targets=wanted,
+                      difference=[edit - (volumes[1] if detail == "model" else scan) for edit in edited], targets=wanted,
                       settings={"solver": solver, "steps": steps, "guidance": float(guidance), "detail": detail,
                                 "time_shift": settings.get("time_shift", 1.0), "source_covariates": dict(source)},
                       latents=torch.cat(drawn[1:]), drawn=model_edits,
@@ -195,7 +248,7 @@ def edit_scan(model: str | Path | Generator, scan: str | Path, out: str | Path, 
     maps = generator.decode_labels(result.latents, np.stack(result.edited)) if generator.labels is not None else None
     common = {"seed": None, "solver": solver, "steps": steps, "guidance": float(guidance), "nfe": result.nfe,
               "detail": {"kept": detail, "how": DETAILS[detail]},
-              "background": BACKGROUND_RULE if detail == "model" else DETAILS["scan"],
+              "background": BACKGROUND_RULE if detail == "model" else SCAN_BACKGROUND,
               "model_id": generator.model_id, "model_checksum": generator.model_checksum,
               "representation": generator.representation_name,
               "source": {"scan": str(scan.resolve()), "sha256": sha256(scan), "covariates": source},

@@ -41,6 +41,7 @@ def test_edit_writes_each_target_with_its_difference_map_and_a_sidecar_naming_th
     assert sidecar["source"]["scan"] == str(scan.resolve()) and len(sidecar["source"]["sha256"]) == 64
     assert "does not apply" in sidecar["privacy_filter"] and sidecar["steps"] == 4 and sidecar["nfe"] > 0
     assert sidecar["detail"]["kept"] == "scan"  # the default: the scan's own detail with the edit's change
+    assert "outline" in sidecar["background"] and sidecar["background"] != sidecar["detail"]["how"]
     # a second run into the folder is refused, nothing overwritten
     before = (out / "sub02_age-45.nii.gz").read_bytes()
     assert main(["edit", "--model", str(run), "--scan", str(scan), "--age", "45", "--out", str(out),
