@@ -59,6 +59,38 @@ def decode_seconds(generator, repeats: int = 2) -> float:
     return best
 
 
+def retime(rows: list[dict], model: Path, exported: Path, rounds: int = 3) -> None:
+    """Every row's seconds measured again here, in one process, the decoders taking turns round by round (best of
+    `rounds`): rows kept from an earlier run (--reuse) and rows measured now under other load are compared on the
+    same footing. A decoder's exported model folder is made again from its run if it is gone."""
+    import os
+
+    from generate import time_sampling  # noqa: E402  (benchmarks/generate.py)
+
+    from mriflow.export import export_generator
+    from mriflow.generator import load_generator
+    from mriflow.models.conditioning import resolve_request
+
+    generators = {}
+    for row in rows:
+        folder = model if row["label"] == "own decoder" else exported / row["label"]
+        if not (folder / "flow").is_dir():
+            export_generator(model / "flow", folder, autoencoder=row["decoder"]["run"])
+        generators[row["label"]] = load_generator(folder, device="cpu", labels=False)
+    best = {label: {"decode": float("inf"), "all": float("inf")} for label in generators}
+    for _ in range(rounds):
+        for label, generator in generators.items():
+            settings = generator.sampling_settings()
+            condition = resolve_request(generator.schema, {"age": 50.0, "sex": "F"})
+            best[label]["decode"] = min(best[label]["decode"], decode_seconds(generator, repeats=1))
+            timing = time_sampling(generator, settings, condition, SECONDS_BATCH, repeats=1)
+            best[label]["all"] = min(best[label]["all"], timing["seconds_per_volume"])
+    for row in rows:
+        row["decode_seconds_per_volume"] = round(best[row["label"]]["decode"], 4)
+        row["seconds_per_volume_batch8"] = round(best[row["label"]]["all"], 4)
+        row["timed"] = f"with the others, taking turns, best of {rounds}; load average {os.getloadavg()[0]:.1f}"
+
+
 def reconstruction(generator, data: Path, split: str, out: Path) -> dict:
     """The split's real scans through the generator's autoencoder: SSIM and PSNR, whole volume and inside the brain."""
     from mriflow.evaluate.reconstruction import evaluate_reconstruction
@@ -111,8 +143,13 @@ def measure(args: argparse.Namespace) -> dict:
         rows.append(row)
     if kept:
         rows = [kept.pop("own decoder", None) or rows.pop(0)] + list(kept.values()) + rows
+    retime(rows, model, args.out / "models")
+    commands = [command_line(__file__, args.argv)]
+    if kept:  # the kept rows' figures came from the earlier commands
+        before = json.loads(earlier.read_text())
+        commands = [c for c in before.get("commands", [before["command"]]) if c not in commands] + commands
     record = {"benchmark": "decoders", "grid": "2mm", "split": args.split, "n": args.n, "model": args.model,
-              "command": command_line(__file__, args.argv), "machine": machine(), "rows": rows}
+              "command": commands[-1], "commands": commands, "machine": machine(), "rows": rows}
     record["targets"] = targets(rows)
     write_result(f"decoders-2mm-{args.split}", record)
     picture = DOCUMENT.parent / f"decoders_2mm_{args.split}.png"
@@ -146,9 +183,12 @@ def cell(value: dict, digits: int = 0) -> str:
 
 
 def section(record: dict, picture: Path) -> str:
-    lines = [f"Command: `{record['command']}`. Model `{record['model']}` at its own sampler (one Euler step), "
+    commands = record.get("commands", [record["command"]])
+    lines = [f"Command{'s' if len(commands) > 1 else ''}: " + ", then ".join(f"`{c}`" for c in commands) + ". Model `{record['model']}` at its own sampler (one Euler step), "
              f"{record['n']} samples at requests sweeping age and sex against the {record['split']} split; one CPU "
-             f"thread. The same request through each decoder: {link(picture, DOCUMENT)}.", "",
+             f"thread; the seconds of every decoder measured again together, taking turns (best of three rounds), so "
+             f"rows kept from earlier runs compare on the same footing. The same request through each decoder: "
+             f"{link(picture, DOCUMENT)}.", "",
              "| decoder | channels, blocks, attention | parameters | trained (steps, CPU min) | FD | recall | coverage | "
              "MS-SSIM (real) | HF / real | age MAE (real) | reconstruction SSIM / PSNR (brain) | decoder s / vol | "
              "s / volume, batch 8 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -180,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a decoder run of the model's encoder (mriflow train autoencoder --refine-decoder)")
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--reuse", action="store_true",
-                        help="keep the earlier result's rows of the decoders not named again (own decoder included), as "
-                             "they were measured then; measure only the named ones")
+                        help="keep the earlier result's quality figures for the decoders not named again (own decoder "
+                             "included); measure only the named ones (every row's seconds are measured again)")
     parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("runs/decoder"))
     args = parser.parse_args(argv)
