@@ -274,3 +274,32 @@ def test_a_lighter_decoder_meets_its_targets_only_as_good_as_the_models_own_and_
     assert verdict["rows"]["blurred"]["hf"] is False and verdict["rows"]["slow"]["seconds"] is False
     assert verdict["rows"]["worse"]["fd"] is False and "own decoder" not in verdict["rows"]
     assert decoders.targets([own])["status"] == "missed"  # nothing to compare: no decoder met them
+
+
+def test_counterfactual_targets_are_met_or_missed_by_the_default_detail(monkeypatch, tmp_path):
+    import counterfactuals
+
+    import mriflow.edit
+
+    def kind(slope, brain):
+        return {"round_trip_ssim": 1.0, "round_trip_psnr": 99.0, "identity_kept": 1.0, "age_slope": slope,
+                "age_mae": 9.0, "age_slope_corrected": slope, "age_mae_corrected": 9.0, "plus_20_ssim": 0.9,
+                "hf_ratio": 1.0, "sex_edits_read_as_requested": 1.0,
+                "per_decade": {"ventricles_ml": 4.0, "total_brain_ml": brain}}
+
+    summary = {"scan": kind(0.5, -16.0), "moved": kind(0.9, -20.0), "model": kind(0.6, -19.0),
+               "predictor_slope_real": 0.7, "predictor_mae": 9.5, "predictor_mae_corrected": 9.8,
+               "population_per_decade": {"ventricles_ml": {"per_decade": 4.2, "low": 3.2, "high": 5.0},
+                                         "total_brain_ml": {"per_decade": -21.6, "low": -24.7, "high": -18.7}}}
+    rows = {t["target"][:20]: t for t in counterfactuals.targets(summary, "val")}
+    brain = next(t for t in rows.values() if t["target"].startswith("total brain"))
+    assert brain["met"] == {"scan": False, "moved": True, "model": True} and brain["measured"]["scan"] == "-16.0 ml"
+    record = {"command": "c", "subjects": [{}] * 3, "model_id": "m", "solver": "heun", "steps": 4, "summary": summary,
+              "split": "val"}
+    monkeypatch.setattr(mriflow.edit, "DEFAULT_DETAIL", "scan")
+    as_scan = counterfactuals.section(record, tmp_path / "p.png", tmp_path / "r.json")
+    monkeypatch.setattr(mriflow.edit, "DEFAULT_DETAIL", "moved")
+    as_moved = counterfactuals.section(record, tmp_path / "p.png", tmp_path / "r.json")
+    brain_line = lambda text: next(line for line in text.splitlines() if line.startswith("| total brain"))  # noqa: E731
+    assert "| missed |" in brain_line(as_scan) and "| met |" in brain_line(as_moved)
+    assert "| moved (default) |" in as_moved and "3 val subjects" in as_moved
