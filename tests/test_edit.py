@@ -44,7 +44,7 @@ def test_an_edit_keeps_the_person_and_follows_the_new_covariates_of_its_own_requ
     correlation = np.corrcoef(result.round_trip.ravel(), result.source.ravel())[0, 1]
     assert correlation > 0.95  # the round trip is the scan, to the solver's error
     np.testing.assert_allclose(result.difference[0], result.edited[0] - volume, atol=1e-6)  # the change to the scan
-    assert result.settings["guidance"] == 1.0 and result.settings["detail"] == "scan" and result.settings["source_covariates"] == {"age": 27, "sex": "M"}
+    assert result.settings["guidance"] == 1.0 and result.settings["detail"] == "moved" and result.settings["source_covariates"] == {"age": 27, "sex": "M"}
 
 
 def test_an_edit_keeps_the_scans_own_detail_and_an_unchanged_one_is_the_scan(model):
@@ -53,7 +53,7 @@ def test_an_edit_keeps_the_scans_own_detail_and_an_unchanged_one_is_the_scan(mod
     generator, data = model
     volume, _ = load_volume(data / "images" / "sub01.nii.gz")
     source = {"age": 27, "sex": "M"}
-    kept = edit_volume(generator, volume, source, [source, {"age": 60}], steps=8)
+    kept = edit_volume(generator, volume, source, [source, {"age": 60}], steps=8, detail="scan")
     np.testing.assert_array_equal(kept.edited[0], volume)  # unchanged: the scan itself, not its round trip
     inside = (kept.drawn[1] > 0) & (volume > 0)
     expected = np.clip(volume + kept.drawn[1] - kept.round_trip, 0, 1)
@@ -64,6 +64,9 @@ def test_an_edit_keeps_the_scans_own_detail_and_an_unchanged_one_is_the_scan(mod
     np.testing.assert_array_equal(own.edited[1], own.drawn[1])
     np.testing.assert_allclose(own.difference[1], own.drawn[1] - own.round_trip)  # against the model's round trip
     assert np.abs(own.edited[0] - volume).mean() > np.abs(kept.edited[0] - volume).mean()
+    moved = edit_volume(generator, volume, source, [source, {"age": 60}], steps=8)  # the default
+    np.testing.assert_array_equal(moved.edited[0], volume)  # unchanged: the scan itself here too
+    np.testing.assert_allclose(moved.difference[1], moved.edited[1] - volume, atol=1e-6)
     with pytest.raises(ValueError, match="--detail sharp: choose one of scan, moved, model"):
         edit_volume(generator, volume, source, [{"age": 60}], detail="sharp")
 

@@ -134,10 +134,11 @@ class Model:
 
     def edit(self, volume: np.ndarray | nib.Nifti1Image, source: dict[str, Any], targets: Sequence[dict[str, Any]],
              steps: int = 16, solver: str = "heun", guidance: float = 1.0,
-             detail: str = "scan") -> list[nib.Nifti1Image]:
+             detail: str = "moved") -> list[nib.Nifti1Image]:
         """A real prepared scan drawn again under each target's covariates by inverting the flow (mriflow.edit);
-        `detail="scan"` keeps the scan's own detail (scan + edit − round trip), "moved" moves it with the edit's
-        deformation (mriflow.edit.move_detail), "model" returns the model's drawing."""
+        `detail="moved"` (the default) keeps the scan's own detail, moved with the edit's deformation
+        (mriflow.edit.move_detail), "scan" adds the edit's change to the scan (scan + edit − round trip), "model"
+        returns the model's drawing."""
         from mriflow.edit import edit_volume
 
         array = np.asarray(volume.dataobj, np.float32) if isinstance(volume, nib.Nifti1Image) else np.asarray(volume)

@@ -7,15 +7,19 @@ same person as they would look with c' (older, the other sex). Several targets s
 trip under unchanged covariates comes back to the scan up to the solver's error (and, for a latent model, the
 autoencoder's reconstruction), which `edit_volume` returns beside the edits.
 
-What an edit returns keeps the scan's own detail by default (`detail="scan"`): the scan plus what the edit changed,
-scan + (edited − round trip), clipped to [0, 1], inside the scan's brain outline as the edit moved it. The model's
-round trip is only as sharp as its representation (a latent model's autoencoder blurs: SSIM 0.93 against the scan at 2 mm), and that
-loss is the same in the round trip and the edit, so it cancels in their difference: under unchanged covariates the
-output is the scan itself, under new ones the scan with the change the flow draws between the two. `detail="model"`
-returns the model's own drawing instead (what an image-space model gives up to its solver's error). The trade, measured
-at 2 mm (benchmarks/counterfactuals.py): the scan's detail keeps the edit close to the person and as sharp as the scan,
-and keeps some of the scan's age too (predicted-age slope 0.48 against the drawing's 0.62; total brain −16.5 against
-−19.2 ml per decade).
+What an edit returns keeps the scan's own detail. The model's round trip is only as sharp as its representation (a
+latent model's autoencoder blurs: SSIM 0.93 against the scan at 2 mm), and that loss is the same in the round trip and
+the edit, so it cancels in their difference. Three ways to deliver an edit (`detail`, DETAILS):
+  "moved" (the default)  the deformation that carries the round trip onto the edit (demons registration of two drawings
+                         of one person) applied to the scan, plus the intensity change it does not explain: the scan's
+                         own edges move with widening ventricles and a shrinking brain;
+  "scan"                 scan + (edited − round trip), inside the scan's outline as the edit moved it: the change added
+                         where it happens, so the scan's old edges stay beside the new ones (ghost walls at 70-80 y);
+  "model"                the model's own drawing (what an image-space model gives up to its solver's error).
+Under unchanged covariates "moved" and "scan" return the scan itself. Measured at 2 mm (benchmarks/counterfactuals.py,
+val split, where the default was chosen): total brain −19.7 ml per decade moved, −17.3 added, −19.7 drawn (population
+−21.6 [−24.7, −18.7]); predicted-age slope 0.55 / 0.51 / 0.61; +20 y edit against the scan SSIM 0.88 / 0.91 / 0.84,
+sharpness 0.89 / 1.05 / 0.62 x the scan's.
 
     >>> generator = load_generator("2mm")
     >>> result = edit_volume(generator, volume, {"age": 52, "sex": "F"}, [{"age": 75}], steps=16)
@@ -45,7 +49,7 @@ from mriflow.generator import Generator
 from mriflow.models.conditioning import resolve_request
 
 INVERTIBLE_SOLVERS = ("euler", "heun", "midpoint", "rk4")
-DEFAULT_DETAIL = "scan"  # what `mriflow edit` delivers unless --detail says otherwise (docs/benchmarks.md "counterfactuals")
+DEFAULT_DETAIL = "moved"  # what `mriflow edit` delivers unless --detail says otherwise (docs/benchmarks.md "counterfactuals")
 DETAILS = {"scan": "the scan plus the edit's change (edited − round trip), clipped to [0, 1]; exactly 0 outside the "
                    "scan's brain as the edit moved its outline (less the voxels it emptied, plus those it filled): the "
                    "scan's own detail kept (mriflow.edit.transfer_detail)",
@@ -62,7 +66,7 @@ class EditResult:
     """The volumes of one edit, each (D, H, W) float32 in [0, 1] with the generator's affine: the scan as the model
     represents it, its round trip under the source covariates, one edited volume per target (with the scan's detail
     or the model's, `settings["detail"]`), the model's own drawings of them, and what each edit changed: edited − the
-    scan (detail "scan"; 0 where nothing changed) or edited − round trip (detail "model")."""
+    scan (details "moved" and "scan"; 0 where nothing changed) or edited − round trip (detail "model")."""
 
     source: np.ndarray
     round_trip: np.ndarray
@@ -180,7 +184,7 @@ def deliver(detail: str, scan: np.ndarray, round_trip: np.ndarray, edited: np.nd
 
 def edit_volume(generator: Generator, volume: np.ndarray, source: Mapping[str, Any],
                 targets: Sequence[Mapping[str, Any]], steps: int = 16, solver: str = "heun",
-                guidance: float = 1.0, detail: str = "scan") -> EditResult:
+                guidance: float = 1.0, detail: str = DEFAULT_DETAIL) -> EditResult:
     """Invert `volume` under the covariates `source` and draw it again under each of `targets` (a covariate left out of
     a target keeps its source value), both ways at `guidance`; `detail` says whose detail the edits carry (DETAILS).
     See the module docstring."""
@@ -213,7 +217,7 @@ def edit_volume(generator: Generator, volume: np.ndarray, source: Mapping[str, A
 def edit_scan(model: str | Path | Generator, scan: str | Path, out: str | Path, targets: Sequence[Mapping[str, Any]],
               source: Mapping[str, Any] | None = None, steps: int = 16, solver: str = "heun", device: str = "auto",
               labels: bool = True, trust_paths: bool = False, overwrite: bool = False,
-              guidance: float = 1.0, detail: str = "scan") -> list[Path]:
+              guidance: float = 1.0, detail: str = DEFAULT_DETAIL) -> list[Path]:
     """Edit one scan into files: OUT/<scan>_<target>.nii.gz per target with its tissue map (_labels) and difference map
     (_diff: edit − scan, or edit − round trip with detail "model"), OUT/<scan>_roundtrip.nii.gz, and a JSON sidecar
     per edit that says where it came from (the scan's path and SHA-256, the inversion's covariates, solver and steps)

@@ -40,7 +40,7 @@ def test_edit_writes_each_target_with_its_difference_map_and_a_sidecar_naming_th
     assert sidecar["covariates"] == {"age": 45.0, "sex": "F"} and sidecar["derived_from_real_person"] is True
     assert sidecar["source"]["scan"] == str(scan.resolve()) and len(sidecar["source"]["sha256"]) == 64
     assert "does not apply" in sidecar["privacy_filter"] and sidecar["steps"] == 4 and sidecar["nfe"] > 0
-    assert sidecar["detail"]["kept"] == "scan"  # the default: the scan's own detail with the edit's change
+    assert sidecar["detail"]["kept"] == "moved"  # the default: the scan's own detail moved with the edit
     assert "outline" in sidecar["background"] and sidecar["background"] != sidecar["detail"]["how"]
     # a second run into the folder is refused, nothing overwritten
     before = (out / "sub02_age-45.nii.gz").read_bytes()
@@ -150,3 +150,17 @@ def test_a_raw_scan_is_prepared_onto_the_models_grid_before_it_is_edited(tmp_pat
     assert np.corrcoef(back.ravel(), volume.ravel())[0, 1] > 0.8  # where the scan was, whatever its voxels
     sidecar = json.loads((out / "my-t1_age-70.json").read_text())
     assert sidecar["source"]["scan"] == str(prepared.resolve()) and sidecar["edit"]["to"]["age"] == 70.0
+
+
+def test_the_commands_detail_choices_and_default_are_the_modules():
+    """`mriflow edit --detail` offers what mriflow.edit delivers, defaulting to its DEFAULT_DETAIL (the CLI does not
+    import the module at start-up, so the two lists are kept in step by this test)."""
+    import argparse
+
+    from mriflow.cli import edit as cli_edit
+    from mriflow.edit import DEFAULT_DETAIL, DETAILS
+
+    parser = argparse.ArgumentParser()
+    cli_edit.add_commands(parser.add_subparsers())
+    action = next(a for a in parser._subparsers._group_actions[0].choices["edit"]._actions if a.dest == "detail")
+    assert set(action.choices) == set(DETAILS) and action.default == DEFAULT_DETAIL

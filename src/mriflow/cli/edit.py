@@ -49,13 +49,14 @@ def add_commands(commands) -> None:
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance both ways (default 1: the conditional velocity); above 1 the covariates "
                         "change more, at some cost to the round trip's fidelity")
-    p.add_argument("--detail", default="scan", choices=("scan", "moved", "model"),
-                   help="whose detail an edit carries: scan (default) = the scan plus what the edit changes (edit minus "
-                        "round trip), so the person's own fine anatomy stays and an unchanged edit is the scan itself; "
-                        "moved = the scan's detail moved with the edit (the deformation from round trip to edit, by "
-                        "demons registration, applied to the scan; about 2 s more per target), so its edges follow "
-                        "widening ventricles instead of staying put; model = the model's own drawing (as sharp as its "
-                        "autoencoder, with the strongest age effect: docs/benchmarks.md 'counterfactuals')")
+    p.add_argument("--detail", default="moved", choices=("moved", "scan", "model"),
+                   help="whose detail an edit carries: moved (default) = the scan's own detail moved with the edit (the "
+                        "deformation from the model's round trip to its edit, by demons registration, applied to the "
+                        "scan, plus the change it does not explain; about 2 s per target), so the person's anatomy stays "
+                        "as scanned, its edges follow widening ventricles and an unchanged edit is the scan itself; "
+                        "scan = the scan plus what the edit changes (edit minus round trip: sharpest, but the old edges "
+                        "stay beside the new ones and some of the scan's age with them); model = the model's own drawing "
+                        "(as sharp as its autoencoder; docs/benchmarks.md 'counterfactuals')")
     p.add_argument("--no-labels", action="store_true", help="write no tissue maps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--trust-model-paths", action="store_true",
