@@ -184,7 +184,8 @@ def cell(value: dict, digits: int = 0) -> str:
 
 def section(record: dict, picture: Path) -> str:
     commands = record.get("commands", [record["command"]])
-    lines = [f"Command{'s' if len(commands) > 1 else ''}: " + ", then ".join(f"`{c}`" for c in commands) + ". Model `{record['model']}` at its own sampler (one Euler step), "
+    lines = [f"Command{'s' if len(commands) > 1 else ''}: " + ", then ".join(f"`{c}`" for c in commands)
+             + f". Model `{record['model']}` at its own sampler (one Euler step), "
              f"{record['n']} samples at requests sweeping age and sex against the {record['split']} split; one CPU "
              f"thread; the seconds of every decoder measured again together, taking turns (best of three rounds), so "
              f"rows kept from earlier runs compare on the same footing. The same request through each decoder: "

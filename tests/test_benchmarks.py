@@ -303,3 +303,20 @@ def test_counterfactual_targets_are_met_or_missed_by_the_default_detail(monkeypa
     brain_line = lambda text: next(line for line in text.splitlines() if line.startswith("| total brain"))  # noqa: E731
     assert "| missed |" in brain_line(as_scan) and "| met |" in brain_line(as_moved)
     assert "| moved (default) |" in as_moved and "3 val subjects" in as_moved
+
+
+def test_the_decoder_section_names_the_model_and_every_command_its_rows_came_from(tmp_path):
+    import decoders
+
+    figure = lambda mean, sd=0.0: {"mean": mean, "sd": sd}  # noqa: E731
+    row = {"label": "own decoder", "decoder": {"channels": [32, 64], "res_blocks": [1, 2], "attention": False,
+                                               "parameters": 650000},
+           "fd": figure(250.0, 30.0), "recall": figure(0.9), "coverage": figure(0.8), "hf_ratio": figure(0.56),
+           "ms_ssim": {"generated": 0.89, "real": 0.80}, "age_mae": {"generated": 6.8, "real": 9.5},
+           "reconstruction": {"ssim": 0.9, "psnr": 27.0, "ssim_brain": 0.85, "psnr_brain": 23.0},
+           "decode_seconds_per_volume": 0.7, "seconds_per_volume_batch8": 0.8}
+    record = {"command": "b", "commands": ["a", "b"], "model": "2mm-fewstep", "n": 24, "split": "test",
+              "rows": [row], "targets": decoders.targets([row])}
+    text = decoders.section(record, tmp_path / "p.png")
+    assert text.startswith("Commands: `a`, then `b`. Model `2mm-fewstep` at its own sampler")
+    assert "| own decoder | 32/64, 1/2, no | 0.65 M | shipped | 250 ± 30 |" in text
