@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solver", help="default: the model's own (the shipped default: euler)")
     parser.add_argument("--steps", type=int, help="default: the model's own (the shipped default: 1)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the timings (default 1: the figures are per thread, as the docs say)")
     parser.add_argument("--samples", type=int, default=8, help="fixed seeds for the straightness figure")
     parser.add_argument("--batch-sizes", type=lambda text: [int(n) for n in text.split(",")], default=[1, 8],
                         help="batch sizes timed (comma-separated; default 1,8)")
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     document = Path(args.document)
     command = command_line(__file__, argv)
 
+    torch.set_num_threads(args.threads)
     generator = load_generator(args.model, args.device)
     settings = generator.sampling_settings(args.solver, args.steps)
     condition = request(generator, {"age": 50.0, "sex": "F"})
