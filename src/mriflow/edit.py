@@ -151,13 +151,17 @@ def edit_deformation(round_trip: np.ndarray, edited: np.ndarray, iterations: int
     return sitk.GetArrayFromImage(field)[..., ::-1].astype(np.float32)
 
 
-def warp(volume: np.ndarray, displacement: np.ndarray, order: int = 1) -> np.ndarray:
-    """volume(x + u(x)) sampled with splines of `order` (1: linear), 0 outside the grid."""
+def warp(volume: np.ndarray, coordinates: np.ndarray, order: int = 1) -> np.ndarray:
+    """volume sampled at `coordinates` (3, D, H, W: x + u(x), from sample_points) with splines of `order` (1: linear),
+    0 outside the grid."""
     from scipy import ndimage
 
-    grid = np.indices(volume.shape, dtype=np.float32)
-    coordinates = grid + np.moveaxis(displacement, -1, 0)
     return ndimage.map_coordinates(np.asarray(volume, np.float32), coordinates, order=order, mode="constant", cval=0.0)
+
+
+def sample_points(displacement: np.ndarray) -> np.ndarray:
+    """x + u(x) for a displacement (D, H, W, 3) in voxels: where warp samples, made once for every volume it moves."""
+    return np.indices(displacement.shape[:3], dtype=np.float32) + np.moveaxis(displacement, -1, 0)
 
 
 def move_detail(scan: np.ndarray, round_trip: np.ndarray, edited: np.ndarray) -> np.ndarray:
@@ -169,11 +173,9 @@ def move_detail(scan: np.ndarray, round_trip: np.ndarray, edited: np.ndarray) ->
     scan = np.asarray(scan, np.float32)
     if np.array_equal(edited, round_trip):
         return transfer_detail(scan, round_trip, edited)
-    displacement = edit_deformation(round_trip, edited)
-    moved_scan = np.where(warp((scan > 0).astype(np.float32), displacement) >= 0.5, warp(scan, displacement), 0.0)
-    moved_trip = np.where(warp((round_trip > 0).astype(np.float32), displacement) >= 0.5,
-                          warp(round_trip, displacement), 0.0)
-    return transfer_detail(moved_scan, moved_trip, edited)
+    points = sample_points(edit_deformation(round_trip, edited))
+    moved = [np.where(warp((v > 0).astype(np.float32), points) >= 0.5, warp(v, points), 0.0) for v in (scan, round_trip)]
+    return transfer_detail(*moved, edited)
 
 
 def deliver(detail: str, scan: np.ndarray, round_trip: np.ndarray, edited: np.ndarray) -> np.ndarray:
