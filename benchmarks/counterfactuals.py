@@ -39,6 +39,10 @@ import numpy as np
 
 from common import DOCUMENT, ROOT, command_line, link, machine, replace_section, write_result  # noqa: E402
 
+# variants of an output that `mriflow edit` does not offer (yet), measured beside the outputs with --also to choose on
+# val: name -> (the detail, its options for mriflow.edit.deliver)
+CANDIDATES = {"moved-cubic": ("moved", {"order": 3})}
+
 
 def ssim_psnr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solver", default="heun")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance both ways")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--also", default="", help=f"candidate outputs measured beside them, comma-separated: "
+                                                    f"{', '.join(CANDIDATES)}")
     parser.add_argument("--render", metavar="NAME",
                         help="write the section of an earlier result (benchmarks/results/counterfactuals-NAME.json) "
                              "again under today's default detail; nothing is measured")
@@ -94,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--data is required (the prepared data the model was trained on)")
     torch.set_num_threads(args.threads)
     ages = [float(a) for a in args.ages.split(",")]
+    unknown = [c for c in filter(None, args.also.split(",")) if c not in CANDIDATES]
+    if unknown:
+        parser.error(f"--also {','.join(unknown)}: choose among {', '.join(CANDIDATES)}")
+    kinds = {k: (k, {}) for k in DETAILS} | {c: CANDIDATES[c] for c in filter(None, args.also.split(","))}
 
     generator = load_generator(args.model, "cpu", labels=False)
     grid = generator.meta.get("grid") or "grid"
@@ -118,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                              guidance=args.guidance, detail="model")
         record = {"subject": row.subject, "source": source, "requested_ages": ages, "sex_requested": other_sex}
         # every kind of output from one solve; the model's round trip is what "model" returns at unchanged covariates
-        outputs = {kind: [deliver(kind, volume.clip(0, 1), result.round_trip, drawn) for drawn in result.drawn]
-                   for kind in DETAILS}
-        predictions = anatomy.predict(np.stack([*(v for kind in DETAILS for v in outputs[kind]), volume])[:, None])
+        outputs = {kind: [deliver(detail, volume.clip(0, 1), result.round_trip, drawn, **options)
+                          for drawn in result.drawn] for kind, (detail, options) in kinds.items()}
+        predictions = anatomy.predict(np.stack([*(v for kind in kinds for v in outputs[kind]), volume])[:, None])
         real_hf = high_frequency_energy(volume, inner)
-        for number, kind in enumerate(DETAILS):
+        for number, kind in enumerate(kinds):
             edited, offset = outputs[kind], number * len(targets)
             same = result.round_trip if kind == "model" else edited[-1]
             older = edited[len(ages)]
@@ -149,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if example is None:
             example = (row.subject, source, result.round_trip, outputs)
         print(f"{index + 1}/{len(test)} {row.subject}: model round trip SSIM {record['model']['round_trip_ssim']:.3f}, "
-              "+20 y edit vs scan SSIM " + ", ".join(f"{k} {record[k]['plus_20_ssim']:.3f}" for k in DETAILS) + ", "
-              + ", ".join(f"{k} {record[k]['age_slope_subject']:.2f}" for k in DETAILS) + " age slope", flush=True)
+              "+20 y edit vs scan SSIM " + ", ".join(f"{k} {record[k]['plus_20_ssim']:.3f}" for k in kinds) + ", "
+              + ", ".join(f"{k} {record[k]['age_slope_subject']:.2f}" for k in kinds) + " age slope", flush=True)
 
     real_rows = manifest[manifest["split"] == args.split].dropna(subset=["age"])
     real_predictions = anatomy.predict(np.stack([everyone[s] for s in real_rows["subject"]])[:, None])
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"predictor_slope_real": predictor_slope, "predictor_mae": predictor_mae,
                "bias_correction": {"a": float(a), "b": float(b), "fitted_on": "train split, real scans"},
                "predictor_mae_corrected": predictor_mae_corrected}
-    for kind in DETAILS:
+    for kind in kinds:
         predicted = np.concatenate([r[kind]["predicted_ages"] for r in rows])
         mean = lambda key: float(np.mean([r[kind][key] for r in rows]))  # noqa: E731
         summary[kind] = {
@@ -194,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         name += f"-{args.split}"
     record = {"benchmark": "counterfactuals", "command": command_line(__file__, argv), "model_id": generator.model_id,
               "grid": grid, "data": str(args.data), "split": args.split, "ages": ages, "guidance": args.guidance,
-              "steps": args.steps, "solver": args.solver, "summary": summary,
-              "targets": targets(summary, args.split), "subjects": rows, "machine": machine()}
+              "steps": args.steps, "solver": args.solver, "kinds": list(kinds), "summary": summary,
+              "targets": targets(summary, args.split, list(kinds)), "subjects": rows, "machine": machine()}
     path = write_result(f"counterfactuals-{name}", record)
     picture = ROOT / "docs" / f"counterfactuals_{name}.png"
     draw(example, ages, picture)
@@ -205,15 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def targets(summary: dict, split: str) -> list[dict]:
-    """The issue's targets, each measured and met or missed for every detail (DETAILS), from a run's summary."""
-    from mriflow.edit import DETAILS
-
+def targets(summary: dict, split: str, kinds: list[str]) -> list[dict]:
+    """The issue's targets, each measured and met or missed for every output of `kinds`, from a run's summary."""
     population = summary["population_per_decade"]
 
     def row(target: str, met, measured, note: str = "") -> dict:
-        return {"target": target, "note": note, "met": {kind: bool(met(summary[kind])) for kind in DETAILS},
-                "measured": {kind: measured(summary[kind]) for kind in DETAILS}}
+        return {"target": target, "note": note, "met": {kind: bool(met(summary[kind])) for kind in kinds},
+                "measured": {kind: measured(summary[kind]) for kind in kinds}}
 
     return [
         row("round trip at unchanged covariates SSIM ≥ 0.98", lambda k: k["round_trip_ssim"] >= 0.98,
@@ -243,20 +251,23 @@ def section(record: dict, picture: Path, path: Path) -> str:
     from mriflow.edit import DEFAULT_DETAIL, DETAILS
 
     summary, split = record["summary"], record.get("split", "test")
-    rows = targets(summary, split)
-    checks = "\n".join(f"| {t['target']} | " + " | ".join(t["measured"][k] for k in DETAILS)
+    kinds = record.get("kinds", list(DETAILS))
+    rows = targets(summary, split, kinds)
+    checks = "\n".join(f"| {t['target']} | " + " | ".join(t["measured"][k] for k in kinds)
                        + f" | {'met' if t['met'][DEFAULT_DETAIL] else 'missed'} | {t['note']} |" for t in rows)
     outputs = "\n".join(f"| {k}{' (default)' if k == DEFAULT_DETAIL else ''} | {summary[k]['plus_20_ssim']:.3f} | "
-                        f"{summary[k]['hf_ratio']:.2f} | {summary[k]['sex_edits_read_as_requested']:.0%} |" for k in DETAILS)
+                        f"{summary[k]['hf_ratio']:.2f} | {summary[k]['sex_edits_read_as_requested']:.0%} |" for k in kinds)
     ages = record.get("ages", [30.0, 50.0, 70.0, 80.0])
+    candidates = "".join(f" Candidate **{k}**: {CANDIDATES[k][0]} with {CANDIDATES[k][1]} (not an output of `mriflow "
+                         f"edit`; measured to choose)." for k in kinds if k not in DETAILS)
     return f"""`{record['command']}`: {len(record['subjects'])} {split} subjects of `{record.get('data', 'runs/longrun/data-2mm')}` edited with the model `{record['model_id']}`
 ({record['solver']}, {record['steps']} steps each way, guidance {record.get('guidance', 1.0):g}): each inverted under its recorded age and sex and drawn again at
 {', '.join(f'{a:g}' for a in ages)} years, at its age + 20, as the other sex and unchanged. Each edit is measured as each
-`mriflow edit --detail` delivers it, all from the same solve: {'; '.join(f'**{k}**: {v}' for k, v in DETAILS.items())}.
+`mriflow edit --detail` delivers it, all from the same solve: {'; '.join(f'**{k}**: {v}' for k, v in DETAILS.items())}.{candidates}
 Met or missed is today's default's (`--detail {DEFAULT_DETAIL}`).
 
-| target | {' | '.join(DETAILS)} | default | |
-|---|{'---|' * len(DETAILS)}---|---|
+| target | {' | '.join(kinds)} | default | |
+|---|{'---|' * len(kinds)}---|---|
 {checks}
 
 | output | +20 y edit vs scan SSIM | sharpness (HF) / scan | sex edits read as requested |
@@ -270,7 +281,7 @@ def render(name: str) -> int:
     """The section of an earlier run written again from its result (after the default detail changed)."""
     path = ROOT / "benchmarks" / "results" / f"counterfactuals-{name}.json"
     record = json.loads(path.read_text())
-    record["targets"] = targets(record["summary"], record.get("split", "test"))
+    record["targets"] = targets(record["summary"], record.get("split", "test"), record.get("kinds", ["scan", "moved", "model"]))
     write_result(f"counterfactuals-{name}", record)
     body = section(record, ROOT / "docs" / f"counterfactuals_{name}.png", path)
     replace_section(DOCUMENT, f"## counterfactuals: {name}", body)

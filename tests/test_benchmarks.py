@@ -291,7 +291,7 @@ def test_counterfactual_targets_are_met_or_missed_by_the_default_detail(monkeypa
                "predictor_slope_real": 0.7, "predictor_mae": 9.5, "predictor_mae_corrected": 9.8,
                "population_per_decade": {"ventricles_ml": {"per_decade": 4.2, "low": 3.2, "high": 5.0},
                                          "total_brain_ml": {"per_decade": -21.6, "low": -24.7, "high": -18.7}}}
-    rows = {t["target"][:20]: t for t in counterfactuals.targets(summary, "val")}
+    rows = {t["target"][:20]: t for t in counterfactuals.targets(summary, "val", ["scan", "moved", "model"])}
     brain = next(t for t in rows.values() if t["target"].startswith("total brain"))
     assert brain["met"] == {"scan": False, "moved": True, "model": True} and brain["measured"]["scan"] == "-16.0 ml"
     record = {"command": "c", "subjects": [{}] * 3, "model_id": "m", "solver": "heun", "steps": 4, "summary": summary,
@@ -303,6 +303,12 @@ def test_counterfactual_targets_are_met_or_missed_by_the_default_detail(monkeypa
     brain_line = lambda text: next(line for line in text.splitlines() if line.startswith("| total brain"))  # noqa: E731
     assert "| missed |" in brain_line(as_scan) and "| met |" in brain_line(as_moved)
     assert "| moved (default) |" in as_moved and "3 val subjects" in as_moved
+    # a candidate measured with --also gets its own column and row, and says it is not an output of mriflow edit
+    with_candidate = counterfactuals.section(record | {"kinds": ["scan", "moved", "model", "moved-cubic"],
+                                                       "summary": summary | {"moved-cubic": kind(1.0, -30.0)}},
+                                             tmp_path / "p.png", tmp_path / "r.json")
+    assert "| moved-cubic | 0.900 |" in with_candidate and "Candidate **moved-cubic**" in with_candidate
+    assert brain_line(with_candidate).count("ml") == 4 and "| met |" in brain_line(with_candidate)
 
 
 def test_the_decoder_section_names_the_model_and_every_command_its_rows_came_from(tmp_path):

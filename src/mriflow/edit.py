@@ -49,6 +49,7 @@ from mriflow.generator import Generator
 from mriflow.models.conditioning import resolve_request
 
 INVERTIBLE_SOLVERS = ("euler", "heun", "midpoint", "rk4")
+WARP_ORDER = 1  # spline order of the moved output's intensities (docs/benchmarks.md "counterfactuals: 2mm-val")
 DEFAULT_DETAIL = "moved"  # what `mriflow edit` delivers unless --detail says otherwise (docs/benchmarks.md "counterfactuals")
 DETAILS = {"scan": "the scan plus the edit's change (edited − round trip), clipped to [0, 1]; exactly 0 outside the "
                    "scan's brain as the edit moved its outline (less the voxels it emptied, plus those it filled): the "
@@ -164,24 +165,29 @@ def sample_points(displacement: np.ndarray) -> np.ndarray:
     return np.indices(displacement.shape[:3], dtype=np.float32) + np.moveaxis(displacement, -1, 0)
 
 
-def move_detail(scan: np.ndarray, round_trip: np.ndarray, edited: np.ndarray) -> np.ndarray:
+def move_detail(scan: np.ndarray, round_trip: np.ndarray, edited: np.ndarray, order: int = WARP_ORDER) -> np.ndarray:
     """The scan's detail moved with the edit: the deformation that carries the model's round trip onto its edit
-    (edit_deformation) applied to the scan and to the round trip, then transfer_detail on the moved pair. Where the
-    edit moves anatomy (ventricles widening, cortex thinning) the scan's own edges move with it instead of staying
-    where they were; what no deformation explains (a change of contrast) is added as the intensity change. An
-    unchanged target returns the scan itself."""
+    (edit_deformation) applied to the scan and to the round trip (intensities with splines of `order`, their brain
+    masks linearly), then transfer_detail on the moved pair. Where the edit moves anatomy (ventricles widening, cortex
+    thinning) the scan's own edges move with it instead of staying where they were; what no deformation explains (a
+    change of contrast) is added as the intensity change. An unchanged target returns the scan itself."""
     scan = np.asarray(scan, np.float32)
     if np.array_equal(edited, round_trip):
         return transfer_detail(scan, round_trip, edited)
     points = sample_points(edit_deformation(round_trip, edited))
-    moved = [np.where(warp((v > 0).astype(np.float32), points) >= 0.5, warp(v, points), 0.0) for v in (scan, round_trip)]
+    moved = [np.where(warp((v > 0).astype(np.float32), points) >= 0.5, warp(v, points, order), 0.0)
+             for v in (scan, round_trip)]
     return transfer_detail(*moved, edited)
 
 
-def deliver(detail: str, scan: np.ndarray, round_trip: np.ndarray, edited: np.ndarray) -> np.ndarray:
-    """One edit as `detail` (DETAILS) asks: the model's drawing, or the scan's detail added or moved with the change."""
-    return {"model": lambda: np.asarray(edited, np.float32), "scan": lambda: transfer_detail(scan, round_trip, edited),
-            "moved": lambda: move_detail(scan, round_trip, edited)}[detail]()
+def deliver(detail: str, scan: np.ndarray, round_trip: np.ndarray, edited: np.ndarray, **options: Any) -> np.ndarray:
+    """One edit as `detail` (DETAILS) asks: the model's drawing, or the scan's detail added or moved with the change
+    (`options` go to move_detail)."""
+    if detail == "model":
+        return np.asarray(edited, np.float32)
+    if detail == "scan":
+        return transfer_detail(scan, round_trip, edited)
+    return move_detail(scan, round_trip, edited, **options)
 
 
 def edit_volume(generator: Generator, volume: np.ndarray, source: Mapping[str, Any],
