@@ -261,6 +261,26 @@ def test_the_queue_says_which_job_is_next_and_how_to_run_it():
     assert jobqueue.pack_command(job, "/data/ixi2").startswith("python benchmarks/device/pack.py --data /data/ixi2")
 
 
+def test_every_job_that_carries_data_fits_the_device_limit_with_what_it_leaves_home():
+    """The committed tree grows (each shipped model is about 9 MiB): a job's tracked files, less what its `pack`
+    leaves home, plus the 2 mm train + val data and the wheels (26.8 and 2.0 MiB as pack.py measured them) and, for a
+    job that needs J1a, J1a's autoencoder once landed (about 11 MiB), must stay under the device's 64 MiB."""
+    import shlex
+
+    _, jobs = jobqueue.load()
+    tracked = pack.travelling_files(carried=())
+    for job in jobs:
+        words = shlex.split(job.get("pack", ""))
+        if "--no-data" in words:
+            continue
+        home = [pack.ROOT / words[i + 1] for i, w in enumerate(words) if w == "--leave-home"]
+        travels = sum(size for path, size in tracked if not any(path.is_relative_to(h) for h in home))
+        landed = (pack.ROOT / "src/mriflow/weights/2mm-gpu/autoencoder").exists()
+        extra = 11 * 2**20 if "J1a" in job.get("needs", "") and not landed else 0
+        assert travels + 29 * 2**20 + extra < pack.TRAVEL_LIMIT, (
+            f"{job['id']}: {(travels + extra) / 2**20:.1f} MiB of tracked files travel; leave more home")
+
+
 def test_a_kit_for_a_job_that_reads_no_data_carries_none(kit, tmp_path):
     import shutil
 
