@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         volume = everyone[row.subject]
         source = {"age": float(row.age), "sex": str(row.sex)}
         other_sex = "F" if source["sex"] == "M" else "M"
-        targets = [{"age": a} for a in ages] + [{"age": source["age"] + 20}, {"sex": other_sex}, dict(source)]
-        result = edit_volume(generator, volume, source, targets, steps=args.steps, solver=args.solver,
+        wanted = [{"age": a} for a in ages] + [{"age": source["age"] + 20}, {"sex": other_sex}, dict(source)]
+        result = edit_volume(generator, volume, source, wanted, steps=args.steps, solver=args.solver,
                              guidance=args.guidance, detail="model")
         record = {"subject": row.subject, "source": source, "requested_ages": ages, "sex_requested": other_sex}
         # every kind of output from one solve; the model's round trip is what "model" returns at unchanged covariates
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         predictions = anatomy.predict(np.stack([*(v for kind in kinds for v in outputs[kind]), volume])[:, None])
         real_hf = high_frequency_energy(volume, inner)
         for number, kind in enumerate(kinds):
-            edited, offset = outputs[kind], number * len(targets)
+            edited, offset = outputs[kind], number * len(wanted)
             same = result.round_trip if kind == "model" else edited[-1]
             older = edited[len(ages)]
             nearest = min(everyone, key=lambda s: correlation_distance(older, everyone[s], mask))

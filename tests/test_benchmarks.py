@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -309,6 +310,49 @@ def test_counterfactual_targets_are_met_or_missed_by_the_default_detail(monkeypa
                                              tmp_path / "p.png", tmp_path / "r.json")
     assert "| moved-cubic | 0.900 |" in with_candidate and "Candidate **moved-cubic**" in with_candidate
     assert brain_line(with_candidate).count("ml") == 4 and "| met |" in brain_line(with_candidate)
+
+
+def test_the_counterfactual_benchmark_runs_to_its_end_and_writes_what_it_measured(monkeypatch, tmp_path):
+    """benchmarks/counterfactuals.py's main() on a tiny image-space flow and phantoms, with a stand-in for the anatomy
+    network (none is shipped for the tiny grid): it gets through a subject, writes its result, picture and section
+    with a candidate output beside the three, and --render writes the same section again. (An hour-long run once
+    crashed at its very end: a loop variable shadowed targets().)"""
+    import common
+    import counterfactuals
+    from conftest import train_tiny_image_flow
+
+    import mriflow.evaluate.backbones.anatomy as anatomy
+
+    class Reader:  # reads age, sex and volumes off simple intensity statistics: enough to exercise the plumbing
+        sex_categories = ("F", "M")
+
+        def __init__(self, weights):
+            pass
+
+        def predict(self, volumes):
+            v = np.asarray(volumes, np.float32).reshape(len(volumes), -1)
+            return {"age": 100 * v.mean(1), "sex_prob": np.clip(v.mean(1) * 3, 0, 1),
+                    "ventricles_ml": (v > 0.6).sum(1) * 0.064, "total_brain_ml": (v > 0).sum(1) * 0.064}
+
+    data, run = train_tiny_image_flow(tmp_path, (16, 20, 16), max_steps=2)
+    monkeypatch.setattr(anatomy, "AnatomyBackbone", Reader)
+    monkeypatch.setattr(anatomy, "anatomy_weights_for", lambda shape: None)
+    document = tmp_path / "benchmarks.md"
+    monkeypatch.setattr(counterfactuals, "DOCUMENT", document)
+    monkeypatch.setattr(counterfactuals, "ROOT", tmp_path)
+    monkeypatch.setattr(counterfactuals, "write_result",
+                        lambda name, record: common.write_result(name, record, tmp_path / "benchmarks" / "results"))
+    assert counterfactuals.main(["--data", str(data), "--model", str(run), "--name", "tiny", "--n", "1", "--split",
+                                 "val", "--ages", "30,60", "--steps", "2", "--also", "moved-cubic"]) == 0
+    record = json.loads((tmp_path / "benchmarks" / "results" / "counterfactuals-tiny.json").read_text())
+    assert record["kinds"] == ["scan", "moved", "model", "moved-cubic"] and len(record["subjects"]) == 1
+    assert all(len(t["measured"]) == 4 for t in record["targets"])
+    assert (tmp_path / "docs" / "counterfactuals_tiny.png").stat().st_size > 0
+    written = document.read_text()
+    assert "## counterfactuals: tiny" in written and "1 val subjects" in written and "| moved-cubic |" in written
+    assert counterfactuals.render("tiny") == 0 and document.read_text() == written
+    with pytest.raises(SystemExit):  # an unknown candidate is refused before any work
+        counterfactuals.main(["--data", str(data), "--model", str(run), "--also", "moved-quintic"])
 
 
 def test_the_decoder_section_names_the_model_and_every_command_its_rows_came_from(tmp_path):
