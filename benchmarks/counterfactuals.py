@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--data is required (the prepared data the model was trained on)")
     torch.set_num_threads(args.threads)
     ages = [float(a) for a in args.ages.split(",")]
-    unknown = [c for c in filter(None, args.also.split(",")) if c not in CANDIDATES]
-    if unknown:
+    also = [c for c in args.also.split(",") if c]
+    if unknown := [c for c in also if c not in CANDIDATES]:
         parser.error(f"--also {','.join(unknown)}: choose among {', '.join(CANDIDATES)}")
-    kinds = {k: (k, {}) for k in DETAILS} | {c: CANDIDATES[c] for c in filter(None, args.also.split(","))}
+    kinds = {k: (k, {}) for k in DETAILS} | {c: CANDIDATES[c] for c in also}
 
     generator = load_generator(args.model, "cpu", labels=False)
     grid = generator.meta.get("grid") or "grid"
@@ -279,9 +279,11 @@ Met or missed is today's default's (`--detail {DEFAULT_DETAIL}`).
 
 def render(name: str) -> int:
     """The section of an earlier run written again from its result (after the default detail changed)."""
+    from mriflow.edit import DETAILS
+
     path = ROOT / "benchmarks" / "results" / f"counterfactuals-{name}.json"
     record = json.loads(path.read_text())
-    record["targets"] = targets(record["summary"], record.get("split", "test"), record.get("kinds", ["scan", "moved", "model"]))
+    record["targets"] = targets(record["summary"], record.get("split", "test"), record.get("kinds", list(DETAILS)))
     write_result(f"counterfactuals-{name}", record)
     body = section(record, ROOT / "docs" / f"counterfactuals_{name}.png", path)
     replace_section(DOCUMENT, f"## counterfactuals: {name}", body)

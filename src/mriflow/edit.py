@@ -17,9 +17,9 @@ the edit, so it cancels in their difference. Three ways to deliver an edit (`det
                          where it happens, so the scan's old edges stay beside the new ones (ghost walls at 70-80 y);
   "model"                the model's own drawing (what an image-space model gives up to its solver's error).
 Under unchanged covariates "moved" and "scan" return the scan itself. Measured at 2 mm (benchmarks/counterfactuals.py,
-val split, where the default was chosen): total brain −19.7 ml per decade moved, −17.3 added, −19.7 drawn (population
-−21.6 [−24.7, −18.7]); predicted-age slope 0.55 / 0.51 / 0.61; +20 y edit against the scan SSIM 0.88 / 0.91 / 0.84,
-sharpness 0.89 / 1.05 / 0.62 x the scan's.
+val split, where the default and its cubic warp were chosen): total brain −19.4 ml per decade moved, −17.3 added, −19.7
+drawn (population −21.6 [−24.7, −18.7]); predicted-age slope 0.53 / 0.51 / 0.61; +20 y edit against the scan SSIM
+0.88 / 0.91 / 0.84, sharpness 1.05 / 1.05 / 0.62 x the scan's.
 
     >>> generator = load_generator("2mm")
     >>> result = edit_volume(generator, volume, {"age": 52, "sex": "F"}, [{"age": 75}], steps=16)
@@ -56,8 +56,8 @@ DETAILS = {"scan": "the scan plus the edit's change (edited − round trip), cli
                    "scan's brain as the edit moved its outline (less the voxels it emptied, plus those it filled): the "
                    "scan's own detail kept (mriflow.edit.transfer_detail)",
            "moved": "the scan's detail moved with the edit: the deformation carrying the round trip onto the edit "
-                    "(symmetric demons) applied to the scan with cubic splines, plus what it does not explain (edited − moved round "
-                    "trip), clipped to [0, 1]; 0 outside the moved brain (mriflow.edit.move_detail)",
+                    "(symmetric demons) applied to the scan with cubic splines, plus what it does not explain "
+                    "(edited − moved round trip), clipped to [0, 1]; 0 outside the moved brain (mriflow.edit.move_detail)",
            "model": "the model's own drawing of the edited brain (its representation's detail)"}
 SCAN_BACKGROUND = ("exactly 0 outside the scan's brain as the edit moved its outline (the scan's zero background, less "
                    "the voxels the edit emptied, plus those it filled)")
