@@ -41,7 +41,7 @@ def decoder_record(run: Path) -> dict:
     model, meta = ckpt.load_autoencoder(run)
     sizes = model.config.decoder_levels
     return {"run": str(run), "step": meta.get("step"), "cpu_minutes": round(spent_cpu_minutes(Path(run)), 1),
-            "channels": list(sizes[0]), "res_blocks": list(sizes[1]), "attention": sizes[2],
+            "channels": list(sizes[0]), "res_blocks": list(sizes[1]), "attention": sizes[2], "upsample": sizes[3],
             "parameters": sum(p.numel() for p in model.decoder.parameters())}
 
 
@@ -139,6 +139,7 @@ def measure(args: argparse.Namespace) -> dict:
             autoencoder = generator.autoencoder
             sizes = autoencoder.config.decoder_levels
             row["decoder"] = {"channels": list(sizes[0]), "res_blocks": list(sizes[1]), "attention": sizes[2],
+                              "upsample": sizes[3],
                               "parameters": sum(p.numel() for p in autoencoder.decoder.parameters())}
         rows.append(row)
     if kept:
@@ -190,7 +191,7 @@ def section(record: dict, picture: Path) -> str:
              f"thread; the seconds of every decoder measured again together, taking turns (best of three rounds), so "
              f"rows kept from earlier runs compare on the same footing. The same request through each decoder: "
              f"{link(picture, DOCUMENT)}.", "",
-             "| decoder | channels, blocks, attention | parameters | trained (steps, CPU min) | FD | recall | coverage | "
+             "| decoder | channels, blocks, attention, upsampling | parameters | trained (steps, CPU min) | FD | recall | coverage | "
              "MS-SSIM (real) | HF / real | age MAE (real) | reconstruction SSIM / PSNR (brain) | decoder s / vol | "
              "s / volume, batch 8 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
@@ -198,7 +199,7 @@ def section(record: dict, picture: Path) -> str:
         trained = f"{d['step']}, {d['cpu_minutes']}" if "step" in d else "shipped"
         rec = r["reconstruction"]
         lines.append(f"| {r['label']} | {'/'.join(map(str, d['channels']))}, {'/'.join(map(str, d['res_blocks']))}, "
-                     f"{'yes' if d['attention'] else 'no'} | {d['parameters'] / 1e6:.2f} M | {trained} | {cell(r['fd'])} | "
+                     f"{'yes' if d['attention'] else 'no'}, {d.get('upsample', 'interpolate')} | {d['parameters'] / 1e6:.2f} M | {trained} | {cell(r['fd'])} | "
                      f"{cell(r['recall'], 2)} | {cell(r['coverage'], 2)} | {r['ms_ssim']['generated']:.3f} "
                      f"({r['ms_ssim']['real']:.3f}) | {cell(r['hf_ratio'], 2)} | {r['age_mae']['generated']:.1f} "
                      f"({r['age_mae']['real']:.1f}) | {rec['ssim']:.3f} / {rec['psnr']:.1f} dB ({rec['ssim_brain']:.3f} / "

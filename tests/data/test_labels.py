@@ -11,6 +11,7 @@ from mriflow.data.labels import (
     MUSE_FIRST_COMPOSITE,
     TISSUE_CLASSES,
     UNNAMED_DLMUSE_LABELS,
+    class_indices,
     muse_tissue_class,
     muse_tissue_mapping,
     tissue_fractions,
@@ -173,3 +174,16 @@ def test_dice_scores_per_subject_and_class():
     assert scores.shape == (2, 2)
     assert scores[0, 0] == pytest.approx(2 * 16 / 48) and scores[0, 1] == 1.0  # class 2 absent from both
     assert scores[1, 0] == 1.0 and scores[1, 1] == 0.0
+
+
+def test_class_indices_equal_argmax_to_the_voxel_with_the_first_class_winning_ties():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (2, 6, 5, 7, 4), generator=generator).float()  # integers 0-2: ties everywhere
+    logits[0, :, 0, 0, 0] = 1.0  # all six classes tied: class 0
+    indices = class_indices(logits)
+    assert indices.dtype == torch.uint8 and indices.shape == (2, 5, 7, 4)
+    assert torch.equal(indices.long(), logits.argmax(1))
+    assert indices[0, 0, 0, 0] == 0
+    assert torch.equal(class_indices(-logits).long(), (-logits).argmax(1))  # negative logits too
+    with pytest.raises(ValueError, match="257 classes"):
+        class_indices(torch.zeros(1, 257, 2))

@@ -4,6 +4,7 @@ to train_autoencoder); the loop itself, run through this stage, is tested in tes
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ def test_a_lighter_decoder_learns_the_same_latents_from_scratch_and_ships_with_t
     run = save_tiny_generator(tmp_path / "flow", ckpt.resolve_checkpoint(tmp_path / "source"))
     release = export_generator(run, tmp_path / "release", autoencoder=tmp_path / "light")
     exported = load_generator(release, "cpu")
-    assert exported.autoencoder.config.decoder_levels == ((4, 8), (1, 1), False)
+    assert exported.autoencoder.config.decoder_levels == ((4, 8), (1, 1), False, "interpolate")
     assert exported.sample([1], None, exported.sampling_settings())[0].shape == (1, 16, 20, 16)
 
     # distilled: it learns the source decoder's output for the same latent too, without critics
@@ -123,6 +124,9 @@ def test_a_lighter_decoder_learns_the_same_latents_from_scratch_and_ships_with_t
                  str(tmp_path / "odd"), "--decoder-channels", "6,8"]) == 2
     error = capsys.readouterr().err
     assert "multiples of norm_num_groups=4" in error and error.count("\n") == 1 and not (tmp_path / "odd").exists()
+    assert main(["train", "autoencoder", str(data), "--refine-decoder", str(tmp_path / "source"), "--out",
+                 str(tmp_path / "up"), "--decoder-upsample", "deconv"]) == 2
+    assert "pass --decoder-channels too" in capsys.readouterr().err and not (tmp_path / "up").exists()
 
 
 def test_a_decoder_without_latent_attention_starts_as_the_sources_less_that_section():
@@ -151,3 +155,47 @@ def test_a_decoder_without_latent_attention_starts_as_the_sources_less_that_sect
     assert warm["copied"] < warm["of"]
     changed = [k for k, v in other.decoder.state_dict().items() if not torch.equal(v, before[k])]
     assert len(changed) == warm["copied"]  # only what fitted was touched
+
+
+def test_a_deconvolution_decoder_starts_as_the_source_but_for_its_upsampling_and_costs_less():
+    """decoder_upsample="deconv": MONAI's transposed stride-2 convolution instead of nearest x2 + a 3^3 convolution at
+    the finer level. A refined decoder of the source's channels keeps every other block's tensors, decodes the same
+    shapes, and spends fewer multiply-adds (the upsampling convolution ran at the finer level)."""
+    from mriflow.models.autoencoder import Autoencoder
+    from mriflow.train.refinement import warm_start_decoder
+
+    model = dataclasses.replace(tiny_config().model, latent_attention=False)
+    source = Autoencoder(model)
+    weights = {f"autoencoder.{k}": v for k, v in source.state_dict().items()}
+    deconv = Autoencoder(dataclasses.replace(model, decoder_upsample="deconv"))
+    assert any(isinstance(m, torch.nn.ConvTranspose3d) for m in deconv.decoder.modules())
+    assert not any(isinstance(m, torch.nn.ConvTranspose3d) for m in source.decoder.modules())
+    warm = warm_start_decoder(deconv.decoder, weights)
+    upsampling = [b for b in deconv.decoder.blocks if any(isinstance(m, torch.nn.ConvTranspose3d) for m in b.modules())]
+    assert len(upsampling) == len(model.channels) - 1
+    assert warm["copied"] == warm["of"] - sum(len(b.state_dict()) for b in upsampling)  # all but the new upsampling
+    z = torch.randn(2, model.latent_channels, 4, 5, 4)
+    with torch.no_grad():
+        assert deconv.decode(z).shape == source.decode(z).shape
+
+    def multiply_adds(decoder) -> int:
+        total = 0
+
+        def count(module, _, output):
+            nonlocal total
+            if isinstance(module, torch.nn.Conv3d):  # per output element: input channels x kernel
+                per_output = module.weight[0].numel()
+            else:  # transposed: input channels x the kernel taps that land on it (kernel / stride per dimension)
+                per_output = module.weight[:, 0].numel() // math.prod(module.stride)
+            total += output[0].numel() * per_output
+        hooks = [m.register_forward_hook(count) for m in decoder.modules()
+                 if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+        with torch.no_grad():
+            decoder(z)
+        for hook in hooks:
+            hook.remove()
+        return total
+
+    assert multiply_adds(deconv.decoder) < 0.8 * multiply_adds(source.decoder)
+    with pytest.raises(ValueError, match="decoder_upsample must be one of interpolate, deconv"):
+        dataclasses.replace(model, decoder_upsample="bilinear")

@@ -39,6 +39,10 @@ def _add_train(commands) -> None:
     p.add_argument("--decoder-attention", choices=("on", "off"),
                    help="with --decoder-channels: the attention block at the latent level (default off: on a 2 mm "
                         "latent it costs a third of the decoder's time)")
+    p.add_argument("--decoder-upsample", choices=("interpolate", "deconv"),
+                   help="with --decoder-channels: how the decoder goes up a level (default interpolate: nearest, then a "
+                        "3^3 convolution at the finer level; deconv: a stride-2 transposed convolution, 1/27 of its "
+                        "multiply-adds)")
     p.add_argument("--distill", type=float, metavar="WEIGHT",
                    help="with --refine-decoder: the decoder also learns RUN's decoder output for the same latent (L1 at "
                         "this weight, critics off): a new, lighter decoder learns the one it replaces")
@@ -138,8 +142,11 @@ def _run_train_autoencoder(args: argparse.Namespace) -> int:
         decoder = {"decoder_channels": args.decoder_channels, "decoder_latent_attention": args.decoder_attention == "on"}
         if args.decoder_res_blocks is not None:
             decoder["decoder_num_res_blocks"] = args.decoder_res_blocks
-    elif args.decoder_res_blocks is not None or args.decoder_attention is not None:
-        raise ValueError("--decoder-res-blocks and --decoder-attention size a new decoder: pass --decoder-channels too")
+        if args.decoder_upsample is not None:
+            decoder["decoder_upsample"] = args.decoder_upsample
+    elif any(v is not None for v in (args.decoder_res_blocks, args.decoder_attention, args.decoder_upsample)):
+        raise ValueError("--decoder-res-blocks, --decoder-attention and --decoder-upsample shape a new decoder: pass "
+                         "--decoder-channels too")
     result = train_autoencoder(args.data, args.out, kind=args.kind, preset=args.preset, max_steps=args.max_steps,
                                resume=args.resume, max_minutes=args.max_minutes, lr=args.lr,
                                stop_at_step=args.stop_at_step, refine_decoder=args.refine_decoder, decoder=decoder,

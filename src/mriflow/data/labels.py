@@ -21,6 +21,20 @@ UNNAMED_DLMUSE_LABELS = {46: "CSF", 69: "OpticChiasm"}
 MUSE_FIRST_COMPOSITE = 300
 
 
+def class_indices(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (B, K, ...) -> the index of each voxel's largest class (B, ...), uint8 (K <= 256), the first on a tie:
+    torch.argmax(1) to the voxel (NaN aside), about 5x faster on CPU, where argmax over a strided class dimension
+    was 9 % of a generated volume's tissue map (a running maximum over the K contiguous class slices instead)."""
+    if logits.shape[1] > 256:
+        raise ValueError(f"class_indices: {logits.shape[1]} classes do not fit uint8 indices")
+    best = logits[:, 0].clone()
+    indices = torch.zeros(best.shape, dtype=torch.uint8, device=logits.device)
+    for index in range(1, logits.shape[1]):
+        indices.masked_fill_(logits[:, index] > best, index)
+        torch.maximum(best, logits[:, index], out=best)
+    return indices
+
+
 def muse_tissue_class(name: str) -> str:
     """The tissue class of one single DLMUSE region, by its MUSE name.
 

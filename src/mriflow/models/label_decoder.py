@@ -25,7 +25,7 @@ from monai.networks.nets.autoencoderkl import Decoder
 from monai.networks.utils import pixelshuffle
 from torch import nn
 
-from mriflow.data.labels import TISSUE_CLASSES
+from mriflow.data.labels import TISSUE_CLASSES, class_indices
 from mriflow.models.autoencoder import AutoencoderConfig, _conv1x1
 
 
@@ -73,7 +73,7 @@ class LabelDecoder(nn.Module):
     @torch.no_grad()
     def segment(self, z: torch.Tensor) -> torch.Tensor:
         """z -> class indices (B, D, H, W), uint8."""
-        return self(z).argmax(1).to(torch.uint8)
+        return class_indices(self(z))
 
     @classmethod
     def from_autoencoder(cls, autoencoder: nn.Module, classes: tuple[str, ...] = TISSUE_CLASSES) -> "LabelDecoder":

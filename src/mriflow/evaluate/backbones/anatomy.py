@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mriflow.data.labels import tissue_volumes_ml
+from mriflow.data.labels import class_indices, tissue_volumes_ml
 from mriflow.evaluate.backbones.base import as_tensor, load_into, load_state_dict
 from mriflow.models.anatomy import (  # noqa: F401  (the shipped weights by grid, where they were first defined)
     ANATOMY_WEIGHTS,
@@ -82,7 +82,7 @@ class AnatomyBackbone:
         segmentations, ages, sex_logits = [], [], []
         for start in range(0, len(x), self.batch_size):
             output = self.network(x[start : start + self.batch_size].to(self.device))
-            segmentations.append(output["logits"].argmax(1).cpu())
+            segmentations.append(class_indices(output["logits"]).long().cpu())
             ages.append(output["age"].cpu())
             sex_logits.append(self.network.sex_logit(x[start : start + self.batch_size].to(self.device)).cpu())
         return torch.cat(segmentations), torch.cat(ages).double(), torch.cat(sex_logits).double()
