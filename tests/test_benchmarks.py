@@ -277,6 +277,25 @@ def test_a_lighter_decoder_meets_its_targets_only_as_good_as_the_models_own_and_
     assert decoders.targets([own])["status"] == "missed"  # nothing to compare: no decoder met them
 
 
+def test_reused_decoder_rows_call_own_decoder_only_what_the_model_ships_today():
+    """--reuse after the model shipped another decoder: the earlier own decoder keeps its figures under its
+    autoencoder's id and is not retimed (nothing rebuilds it); the kept row of today's decoder becomes own decoder."""
+    import decoders
+
+    old, today = "flow-x+ae-step3000", "flow-x+ae-step3000+noattn-step900"
+    kept = {"own decoder": {"label": "own decoder", "model_id": old},
+            "noattn": {"label": "noattn", "model_id": today, "decoder": {"run": "runs/noattn"}},
+            "light": {"label": "light", "model_id": "flow-x+ae-step3000+light-step10"}}
+    rows = decoders.relabel_own(kept, today)
+    assert list(rows) == ["ae-step3000", "own decoder", "light"]
+    assert rows["ae-step3000"]["retime"] is False and rows["ae-step3000"]["label"] == "ae-step3000"
+    assert rows["own decoder"]["model_id"] == today and rows["own decoder"]["label"] == "own decoder"
+    assert "retime" not in rows["own decoder"] and rows["light"] is kept["light"]
+    assert decoders.relabel_own(kept, old) is kept  # nothing shipped since: unchanged
+    alone = decoders.relabel_own({"own decoder": kept["own decoder"]}, today)
+    assert list(alone) == ["ae-step3000"]  # no row of today's decoder: own decoder is measured again
+
+
 def test_counterfactual_targets_are_met_or_missed_by_the_default_detail(monkeypatch, tmp_path):
     import counterfactuals
 
@@ -369,4 +388,4 @@ def test_the_decoder_section_names_the_model_and_every_command_its_rows_came_fro
               "rows": [row], "targets": decoders.targets([row])}
     text = decoders.section(record, tmp_path / "p.png")
     assert text.startswith("Commands: `a`, then `b`. Model `2mm-fewstep` at its own sampler")
-    assert "| own decoder | 32/64, 1/2, no | 0.65 M | shipped | 250 ± 30 |" in text
+    assert "| own decoder | 32/64, 1/2, no, interpolate | 0.65 M | shipped | 250 ± 30 |" in text
