@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--reuse", action="store_true",
                         help="keep the earlier result's quality figures for the decoders not named again (own decoder "
-                             "included); measure only the named ones (every row's seconds are measured again)")
+                             "included); measure only the named ones (every row's seconds are measured again, but "
+                             "those of a decoder the model no longer ships)")
     parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("runs/decoder"))
     args = parser.parse_args(argv)
