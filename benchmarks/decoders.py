@@ -67,13 +67,16 @@ def relabel_own(kept: dict[str, dict], model_id: str) -> dict[str, dict]:
     own = kept.get("own decoder")
     if own is None or own["model_id"] == model_id:
         return kept
+    def renamed(row: dict, label: str, **more) -> dict:  # its samples stay in the folder it was measured in
+        return {**row, "label": label, "measured_as": row.get("measured_as", row["label"]), **more}
+
     label = own["model_id"].split("+", 1)[-1]
-    rows = {(label if name == "own decoder" else name): ({**row, "label": label, "retime": False}
-                                                         if name == "own decoder" else row)
+    rows = {(label if name == "own decoder" else name): (renamed(row, label, retime=False) if name == "own decoder"
+                                                         else row)
             for name, row in kept.items()}
     today = next((name for name, row in rows.items() if row["model_id"] == model_id), None)
     if today is not None:
-        rows = {("own decoder" if name == today else name): ({**row, "label": "own decoder"} if name == today else row)
+        rows = {("own decoder" if name == today else name): (renamed(row, "own decoder") if name == today else row)
                 for name, row in rows.items()}
     return rows
 
@@ -194,7 +197,7 @@ def montage(rows: list[dict], folder: Path, path: Path, index: int = 12) -> None
 
     volumes = {}
     for row in rows:
-        sample = folder / row["label"] / "samples" / f"sample_{index:05d}.nii.gz"
+        sample = folder / row.get("measured_as", row["label"]) / "samples" / f"sample_{index:05d}.nii.gz"
         if sample.is_file():
             volumes[f"sample, {row['label']}"] = load_volume(sample)[0]
     if volumes:

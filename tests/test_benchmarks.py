@@ -291,6 +291,9 @@ def test_reused_decoder_rows_call_own_decoder_only_what_the_model_ships_today():
     assert rows["ae-step3000"]["retime"] is False and rows["ae-step3000"]["label"] == "ae-step3000"
     assert rows["own decoder"]["model_id"] == today and rows["own decoder"]["label"] == "own decoder"
     assert "retime" not in rows["own decoder"] and rows["light"] is kept["light"]
+    assert rows["own decoder"]["measured_as"] == "noattn" and rows["ae-step3000"]["measured_as"] == "own decoder"
+    moved = {**kept, "noattn": {**kept["noattn"], "measured_as": "first-name"}}  # relabelled by an earlier run
+    assert decoders.relabel_own(moved, today)["own decoder"]["measured_as"] == "first-name"  # still where its samples are
     assert decoders.relabel_own(kept, old) is kept  # nothing shipped since: unchanged
     alone = decoders.relabel_own({"own decoder": kept["own decoder"]}, today)
     assert list(alone) == ["ae-step3000"]  # no row of today's decoder: own decoder is measured again
