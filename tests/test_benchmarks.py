@@ -191,6 +191,27 @@ def test_a_refined_decoder_gets_its_own_autoencoder_section_beside_its_source(tm
     assert "autoencoder_reconstruction_small_2mm_refined.png" in refined and "SSIM ≥ 0.92" in refined
 
 
+def test_the_long_run_section_shows_the_last_legs_samples_and_its_reading_when_they_exist(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "longrun"))
+    import longrun
+
+    monkeypatch.setattr(longrun, "ROOT", tmp_path)
+    figure = lambda mean: {"mean": mean, "sd": 1.0}  # noqa: E731
+    leg = {"step": 10, "thread_hours": 1.0, "fd": figure(300.0), "fd_real": figure(90.0), "recall": figure(0.5),
+           "coverage": figure(0.4), "coverage_real": figure(0.99), "ms_ssim": {"generated": 0.8, "real": 0.81},
+           "hf_ratio": figure(1.0), "age_mae": {"generated": 9.0, "real": 8.0}, "seconds_per_volume": 4.0, "how": "fresh"}
+    curve = {"job": {"name": "job", "what": "w", "command": "flow", "measure": {"split": "val", "n": 4}}, "legs": [leg]}
+    picture = tmp_path / "docs" / "longrun_job.png"
+    plain = longrun.section(curve, picture)
+    assert "| 1 | 10 | 1.00 | 300.0 ± 1.0 (real 90.0) |" in plain and "samples beside real" not in plain
+    (tmp_path / "docs").mkdir()
+    longrun.samples_picture(curve["job"]).write_bytes(b"png")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "longrun-job-reading.md").write_text("Reading: mottled.\n")
+    text = longrun.section(curve, picture)
+    assert "longrun_job_samples.png" in text and text.rstrip().endswith("Reading: mottled.")
+
+
 def test_the_long_run_queue_resumes_a_run_or_starts_warm_from_its_export_on_a_new_machine(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "longrun"))
     import longrun

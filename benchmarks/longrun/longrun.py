@@ -219,6 +219,9 @@ def record(job: dict, args: argparse.Namespace) -> None:
     write_result(f"longrun-{job['name']}", curve)
     picture = ROOT / "docs" / f"longrun_{job['name']}.png"
     plot(curve, picture)
+    montage = WORK / "measure" / f"{job['name']}-step{meta['step']}" / "report" / "figures" / "montage.png"
+    if montage.is_file():  # the leg's samples beside real scans: what the figures are about
+        shutil.copyfile(montage, samples_picture(job))
     replace_section(DOCUMENT, f"## long run: {job['name']}", section(curve, picture))
     if not args.no_export:
         if where["export"].exists():
@@ -284,7 +287,18 @@ def section(curve: dict, picture: Path) -> str:
                      f"| {leg['hf_ratio']['mean']:.2f} ± {leg['hf_ratio']['sd']:.2f} | "
                      f"{_age(leg['age_mae'])} | {leg.get('seconds_per_volume', float('nan')):.1f} | {leg.get('how') or ''} |")
     lines += ["", link(picture, DOCUMENT)]
+    samples = samples_picture(job)
+    if samples.is_file():
+        lines += ["", f"The last leg's samples beside real scans of the split (mid slices): {link(samples, DOCUMENT)}."]
+    reading = ROOT / "benchmarks" / "results" / f"longrun-{job['name']}-reading.md"
+    if reading.is_file():
+        lines += ["", reading.read_text().strip()]
     return "\n".join(lines)
+
+
+def samples_picture(job: dict) -> Path:
+    """Where the last recorded leg's real-vs-generated montage is kept (docs/longrun_<job>_samples.png)."""
+    return ROOT / "docs" / f"longrun_{job['name']}_samples.png"
 
 
 def _age(age: dict) -> str:
