@@ -39,10 +39,15 @@ def decoder_record(run: Path) -> dict:
     from mriflow import checkpoint as ckpt
 
     model, meta = ckpt.load_autoencoder(run)
-    sizes = model.config.decoder_levels
     return {"run": str(run), "step": meta.get("step"), "cpu_minutes": round(spent_cpu_minutes(Path(run)), 1),
-            "channels": list(sizes[0]), "res_blocks": list(sizes[1]), "attention": sizes[2], "upsample": sizes[3],
-            "parameters": sum(p.numel() for p in model.decoder.parameters())}
+            **decoder_sizes(model)}
+
+
+def decoder_sizes(autoencoder) -> dict:
+    """An autoencoder's decoder as the table shows it: channels, blocks, attention, upsampling and parameters."""
+    channels, blocks, attention, upsample = autoencoder.config.decoder_levels
+    return {"channels": list(channels), "res_blocks": list(blocks), "attention": attention, "upsample": upsample,
+            "parameters": sum(p.numel() for p in autoencoder.decoder.parameters())}
 
 
 def decode_seconds(generator, repeats: int = 2) -> float:
@@ -161,11 +166,7 @@ def measure(args: argparse.Namespace) -> dict:
                "reconstruction": reconstruction(generator, args.data, args.split,
                                                 args.out / "measure" / args.split / label / "reconstruction")}
         if trained is None:
-            autoencoder = generator.autoencoder
-            sizes = autoencoder.config.decoder_levels
-            row["decoder"] = {"channels": list(sizes[0]), "res_blocks": list(sizes[1]), "attention": sizes[2],
-                              "upsample": sizes[3],
-                              "parameters": sum(p.numel() for p in autoencoder.decoder.parameters())}
+            row["decoder"] = decoder_sizes(generator.autoencoder)
         rows.append(row)
     if kept:
         rows = [kept.pop("own decoder", None) or rows.pop(0)] + list(kept.values()) + rows
