@@ -73,6 +73,9 @@ class LoopConfig:
                 raise ValueError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
         if min(self.max_minutes, self.max_cpu_minutes, self.checkpoint_minutes) < 0:
             raise ValueError("loop.max_minutes, loop.max_cpu_minutes and loop.checkpoint_minutes must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0 or not 0.0 <= self.ema_long_decay < 1.0:
+            raise ValueError(f"loop.ema_decay and loop.ema_long_decay must lie in [0, 1), got {self.ema_decay} and "
+                             f"{self.ema_long_decay}")
         if self.weights_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"loop.weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.weights_dtype!r}")
 

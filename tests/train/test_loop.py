@@ -44,6 +44,29 @@ def test_ema_starts_as_a_copy_warms_up_its_decay_and_copies_buffers():
     assert decay < 0.9
 
 
+def test_a_longer_ema_is_longer_from_the_first_step_not_only_after_the_shorter_ones_cap():
+    """Both warm up as min(decay, 1 - 9 / ((10 + n) stretch)); before the stretch (2026-12-07) a 0.999 and a 0.9998
+    EMA were the same average for their first 9 000 updates, so validating both chose nothing."""
+    network = nn.Linear(1, 1, bias=False)
+    short, long = make_ema(network, 0.999), make_ema(network, 0.9998, stretch=5.0)
+    expected_short = expected_long = float(network.weight.detach())
+    for step in range(1, 201):
+        with torch.no_grad():
+            network.weight.fill_(float(step))  # a parameter that keeps moving: the longer average lags further
+        short.update_parameters(network)
+        long.update_parameters(network)
+        d_short, d_long = (1 + step) / (10 + step), 1 - 9 / ((10 + step) * 5.0)
+        expected_short = d_short * expected_short + (1 - d_short) * step
+        expected_long = d_long * expected_long + (1 - d_long) * step
+    assert float(short.module.weight.detach()) == pytest.approx(expected_short, rel=1e-5)
+    assert float(long.module.weight.detach()) == pytest.approx(expected_long, rel=1e-5)
+    assert float(long.module.weight.detach()) < 0.8 * float(short.module.weight.detach())  # the longer one averages further back
+    with pytest.raises(ValueError, match="stretch must be >= 1"):
+        make_ema(network, 0.99, stretch=0.5)
+    with pytest.raises(ValueError, match=r"ema_long_decay must lie in \[0, 1\)"):
+        LoopConfig(ema_long_decay=1.0)
+
+
 def test_resume_continues_with_the_same_loss_curve_as_an_uninterrupted_run(tmp_path):
     data = write_prepared(tmp_path / "data")
     # 5 subjects, batch 2: the 6 steps cross epoch boundaries; the critics start at step 3, so both

@@ -41,7 +41,7 @@ log, montage, checkpoint). Everything specific to a stage sits behind a small co
 
 What the loop does for every stage: AdamW with linear warm-up then cosine decay of the
 learning rate, gradient clipping, gradient accumulation, EMA (torch's AveragedModel) with decay
-min(ema_decay, (1 + step) / (10 + step)), bf16 autocast on CUDA, DDP under `torchrun`
+min(ema_decay, (1 + step) / (10 + step)) (a longer one, ema_long_decay, stretched to stay longer), bf16 autocast on CUDA, DDP under `torchrun`
 (DistributedSampler order, gloo on CPU, nccl on CUDA, rank 0 writes), a stop with a clear
 message on a non-finite loss (checkpoints already written stay untouched), CSV + TensorBoard
 logs, montages, a tqdm bar, and checkpoints that resume exactly: network, EMA and optimizer
@@ -142,20 +142,26 @@ def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, min_ratio
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_ema(network: nn.Module, decay: float) -> AveragedModel:
+def make_ema(network: nn.Module, decay: float, stretch: float = 1.0) -> AveragedModel:
     """torch's AveragedModel of `network` whose n-th update (after optimizer step n) is
 
-        theta_ema <- d_n theta_ema + (1 - d_n) theta,   d_n = min(decay, (1 + n) / (10 + n))
+        theta_ema <- d_n theta_ema + (1 - d_n) theta,   d_n = min(decay, 1 - 9 / ((10 + n) stretch))
 
-    so early steps, when the initial weights are far from useful, weigh little. Buffers (batch-norm
-    statistics) are copied, not averaged (use_buffers=False). The average starts as a copy of
-    `network` (n_averaged = 1, so update n is the n-th average). The averaged network is `.module`.
+    so early steps, when the initial weights are far from useful, weigh little: with stretch 1, d_n =
+    min(decay, (1 + n) / (10 + n)), an average over about the last ninth of training until the decay caps it.
+    A longer EMA kept beside it passes stretch = (1 - short decay) / (1 - its decay), so it is that many times
+    longer through the warm-up too (with stretch 1 both would be the same average until the shorter one's cap,
+    step 9 000 for 0.999, as they were until 2026-12-07). Buffers (batch-norm statistics) are copied, not
+    averaged (use_buffers=False). The average starts as a copy of `network` (n_averaged = 1, so update n is the
+    n-th average). The averaged network is `.module`.
     """
+    if stretch < 1.0:
+        raise ValueError(f"EMA stretch must be >= 1, got {stretch}")
 
     @torch.no_grad()
     def warmed_up_ema(averages: list[torch.Tensor], currents: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         step = int(num_averaged)
-        torch._foreach_lerp_(averages, currents, 1.0 - min(decay, (1 + step) / (10 + step)))
+        torch._foreach_lerp_(averages, currents, 1.0 - min(decay, 1.0 - 9.0 / ((10 + step) * stretch)))
 
     ema = AveragedModel(network, multi_avg_fn=warmed_up_ema, use_buffers=False)
     ema.update_parameters(network)  # the first update copies, which is where it starts
@@ -211,7 +217,8 @@ def train(
         phase_parameters[phase] = [p for g in groups for p in g["params"]]
     ema = {name: make_ema(unwrap(stage.networks[name]), config.ema_decay) for name in stage.ema_networks}
     if config.ema_long_decay > 0:  # "velocity@long": the same network averaged over longer (validated beside it)
-        ema.update({name + LONG: make_ema(unwrap(stage.networks[name]), config.ema_long_decay)
+        stretch = max(1.0, (1.0 - config.ema_decay) / (1.0 - config.ema_long_decay))  # as much longer from step 1
+        ema.update({name + LONG: make_ema(unwrap(stage.networks[name]), config.ema_long_decay, stretch)
                     for name in stage.ema_networks})
 
     # ---- resume ---------------------------------------------------------------------------------
