@@ -65,6 +65,11 @@ ARMS: dict[str, tuple[str, Callable]] = {
     "sd3-times": ("SD3's logit-normal(0, 1) training times", _objective(time_mean=0.0, time_std=1.0)),
     "repa": ("REPA: the U-Net's first block aligned with the anatomy network's features (weight 0.5)",
              lambda c: dataclasses.replace(c, alignment=dataclasses.replace(c.alignment, weight=0.5))),
+    "natural-bands": ("the Haar bands keep their natural energies beside the coarsest (band equalisation 0): noise "
+                      "drowns fine detail first and the flow draws coarse to fine, as on voxels",
+                      lambda c: dataclasses.replace(c, band_equalisation=0.0)),
+    "half-bands": ("the Haar bands halfway to unit sd (band equalisation 0.5: sd (sd_k / sd_0)^0.5)",
+                   lambda c: dataclasses.replace(c, band_equalisation=0.5)),
 }
 
 

@@ -75,3 +75,37 @@ def test_grids_that_do_not_divide_and_unknown_names_are_refused():
         make_representation("haar9")
     with pytest.raises(ValueError, match="1, 2 or 3 levels"):
         HaarPacket(levels=4)
+
+
+def smooth_volumes(batch=3, shape=(16, 16, 16), seed=1) -> torch.Tensor:
+    """Blobs with a little texture: the coarse band carries most of the energy, as in brains."""
+    grid = torch.stack(torch.meshgrid(*(torch.linspace(-1, 1, n, dtype=torch.float64) for n in shape), indexing="ij"))
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.rand(batch, 3, 1, 1, 1, generator=generator, dtype=torch.float64) * 0.6 - 0.3
+    blobs = torch.exp(-((grid[None] - centres) ** 2).sum(1, keepdim=True) / 0.3)
+    return (0.8 * blobs + 0.05 * torch.rand(blobs.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("equalisation", [0.0, 0.5, 1.0])
+def test_band_equalisation_scales_each_band_to_its_natural_share_of_the_coarsest_and_still_inverts(equalisation):
+    x = smooth_volumes()
+    raw = HaarPacket(2).transform(x).std(dim=(0, 2, 3, 4), unbiased=False)  # each band's sd before scaling
+    assert raw[0] > 20 * raw.min()  # the coarse band dominates: what equalisation decides about
+    representation = make_representation("haar2", equalisation).fit(x)
+    bands = representation.encode(x.float()).double()
+    sd = bands.std(dim=(0, 2, 3, 4), unbiased=False)
+    np.testing.assert_allclose(sd.numpy(), ((raw / raw[0]) ** (1.0 - equalisation)).numpy(), rtol=1e-4)
+    np.testing.assert_allclose(bands.mean(dim=(0, 2, 3, 4)).numpy(), 0, atol=1e-5)
+    assert (representation.decode(bands.float()) - x.float()).abs().max() < 2e-6
+    rebuilt = representation_from_dict(representation.to_dict())
+    assert rebuilt.equalisation == equalisation and torch.equal(rebuilt.encode(x.float()), bands.float())
+
+
+def test_records_before_band_equalisation_read_as_unit_bands_and_bad_values_are_refused():
+    record = HaarPacket(2).fit(volumes()).to_dict()
+    del record["equalisation"]  # what checkpoints written before 2026-12-07 hold
+    assert representation_from_dict(record).equalisation == 1.0
+    assert "normalised by their training mean and sd" in HaarPacket(2).to_dict()["description"]
+    assert "the coarsest scaled to unit sd" in HaarPacket(2, equalisation=0.0).to_dict()["description"]
+    with pytest.raises(ValueError, match=r"band equalisation must lie in \[0, 1\], got 1.5"):
+        make_representation("haar2", 1.5)

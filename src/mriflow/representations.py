@@ -13,10 +13,17 @@ draw (an autoencoder's reconstructions cap its samples). It is an object beside 
 so a network runs on a grid 8^levels times smaller than the image with all of its information in the
 channels (WDM, Friedrich et al. 2024, and FlowLet, 2026, generate Haar coefficients of 3D brains). The
 transform is orthonormal: decode(encode(x)) = x up to rounding, and a 2 mm volume (80, 96, 80) at two
-levels is (64, 20, 24, 20), the grid of the 2 mm autoencoder's latents. Each band is then normalised
-to zero mean and unit variance over the training volumes (`fit`), so the noise of the flow drowns every
-band at the same time instead of the weak fine-detail bands first; the statistics are recorded in the
-generator's checkpoint with the representation (`to_dict`).
+levels is (64, 20, 24, 20), the grid of the 2 mm autoencoder's latents. Each band is then centred and
+scaled by statistics of the training volumes (`fit`, recorded in the generator's checkpoint by `to_dict`),
+how far towards unit variance set by `equalisation` (e):
+
+    band k / (sd_0^(1 - e) * sd_k^e)      so its sd becomes (sd_k / sd_0)^(1 - e), the coarsest band's 1
+
+e = 1 (the flow-wavelet preset until 2026-12-07): every band has unit variance, so the flow's noise drowns every
+band at the same time and the network draws fine detail while the coarse anatomy is still undecided. e = 0: the
+bands keep their natural energies relative to the coarsest (the finest 2 mm bands' sd is about 1/160 of it), so
+noise drowns fine detail first and the flow draws coarse to fine, as a flow on the voxels does (WDM keeps its
+detail bands unscaled too and only divides the low band by 3). Values between trade one for the other.
 
     >>> representation = HaarPacket(levels=2).fit(training_volumes)   # (N, 1, 80, 96, 80) in [0, 1]
     >>> bands = representation.encode(volumes)                         # (B, 64, 20, 24, 20)
@@ -64,13 +71,17 @@ class HaarPacket:
 
     Intensities are mapped from [0, 1] to [−1, 1] first, as every generator of mriflow sees its data centred.
     `band_mean` and `band_std` (C,) are set by `fit` (or read back by `from_dict`); before that they are 0 and 1.
+    `band_std` holds each band's divisor, sd_0^(1 - e) * sd_k^e (the band's sd itself when equalisation e = 1).
     """
 
     def __init__(self, levels: int = 2, band_mean: Sequence[float] | None = None,
-                 band_std: Sequence[float] | None = None):
+                 band_std: Sequence[float] | None = None, equalisation: float = 1.0):
         if levels not in (1, 2, 3):
             raise ValueError(f"representation: a Haar packet has 1, 2 or 3 levels, got {levels}")
+        if not 0.0 <= float(equalisation) <= 1.0:
+            raise ValueError(f"representation: band equalisation must lie in [0, 1], got {equalisation}")
         self.levels = levels
+        self.equalisation = float(equalisation)
         self.channels = 8**levels
         self.band_mean = torch.zeros(self.channels) if band_mean is None else torch.tensor(band_mean, dtype=torch.float32)
         self.band_std = torch.ones(self.channels) if band_std is None else torch.tensor(band_std, dtype=torch.float32)
@@ -114,8 +125,9 @@ class HaarPacket:
         return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def fit(self, volumes: Iterable[torch.Tensor]) -> "HaarPacket":
-        """Set each band's mean and standard deviation from volumes (1, D, H, W) or (B, 1, D, H, W) in [0, 1]
-        (the training split's), accumulated in float64; a band that is constant keeps std 1."""
+        """Set each band's mean and divisor from volumes (1, D, H, W) or (B, 1, D, H, W) in [0, 1] (the training
+        split's), accumulated in float64: the divisor is sd_0^(1 - e) * sd_k^e (see the module docstring); a band
+        that is constant keeps sd 1."""
         total = torch.zeros(self.channels, dtype=torch.float64)
         squares = torch.zeros_like(total)
         count = 0
@@ -129,27 +141,31 @@ class HaarPacket:
             raise ValueError(f"representation {self.name}: no volumes to fit the band statistics on")
         mean = total / count
         std = (squares / count - mean.square()).clamp_min(0).sqrt()
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
         self.band_mean = mean.float()
-        self.band_std = torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+        self.band_std = (std[0] ** (1.0 - self.equalisation) * std**self.equalisation).float()
         return self
 
     def to_dict(self) -> dict[str, Any]:
         """What a checkpoint records (meta["representation"]), enough for `representation_from_dict`."""
+        scaled = ("normalised by their training mean and sd" if self.equalisation == 1.0 else
+                  "centred, the coarsest scaled to unit sd and the others by the same factor" if self.equalisation == 0.0
+                  else f"centred and scaled to (sd_k / sd_0)^{1.0 - self.equalisation:g} of the coarsest's unit sd")
         return {"kind": "haar", "levels": self.levels, "band_mean": self.band_mean.tolist(),
-                "band_std": self.band_std.tolist(),
+                "band_std": self.band_std.tolist(), "equalisation": self.equalisation,
                 "description": f"3D orthonormal Haar wavelet packet, {counted(self.levels, 'level')}: "
-                               f"{self.channels} bands normalised by their training mean and sd"}
+                               f"{self.channels} bands {scaled}"}
 
     @staticmethod
     def _stat(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return values.to(like.device, like.dtype).reshape(1, -1, 1, 1, 1)
 
 
-def make_representation(name: str) -> HaarPacket:
-    """An unfitted representation by its command-line name ("haar1", "haar2", "haar3")."""
+def make_representation(name: str, equalisation: float = 1.0) -> HaarPacket:
+    """An unfitted representation by its command-line name ("haar1", "haar2", "haar3") and band equalisation."""
     if name not in REPRESENTATIONS:
         raise ValueError(f"--representation {name!r}: choose one of {', '.join(REPRESENTATIONS)}")
-    return HaarPacket(levels=int(name[-1]))
+    return HaarPacket(levels=int(name[-1]), equalisation=equalisation)
 
 
 def representation_from_dict(record: Mapping[str, Any], where: str = "checkpoint") -> HaarPacket:
@@ -157,6 +173,7 @@ def representation_from_dict(record: Mapping[str, Any], where: str = "checkpoint
     if record.get("kind") != "haar":
         raise ValueError(f"{where}: representation {record.get('kind')!r} is unknown to this mriflow version (known: haar)")
     try:
-        return HaarPacket(int(record["levels"]), record["band_mean"], record["band_std"])
+        return HaarPacket(int(record["levels"]), record["band_mean"], record["band_std"],
+                          float(record.get("equalisation", 1.0)))  # records before 2026-12-07: every band unit sd
     except (KeyError, TypeError) as error:
         raise ValueError(f"{where}: the representation record lacks or mangles {error}") from None

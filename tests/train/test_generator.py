@@ -274,6 +274,24 @@ def test_a_representation_run_generates_exports_and_names_its_representation(tmp
     assert "exactly 0" in sidecar["background"] and sidecar["autoencoder_checksum"] is None
 
 
+def test_a_run_with_natural_band_energies_records_them_and_draws_through_them(tmp_path):
+    """band_equalisation 0: the bands keep their energies beside the coarsest; the checkpoint records it, and the
+    loaded generator decodes with the same divisors (one for every band: the coarsest band's sd)."""
+    from mriflow.generate import load_generator
+
+    data = write_prepared_with_sex(tmp_path / "data", shape=SHAPE)
+    config = dataclasses.replace(tiny_wavelet(), band_equalisation=0.0)
+    train_flow(data, None, tmp_path / "run", condition=["age", "sex"], config=config)
+    _, meta = ckpt.load_checkpoint(tmp_path / "run")
+    record = meta["representation"]
+    assert record["equalisation"] == 0.0 and meta["config"]["band_equalisation"] == 0.0
+    assert len(set(record["band_std"])) == 1  # every band divided by the coarsest band's sd
+    generator = load_generator(tmp_path / "run", "cpu")
+    assert generator.representation.equalisation == 0.0
+    volumes, _ = generator.sample([0, 1], None, generator.sampling_settings(steps=2))
+    assert volumes.shape == (2, *SHAPE) and volumes.min() >= 0 and volumes.max() <= 1
+
+
 def test_a_representation_run_refuses_an_autoencoder_beside_it_or_neither(prepared, tmp_path):
     data, autoencoder = prepared
     with pytest.raises(ValueError, match="not both; drop --autoencoder"):

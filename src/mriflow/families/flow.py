@@ -110,6 +110,8 @@ class FlowTrainingConfig:
     loop: LoopConfig = LoopConfig()
     representation: str = ""  # "" learns an autoencoder's latents (--autoencoder); "haar2" etc. the images behind a
                               # fixed transform (mriflow.representations), without an autoencoder
+    band_equalisation: float = 1.0  # a Haar representation's bands: 1 each scaled to unit sd (noise drowns all at
+                                    # once), 0 their natural energies beside the coarsest (fine detail drowns first)
     alignment: AlignmentConfig = AlignmentConfig()  # REPA-style feature alignment (image-space runs; weight 0: off)
     fewstep: FewStepConfig = FewStepConfig()  # a few-step student of a teacher flow (method "": not one)
 

@@ -296,7 +296,7 @@ def train_generator(
         if representation:
             volumes = PreparedDataset(data_dir, "train", covariates=subset, schema=schema)
             transform = (representation_from_dict(saved["representation"], str(out)) if saved is not None
-                         else make_representation(representation))
+                         else make_representation(representation, getattr(config, "band_equalisation", 1.0)))
             data = RepresentationSamples(volumes, transform, flip=config.model.flip_channel)
             if saved is None:
                 transform.fit(volume for volume in data.volumes.float())
