@@ -17,7 +17,7 @@ from mriflow.models.velocity import VelocityNet, VelocityNetConfig, num_paramete
 from mriflow.train.autoencoder import train_autoencoder
 from mriflow.families.diffusion import DiffusionSamplingConfig, DiffusionTrainingConfig
 from mriflow.families.flow import FlowSamplingConfig, FlowTrainingConfig
-from mriflow.train.generator import PRESETS, latents_are_current, load_config, train_diffusion, train_flow
+from mriflow.train.generator import PRESETS, latents_are_current, load_config, train_diffusion, train_flow, train_generator
 from mriflow.train.generator_data import subjects_digest
 from mriflow.train.loop import LoopConfig
 from conftest import montage_panels, read_log, tiny_config, write_prepared_with_sex
@@ -290,6 +290,15 @@ def test_a_run_with_natural_band_energies_records_them_and_draws_through_them(tm
     assert generator.representation.equalisation == 0.0
     volumes, _ = generator.sample([0, 1], None, generator.sampling_settings(steps=2))
     assert volumes.shape == (2, *SHAPE) and volumes.min() >= 0 and volumes.max() <= 1
+    # what --band-equalisation refuses: another value on resume, a value outside [0, 1], latents (no bands)
+    with pytest.raises(ValueError, match="trained with band equalisation 0; drop --band-equalisation to resume"):
+        train_generator("flow", data, None, tmp_path / "run", resume=True, max_steps=4, band_equalisation=1.0)
+    with pytest.raises(ValueError, match=r"--band-equalisation 2: choose a value from 0"):
+        train_generator("flow", data, None, tmp_path / "other", config=tiny_wavelet(), band_equalisation=2.0)
+    with pytest.raises(ValueError, match="an autoencoder's latents have no bands"):
+        train_generator("flow", data, tmp_path / "run", tmp_path / "other", config=dataclasses.replace(
+            tiny_wavelet(), representation=""), band_equalisation=0.5)
+    train_generator("flow", data, None, tmp_path / "run", resume=True, max_steps=4, band_equalisation=0.0)  # the same
 
 
 def test_a_representation_run_refuses_an_autoencoder_beside_it_or_neither(prepared, tmp_path):

@@ -73,6 +73,10 @@ def _add_train(commands) -> None:
             p.add_argument("--align", type=float, metavar="WEIGHT",
                            help="REPA-style alignment of the U-Net's first block with the anatomy network's features of "
                                 "the clean volume, at this weight (REPA: 0.5; image-space runs on the 2 mm or 4 mm grid)")
+            p.add_argument("--band-equalisation", type=float, metavar="E",
+                           help="image-space runs: how far each Haar band is scaled to unit sd, 0-1 (1: every band "
+                                "drowned by the noise at once; 0: natural energies, fine detail drowned first and "
+                                "drawn last; default: the preset's)")
         p.add_argument("--backbone", choices=("unet", "dit"),
                        help="the network: unet (default, MONAI's diffusion U-Net) or dit (a 3D diffusion transformer)")
         _add_common_training(p, stage)
@@ -168,7 +172,8 @@ def _run_train_generator(args: argparse.Namespace) -> int:
                              representation=args.representation,
                              loop_overrides={name: getattr(args, name) for name in ("max_cpu_minutes", "checkpoint_minutes")
                                              if getattr(args, name) is not None},
-                             warm_start=_generator_folder(args.warm_start), alignment=getattr(args, "align", None))
+                             warm_start=_generator_folder(args.warm_start), alignment=getattr(args, "align", None),
+                             band_equalisation=getattr(args, "band_equalisation", None))
     return _report_training(result)
 
 

@@ -228,6 +228,7 @@ def train_generator(
     loop_overrides: Mapping[str, Any] | None = None,
     warm_start: str | Path | None = None,
     alignment: float | None = None,
+    band_equalisation: float | None = None,
 ) -> dict[str, Any]:
     """Train the latent generator of family `stage_name` (a key of mriflow.families.FAMILIES); the arguments
     and the result are train_flow's, `config` being that family's training config; `lr` replaces the peak
@@ -249,6 +250,8 @@ def train_generator(
     to start a run without checkpoints from: its config, covariates, representation and inference weights at its step
     (mriflow.train.loop.train), as a resume would but with fresh optimizer moments. Ignored once `out` has a checkpoint
     and `resume` is set. `alignment`: the weight of REPA-style feature alignment on a new run (mriflow.train.alignment).
+    `band_equalisation`: how far a new image-space run scales its Haar bands to unit sd (mriflow.representations;
+    replaces the config's band_equalisation).
     """
     data_dir, out = Path(data_dir), Path(out)
     if label_condition and not get_family(stage_name).label_conditioning:
@@ -264,6 +267,12 @@ def train_generator(
                                                       condition, preset, max_steps, config, max_minutes, lr,
                                                       loop_overrides, from_checkpoint=warm)
     representation = representation_name(representation, config, saved, autoencoder, out)
+    if band_equalisation is not None and not 0.0 <= band_equalisation <= 1.0:
+        raise ValueError(f"--band-equalisation {band_equalisation:g}: choose a value from 0 (natural band energies) to 1 "
+                         "(every band at unit sd)")
+    if band_equalisation is not None and not representation:
+        raise ValueError("--band-equalisation scales the bands of an image-space run (--representation haar2); "
+                         "an autoencoder's latents have no bands: drop it")
     checkpoint_dir = None if representation else ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned
     if saved is not None:
         spatial_record = saved.get("spatial_condition")
@@ -272,12 +281,18 @@ def train_generator(
         if alignment is not None and alignment != getattr(getattr(config, "alignment", None), "weight", None):
             raise ValueError(f"--align {alignment:g}: {out} was trained with alignment weight "
                              f"{getattr(getattr(config, 'alignment', None), 'weight', 0):g}; drop --align to resume")
+        saved_equalisation = float((saved.get("representation") or {}).get("equalisation", 1.0))
+        if band_equalisation is not None and band_equalisation != saved_equalisation:
+            raise ValueError(f"--band-equalisation {band_equalisation:g}: {out} was trained with band equalisation "
+                             f"{saved_equalisation:g}; drop --band-equalisation to resume")
         if checkpoint_dir is not None and saved["autoencoder"]["model_sha256"] != ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE):
             raise ValueError(f"{out} was trained on the latents of {saved['autoencoder']['path']}, but {checkpoint_dir} "
                              "holds other weights; pass that autoencoder checkpoint folder to resume")
     else:
         if backbone is not None:
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone=backbone))
+        if band_equalisation is not None:
+            config = dataclasses.replace(config, band_equalisation=band_equalisation)
         if alignment is not None:  # --align: REPA-style alignment at this weight (mriflow.train.alignment)
             config = dataclasses.replace(config, alignment=dataclasses.replace(config.alignment, weight=alignment))
         spatial_record = None
