@@ -301,6 +301,27 @@ def test_a_run_with_natural_band_energies_records_them_and_draws_through_them(tm
     train_generator("flow", data, None, tmp_path / "run", resume=True, max_steps=4, band_equalisation=0.0)  # the same
 
 
+def test_a_warm_start_may_move_to_another_band_scaling_and_refits_the_bands(tmp_path):
+    """A long run trained with unit-sd bands can go on at another band equalisation: the network's weights carry
+    over, the bands are refitted on the training split at the new scaling, and the record says what changed."""
+    data = write_prepared_with_sex(tmp_path / "data", shape=SHAPE)
+    train_flow(data, None, tmp_path / "first", condition=["age", "sex"], config=tiny_wavelet(max_steps=8), stop_at_step=3)
+    _, first = ckpt.load_checkpoint(tmp_path / "first")
+    result = train_generator("flow", data, None, tmp_path / "second", warm_start=tmp_path / "first", stop_at_step=4,
+                             band_equalisation=0.5)
+    assert result["step"] == 4
+    _, meta = ckpt.load_checkpoint(tmp_path / "second")
+    old, new = first["representation"], meta["representation"]
+    assert old["equalisation"] == 1.0 and new["equalisation"] == 0.5 and meta["config"]["band_equalisation"] == 0.5
+    assert meta["warm_start"]["band_equalisation"] == {"from": 1.0, "to": 0.5}
+    raw = np.asarray(old["band_std"])  # unit-sd bands divide by each band's own sd
+    np.testing.assert_allclose(new["band_std"], np.sqrt(raw[0] * raw), rtol=1e-5)
+    np.testing.assert_allclose(new["band_mean"], old["band_mean"], rtol=1e-5, atol=1e-6)
+    # resuming it keeps 0.5; asking for yet another scaling on resume is refused
+    with pytest.raises(ValueError, match="trained with band equalisation 0.5; drop --band-equalisation to resume"):
+        train_generator("flow", data, None, tmp_path / "second", resume=True, band_equalisation=1.0)
+
+
 def test_a_representation_run_refuses_an_autoencoder_beside_it_or_neither(prepared, tmp_path):
     data, autoencoder = prepared
     with pytest.raises(ValueError, match="not both; drop --autoencoder"):

@@ -58,9 +58,9 @@ from mriflow.models.velocity import FlipConditioned, SpatiallyConditioned, Veloc
 from mriflow.representations import make_representation, representation_from_dict
 from mriflow import distributed
 from mriflow.train import loop
-from mriflow.train.generator_data import (PosteriorSamples, RepresentationSamples, _check_condition, check_same_subjects,  # noqa: F401
-                                         geometry, load_config, representation_name, run_config, subjects_digest,
-                                         validation_volumes)
+from mriflow.train.generator_data import (PosteriorSamples, RepresentationSamples, _check_condition, band_scaling,  # noqa: F401
+                                         check_same_subjects, geometry, load_config, representation_name, run_config,
+                                         subjects_digest, validation_volumes)
 from mriflow.utils.seeding import seed_everything
 from mriflow.train.alignment import alignment_loss, alignment_teacher
 from mriflow.distributed import unwrap
@@ -250,8 +250,7 @@ def train_generator(
     to start a run without checkpoints from: its config, covariates, representation and inference weights at its step
     (mriflow.train.loop.train), as a resume would but with fresh optimizer moments. Ignored once `out` has a checkpoint
     and `resume` is set. `alignment`: the weight of REPA-style feature alignment on a new run (mriflow.train.alignment).
-    `band_equalisation`: how far a new image-space run scales its Haar bands to unit sd (mriflow.representations;
-    replaces the config's band_equalisation).
+    `band_equalisation`: the Haar bands' scaling of a new run, or of a warm start that refits them (generator_data.band_scaling).
     """
     data_dir, out = Path(data_dir), Path(out)
     if label_condition and not get_family(stage_name).label_conditioning:
@@ -267,12 +266,7 @@ def train_generator(
                                                       condition, preset, max_steps, config, max_minutes, lr,
                                                       loop_overrides, from_checkpoint=warm)
     representation = representation_name(representation, config, saved, autoencoder, out)
-    if band_equalisation is not None and not 0.0 <= band_equalisation <= 1.0:
-        raise ValueError(f"--band-equalisation {band_equalisation:g}: choose a value from 0 (natural band energies) to 1 "
-                         "(every band at unit sd)")
-    if band_equalisation is not None and not representation:
-        raise ValueError("--band-equalisation scales the bands of an image-space run (--representation haar2); "
-                         "an autoencoder's latents have no bands: drop it")
+    config, rescaled = band_scaling(band_equalisation, config, saved, warm is not None, representation, out)
     checkpoint_dir = None if representation else ckpt.resolve_checkpoint(autoencoder).resolve()  # pinned
     if saved is not None:
         spatial_record = saved.get("spatial_condition")
@@ -281,18 +275,12 @@ def train_generator(
         if alignment is not None and alignment != getattr(getattr(config, "alignment", None), "weight", None):
             raise ValueError(f"--align {alignment:g}: {out} was trained with alignment weight "
                              f"{getattr(getattr(config, 'alignment', None), 'weight', 0):g}; drop --align to resume")
-        saved_equalisation = float((saved.get("representation") or {}).get("equalisation", 1.0))
-        if band_equalisation is not None and band_equalisation != saved_equalisation:
-            raise ValueError(f"--band-equalisation {band_equalisation:g}: {out} was trained with band equalisation "
-                             f"{saved_equalisation:g}; drop --band-equalisation to resume")
         if checkpoint_dir is not None and saved["autoencoder"]["model_sha256"] != ckpt.sha256(checkpoint_dir / ckpt.MODEL_FILE):
             raise ValueError(f"{out} was trained on the latents of {saved['autoencoder']['path']}, but {checkpoint_dir} "
                              "holds other weights; pass that autoencoder checkpoint folder to resume")
     else:
         if backbone is not None:
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone=backbone))
-        if band_equalisation is not None:
-            config = dataclasses.replace(config, band_equalisation=band_equalisation)
         if alignment is not None:  # --align: REPA-style alignment at this weight (mriflow.train.alignment)
             config = dataclasses.replace(config, alignment=dataclasses.replace(config.alignment, weight=alignment))
         spatial_record = None
@@ -310,10 +298,10 @@ def train_generator(
         subset = None if schema is not None else names or None  # the schema is fitted on the training split
         if representation:
             volumes = PreparedDataset(data_dir, "train", covariates=subset, schema=schema)
-            transform = (representation_from_dict(saved["representation"], str(out)) if saved is not None
+            transform = (representation_from_dict(saved["representation"], str(out)) if saved is not None and not rescaled
                          else make_representation(representation, getattr(config, "band_equalisation", 1.0)))
             data = RepresentationSamples(volumes, transform, flip=config.model.flip_channel)
-            if saved is None:
+            if saved is None or rescaled:
                 transform.fit(volume for volume in data.volumes.float())
             validation = validation_volumes(data_dir, volumes.schema, transform) if context.is_main else None
             latent_shape = list(transform.latent_shape(image_shape))
@@ -373,6 +361,9 @@ def train_generator(
         if warm is not None:
             meta["warm_start"] = {"path": str(warm), "step": saved.get("step", 0),
                                   "model_sha256": ckpt.sha256(warm / ckpt.MODEL_FILE)}
+            if rescaled:
+                meta["warm_start"]["band_equalisation"] = {"from": saved["representation"].get("equalisation", 1.0),
+                                                           "to": band_equalisation}
         elif saved is not None and "warm_start" in saved:
             meta["warm_start"] = saved["warm_start"]
         return loop.train(stage, data, config.loop, out, meta, resume=resume, context=context,

@@ -161,6 +161,28 @@ def representation_name(given: str | None, config: Any, saved: dict | None, auto
     return name
 
 
+def band_scaling(given: float | None, config: Any, saved: dict | None, warm: bool, representation: str,
+                 out: Path) -> tuple[Any, bool]:
+    """(the config with `given` as its band_equalisation where it applies, whether a warm start moves to another
+    band scaling). --band-equalisation: in [0, 1], image-space runs only; a new run takes it, a warm start may change
+    it (the bands are then refitted, the weights carry over), a resume must keep the run's."""
+    if given is None:
+        return config, False
+    if not 0.0 <= given <= 1.0:
+        raise ValueError(f"--band-equalisation {given:g}: choose a value from 0 (natural band energies) to 1 (every "
+                         "band at unit sd)")
+    if not representation:
+        raise ValueError("--band-equalisation scales the bands of an image-space run (--representation haar2); an "
+                         "autoencoder's latents have no bands: drop it")
+    recorded = None if saved is None else float((saved.get("representation") or {}).get("equalisation", 1.0))
+    if recorded is not None and given != recorded and not warm:
+        raise ValueError(f"--band-equalisation {given:g}: {out} was trained with band equalisation {recorded:g}; drop "
+                         "--band-equalisation to resume")
+    if recorded is not None and given == recorded:
+        return config, False
+    return dataclasses.replace(config, band_equalisation=given), recorded is not None
+
+
 def validation_volumes(data_dir: Path, schema: CovariateSchema, representation: Any) -> RepresentationSamples | None:
     """The val split's volumes in `representation` for GeneratorStage.validate, or None without a val split."""
     splits = set(read_manifest(data_dir)["split"].dropna())
