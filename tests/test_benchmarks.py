@@ -241,6 +241,25 @@ def test_the_long_run_queue_resumes_a_run_or_starts_warm_from_its_export_on_a_ne
     assert (tmp_path / "work" / "toy.pid").read_text().strip() == "4242"
 
 
+def test_a_warm_started_long_run_counts_the_thread_hours_before_its_warm_start(tmp_path):
+    """On a new machine the run restarts warm from the export and its log.csv counts CPU time from 0; the curve's
+    thread-hours go on from the leg the export was recorded at (2026-12-07: leg 10 was first written as 2.12 h)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "longrun"))
+    import longrun
+
+    run = tmp_path / "run"
+    legs = [{"step": 5000, "thread_hours": 10.0}, {"step": 6835, "thread_hours": 13.58}]
+    (run / "checkpoints" / "step-00007630").mkdir(parents=True)
+    (run / "log.csv").write_text("step,loss,cpu_seconds\n6850,1.0,100\n7630,0.9,7632\n")
+    (run / "checkpoints" / "step-00007630" / "checkpoint.json").write_text(json.dumps({"step": 7630}))
+    assert longrun.hours_before(run, legs) == 0.0  # not warm-started: log.csv holds every hour
+    (run / "checkpoints" / "step-00007630" / "checkpoint.json").write_text(
+        json.dumps({"step": 7630, "warm_start": {"step": 6835}}))
+    assert longrun.hours_before(run, legs) == 13.58
+    assert longrun.hours_before(run, legs) + longrun.thread_hours(run) == pytest.approx(15.70)
+    assert longrun.hours_before(run, []) == 0.0 and longrun.hours_before(tmp_path / "none", legs) == 0.0
+
+
 def test_the_bake_off_counts_an_arms_cpu_minutes_to_its_latest_checkpoint_and_joins_its_curve(tmp_path):
     import bakeoff
 

@@ -93,6 +93,23 @@ def thread_hours(run: Path) -> float:
     return float(rows[-1].get("cpu_seconds") or 0.0) / 3600 if rows else 0.0
 
 
+def hours_before(run: Path, legs: list[dict]) -> float:
+    """Thread-hours a warm-started run had trained before its first step, which its log.csv (counting from 0 on the
+    new machine) does not hold: the curve's at the last leg up to the warm start's step (0 for a run that was not
+    warm-started, or without such a leg)."""
+    checkpoints = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
+    if not checkpoints or not (checkpoints[-1] / "checkpoint.json").is_file():
+        return 0.0
+    warm = json.loads((checkpoints[-1] / "checkpoint.json").read_text()).get("warm_start") or {}
+    earlier = [leg for leg in legs if "step" in warm and leg["step"] <= int(warm["step"])]
+    return float(max(earlier, key=lambda leg: leg["step"])["thread_hours"]) if earlier else 0.0
+
+
+def curve_legs(job: dict) -> list[dict]:
+    path = ROOT / "benchmarks" / "results" / f"longrun-{job['name']}.json"
+    return json.loads(path.read_text())["legs"] if path.is_file() else []
+
+
 def prepare_data(job: dict) -> Path:
     data = paths(job)["data"]
     if (data / "manifest.csv").is_file():
@@ -204,7 +221,8 @@ def record(job: dict, args: argparse.Namespace) -> None:
         raise SystemExit(f"{where['run']}: no checkpoint to record")
     _, meta = ckpt.load_checkpoint(latest)
     leg = json.loads(where["leg"].read_text()) if where["leg"].is_file() else {}
-    hours = thread_hours(where["run"])
+    before = hours_before(where["run"], curve_legs(job))  # a warm start's log.csv counts from 0
+    hours = before + thread_hours(where["run"])
     print(f"measuring {latest} ({hours:.2f} thread-hours) on the {job['measure']['split']} split")
     figures_now = measure(latest, where["data"], WORK / "measure" / f"{job['name']}-step{meta['step']}",
                           job["measure"]["split"], int(job["measure"]["n"]))
@@ -212,8 +230,8 @@ def record(job: dict, args: argparse.Namespace) -> None:
     curve = json.loads(result_path.read_text()) if result_path.is_file() else {"benchmark": "longrun", "job": job, "legs": []}
     curve["job"] = job
     curve["legs"].append({"step": meta["step"], "thread_hours": round(hours, 3),
-                          "leg_thread_hours": round(hours - leg.get("start_thread_hours", 0.0), 3),
-                          "start_step": leg.get("start_step"), "how": leg.get("how"), "started": leg.get("started"),
+                          "leg_thread_hours": round(hours - before - leg.get("start_thread_hours", 0.0), 3),
+                          "start_step": leg.get("start_step") or (meta.get("warm_start") or {}).get("step"), "how": leg.get("how"), "started": leg.get("started"),
                           "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                           "commit": _commit(), "machine": machine(), **figures_now})
     write_result(f"longrun-{job['name']}", curve)
@@ -313,7 +331,8 @@ def status(jobs: list[dict]) -> None:
         pid = running_pid(job)
         rows = log_rows(run)
         step = rows[-1]["step"] if rows else "-"
-        print(f"{job['name']:16s} {job['status']:6s} step {step:>6} {thread_hours(run):6.2f} of {job['target_thread_hours']} "
+        hours = hours_before(run, curve_legs(job)) + thread_hours(run)
+        print(f"{job['name']:16s} {job['status']:6s} step {step:>6} {hours:6.2f} of {job['target_thread_hours']} "
               f"thread-hours  {'training (pid ' + str(pid) + ')' if pid else 'not running'}  {job['what']}")
 
 
