@@ -97,10 +97,12 @@ def hours_before(run: Path, legs: list[dict]) -> float:
     """Thread-hours a warm-started run had trained before its first step, which its log.csv (counting from 0 on the
     new machine) does not hold: the curve's at the last leg up to the warm start's step (0 for a run that was not
     warm-started, or without such a leg)."""
-    checkpoints = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
-    if not checkpoints or not (checkpoints[-1] / "checkpoint.json").is_file():
+    from mriflow import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(run) if run.is_dir() else None
+    if latest is None or not (latest / "checkpoint.json").is_file():
         return 0.0
-    warm = json.loads((checkpoints[-1] / "checkpoint.json").read_text()).get("warm_start") or {}
+    warm = json.loads((latest / "checkpoint.json").read_text()).get("warm_start") or {}
     earlier = [leg for leg in legs if "step" in warm and leg["step"] <= int(warm["step"])]
     return float(max(earlier, key=lambda leg: leg["step"])["thread_hours"]) if earlier else 0.0
 
@@ -231,7 +233,8 @@ def record(job: dict, args: argparse.Namespace) -> None:
     curve["job"] = job
     curve["legs"].append({"step": meta["step"], "thread_hours": round(hours, 3),
                           "leg_thread_hours": round(hours - before - leg.get("start_thread_hours", 0.0), 3),
-                          "start_step": leg.get("start_step") or (meta.get("warm_start") or {}).get("step"), "how": leg.get("how"), "started": leg.get("started"),
+                          "start_step": leg.get("start_step") or (meta.get("warm_start") or {}).get("step"),
+                          "how": leg.get("how"), "started": leg.get("started"),
                           "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                           "commit": _commit(), "machine": machine(), **figures_now})
     write_result(f"longrun-{job['name']}", curve)

@@ -41,9 +41,9 @@ log, montage, checkpoint). Everything specific to a stage sits behind a small co
 
 What the loop does for every stage: AdamW with linear warm-up then cosine decay of the
 learning rate, gradient clipping, gradient accumulation, EMA (torch's AveragedModel) with decay
-min(ema_decay, (1 + step) / (10 + step)) (a longer one, ema_long_decay, stretched to stay longer), bf16 autocast on CUDA, DDP under `torchrun`
-(DistributedSampler order, gloo on CPU, nccl on CUDA, rank 0 writes), a stop with a clear
-message on a non-finite loss (checkpoints already written stay untouched), CSV + TensorBoard
+min(ema_decay, (1 + step) / (10 + step)) (a longer one, ema_long_decay, stretched to stay longer), bf16
+autocast on CUDA, DDP under `torchrun` (DistributedSampler order, gloo on CPU, nccl on CUDA, rank 0
+writes), a stop with a clear message on a non-finite loss (checkpoints already written stay untouched), CSV + TensorBoard
 logs, montages, a tqdm bar, and checkpoints that resume exactly: network, EMA and optimizer
 tensors, each process's torch/numpy/python/CUDA random states, and the data position
 (epoch and offset follow from the step); for a stage that validates, model selection (the best
